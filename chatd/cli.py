@@ -1,0 +1,98 @@
+"""``chatd serve | check-config | token``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import trio
+
+from chatd.config import Config, ConfigError, encode_config, load_config, resolve_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chatd", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the server")
+    serve.add_argument("--config", help="JSON config file (default: ./config.json if present, "
+                                        "else the embedded default)")
+    serve.add_argument("--host", help="override the config's host, as HOST:PORT")
+    serve.add_argument("--store", help="override the config's store")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    check = commands.add_parser("check-config", help="validate a config and print it in effect")
+    check.add_argument("path")
+
+    token = commands.add_parser("token", help="print a token for USER-ID")
+    token.add_argument("user_id", metavar="USER-ID")
+    token.add_argument("--ttl", type=float, default=86400.0,
+                       help="seconds until the token expires (default: one day)")
+    token.add_argument("--config")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check-config":
+            print(encode_config(load_config(args.path)).decode())
+            return 0
+        config, _ = resolve_config(args.config)
+        if args.command == "token":
+            return _token(config, args.user_id, args.ttl)
+        if args.host:
+            config.host = args.host
+            config.bind  # validates
+        if args.store:
+            config.store = args.store
+        if args.log_level:
+            config.log_level = args.log_level
+    except (ConfigError, ValueError) as exc:
+        print(f"chatd: {exc}", file=sys.stderr)
+        return 1
+    return serve_forever(config)
+
+
+def _token(config: Config, user_id: str, ttl: float) -> int:
+    from chatd.store import Store
+    from chatd.tokens import mint
+
+    secret = config.jwt_secret
+    if secret is None:
+        store = Store(config.store)
+        try:
+            secret, _ = store.secret("jwt-secret")
+        finally:
+            store.close()
+    print(mint(secret, user_id, ttl))
+    return 0
+
+
+def serve_forever(config: Config) -> int:
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("trio-websocket").setLevel(logging.WARNING)
+    try:
+        trio.run(_serve_until_signal, config)
+    except OSError as exc:
+        logging.getLogger("chatd").error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+async def _serve_until_signal(config: Config) -> None:
+    from chatd.server import Server
+
+    server = Server(config)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    logging.getLogger("chatd").info("received %s", signal.Signals(signum).name)
+                    server.shutdown()
+                    return
+
+            nursery.start_soon(watch)
+            await server.run()  # returns once shut down
+            nursery.cancel_scope.cancel()

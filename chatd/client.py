@@ -1,0 +1,64 @@
+"""The router's handle on one connection.
+
+The router only ever calls ``deliver`` (non-blocking) and ``kill``
+(synchronous): it never awaits a socket. ``deliver`` puts ready frame
+bytes into the connection's bounded outbox; when it is full the client is
+a slow consumer and is cut off with 1008, without anyone else noticing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    from chatd.protocols.base import Protocol
+
+_ids = itertools.count(1)
+
+
+class Client:
+    __slots__ = (
+        "id", "protocol", "room", "name", "display_name", "peer", "path",
+        "outbox", "scope", "close_code", "close_reason", "user_id",
+        "device_id", "__weakref__",
+    )
+
+    def __init__(self, protocol: type[Protocol], room: str, peer: str,
+                 path: str, outbox: trio.MemorySendChannel[bytes | object]) -> None:
+        self.id = next(_ids)
+        self.protocol = protocol
+        self.room = room
+        self.peer = peer
+        self.path = path
+        self.outbox = outbox
+        self.name: str | None = None
+        self.display_name: str | None = None
+        self.user_id: str | None = None    # GradAgenda account
+        self.device_id: str | None = None  # GradAgenda device
+        self.scope = trio.CancelScope()
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+    def deliver(self, frame: bytes | object) -> bool:
+        """Queue a frame without waiting; False if the client is gone or cut off."""
+        try:
+            self.outbox.send_nowait(frame)
+            return True
+        except trio.WouldBlock:
+            self.kill(1008, "slow consumer")
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        return False
+
+    def kill(self, code: int, reason: str) -> None:
+        """End the connection with ``code``; the first reason given wins."""
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+        self.scope.cancel()
+
+    def __repr__(self) -> str:
+        return f"<{self.protocol.name} #{self.id} {self.peer} {self.name or ''}>"

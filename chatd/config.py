@@ -1,0 +1,163 @@
+"""The JSON config file, decoded into typed structs.
+
+Keys are kebab-case, unknown keys are an error that names the key, and a
+config written for the original multichat Go server (``ws-path``,
+``host``, ``secret-key``, ``wss``) works unchanged: with no ``endpoints``
+it mounts multichat alone at ``ws-path``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+PROTOCOLS = ("multichat", "gradagenda", "socialvp", "wschat", "wcp")
+ProtocolName = Literal["multichat", "gradagenda", "socialvp", "wschat", "wcp"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class ConfigError(ValueError):
+    """The config file cannot be used; the message names the key."""
+
+
+class Wss(msgspec.Struct, forbid_unknown_fields=True, rename="kebab"):
+    keyfile: str
+    certfile: str
+
+
+class EndpointConfig(msgspec.Struct, forbid_unknown_fields=True, rename="kebab"):
+    path: str
+    protocol: ProtocolName
+    room: str = "lobby"
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only=True):
+    host: str = "127.0.0.1:8765"
+    ws_path: str = "/"
+    secret_key: str | None = None
+    wss: Wss | None = None
+    jwt_secret: str | None = None
+    endpoints: list[EndpointConfig] | None = None
+    store: str = "chatd.db"
+    max_frame_bytes: int = 4096
+    auth_timeout: float = 10.0
+    # Frames queued for one client before it counts as a slow consumer.
+    outbox_size: int = 512
+    # Seconds a closing handshake may take before the socket is dropped.
+    close_timeout: float = 2.0
+    # Seconds a client may take to send its HTTP upgrade request.
+    handshake_timeout: float = 10.0
+    # Seconds the whole graceful shutdown may take.
+    shutdown_timeout: float = 5.0
+    log_level: LogLevel = "info"
+
+    def __post_init__(self) -> None:
+        # Runs inside msgspec's decode, so a ValueError here becomes a
+        # ValidationError that names the struct; the messages name the key.
+        if self.max_frame_bytes < 64:
+            raise ValueError("max-frame-bytes must be at least 64")
+        if self.auth_timeout <= 0:
+            raise ValueError("auth-timeout must be positive")
+        if self.outbox_size < 1:
+            raise ValueError("outbox-size must be at least 1")
+        parse_host(self.host)
+        if not self.ws_path.startswith("/"):
+            raise ValueError("ws-path must start with '/'")
+        paths = [e.path for e in self.endpoints or ()]
+        for p in paths:
+            if not p.startswith("/"):
+                raise ValueError(f"endpoints: path {p!r} must start with '/'")
+        dup = {p for p in paths if paths.count(p) > 1}
+        if dup:
+            raise ValueError(f"endpoints: path {sorted(dup)[0]!r} is mounted twice")
+
+    @property
+    def bind(self) -> tuple[str | None, int]:
+        return parse_host(self.host)
+
+    def mounted(self) -> list[EndpointConfig]:
+        """The endpoints this config serves (DESIGN.md, 'Endpoints')."""
+        if self.endpoints is not None:
+            return list(self.endpoints)
+        return [EndpointConfig(path=self.ws_path, protocol="multichat")]
+
+
+def parse_host(host: str) -> tuple[str | None, int]:
+    """``HOST:PORT``, ``:PORT`` (all interfaces) or ``[V6]:PORT``."""
+    if host.startswith("["):
+        addr, sep, port = host[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"host {host!r} is not [ADDRESS]:PORT")
+        ipaddress.IPv6Address(addr)
+    else:
+        addr, sep, port = host.rpartition(":")
+        if not sep:
+            raise ValueError(f"host {host!r} is not HOST:PORT")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"host {host!r} has no valid port") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"host {host!r}: port out of range")
+    return (addr or None), number
+
+
+def default_config() -> Config:
+    """The embedded default: all five protocols on 127.0.0.1 (DESIGN.md)."""
+    endpoints = [EndpointConfig(path="/multichat", protocol="multichat"),
+                 EndpointConfig(path="/", protocol="multichat")]
+    endpoints += [EndpointConfig(path=f"/{p}", protocol=p)
+                  for p in PROTOCOLS if p != "multichat"]
+    return Config(endpoints=endpoints)
+
+
+def decode_config(data: bytes | str) -> Config:
+    try:
+        config = msgspec.json.decode(data, type=Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(str(exc))) from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"not valid JSON: {exc}") from None
+    return apply_environment(config)
+
+
+def apply_environment(config: Config) -> Config:
+    """``JWT_SECRET`` in the environment sets ``jwt-secret``."""
+    secret = os.environ.get("JWT_SECRET")
+    if secret:
+        config.jwt_secret = secret
+    return config
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return decode_config(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def resolve_config(path: str | None) -> tuple[Config, str | None]:
+    """``--config PATH``, else ``./config.json`` if present, else the default."""
+    if path is None and Path("config.json").is_file():
+        path = "config.json"
+    if path is None:
+        return apply_environment(default_config()), None
+    return load_config(path), path
+
+
+def encode_config(config: Config) -> bytes:
+    return msgspec.json.format(msgspec.json.encode(config), indent=2)
+
+
+def _explain(message: str) -> str:
+    # msgspec says "Object contains unknown field `x` - at `$.wss`"; keep
+    # its wording, which already names the key and where it is.
+    return message.replace("Object contains unknown field", "unknown key")

@@ -1,0 +1,167 @@
+"""One task per connection: frames in, protocol outputs out.
+
+The reader decodes each text frame with the endpoint's protocol (sans-IO)
+and carries out its outputs: router commands go to the router's channel,
+``Send`` frames and router events go to this connection's bounded outbox,
+which a writer task beside the reader drains onto the socket, many frames
+per write. Cancel scopes enforce the auth stage (``auth-timeout``) and
+every way a connection ends: ``Client.kill`` cancels the connection's
+scope from anywhere, and the ``finally`` sends the close frame.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from chatd.client import Client
+from chatd.events import Command, Leave, Request
+from chatd.protocols.base import Close, Output, Protocol, Send
+from chatd.router import Router
+from chatd.transport import FrameWriter, text_frame
+
+if TYPE_CHECKING:
+    from chatd.config import Config
+
+log = logging.getLogger("chatd.connection")
+
+
+class Connection:
+    def __init__(self, ws: WebSocketConnection, protocol: Protocol, client: Client,
+                 outbox: trio.MemoryReceiveChannel[bytes | Close], router: Router,
+                 config: Config) -> None:
+        self.ws = ws
+        self.protocol = protocol
+        self.client = client
+        self.outbox = outbox
+        self.router = router
+        self.config = config
+        self.closing = False
+
+    async def run(self) -> None:
+        client = self.client
+        try:
+            with client.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write_loop)
+                    await self._read_loop()
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._finish()
+
+    # --- reading -------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        protocol = self.protocol
+        await self._carry_out(protocol.greeting())
+        if not protocol.authenticated:
+            with trio.move_on_after(self.config.auth_timeout) as auth_scope:
+                while not protocol.authenticated:
+                    if not await self._receive_one():
+                        return
+            if auth_scope.cancelled_caught:
+                log.info("%s auth stage timed out", self.client.peer)
+                await self._carry_out(protocol.auth_timeout())
+        while await self._receive_one():
+            pass
+
+    async def _receive_one(self) -> bool:
+        """Handle one frame; False once the peer has gone or closed."""
+        if self.closing:
+            await trio.sleep_forever()  # the writer is flushing, then kills us
+        try:
+            message = await self.ws.get_message()
+        except ConnectionClosed:
+            return False
+        if isinstance(message, bytes):
+            self.client.kill(1003, "binary frames are not supported")
+            await trio.lowlevel.checkpoint()
+        limit = self.config.max_frame_bytes
+        # trio-websocket counts characters; the limit is in UTF-8 bytes.
+        if len(message) * 4 > limit and len(message.encode()) > limit:
+            self.client.kill(1009, f"frame exceeds {limit} bytes")
+            await trio.lowlevel.checkpoint()
+        was_authenticated = self.protocol.authenticated
+        await self._carry_out(self.protocol.receive(message))
+        if self.protocol.authenticated and not was_authenticated:
+            log.info("%s authenticated on %s as %s", self.client.peer, self.client.path,
+                     self.client.user_id or self.client.name)
+        return True
+
+    async def _carry_out(self, outputs: list[Output]) -> None:
+        for out in outputs:
+            if isinstance(out, Send):
+                self._queue(text_frame(out.data))
+            elif isinstance(out, Close):
+                self.closing = True
+                self._queue(out)
+            elif isinstance(out, Request):
+                out.client = self.client
+                result = await self.router.call(out)
+                await self._carry_out(self.protocol.on_result(out, result))
+            else:
+                out.client = self.client
+                await self.router.send(out)
+
+    def _queue(self, item: bytes | Close) -> None:
+        if not self.client.deliver(item) and isinstance(item, Close):
+            self.client.kill(item.code, item.reason)
+
+    # --- writing -------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        writer = FrameWriter(self.ws)
+        receive_nowait = self.outbox.receive_nowait
+        async for item in self.outbox:
+            batch: list[bytes] = []
+            while True:
+                if isinstance(item, Close):
+                    if batch:
+                        await self._write(writer, b"".join(batch))
+                    self.client.kill(item.code, item.reason)
+                    await trio.sleep_forever()
+                batch.append(item)
+                try:
+                    item = receive_nowait()
+                except trio.WouldBlock:
+                    break
+            await self._write(writer, batch[0] if len(batch) == 1 else b"".join(batch))
+
+    async def _write(self, writer: FrameWriter, data: bytes) -> None:
+        try:
+            await writer.write(data)
+        except ConnectionClosed:
+            self.client.kill(1006, "connection lost")
+            await trio.lowlevel.checkpoint()
+
+    # --- the end -------------------------------------------------------------
+
+    async def _finish(self) -> None:
+        client = self.client
+        self.outbox.close()
+        goodbye: list[Command] = [*self.protocol.on_disconnect(), Leave()]
+        try:
+            for command in goodbye:
+                command.client = client
+                await self.router.send(command)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the router is gone: the server is stopping
+        code = client.close_code or 1000
+        with trio.move_on_after(self.config.close_timeout):
+            await self.ws.aclose(code, client.close_reason or None)
+        closed = self.ws.closed
+        if client.close_code is None and closed is not None:
+            code = closed.code
+        log.info("%s disconnected from %s (%s) code %d %s", client.peer, client.path,
+                 client.name or client.user_id or "-", code, client.close_reason)
+
+
+def make_connection(ws: WebSocketConnection, protocol_cls: type[Protocol], ctx, room: str,
+                    peer: str, path: str, router: Router, config: Config) -> tuple[Connection, Client]:
+    send, receive = trio.open_memory_channel[bytes | Close](config.outbox_size)
+    client = Client(protocol_cls, room, peer, path, send)
+    return Connection(ws, protocol_cls(ctx), client, receive, router, config), client

@@ -1,0 +1,95 @@
+"""The central router task: one channel of commands in, outboxes out.
+
+Every command from every connection arrives on one memory channel and is
+handled to completion, synchronously, before the next: router state needs
+no locks, and the router never awaits a client socket (it hands frames to
+outboxes with ``send_nowait``). Services (the lobby, GradAgenda sessions)
+own their state and register a handler per command type.
+
+A handler returns the result of a ``Request`` at once, or ``DEFERRED``
+when the answer comes later (after a store commit, say); it then calls
+``router.resolve(command, result)`` itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from chatd.events import Command, Request
+
+log = logging.getLogger("chatd.router")
+
+DEFERRED = object()
+
+
+class RouterError(RuntimeError):
+    """The router failed while handling this connection's request."""
+
+
+class _Reply:
+    __slots__ = ("event", "value")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.value: Any = None
+
+    def set(self, value: Any) -> None:
+        if not self.event.is_set():
+            self.value = value
+            self.event.set()
+
+
+class Router:
+    def __init__(self, buffer: int = 4096) -> None:
+        self._send, self._recv = trio.open_memory_channel[Command](buffer)
+        self._handlers: dict[type, Callable[[Any], Any]] = {}
+
+    def handle(self, command_type: type[Command], handler: Callable[[Any], Any]) -> None:
+        self._handlers[command_type] = handler
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async with self._recv:
+            async for command in self._recv:
+                self._dispatch(command)
+
+    def _dispatch(self, command: Command) -> None:
+        try:
+            result = self._handlers[type(command)](command)
+        except Exception as exc:
+            log.exception("router failed on %s from %r", type(command).__name__, command.client)
+            result = RouterError(f"{type(command).__name__}: {exc}")
+        if result is not DEFERRED:
+            self.resolve(command, result)
+
+    @staticmethod
+    def resolve(command: Command, result: Any) -> None:
+        """Answer a ``Request`` (at once, or later if it was ``DEFERRED``)."""
+        reply = getattr(command, "reply", None)
+        if reply is not None:
+            reply.set(result)
+
+    async def send(self, command: Command) -> None:
+        """Queue a command; waits only while the router's queue is full."""
+        await self._send.send(command)
+
+    def post(self, command: Command) -> None:
+        """Queue a command from synchronous code; raises trio.WouldBlock if full."""
+        self._send.send_nowait(command)
+
+    async def call(self, command: Request) -> Any:
+        """Queue a request and wait for its result."""
+        reply = command.reply = _Reply()
+        await self._send.send(command)
+        await reply.event.wait()
+        if isinstance(reply.value, RouterError):
+            raise reply.value
+        return reply.value
+
+    def close(self) -> None:
+        """No more commands: ``run`` returns once the queue is drained."""
+        self._send.close()

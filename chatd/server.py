@@ -1,0 +1,186 @@
+"""The listener, the nursery, and graceful shutdown.
+
+One nursery holds the router task and, in a child nursery, one task per
+TCP connection. Each connection task runs trio-websocket's reader beside
+chatd's own ``Connection`` and is wrapped so that any exception ends that
+connection alone, logged with its traceback: nothing a client sends can
+stop the server (including trio-websocket's ping-during-close race, its
+issue #184).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass
+
+import trio
+from trio_websocket import WebSocketRequest, wrap_server_stream
+
+from chatd.config import Config
+from chatd.connection import Connection, make_connection
+from chatd.lobby import Lobby
+from chatd.protocols import PROTOCOL_CLASSES
+from chatd.protocols.base import Context, Protocol
+from chatd.router import Router
+from chatd.store import Store
+
+log = logging.getLogger("chatd")
+
+
+@dataclass(frozen=True)
+class Mount:
+    path: str
+    protocol: type[Protocol]
+    room: str
+    ctx: Context
+
+
+class Server:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store: Store | None = None
+        self.router = Router()
+        self.lobby = Lobby()
+        self.lobby.install(self.router)
+        self.connections: set[Connection] = set()
+        self.mounts: dict[str, Mount] = {}
+        self.ports: list[int] = []
+        self.secrets: dict[str, str] = {}
+        self._stopping = trio.Event()
+        self._listen_scope = trio.CancelScope()
+
+    # --- lifecycle -------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop accepting, close every client with 1001, then return from run()."""
+        self._stopping.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        self.store = Store(config.store)
+        try:
+            self._resolve_secrets()
+            self._mount()
+            listeners = await self._listen()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.router.run)
+                async with trio.open_nursery() as connections:
+                    connections.start_soon(self._serve, listeners, connections)
+                    self._log_start(listeners)
+                    task_status.started(self)
+                    await self._stopping.wait()
+                    log.info("shutting down: closing %d connections", len(self.connections))
+                    self._listen_scope.cancel()
+                    for connection in list(self.connections):
+                        connection.client.kill(1001, "server shutdown")
+                    connections.cancel_scope.deadline = trio.current_time() + config.shutdown_timeout
+                self.router.close()
+        finally:
+            self.store.close()
+            log.info("stopped")
+
+    async def _serve(self, listeners: list[trio.abc.Listener], nursery: trio.Nursery) -> None:
+        with self._listen_scope:
+            await trio.serve_listeners(self._handle_stream, listeners, handler_nursery=nursery)
+
+    # --- one connection --------------------------------------------------------
+
+    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+        peer = _peer_name(stream)
+        try:
+            async with trio.open_nursery() as nursery:
+                request = None
+                with trio.move_on_after(self.config.handshake_timeout):
+                    request = await wrap_server_stream(
+                        nursery, stream, message_queue_size=4,
+                        max_message_size=self.config.max_frame_bytes,
+                        receive_buffer_size=None)
+                if request is None:
+                    log.info("%s handshake timed out", peer)
+                else:
+                    await self._handle_request(request, peer)
+                nursery.cancel_scope.cancel()
+        except Exception:
+            log.exception("%s connection failed", peer)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _handle_request(self, request: WebSocketRequest, peer: str) -> None:
+        path = request.path.partition("?")[0]
+        mount = self.mounts.get(path)
+        if mount is None:
+            log.info("%s rejected: no endpoint at %s", peer, path)
+            await request.reject(404, body=b"no chat endpoint at this path\n")
+            return
+        ws = await request.accept()
+        connection, client = make_connection(ws, mount.protocol, mount.ctx, mount.room, peer,
+                                             path, self.router, self.config)
+        log.info("%s connected to %s (%s)", peer, path, mount.protocol.name)
+        self.connections.add(connection)
+        try:
+            await connection.run()
+        finally:
+            self.connections.discard(connection)
+
+    # --- set-up --------------------------------------------------------------
+
+    def _resolve_secrets(self) -> None:
+        """Secrets the config leaves out are generated once and kept in the store."""
+        config = self.config
+        protocols = {e.protocol for e in config.mounted()}
+        needed = {"secret-key": "multichat" in protocols,
+                  "jwt-secret": "gradagenda" in protocols}
+        for key, wanted in needed.items():
+            value = getattr(config, key.replace("-", "_"))
+            if value is None and wanted:
+                value, new = self.store.secret(key)
+                log.info("%s %s (kept in %s): %s", "generated" if new else "stored",
+                         key, config.store, value)
+            if value is not None:
+                self.secrets[key] = value
+
+    def _mount(self) -> None:
+        config = self.config
+        for endpoint in config.mounted():
+            if endpoint.protocol not in PROTOCOL_CLASSES:  # TODO: until all five exist
+                log.warning("protocol %s is not implemented yet", endpoint.protocol)
+                continue
+            ctx = Context(room=endpoint.room,
+                          secret_key=self.secrets.get("secret-key"),
+                          jwt_secret=self.secrets.get("jwt-secret"),
+                          jwt_configured=config.jwt_secret is not None,
+                          max_frame_bytes=config.max_frame_bytes)
+            self.mounts[endpoint.path] = Mount(endpoint.path, PROTOCOL_CLASSES[endpoint.protocol],
+                                               endpoint.room, ctx)
+
+    async def _listen(self) -> list[trio.abc.Listener]:
+        host, port = self.config.bind
+        listeners: list[trio.abc.Listener] = list(await trio.open_tcp_listeners(port, host=host))
+        self.ports = [listener.socket.getsockname()[1] for listener in listeners]
+        if self.config.wss is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(self.config.wss.certfile, self.config.wss.keyfile)
+            listeners = [trio.SSLListener(listener, context, https_compatible=True)
+                         for listener in listeners]
+        return listeners
+
+    @property
+    def port(self) -> int:
+        return self.ports[0]
+
+    def _log_start(self, listeners: list[trio.abc.Listener]) -> None:
+        scheme = "wss" if self.config.wss else "ws"
+        host, _ = self.config.bind
+        shown = f"[{host}]" if host and ":" in host else (host or "0.0.0.0")
+        mounts = ", ".join(f"{m.path} {m.protocol.name} (room {m.room})" for m in self.mounts.values())
+        log.info("chatd listening on %s://%s:%d; endpoints: %s", scheme, shown, self.port, mounts)
+
+
+def _peer_name(stream: trio.abc.Stream) -> str:
+    inner = getattr(stream, "transport_stream", stream)
+    try:
+        host, port = inner.socket.getpeername()[:2]
+    except (AttributeError, OSError):
+        return "?"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

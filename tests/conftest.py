@@ -1,0 +1,165 @@
+"""Fixtures: a real chatd on 127.0.0.1 with an ephemeral port, real clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from chatd.config import Config, EndpointConfig, default_config
+from chatd.server import Server
+
+SECRET = "test-secret"
+JWT_SECRET = "test-jwt-secret"
+# A guard against a hung test, never a timing assertion.
+GUARD = 10
+
+
+class Peer:
+    """A WebSocket client that speaks JSON."""
+
+    def __init__(self, ws) -> None:
+        self.ws = ws
+
+    async def send(self, obj: Any) -> None:
+        await self.ws.send_message(obj if isinstance(obj, str) else json.dumps(obj))
+
+    async def recv(self) -> Any:
+        with trio.fail_after(GUARD):
+            return json.loads(await self.ws.get_message())
+
+    async def recv_raw(self) -> str | bytes:
+        with trio.fail_after(GUARD):
+            return await self.ws.get_message()
+
+    async def closed(self) -> int:
+        """Wait for the server to close; the close code (skipping frames)."""
+        with trio.fail_after(GUARD):
+            while True:
+                try:
+                    await self.ws.get_message()
+                except ConnectionClosed as exc:
+                    return exc.reason.code
+
+    async def close(self) -> None:
+        await self.ws.aclose()
+
+
+class Harness:
+    """Starts servers and opens clients against them."""
+
+    def __init__(self, nursery: trio.Nursery, tmp_path: Path) -> None:
+        self.nursery = nursery
+        self.tmp_path = tmp_path
+        self.server: Server | None = None
+
+    async def start(self, config: Config | None = None, **overrides: Any) -> Server:
+        if config is None:
+            config = default_config()
+            config.secret_key = SECRET
+            config.jwt_secret = JWT_SECRET
+        config.host = "127.0.0.1:0"
+        if config.store == "chatd.db":
+            config.store = str(self.tmp_path / "chatd.db")
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        self.server = await self.nursery.start(Server(config).run)
+        return self.server
+
+    def url(self, path: str) -> str:
+        scheme = "wss" if self.server.config.wss else "ws"
+        return f"{scheme}://127.0.0.1:{self.server.port}{path}"
+
+    async def connect(self, path: str, **kwargs: Any) -> Peer:
+        ws = await self.nursery.start(_open, self.url(path), kwargs)
+        return Peer(ws)
+
+    async def multichat(self, name: str, path: str = "/multichat") -> Peer:
+        peer = await self.connect(path)
+        await peer.send({"action": "register", "client-name": name, "secret-key": SECRET})
+        assert await peer.recv() == {"action": "register-ack"}
+        return peer
+
+
+async def _open(url: str, kwargs: dict, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async with open_websocket_url(url, **kwargs) as ws:
+        task_status.started(ws)
+        await trio.sleep_forever()
+
+
+@pytest.fixture
+async def chat(nursery, tmp_path) -> Harness:
+    return Harness(nursery, tmp_path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """chatd as a real process, for restarts, signals and ``kill -9``."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict | None = None) -> None:
+        self.args = args
+        self.cwd = cwd
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.log = cwd / "server.log"
+
+    def start(self) -> "ServerProcess":
+        """Start chatd and wait for its 'listening on' line; sets ``port``."""
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        self._log_file = open(self.log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "chatd", *self.args], cwd=self.cwd,
+                                     env=self.env, stdout=self._log_file, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + GUARD
+        while time.monotonic() < deadline:
+            new = self.log.read_bytes()[offset:].decode(errors="replace")
+            for line in new.splitlines():
+                if "listening on" in line:
+                    address = line.split("listening on ")[1].split(";")[0]
+                    self.port = int(address.rsplit(":", 1)[1])
+                    return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"chatd exited {self.proc.returncode}:\n{new}")
+            time.sleep(0.02)  # polling a log file for start-up, not a sync stand-in
+        raise RuntimeError("chatd did not start:\n" + self.log.read_text())
+
+    def stop(self, sig: int | None = None) -> int:
+        """Signal chatd (SIGTERM by default) and return its exit code."""
+        import signal as _signal
+        self.proc.send_signal(sig or _signal.SIGTERM)
+        code = self.proc.wait(GUARD)
+        self._log_file.close()
+        return code
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+@pytest.fixture
+def process(tmp_path):
+    procs: list[ServerProcess] = []
+
+    def make(*args: str, env: dict | None = None) -> ServerProcess:
+        p = ServerProcess(list(args), tmp_path, env)
+        procs.append(p)
+        return p
+
+    yield make
+    for p in procs:
+        if p.proc and p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()

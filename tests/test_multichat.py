@@ -1,0 +1,111 @@
+"""multichat end to end against a real server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from tests.conftest import SECRET
+
+
+async def test_register_gets_ack_and_messages_reach_others_not_sender(chat):
+    await chat.start()
+    alice = await chat.multichat("alice")
+    bob = await chat.multichat("bob")
+    carol = await chat.multichat("carol")
+    await alice.send({"action": "client-message", "content": "hi all"})
+    expected = {"action": "forwarding-message", "source-client-name": "alice", "content": "hi all"}
+    assert await bob.recv() == expected
+    assert await carol.recv() == expected
+    # Alice must not get her own message back: the next frame she gets is Bob's.
+    await bob.send({"action": "client-message", "content": "hello alice"})
+    assert await alice.recv() == {"action": "forwarding-message",
+                                  "source-client-name": "bob", "content": "hello alice"}
+
+
+async def test_duplicate_names_are_allowed(chat):
+    await chat.start()
+    one = await chat.multichat("bridge")
+    two = await chat.multichat("bridge")
+    await one.send({"action": "client-message", "content": "x"})
+    assert (await two.recv())["source-client-name"] == "bridge"
+
+
+@pytest.mark.parametrize("first", [
+    {"action": "register", "client-name": "a", "secret-key": "wrong"},
+    {"action": "register", "client-name": "", "secret-key": SECRET},
+    {"action": "register", "client-name": "a", "secret-key": ""},
+    {"action": "client-message", "content": "before register"},
+    {"action": "nonsense"},
+    "not json at all",
+    [1, 2, 3],
+])
+async def test_bad_first_frame_closes_1008(chat, first):
+    await chat.start()
+    peer = await chat.connect("/multichat")
+    await peer.send(first if isinstance(first, str) else json.dumps(first))
+    assert await peer.closed() == 1008
+
+
+async def test_auth_stage_times_out_with_1008(chat):
+    await chat.start(auth_timeout=0.2)
+    peer = await chat.connect("/multichat")
+    assert await peer.closed() == 1008
+
+
+async def test_junk_after_registration_is_ignored(chat):
+    await chat.start()
+    alice = await chat.multichat("alice")
+    bob = await chat.multichat("bob")
+    for junk in ["{not json", json.dumps({"action": "unknown"}),
+                 json.dumps({"action": "client-message", "content": ""}),
+                 json.dumps({"action": "client-message", "content": 5}),
+                 json.dumps({"action": "register", "client-name": "x", "secret-key": SECRET})]:
+        await alice.send(junk)
+    await alice.send({"action": "client-message", "content": "still here"})
+    assert await bob.recv() == {"action": "forwarding-message", "source-client-name": "alice",
+                                "content": "still here"}
+
+
+async def test_frame_limit_counts_utf8_bytes(chat):
+    await chat.start()
+    alice = await chat.multichat("alice")
+    bob = await chat.multichat("bob")
+    envelope = json.dumps({"action": "client-message", "content": ""})
+    exact = json.dumps({"action": "client-message", "content": "a" * (4096 - len(envelope))})
+    assert len(exact.encode()) == 4096
+    await alice.send(exact)
+    assert len((await bob.recv())["content"]) == 4096 - len(envelope)
+    # 4097 bytes in fewer characters: "é" is two bytes in UTF-8.
+    n = 4097 - len(envelope)
+    over = json.dumps({"action": "client-message", "content": "é" + "a" * (n - 2)},
+                      ensure_ascii=False)
+    assert len(over.encode()) == 4097 and len(over) < 4097
+    await alice.send(over)
+    assert await alice.closed() == 1009
+
+
+async def test_frame_over_limit_in_characters_closes_1009(chat):
+    await chat.start()
+    alice = await chat.multichat("alice")
+    await alice.send("x" * 4097)
+    assert await alice.closed() == 1009
+
+
+async def test_binary_frame_closes_1003(chat):
+    await chat.start()
+    alice = await chat.multichat("alice")
+    await alice.ws.send_message(b"\x00\x01")
+    assert await alice.closed() == 1003
+
+
+async def test_unknown_path_is_rejected_404(chat):
+    from trio_websocket import ConnectionRejected
+    await chat.start()
+    with pytest.raises(ConnectionRejected) as info:
+        async with open_websocket_url(chat.url("/nowhere")):
+            pass
+    assert info.value.status_code == 404
