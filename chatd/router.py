@@ -47,15 +47,20 @@ class Router:
     def __init__(self, buffer: int = 4096) -> None:
         self._send, self._recv = trio.open_memory_channel[Command](buffer)
         self._handlers: dict[type, Callable[[Any], Any]] = {}
+        #: Set once ``run`` has handled every command and returned.
+        self.closed = trio.Event()
 
     def handle(self, command_type: type[Command], handler: Callable[[Any], Any]) -> None:
         self._handlers[command_type] = handler
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        async with self._recv:
-            async for command in self._recv:
-                self._dispatch(command)
+        try:
+            async with self._recv:
+                async for command in self._recv:
+                    self._dispatch(command)
+        finally:
+            self.closed.set()
 
     def _dispatch(self, command: Command) -> None:
         try:

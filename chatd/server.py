@@ -43,6 +43,11 @@ class Server:
         self.router = Router()
         self.lobby = Lobby()
         self.lobby.install(self.router)
+        #: Router services beside the lobby. Each has ``install(router)``;
+        #: one with ``async run(task_status=...)`` gets a task in the server's
+        #: nursery before the listener opens (cancelled last, after the
+        #: router has drained), and ``async aclose()`` runs at shutdown.
+        self.services: list = []
         self.connections: set[Connection] = set()
         self.mounts: dict[str, Mount] = {}
         self.ports: list[int] = []
@@ -64,6 +69,10 @@ class Server:
             self._mount()
             listeners = await self._listen()
             async with trio.open_nursery() as nursery:
+                for service in self.services:
+                    service.install(self.router)
+                    if hasattr(service, "run"):
+                        await nursery.start(service.run)
                 await nursery.start(self.router.run)
                 async with trio.open_nursery() as connections:
                     connections.start_soon(self._serve, listeners, connections)
@@ -76,6 +85,12 @@ class Server:
                         connection.client.kill(1001, "server shutdown")
                     connections.cancel_scope.deadline = trio.current_time() + config.shutdown_timeout
                 self.router.close()
+                with trio.move_on_after(config.shutdown_timeout):
+                    await self.router.closed.wait()
+                    for service in self.services:
+                        if hasattr(service, "aclose"):
+                            await service.aclose()
+                nursery.cancel_scope.cancel()
         finally:
             self.store.close()
             log.info("stopped")
