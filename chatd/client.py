@@ -23,11 +23,12 @@ class Client:
     __slots__ = (
         "id", "protocol", "room", "name", "display_name", "peer", "path",
         "outbox", "scope", "close_code", "close_reason", "user_id",
-        "device_id", "__weakref__",
+        "device_id", "write_scope", "grace", "__weakref__",
     )
 
     def __init__(self, protocol: type[Protocol], room: str, peer: str,
-                 path: str, outbox: trio.MemorySendChannel[bytes | object]) -> None:
+                 path: str, outbox: trio.MemorySendChannel[bytes | object],
+                 grace: float = 2.0) -> None:
         self.id = next(_ids)
         self.protocol = protocol
         self.room = room
@@ -39,6 +40,10 @@ class Client:
         self.user_id: str | None = None    # GradAgenda account
         self.device_id: str | None = None  # GradAgenda device
         self.scope = trio.CancelScope()
+        #: The scope of a write in progress (shielded); a kill gives it
+        #: ``grace`` seconds to finish its frames.
+        self.write_scope: trio.CancelScope | None = None
+        self.grace = grace
         self.close_code: int | None = None
         self.close_reason = ""
 
@@ -58,6 +63,9 @@ class Client:
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
+        if self.write_scope is not None:
+            self.write_scope.deadline = min(self.write_scope.deadline,
+                                            trio.current_time() + self.grace)
         self.scope.cancel()
 
     def __repr__(self) -> str:

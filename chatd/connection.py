@@ -40,6 +40,8 @@ class Connection:
         self.router = router
         self.config = config
         self.closing = False
+        #: True if a write was cut off mid-frame: no close frame may follow.
+        self.stream_broken = False
 
     async def run(self) -> None:
         client = self.client
@@ -49,6 +51,10 @@ class Connection:
                     nursery.start_soon(self._write_loop)
                     await self._read_loop()
                     nursery.cancel_scope.cancel()
+        except Exception:
+            # A bug here must end this connection alone, with 1011.
+            log.exception("%s connection task failed", client.peer)
+            client.kill(1011, "internal error")
         finally:
             with trio.CancelScope(shield=True):
                 await self._finish()
@@ -132,11 +138,23 @@ class Connection:
             await self._write(writer, batch[0] if len(batch) == 1 else b"".join(batch))
 
     async def _write(self, writer: FrameWriter, data: bytes) -> None:
-        try:
-            await writer.write(data)
-        except ConnectionClosed:
-            self.client.kill(1006, "connection lost")
-            await trio.lowlevel.checkpoint()
+        # Shielded, so a kill never cuts a frame in half (the close frame
+        # must follow whole frames); Client.kill gives the write a deadline
+        # instead. If that passes mid-write, the stream is dropped unclosed.
+        client = self.client
+        with trio.CancelScope(shield=True) as scope:
+            client.write_scope = scope
+            try:
+                if client.close_code is not None:
+                    scope.deadline = trio.current_time() + self.config.close_timeout
+                await writer.write(data)
+            except ConnectionClosed:
+                client.kill(1006, "connection lost")
+            finally:
+                client.write_scope = None
+        if scope.cancelled_caught:
+            self.stream_broken = True
+        await trio.lowlevel.checkpoint()
 
     # --- the end -------------------------------------------------------------
 
@@ -151,8 +169,9 @@ class Connection:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the router is gone: the server is stopping
         code = client.close_code or 1000
-        with trio.move_on_after(self.config.close_timeout):
-            await self.ws.aclose(code, client.close_reason or None)
+        if not self.stream_broken:
+            with trio.move_on_after(self.config.close_timeout):
+                await self.ws.aclose(code, client.close_reason or None)
         closed = self.ws.closed
         if client.close_code is None and closed is not None:
             code = closed.code
@@ -163,5 +182,5 @@ class Connection:
 def make_connection(ws: WebSocketConnection, protocol_cls: type[Protocol], ctx, room: str,
                     peer: str, path: str, router: Router, config: Config) -> tuple[Connection, Client]:
     send, receive = trio.open_memory_channel[bytes | Close](config.outbox_size)
-    client = Client(protocol_cls, room, peer, path, send)
+    client = Client(protocol_cls, room, peer, path, send, grace=config.close_timeout)
     return Connection(ws, protocol_cls(ctx), client, receive, router, config), client

@@ -15,7 +15,8 @@ import ssl
 from dataclasses import dataclass
 
 import trio
-from trio_websocket import WebSocketRequest, wrap_server_stream
+from trio_websocket import WebSocketConnection, WebSocketRequest
+from wsproto import ConnectionType, WSConnection
 
 from chatd.config import Config
 from chatd.connection import Connection, make_connection
@@ -53,6 +54,8 @@ class Server:
         self.ports: list[int] = []
         self.secrets: dict[str, str] = {}
         self._stopping = trio.Event()
+        #: Set when ``run`` has finished (store closed).
+        self.stopped = trio.Event()
         self._listen_scope = trio.CancelScope()
 
     # --- lifecycle -------------------------------------------------------------
@@ -93,6 +96,7 @@ class Server:
                 nursery.cancel_scope.cancel()
         finally:
             self.store.close()
+            self.stopped.set()
             log.info("stopped")
 
     async def _serve(self, listeners: list[trio.abc.Listener], nursery: trio.Nursery) -> None:
@@ -105,14 +109,22 @@ class Server:
         peer = _peer_name(stream)
         try:
             async with trio.open_nursery() as nursery:
-                request = None
-                with trio.move_on_after(self.config.handshake_timeout):
-                    request = await wrap_server_stream(
-                        nursery, stream, message_queue_size=4,
-                        max_message_size=self.config.max_frame_bytes,
-                        receive_buffer_size=None)
+                connection = WebSocketConnection(
+                    stream, WSConnection(ConnectionType.SERVER), message_queue_size=4,
+                    max_message_size=self.config.max_frame_bytes, receive_buffer_size=None)
+                reader_done = trio.Event()
+
+                async def read() -> None:
+                    try:
+                        await connection._reader_task()
+                    finally:
+                        reader_done.set()
+
+                nursery.start_soon(read)
+                request = await _first_request(connection, reader_done,
+                                               self.config.handshake_timeout)
                 if request is None:
-                    log.info("%s handshake timed out", peer)
+                    log.info("%s no WebSocket handshake", peer)
                 else:
                     await self._handle_request(request, peer)
                 nursery.cancel_scope.cancel()
@@ -190,6 +202,28 @@ class Server:
         shown = f"[{host}]" if host and ":" in host else (host or "0.0.0.0")
         mounts = ", ".join(f"{m.path} {m.protocol.name} (room {m.room})" for m in self.mounts.values())
         log.info("chatd listening on %s://%s:%d; endpoints: %s", scheme, shown, self.port, mounts)
+
+
+async def _first_request(connection: WebSocketConnection, reader_done: trio.Event,
+                         timeout: float) -> WebSocketRequest | None:
+    """The upgrade request, or None if the reader gave up (bad TLS or HTTP)
+    or ``timeout`` passed first."""
+    request = None
+    async with trio.open_nursery() as nursery:
+        nursery.cancel_scope.deadline = trio.current_time() + timeout
+
+        async def get() -> None:
+            nonlocal request
+            request = await connection._get_request()
+            nursery.cancel_scope.cancel()
+
+        async def gone() -> None:
+            await reader_done.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(get)
+        nursery.start_soon(gone)
+    return request
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:

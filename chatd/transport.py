@@ -23,6 +23,18 @@ from wsproto.connection import ConnectionState
 _OPCODE_TEXT_FIN = 0x81
 
 
+async def _pong_unless_closing(self: WebSocketConnection, event) -> None:
+    # trio-websocket 0.12 answers every ping, even after its close frame went
+    # out; wsproto then raises LocalProtocolError, which escapes the reader
+    # task and takes the server down (trio-websocket issue #184). A ping
+    # that arrives while closing needs no answer.
+    if self._wsproto.state is ConnectionState.OPEN:
+        await self._send(event.response())
+
+
+WebSocketConnection._handle_ping_event = _pong_unless_closing
+
+
 def text_frame(payload: bytes) -> bytes:
     """One final, unmasked text frame carrying ``payload`` (UTF-8)."""
     n = len(payload)

@@ -97,8 +97,14 @@ async def _open(url: str, kwargs: dict, *, task_status=trio.TASK_STATUS_IGNORED)
 
 
 @pytest.fixture
-async def chat(nursery, tmp_path) -> Harness:
-    return Harness(nursery, tmp_path)
+async def chat(nursery, tmp_path):
+    harness = Harness(nursery, tmp_path)
+    yield harness
+    # Stop the server while its clients still answer close handshakes.
+    if harness.server is not None and not harness.server.stopped.is_set():
+        harness.server.shutdown()
+        with trio.fail_after(GUARD):
+            await harness.server.stopped.wait()
 
 
 def free_port() -> int:

@@ -1,0 +1,155 @@
+"""The server's shape: isolation of failures, slow consumers, TLS, shutdown."""
+
+from __future__ import annotations
+
+import json
+import ssl
+
+import pytest
+import trio
+import trustme
+from wsproto.events import CloseConnection, Ping, TextMessage
+
+from chatd.config import Config, EndpointConfig, Wss
+from chatd.protocols.multichat import Multichat
+from chatd.server import Mount
+from tests.conftest import SECRET, Peer
+from tests.rawws import RawClient
+
+
+def chat_message(text: str) -> dict:
+    return {"action": "client-message", "content": text}
+
+
+async def test_a_crashing_handler_ends_only_its_own_connection(chat):
+    server = await chat.start()
+
+    class Crashing(Multichat):
+        def receive(self, text):
+            if self.authenticated and "boom" in text:
+                raise RuntimeError("protocol bug")
+            return super().receive(text)
+
+    default = server.mounts["/multichat"]
+    server.mounts["/crash"] = Mount("/crash", Crashing, default.room, default.ctx)
+    victim = await chat.multichat("victim", "/crash")
+    bystander = await chat.multichat("bystander")
+    await victim.send(chat_message("boom"))
+    assert await victim.closed() == 1011
+    newcomer = await chat.multichat("newcomer")
+    await newcomer.send(chat_message("still serving"))
+    assert (await bystander.recv())["content"] == "still serving"
+
+
+async def test_ping_after_the_servers_close_frame_does_not_stop_the_server(chat):
+    # trio-websocket issue #184: a pong sent after the close frame raised
+    # LocalProtocolError from the reader task and killed serve_websocket.
+    server = await chat.start()
+    raw = await RawClient.connect(server.port, "/multichat")
+    await raw.send(TextMessage(json.dumps({"action": "register", "client-name": "x",
+                                           "secret-key": "wrong"})))
+    close = await raw.next_event()
+    assert isinstance(close, CloseConnection) and close.code == 1008
+    # wsproto won't send a ping after receiving a close: frame it by hand.
+    await raw.send_bytes(b"\x89\x84abcd" + bytes(a ^ b for a, b in zip(b"ping", b"abcd")))
+    await raw.aclose()
+    alice = await chat.multichat("alice")
+    bob = await chat.multichat("bob")
+    await alice.send(chat_message("after the race"))
+    assert (await bob.recv())["content"] == "after the race"
+
+
+async def test_pings_are_answered_while_open(chat):
+    server = await chat.start()
+    raw = await RawClient.connect(server.port, "/multichat")
+    await raw.send(Ping(b"hello"))
+    pong = await raw.next_event()
+    assert pong.payload == b"hello"
+
+
+async def test_a_slow_consumer_is_cut_off_and_the_others_keep_receiving(chat):
+    server = await chat.start(outbox_size=16, close_timeout=0.5)
+    # A client with a tiny receive window that registers and never reads.
+    slow = await RawClient.connect(server.port, "/multichat", rcvbuf=4096)
+    await slow.send(TextMessage(json.dumps({"action": "register", "client-name": "slow",
+                                            "secret-key": SECRET})))
+    fast = await chat.multichat("fast")
+    sender = await chat.multichat("sender")
+    payload = "x" * 3000
+    sent = 0
+    async with trio.open_nursery() as nursery:
+        async def read_all():
+            for i in range(total):
+                message = await fast.recv()
+                assert message["content"] == f"{i} {payload}"
+        total = 2000
+        nursery.start_soon(read_all)
+        for sent in range(total):
+            await sender.send(chat_message(f"{sent} {payload}"))
+    # The slow client was dropped: what is left to read ends in a close
+    # frame saying why, or (if even that could not be written) in EOF.
+    close = await slow.until_close()
+    assert close is None or (close.code, close.reason) == (1008, "slow consumer")
+
+
+async def test_shutdown_closes_every_client_with_1001(chat):
+    server = await chat.start()
+    peers = [await chat.multichat(f"p{i}") for i in range(3)]
+    server.shutdown()
+    for peer in peers:
+        assert await peer.closed() == 1001
+    with trio.fail_after(10):
+        await server.stopped.wait()
+
+
+async def test_wss_only_when_configured(chat, tmp_path):
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    config = Config(secret_key=SECRET)
+    config.wss = Wss(keyfile=str(tmp_path / "key.pem"), certfile=str(tmp_path / "cert.pem"))
+    await chat.start(config)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    a = await chat.connect("/", ssl_context=client_ctx)
+    b = await chat.connect("/", ssl_context=client_ctx)
+    for peer, name in ((a, "a"), (b, "b")):
+        await peer.send({"action": "register", "client-name": name, "secret-key": SECRET})
+        assert await peer.recv() == {"action": "register-ack"}
+    await a.send(chat_message("over tls"))
+    assert (await b.recv())["content"] == "over tls"
+    # A plain ws:// upgrade to the same port gets no WebSocket: the server
+    # drops the connection instead of answering 101.
+    stream = await trio.open_tcp_stream("127.0.0.1", chat.server.port)
+    await stream.send_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                          b"Sec-WebSocket-Version: 13\r\n\r\n")
+    answer = b""
+    with trio.fail_after(10):
+        while chunk := await _receive_or_eof(stream):
+            answer += chunk
+    assert b"101" not in answer
+
+
+async def _receive_or_eof(stream: trio.abc.Stream) -> bytes:
+    try:
+        return await stream.receive_some(4096)
+    except trio.BrokenResourceError:
+        return b""
+
+
+async def test_rooms_are_per_endpoint(chat):
+    config = Config(secret_key=SECRET, endpoints=[
+        EndpointConfig(path="/a", protocol="multichat", room="one"),
+        EndpointConfig(path="/a2", protocol="multichat", room="one"),
+        EndpointConfig(path="/b", protocol="multichat", room="two"),
+    ])
+    await chat.start(config)
+    a, a2, b = (await chat.multichat("a", "/a"), await chat.multichat("a2", "/a2"),
+                await chat.multichat("b", "/b"))
+    b2 = await chat.multichat("b2", "/b")
+    await a.send(chat_message("room one"))
+    await b.send(chat_message("room two"))
+    assert (await a2.recv())["content"] == "room one"
+    assert (await b2.recv())["content"] == "room two"
