@@ -1,0 +1,146 @@
+"""The config file and the command line."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from chatd.config import ConfigError, decode_config, default_config, parse_host
+from tests.conftest import GUARD, free_port
+
+
+@pytest.mark.parametrize("text, named", [
+    ('{"hots": "127.0.0.1:1"}', "hots"),
+    ('{"wss": {"keyfile": "k", "certfile": "c", "passphrase": "x"}}', "passphrase"),
+    ('{"endpoints": [{"path": "/a", "protocol": "multichat", "rooom": "x"}]}', "rooom"),
+    ('{"endpoints": [{"path": "/a", "protocol": "irc"}]}', "protocol"),
+    ('{"max-frame-bytes": "big"}', "max-frame-bytes"),
+    ('{"host": "nowhere"}', "host"),
+    ('{"host": "127.0.0.1:99999"}', "host"),
+    ('{"ws-path": "chat"}', "ws-path"),
+    ('{"endpoints": [{"path": "/a", "protocol": "wcp"}, {"path": "/a", "protocol": "wschat"}]}',
+     "mounted twice"),
+    ('{"secret-key": "x",}', "JSON"),
+])
+def test_config_errors_name_the_key(text, named):
+    with pytest.raises(ConfigError) as info:
+        decode_config(text)
+    assert named in str(info.value)
+
+
+def test_a_multichat_go_server_config_decodes_unchanged():
+    config = decode_config(json.dumps({
+        "ws-path": "/chat", "host": ":1234", "secret-key": "s3cret",
+        "wss": {"keyfile": "key.pem", "certfile": "cert.pem"}}))
+    [endpoint] = config.mounted()
+    assert (endpoint.path, endpoint.protocol, endpoint.room) == ("/chat", "multichat", "lobby")
+    assert config.bind == (None, 1234)
+    assert config.wss.keyfile == "key.pem"
+
+
+@pytest.mark.parametrize("host, bind", [
+    ("127.0.0.1:8765", ("127.0.0.1", 8765)),
+    (":9000", (None, 9000)),
+    ("[::1]:8765", ("::1", 8765)),
+    ("localhost:1", ("localhost", 1)),
+])
+def test_host_forms(host, bind):
+    assert parse_host(host) == bind
+
+
+def test_default_mounts_all_five_protocols():
+    mounted = {e.path: e.protocol for e in default_config().mounted()}
+    assert mounted == {"/multichat": "multichat", "/": "multichat", "/gradagenda": "gradagenda",
+                       "/socialvp": "socialvp", "/wschat": "wschat", "/wcp": "wcp"}
+
+
+def test_jwt_secret_from_the_environment(monkeypatch):
+    monkeypatch.setenv("JWT_SECRET", "from-env")
+    assert decode_config("{}").jwt_secret == "from-env"
+
+
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "chatd", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=GUARD)
+
+
+def test_check_config_prints_the_effective_config(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"secret-key": "abc", "host": ":8000"}')
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 0
+    effective = json.loads(result.stdout)
+    assert effective["secret-key"] == "abc" and effective["max-frame-bytes"] == 4096
+
+
+def test_check_config_rejects_with_exit_1_naming_the_key(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"secret-key": "abc", "colour": "blue"}')
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 1
+    assert "colour" in result.stderr and str(path) in result.stderr
+
+
+def test_token_command_prints_a_verifiable_token(tmp_path):
+    from chatd.tokens import verify
+    (tmp_path / "config.json").write_text('{"jwt-secret": "a-32-byte-long-secret-for-hs256!", "secret-key": "s"}')
+    result = run_cli("token", "alice", "--ttl", "60", cwd=tmp_path)
+    assert result.returncode == 0
+    claims = verify("a-32-byte-long-secret-for-hs256!", result.stdout.strip(), require_exp=True)
+    assert claims["sub"] == "alice"
+
+
+async def _chat_once(port: int, path: str, secret: str) -> str:
+    async with open_websocket_url(f"ws://127.0.0.1:{port}{path}") as a, \
+            open_websocket_url(f"ws://127.0.0.1:{port}{path}") as b:
+        for ws, name in ((a, "a"), (b, "b")):
+            await ws.send_message(json.dumps({"action": "register", "client-name": name,
+                                              "secret-key": secret}))
+            assert json.loads(await ws.get_message()) == {"action": "register-ack"}
+        await a.send_message(json.dumps({"action": "client-message", "content": "hi"}))
+        return json.loads(await b.get_message())["content"]
+
+
+async def test_go_server_config_in_cwd_runs_unchanged(process, tmp_path):
+    port = free_port()
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"ws-path": "/", "host": f":{port}", "secret-key": "go-secret"}))
+    server = process("serve").start()  # no --config: ./config.json, as the original
+    assert server.port == port
+    with trio.fail_after(GUARD):
+        assert await _chat_once(port, "/", "go-secret") == "hi"
+
+
+async def test_sigterm_closes_clients_with_1001_and_exits_0(process, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"host": "127.0.0.1:0", "secret-key": "s", "store": str(tmp_path / "c.db")}))
+    server = process("serve").start()
+    with trio.fail_after(GUARD):
+        async with open_websocket_url(f"ws://127.0.0.1:{server.port}/") as ws:
+            await ws.send_message(json.dumps({"action": "register", "client-name": "x",
+                                              "secret-key": "s"}))
+            await ws.get_message()
+            server.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as info:
+                await ws.get_message()
+            assert info.value.reason.code == 1001
+    assert await trio.to_thread.run_sync(server.proc.wait, GUARD) == 0
+    assert "received SIGTERM" in server.output()
+
+
+async def test_embedded_default_prints_and_keeps_generated_secrets(process, tmp_path):
+    server = process("serve", "--host", "127.0.0.1:0").start()
+    assert server.stop() == 0
+    first = server.output()
+    assert "generated secret-key" in first
+    secret = first.split("generated secret-key (kept in chatd.db): ")[1].split()[0]
+    server.start()
+    assert f"stored secret-key (kept in chatd.db): {secret}" in server.output()
+    with trio.fail_after(GUARD):
+        assert await _chat_once(server.port, "/multichat", secret) == "hi"
