@@ -144,3 +144,16 @@ async def test_embedded_default_prints_and_keeps_generated_secrets(process, tmp_
     assert f"stored secret-key (kept in chatd.db): {secret}" in server.output()
     with trio.fail_after(GUARD):
         assert await _chat_once(server.port, "/multichat", secret) == "hi"
+
+
+def test_the_example_config_is_valid_and_names_every_key():
+    from pathlib import Path
+
+    import msgspec
+
+    from chatd.config import Config, load_config
+    example = Path(__file__).parent.parent / "config.json.example"
+    load_config(example)
+    keys = set(json.loads(example.read_text()))
+    every = {f.encode_name for f in msgspec.structs.fields(Config)}
+    assert every - keys <= {"wss"}, "config.json.example must show every key"
