@@ -60,13 +60,19 @@ class Lobby:
             if client.name is not None and room.names.get(client.name) is client:
                 del room.names[client.name]
             room.names[cmd.name] = client
+        old_name = client.name
         client.name = cmd.name
         client.display_name = cmd.display_name
         room.receivers.setdefault(client.protocol, {})[client.id] = client
-        if cmd.announce and client.id not in room.announced:
-            room.announced.add(client.id)
-            self.fanout(room, UserJoined(name=cmd.name or "", display_name=cmd.display_name),
-                        exclude=client)
+        if cmd.announce:
+            joined = UserJoined(name=cmd.name or "", display_name=cmd.display_name)
+            if client.id not in room.announced:
+                room.announced.add(client.id)
+                self.fanout(room, joined, exclude=client)
+            elif old_name != cmd.name:
+                # A rename (socialvp may identify again): the old name leaves.
+                self.fanout(room, UserLeft(name=old_name or ""), exclude=client)
+                self.fanout(room, joined, exclude=client)
         return True
 
     def publish(self, cmd: Publish) -> None:
