@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from chatd.protocols.base import Protocol
 from chatd.protocols.multichat import Multichat
+from chatd.protocols.socialvp import SocialVP
+from chatd.protocols.wcp import Wcp
+from chatd.protocols.wschat import WsChat
 
 PROTOCOL_CLASSES: dict[str, type[Protocol]] = {
     "multichat": Multichat,
+    "socialvp": SocialVP,
+    "wschat": WsChat,
+    "wcp": Wcp,
 }
