@@ -112,3 +112,104 @@ def payload_text(payload: Any) -> str:
     if isinstance(payload, str):
         return payload
     return msgspec.json.encode(payload).decode()
+
+
+# --- GradAgenda sessions (chatd.sessions) ----------------------------------
+#
+# Answers that only the asker gets (direct session info, listing, history)
+# are ``Request`` results the protocol frames itself. Changes that fan out
+# (session created/modified/deleted, a message) are plain commands: the
+# connection keeps reading (clients pipeline), and chatd.sessions delivers
+# the answer, success or failure, after the store has committed.
+
+
+class Login(Request, kw_only=True):
+    """A GradAgenda connection proved (by token) that it is ``user_id``;
+    answered once its device receives the user's sessions' events."""
+
+    cdid: str
+    user_id: str
+    device_id: str
+
+
+class Logout(Command, kw_only=True):
+    """A logged-in GradAgenda connection went away."""
+
+
+class DirectSessionInfo(Request, kw_only=True):
+    """The direct session with ``peer``; result: ``SessionInfo`` or an error text."""
+
+    cdid: str
+    peer: str
+
+
+class CreateSession(Command, kw_only=True):
+    cdid: str
+    members: list[str]
+
+
+class ModifySession(Command, kw_only=True):
+    cdid: str
+    session_id: str
+    members: list[str]
+
+
+class DeleteSession(Command, kw_only=True):
+    cdid: str
+    session_id: str
+
+
+class ListSessions(Request, kw_only=True):
+    """The asker's group sessions; result: a list of ``SessionInfo``."""
+
+    cdid: str
+
+
+class SendMessage(Command, kw_only=True):
+    """``message`` is the validated message object as JSON (``msgspec.Raw``)."""
+
+    cdid: str
+    session_id: str
+    message: Any
+    sender_timestamp: int
+
+
+class ReadHistory(Request, kw_only=True):
+    """Stored messages; result: a list of ``StoredMessage`` or an error text."""
+
+    cdid: str
+    session_id: str
+    before: int | None = None
+    after: int | None = None
+    limit: int = 100
+
+
+class Status(Event, kw_only=True):
+    """The outcome of one GradAgenda action, for its asker."""
+
+    cdid: Any
+    ok: bool
+    message: str | None = None
+
+
+class SessionInfo(Event, kw_only=True):
+    """``kind`` is "direct" or "mutable"; ``status`` "created", "modified",
+    "deleted" or "unchanged". ``cdid`` is set on the asker's copy only."""
+
+    session_id: str
+    kind: str
+    status: str
+    members: list[str]
+    cdid: Any = None
+
+
+class StoredMessage(Event, kw_only=True):
+    """A committed message: ``seq`` counts from 1 per session; times in ms."""
+
+    session_id: str
+    seq: int
+    sender_id: str
+    message: Any  # msgspec.Raw: the message object as stored
+    sender_timestamp: int
+    server_timestamp: int
+    cdid: Any = None

@@ -24,6 +24,7 @@ from chatd.lobby import Lobby
 from chatd.protocols import PROTOCOL_CLASSES
 from chatd.protocols.base import Context, Protocol
 from chatd.router import Router
+from chatd.sessions import Sessions
 from chatd.store import Store
 
 log = logging.getLogger("chatd")
@@ -67,6 +68,8 @@ class Server:
     async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         self.store = Store(config.store)
+        if any(e.protocol == "gradagenda" for e in config.mounted()):
+            self.services.append(Sessions(self.store))
         try:
             self._resolve_secrets()
             self._mount()

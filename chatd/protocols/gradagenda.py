@@ -1,0 +1,342 @@
+"""gradagenda: accounts on several devices, direct and group sessions.
+
+The first action must be ``authenticate`` with a JWT (HS256) whose ``sub``
+is the ``user-id`` and whose ``exp`` has not passed; anything else first
+gets a failed ``status-response``, and three failures end the connection
+(1008), as does the auth timeout. Every answer echoes the action's
+``cdid``. Frames that are not JSON close the connection (1007); JSON that
+is not a valid action gets a failed ``status-response``.
+
+Actions whose answer goes to the asker alone (direct session info,
+listing, history) are router requests answered here: several answers are
+packed into ``batch-mode-action`` frames that fit the frame limit, then a
+``succeeded`` status marks the end. Session changes and messages fan out
+from ``chatd.sessions``, which calls ``encode``. A client's own
+``batch-mode-action`` is handled as its actions one by one.
+
+Checked here so that every frame the server sends fits the frame limit: a
+message, or a session's participant list, whose answer would not fit is
+refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from chatd import tokens
+from chatd.events import (
+    Command, CreateSession, DeleteSession, DirectSessionInfo, Event, ListSessions, Login, Logout,
+    ModifySession, ReadHistory, SendMessage, SessionInfo, Status, StoredMessage,
+)
+from chatd.protocols.base import Close, Output, Protocol, Send, dumps
+
+log = logging.getLogger("chatd.gradagenda")
+
+MAX_AUTH_FAILURES = 3
+HISTORY_LIMIT = 100
+
+UserId = Annotated[str, Meta(min_length=1)]
+Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+Seq = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+
+
+# --- client actions --------------------------------------------------------
+
+
+class _Action(msgspec.Struct, tag_field="type", rename="kebab", kw_only=True):
+    cdid: str
+
+
+class Authenticate(_Action, tag="authenticate"):
+    user_id: UserId
+    device_id: Annotated[str, Meta(min_length=1)]
+    token: str
+
+
+class RequestDirectSessionInfo(_Action, tag="request-direct-session-info"):
+    user_id: UserId
+
+
+class RequestMutableSessionCreation(_Action, tag="request-mutable-session-creation"):
+    user_id: list[UserId]
+
+
+class RequestMutableSessionModification(_Action, tag="request-mutable-session-modification"):
+    session_id: str
+    user_id: list[UserId]
+
+
+class RequestMutableSessionDeletion(_Action, tag="request-mutable-session-deletion"):
+    session_id: str
+
+
+class RequestMutableSessionListing(_Action, tag="request-mutable-session-listing"):
+    pass
+
+
+class MessageIn(msgspec.Struct):
+    type: str
+    body: Any
+
+
+class TextMessage(msgspec.Struct):
+    """The only message type so far; stored and relayed in this form."""
+
+    type: str
+    body: str
+
+
+class RequestSendingAMessage(_Action, tag="request-sending-a-message"):
+    session_id: str
+    message: MessageIn
+    sender_timestamp: Int64
+
+
+class RequestMessageHistory(_Action, tag="request-message-history"):
+    session_id: str
+    before: Seq | None = None
+    after: Seq | None = None
+    limit: Annotated[int, Meta(ge=1)] = HISTORY_LIMIT
+
+
+class BatchModeAction(msgspec.Struct, tag_field="type", tag="batch-mode-action"):
+    actions: list[msgspec.Raw]
+    cdid: Any = None
+
+
+Action = (Authenticate | RequestDirectSessionInfo | RequestMutableSessionCreation
+          | RequestMutableSessionModification | RequestMutableSessionDeletion
+          | RequestMutableSessionListing | RequestSendingAMessage | RequestMessageHistory
+          | BatchModeAction)
+_decoder = msgspec.json.Decoder(Action)
+ACTION_TYPES = {cls.__struct_config__.tag for cls in Action.__args__}
+
+
+class _Envelope(msgspec.Struct):
+    """What is left of an invalid action: enough to answer it."""
+
+    cdid: Any = None
+    type: Any = None
+
+
+# --- server actions --------------------------------------------------------
+
+
+class _Out(msgspec.Struct, tag_field="type", rename="kebab", kw_only=True, omit_defaults=True):
+    cdid: Any = None
+
+
+class StatusResponse(_Out, tag="status-response"):
+    status: str
+    message: str | None = None
+
+
+class ProvidingSessionInfo(_Out, tag="providing-session-info"):
+    session_id: str
+    session_type: str
+    status: str
+    user_id: list[str]
+
+
+class MessageBroadcast(_Out, tag="message-broadcast"):
+    session_id: str
+    sender_id: str
+    message: Any
+    sender_timestamp: int
+    seq: int
+    server_timestamp: int
+
+
+# Placeholders as wide as the real values can get, for the frame-size checks.
+_WIDEST_SESSION_ID = "x" * 64
+_WIDEST_SEQ = 2**63 - 1
+_WIDEST_MS = 10**14
+
+
+class GradAgenda(Protocol):
+    name = "gradagenda"
+    auth_stage = True
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        self.user_id: str | None = None
+        self.failures = 0
+
+    # --- frames in -------------------------------------------------------------
+
+    def receive(self, text: str) -> list[Output]:
+        try:
+            action = _decoder.decode(text)
+        except msgspec.ValidationError as exc:
+            return self._invalid(text, exc)
+        except msgspec.DecodeError:
+            return [Close(1007, "frame is not valid JSON")]
+        if not isinstance(action, BatchModeAction):
+            return self._act(action)
+        outputs: list[Output] = []
+        for raw in action.actions:
+            try:
+                inner = _decoder.decode(raw)
+            except msgspec.ValidationError as exc:
+                outputs += self._invalid(raw, exc)
+            else:
+                if isinstance(inner, BatchModeAction):
+                    outputs += self._fail(inner.cdid, "batch-mode-action cannot be nested")
+                else:
+                    outputs += self._act(inner)
+            if outputs and isinstance(outputs[-1], Close):
+                break
+        return outputs
+
+    def _invalid(self, text: str | bytes | msgspec.Raw, exc: msgspec.ValidationError) -> list[Output]:
+        try:
+            envelope = msgspec.json.decode(text, type=_Envelope)
+        except msgspec.DecodeError:
+            return self._fail(None, "an action must be a JSON object")
+        if envelope.type not in ACTION_TYPES:
+            return self._fail(envelope.cdid, f"unknown action type {envelope.type!r}"
+                              if envelope.type is not None else "an action needs a 'type'")
+        return self._fail(envelope.cdid, f"invalid {envelope.type}: {exc}")
+
+    def _fail(self, cdid: Any, message: str) -> list[Output]:
+        """A failed status-response; before authentication it counts as a
+        failed attempt, and the last allowed one ends the connection."""
+        outputs: list[Output] = [Send(dumps(StatusResponse(cdid=cdid, status="failed",
+                                                           message=message)))]
+        if not self.authenticated:
+            self.failures += 1
+            if self.failures >= MAX_AUTH_FAILURES:
+                outputs.append(Close(1008, "too many failed authentication attempts"))
+        return outputs
+
+    def _act(self, action: _Action) -> list[Output]:
+        if isinstance(action, Authenticate):
+            return self._authenticate(action)
+        if not self.authenticated:
+            return self._fail(action.cdid, "authenticate first")
+        cdid = action.cdid
+        if isinstance(action, RequestDirectSessionInfo):
+            return [DirectSessionInfo(cdid=cdid, peer=action.user_id)]
+        if isinstance(action, RequestMutableSessionCreation):
+            members = sorted({*action.user_id, self.user_id})
+            return self._if_fits(cdid, _session_answer(cdid, members),
+                                 CreateSession(cdid=cdid, members=members))
+        if isinstance(action, RequestMutableSessionModification):
+            if not action.user_id:
+                return self._fail(cdid, "a session needs participants; delete it instead")
+            members = sorted(set(action.user_id))
+            return self._if_fits(cdid, _session_answer(cdid, members, action.session_id),
+                                 ModifySession(cdid=cdid, session_id=action.session_id,
+                                               members=members))
+        if isinstance(action, RequestMutableSessionDeletion):
+            return [DeleteSession(cdid=cdid, session_id=action.session_id)]
+        if isinstance(action, RequestMutableSessionListing):
+            return [ListSessions(cdid=cdid)]
+        if isinstance(action, RequestSendingAMessage):
+            return self._send_message(action)
+        if isinstance(action, RequestMessageHistory):
+            return [ReadHistory(cdid=cdid, session_id=action.session_id, before=action.before,
+                                after=action.after, limit=min(action.limit, HISTORY_LIMIT))]
+        raise AssertionError(f"unhandled action {action!r}")
+
+    def _authenticate(self, action: Authenticate) -> list[Output]:
+        if self.authenticated:
+            return [Send(dumps(StatusResponse(cdid=action.cdid, status="failed",
+                                              message="already authenticated")))]
+        secret = self.ctx.jwt_secret
+        claims = tokens.verify(secret, action.token, require_exp=True) if secret else None
+        if claims is None or claims.get("sub") != action.user_id:
+            return self._fail(action.cdid, "invalid or expired token for this user-id")
+        self.authenticated = True
+        self.user_id = action.user_id
+        return [Login(cdid=action.cdid, user_id=action.user_id, device_id=action.device_id)]
+
+    def _send_message(self, action: RequestSendingAMessage) -> list[Output]:
+        cdid, message = action.cdid, action.message
+        if message.type != "text":
+            return self._fail(cdid, f"unsupported message type {message.type!r}: only 'text'")
+        if not isinstance(message.body, str):
+            return self._fail(cdid, "a text message's body must be a string")
+        stored = msgspec.Raw(dumps(TextMessage(type="text", body=message.body)))
+        widest = MessageBroadcast(cdid=cdid, session_id=action.session_id, sender_id=self.user_id,
+                                  message=stored, sender_timestamp=action.sender_timestamp,
+                                  seq=_WIDEST_SEQ, server_timestamp=_WIDEST_MS)
+        return self._if_fits(cdid, widest, SendMessage(
+            cdid=cdid, session_id=action.session_id, message=stored,
+            sender_timestamp=action.sender_timestamp))
+
+    def _if_fits(self, cdid: str, answer: _Out, command: Command) -> list[Output]:
+        """``command``, unless its answer would exceed the frame limit."""
+        limit = self.ctx.max_frame_bytes
+        if len(dumps(answer)) > limit:
+            return self._fail(cdid, f"too large: the answer would exceed the {limit}-byte "
+                                    "frame limit")
+        return [command]
+
+    # --- answers from the router -------------------------------------------------
+
+    def on_result(self, command: Command, result: Any) -> list[Output]:
+        cdid = command.cdid
+        if isinstance(result, str):
+            return self._fail(cdid, result)
+        if isinstance(command, Login):
+            return [Send(dumps(StatusResponse(cdid=cdid, status="succeeded")))]
+        if isinstance(command, DirectSessionInfo):
+            return [Send(self.encode(msgspec.structs.replace(result, cdid=cdid)))]
+        items = [self.encode(event) for event in result]
+        frames = batch_frames(cdid, items, self.ctx.max_frame_bytes)
+        frames.append(dumps(StatusResponse(cdid=cdid, status="succeeded")))
+        return [Send(frame) for frame in frames]
+
+    def on_disconnect(self) -> list[Command]:
+        return [Logout()] if self.user_id is not None else []
+
+    # --- events out --------------------------------------------------------------
+
+    @classmethod
+    def encode(cls, event: Event) -> bytes | None:
+        if isinstance(event, StoredMessage):
+            return dumps(MessageBroadcast(
+                cdid=event.cdid, session_id=event.session_id, sender_id=event.sender_id,
+                message=event.message, sender_timestamp=event.sender_timestamp, seq=event.seq,
+                server_timestamp=event.server_timestamp))
+        if isinstance(event, SessionInfo):
+            return dumps(ProvidingSessionInfo(cdid=event.cdid, session_id=event.session_id,
+                                              session_type=event.kind, status=event.status,
+                                              user_id=event.members))
+        if isinstance(event, Status):
+            return dumps(StatusResponse(cdid=event.cdid, status="succeeded" if event.ok
+                                        else "failed", message=event.message))
+        return None
+
+
+def _session_answer(cdid: str, members: list[str], session_id: str = _WIDEST_SESSION_ID) -> _Out:
+    return ProvidingSessionInfo(cdid=cdid, session_id=max(session_id, _WIDEST_SESSION_ID, key=len),
+                                session_type="mutable", status="unchanged", user_id=members)
+
+
+def batch_frames(cdid: Any, actions: list[bytes], limit: int) -> list[bytes]:
+    """Pack encoded actions, in order, into ``batch-mode-action`` frames of at
+    most ``limit`` bytes; an action too large to wrap is sent on its own."""
+    head = b'{"type":"batch-mode-action","cdid":' + dumps(cdid) + b',"actions":['
+    tail = b"]}"
+    room = limit - len(head) - len(tail)
+    frames: list[bytes] = []
+    batch: list[bytes] = []
+    size = 0
+    for action in actions:
+        if batch and size + 1 + len(action) > room:
+            frames.append(head + b",".join(batch) + tail)
+            batch, size = [], 0
+        if len(action) > room:
+            frames.append(action)
+            continue
+        size += len(action) + (1 if batch else 0)
+        batch.append(action)
+    if batch:
+        frames.append(head + b",".join(batch) + tail)
+    return frames
