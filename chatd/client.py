@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from chatd.transport import FrameWriter, Wrote
+
 if TYPE_CHECKING:
     from chatd.protocols.base import Protocol
 
@@ -23,7 +25,8 @@ class Client:
     __slots__ = (
         "id", "protocol", "room", "name", "display_name", "peer", "path",
         "outbox", "scope", "close_code", "close_reason", "user_id",
-        "device_id", "write_scope", "grace", "__weakref__",
+        "device_id", "write_scope", "grace", "writer", "writer_idle",
+        "__weakref__",
     )
 
     def __init__(self, protocol: type[Protocol], room: str, peer: str,
@@ -44,13 +47,28 @@ class Client:
         #: ``grace`` seconds to finish its frames.
         self.write_scope: trio.CancelScope | None = None
         self.grace = grace
+        #: Set by the connection: writes frames synchronously when it can.
+        self.writer: FrameWriter | None = None
+        #: True while nothing is queued for the writer task, so a frame may
+        #: go straight to the socket without overtaking queued ones.
+        self.writer_idle = True
         self.close_code: int | None = None
         self.close_reason = ""
 
     def deliver(self, frame: bytes | object) -> bool:
-        """Queue a frame without waiting; False if the client is gone or cut off."""
+        """Send or queue a frame without waiting; False if the client is gone or cut off."""
+        if self.writer_idle and self.writer is not None and type(frame) is bytes:
+            wrote = self.writer.try_write(frame)
+            if wrote is Wrote.ALL:
+                return True
+            if wrote is Wrote.BROKEN:
+                self.kill(1006, "connection lost")
+                return False
+            if wrote is Wrote.PARTIAL:
+                frame = b""  # wakes the writer task, which sends the rest first
         try:
             self.outbox.send_nowait(frame)
+            self.writer_idle = False
             return True
         except trio.WouldBlock:
             self.kill(1008, "slow consumer")

@@ -120,9 +120,18 @@ class Connection:
     # --- writing -------------------------------------------------------------
 
     async def _write_loop(self) -> None:
-        writer = FrameWriter(self.ws)
+        client = self.client
+        writer = client.writer
         receive_nowait = self.outbox.receive_nowait
-        async for item in self.outbox:
+        while True:
+            try:
+                item = receive_nowait()
+            except trio.WouldBlock:
+                client.writer_idle = True
+                try:
+                    item = await self.outbox.receive()
+                except trio.EndOfChannel:
+                    return
             batch: list[bytes] = []
             while True:
                 if isinstance(item, Close):
@@ -183,4 +192,5 @@ def make_connection(ws: WebSocketConnection, protocol_cls: type[Protocol], ctx, 
                     peer: str, path: str, router: Router, config: Config) -> tuple[Connection, Client]:
     send, receive = trio.open_memory_channel[bytes | Close](config.outbox_size)
     client = Client(protocol_cls, room, peer, path, send, grace=config.close_timeout)
+    client.writer = FrameWriter(ws)
     return Connection(ws, protocol_cls(ctx), client, receive, router, config), client

@@ -26,6 +26,7 @@ from chatd.protocols.base import Context, Protocol
 from chatd.router import Router
 from chatd.sessions import Sessions
 from chatd.store import Store
+from chatd.transport import DirectStream
 
 log = logging.getLogger("chatd")
 
@@ -110,6 +111,8 @@ class Server:
 
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
         peer = _peer_name(stream)
+        if isinstance(stream, trio.SocketStream):
+            stream = DirectStream(stream)
         try:
             async with trio.open_nursery() as nursery:
                 connection = WebSocketConnection(

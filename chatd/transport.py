@@ -1,11 +1,20 @@
 """Writing pre-built WebSocket frames to a trio-websocket connection.
 
+Two levers make fan-out cheap (see docs/performance.md):
+
 trio-websocket frames every ``send_message`` through wsproto, once per
 recipient. A server's frames are unmasked and carry no extension (chatd
 negotiates none), so one event's frame is the same bytes for every
 recipient of one protocol: build it once (``text_frame``) and write it
 straight to each connection's stream under the connection's own send lock,
 so frames never interleave with the library's pongs and close frames.
+
+``DirectStream`` then lets most of those writes happen synchronously, as
+an asyncio transport does: when nothing is queued for the connection and
+the kernel's socket buffer has room, the frame is written right away with
+no task switch; only what the kernel cannot take now waits for the
+connection's writer task, and every later write (the writer's, or the
+library's pongs and close frames) sends that remainder first.
 
 This touches trio-websocket's private ``_stream``, ``_stream_lock`` and
 ``_wsproto``; pyproject pins the minor version and the test suite covers
@@ -14,6 +23,8 @@ pings and closes around these writes.
 
 from __future__ import annotations
 
+import enum
+import os
 import struct
 
 import trio
@@ -47,17 +58,77 @@ def text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
+class Wrote(enum.Enum):
+    ALL = 1      # the kernel took the whole frame
+    PARTIAL = 2  # the rest is pending: the writer task must flush it
+    QUEUE = 3    # nothing written: queue the frame for the writer task
+    BROKEN = 4   # the socket is dead
+
+
+class DirectStream(trio.abc.Stream):
+    """A SocketStream that can also write synchronously (``try_write``)."""
+
+    __slots__ = ("transport_stream", "socket", "_fd", "_pending", "_sending")
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.transport_stream = stream
+        self.socket = stream.socket
+        self._fd = stream.socket.fileno()
+        self._pending = b""     # the unwritten rest of a synchronous write
+        self._sending = False   # an async send_all is under way
+
+    def try_write(self, data: bytes) -> Wrote:
+        if self._sending or self._pending:
+            return Wrote.QUEUE
+        try:
+            n = os.write(self._fd, data)
+        except BlockingIOError:
+            return Wrote.QUEUE
+        except OSError:
+            return Wrote.BROKEN
+        if n == len(data):
+            return Wrote.ALL
+        self._pending = data[n:]
+        return Wrote.PARTIAL
+
+    async def send_all(self, data: bytes) -> None:
+        self._sending = True
+        try:
+            if self._pending:
+                data, self._pending = self._pending + data, b""
+            if data:
+                await self.transport_stream.send_all(data)
+            else:
+                await trio.lowlevel.checkpoint()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.transport_stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.transport_stream.aclose()
+
+
 class FrameWriter:
     """Sends ready-made frame bytes on one server-side connection."""
 
-    __slots__ = ("_ws",)
+    __slots__ = ("_ws", "_wsproto", "_direct")
 
     def __init__(self, ws: WebSocketConnection) -> None:
         self._ws = ws
+        self._wsproto = ws._wsproto
+        stream = ws._stream
+        self._direct = stream if isinstance(stream, DirectStream) else None
 
-    @property
-    def open(self) -> bool:
-        return self._ws._wsproto.state is ConnectionState.OPEN
+    def try_write(self, data: bytes) -> Wrote:
+        """Write without waiting, if nothing else is being written."""
+        if self._direct is None or self._wsproto.state is not ConnectionState.OPEN:
+            return Wrote.QUEUE
+        return self._direct.try_write(data)
 
     async def write(self, data: bytes) -> None:
         """Write frames; raises ConnectionClosed once the socket is gone."""
