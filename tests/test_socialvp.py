@@ -43,6 +43,8 @@ async def test_taken_name_gets_305_and_client_may_try_again(chat):
     {"command": "broadcast"},
     {"command": "dance"},
     {"command": 7},
+    {"command": []},
+    {"command": {"a": 1}},
 ])
 async def test_commands_before_identifying_get_10(chat, frame):
     await chat.start()

@@ -106,7 +106,7 @@ class SocialVP(Protocol):
         if "command" not in frame:
             return [missing("command")]
         command = frame["command"]
-        if command not in _COMMANDS:  # also any non-string command
+        if not isinstance(command, str) or command not in _COMMANDS:
             if not self.authenticated:
                 return [IDENTIFY_FIRST]
             log.info("ignored unknown socialvp command %r", command)
