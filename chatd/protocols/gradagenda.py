@@ -116,13 +116,6 @@ _decoder = msgspec.json.Decoder(Action)
 ACTION_TYPES = {cls.__struct_config__.tag for cls in Action.__args__}
 
 
-class _Envelope(msgspec.Struct):
-    """What is left of an invalid action: enough to answer it."""
-
-    cdid: Any = None
-    type: Any = None
-
-
 # --- server actions --------------------------------------------------------
 
 
@@ -192,15 +185,21 @@ class GradAgenda(Protocol):
                 break
         return outputs
 
-    def _invalid(self, text: str | bytes | msgspec.Raw, exc: msgspec.ValidationError) -> list[Output]:
+    def _invalid(self, text: str | msgspec.Raw, exc: msgspec.ValidationError) -> list[Output]:
+        # The typed decoder may stop at the first wrong value, before
+        # reaching a syntax error further on: only a full parse tells.
         try:
-            envelope = msgspec.json.decode(text, type=_Envelope)
+            value = msgspec.json.decode(text)
         except msgspec.DecodeError:
+            return [Close(1007, "frame is not valid JSON")]
+        if not isinstance(value, dict):
             return self._fail(None, "an action must be a JSON object")
-        if envelope.type not in ACTION_TYPES:
-            return self._fail(envelope.cdid, f"unknown action type {envelope.type!r}"
-                              if envelope.type is not None else "an action needs a 'type'")
-        return self._fail(envelope.cdid, f"invalid {envelope.type}: {exc}")
+        cdid, kind = value.get("cdid"), value.get("type")
+        if kind is None:
+            return self._fail(cdid, "an action needs a 'type'")
+        if not isinstance(kind, str) or kind not in ACTION_TYPES:
+            return self._fail(cdid, f"unknown action type {_short(kind)}")
+        return self._fail(cdid, f"invalid {kind}: {exc}")
 
     def _fail(self, cdid: Any, message: str) -> list[Output]:
         """A failed status-response; before authentication it counts as a
@@ -312,6 +311,12 @@ class GradAgenda(Protocol):
             return dumps(StatusResponse(cdid=event.cdid, status="succeeded" if event.ok
                                         else "failed", message=event.message))
         return None
+
+
+def _short(value: Any) -> str:
+    """A client's value quoted in an error message, cut to a sane length."""
+    text = repr(value)
+    return text if len(text) <= 64 else text[:60] + "...'"
 
 
 def _session_answer(cdid: str, members: list[str], session_id: str = _WIDEST_SESSION_ID) -> _Out:
