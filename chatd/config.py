@@ -54,6 +54,27 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
     # Seconds the whole graceful shutdown may take.
     shutdown_timeout: float = 5.0
     log_level: LogLevel = "info"
+    # --- abuse limits (docs/security.md) ---
+    # Open connections in all (beyond: HTTP 503) and per client address
+    # (beyond: HTTP 429), and new connections a second per address.
+    max_connections: int = 20000
+    max_connections_per_ip: int = 200
+    connect_rate_per_ip: float = 50.0
+    connect_burst_per_ip: int = 200
+    # Frames a second one connection may send, and the burst it may save
+    # up; frames over it are dropped with the protocol's error answer, and
+    # a client still sending after another burst's worth is closed 1008.
+    message_rate: float = 100.0
+    message_burst: int = 200
+    # Keepalive: ping a connection silent for ping-interval seconds; close
+    # it 1011 if no pong comes within ping-timeout. 0 turns pings off.
+    ping_interval: float = 30.0
+    ping_timeout: float = 20.0
+    # Browser origins allowed to open a WebSocket (others: HTTP 403); null
+    # allows any. Handshakes without Origin (non-browser clients) are
+    # allowed unless require-origin is true.
+    allowed_origins: list[str] | None = None
+    require_origin: bool = False
 
     def __post_init__(self) -> None:
         # Runs inside msgspec's decode, so a ValueError here becomes a
@@ -65,6 +86,15 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
         if self.outbox_size < 1:
             raise ValueError("outbox-size must be at least 1")
         parse_host(self.host)
+        for key in ("max_connections", "max_connections_per_ip", "connect_burst_per_ip",
+                    "message_burst"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key.replace('_', '-')} must be at least 1")
+        for key in ("connect_rate_per_ip", "message_rate", "ping_timeout"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key.replace('_', '-')} must be positive")
+        if self.ping_interval < 0:
+            raise ValueError("ping-interval must be 0 (off) or positive")
         if not self.ws_path.startswith("/"):
             raise ValueError("ws-path must start with '/'")
         paths = [e.path for e in self.endpoints or ()]

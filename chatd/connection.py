@@ -19,6 +19,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from chatd.client import Client
 from chatd.events import Command, Leave, Request
+from chatd.limits import TokenBucket
 from chatd.protocols.base import Close, Output, Protocol, Send
 from chatd.router import Router
 from chatd.transport import FrameWriter, text_frame
@@ -40,6 +41,11 @@ class Connection:
         self.router = router
         self.config = config
         self.closing = False
+        self.bucket = TokenBucket(config.message_rate, config.message_burst, trio.current_time())
+        #: Frames dropped by the rate limit since the last one accepted.
+        self.dropped = 0
+        #: When the last frame arrived, for the keepalive.
+        self.last_heard = trio.current_time()
         #: True if a write was cut off mid-frame: no close frame may follow.
         self.stream_broken = False
 
@@ -49,6 +55,8 @@ class Connection:
             with client.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._write_loop)
+                    if self.config.ping_interval > 0:
+                        nursery.start_soon(self._keepalive)
                     await self._read_loop()
                     nursery.cancel_scope.cancel()
         except Exception:
@@ -83,6 +91,10 @@ class Connection:
             message = await self.ws.get_message()
         except ConnectionClosed:
             return False
+        now = self.last_heard = trio.current_time()
+        if not self.bucket.take(now):
+            return await self._over_rate()
+        self.dropped = 0
         if isinstance(message, bytes):
             self.client.kill(1003, "binary frames are not supported")
             await trio.lowlevel.checkpoint()
@@ -97,6 +109,35 @@ class Connection:
             log.info("%s authenticated on %s as %s", self.client.peer, self.client.path,
                      self.client.user_id or self.client.name)
         return True
+
+    async def _over_rate(self) -> bool:
+        self.dropped += 1
+        if self.dropped > self.config.message_burst:
+            log.warning("%s closed: message rate limit exceeded", self.client.peer)
+            self.client.kill(1008, "message rate limit exceeded")
+            await trio.lowlevel.checkpoint()
+        if self.dropped == 1:
+            log.info("%s over the message rate limit: dropping frames", self.client.peer)
+        await self._carry_out(self.protocol.rate_limited())
+        return True
+
+    async def _keepalive(self) -> None:
+        """Ping a silent connection; no pong within ping-timeout closes it 1011."""
+        interval, timeout = self.config.ping_interval, self.config.ping_timeout
+        while True:
+            await trio.sleep_until(self.last_heard + interval)
+            if trio.current_time() < self.last_heard + interval:
+                continue
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    await self.ws.ping()
+                except ConnectionClosed:
+                    return
+            if scope.cancelled_caught:
+                log.info("%s closed: no pong within %gs", self.client.peer, timeout)
+                self.client.kill(1011, "keepalive ping timeout")
+                return
+            self.last_heard = trio.current_time()
 
     async def _carry_out(self, outputs: list[Output]) -> None:
         for out in outputs:

@@ -11,6 +11,7 @@ issue #184).
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from wsproto import ConnectionType, WSConnection
 
 from chatd.config import Config
 from chatd.connection import Connection, make_connection
+from chatd.limits import ConnectionLedger
 from chatd.lobby import Lobby
 from chatd.protocols import PROTOCOL_CLASSES
 from chatd.protocols.base import Context, Protocol
@@ -55,6 +57,9 @@ class Server:
         self.mounts: dict[str, Mount] = {}
         self.ports: list[int] = []
         self.secrets: dict[str, str] = {}
+        self.ledger = ConnectionLedger(
+            config.max_connections, config.max_connections_per_ip,
+            config.connect_rate_per_ip, config.connect_burst_per_ip)
         self._stopping = trio.Event()
         #: Set when ``run`` has finished (store closed).
         self.stopped = trio.Event()
@@ -110,7 +115,12 @@ class Server:
     # --- one connection --------------------------------------------------------
 
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
-        peer = _peer_name(stream)
+        ip, peer = _peer_address(stream)
+        refusal = self.ledger.admit(ip, trio.current_time())
+        socket_stream = getattr(stream, "transport_stream", stream)
+        if isinstance(socket_stream, trio.SocketStream):
+            # Reap half-open TCP connections even where pings are off.
+            socket_stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if isinstance(stream, trio.SocketStream):
             stream = DirectStream(stream)
         try:
@@ -131,13 +141,26 @@ class Server:
                                                self.config.handshake_timeout)
                 if request is None:
                     log.info("%s no WebSocket handshake", peer)
+                elif refusal is not None:
+                    log.warning("%s refused with %d: %s", peer, refusal.status, refusal.reason)
+                    await request.reject(refusal.status, body=refusal.reason.encode() + b"\n")
                 else:
                     await self._handle_request(request, peer)
                 nursery.cancel_scope.cancel()
         except Exception:
             log.exception("%s connection failed", peer)
         finally:
+            if refusal is None:
+                self.ledger.release(ip)
             await trio.aclose_forcefully(stream)
+
+    def _origin_allowed(self, request: WebSocketRequest) -> bool:
+        origin = next((value.decode("latin-1") for name, value in request.headers
+                       if name.lower() == b"origin"), None)
+        if origin is None:
+            return not self.config.require_origin
+        allowed = self.config.allowed_origins
+        return allowed is None or origin in allowed
 
     async def _handle_request(self, request: WebSocketRequest, peer: str) -> None:
         path = request.path.partition("?")[0]
@@ -145,6 +168,10 @@ class Server:
         if mount is None:
             log.info("%s rejected: no endpoint at %s", peer, path)
             await request.reject(404, body=b"no chat endpoint at this path\n")
+            return
+        if not self._origin_allowed(request):
+            log.warning("%s refused with 403: origin not allowed", peer)
+            await request.reject(403, body=b"origin not allowed\n")
             return
         ws = await request.accept()
         connection, client = make_connection(ws, mount.protocol, mount.ctx, mount.room, peer,
@@ -232,10 +259,11 @@ async def _first_request(connection: WebSocketConnection, reader_done: trio.Even
     return request
 
 
-def _peer_name(stream: trio.abc.Stream) -> str:
+def _peer_address(stream: trio.abc.Stream) -> tuple[str, str]:
+    """The client's IP, and ``IP:PORT`` for the logs."""
     inner = getattr(stream, "transport_stream", stream)
     try:
         host, port = inner.socket.getpeername()[:2]
     except (AttributeError, OSError):
-        return "?"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return "?", "?"
+    return host, (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")

@@ -68,7 +68,7 @@ async def test_pings_are_answered_while_open(chat):
 
 
 async def test_a_slow_consumer_is_cut_off_and_the_others_keep_receiving(chat):
-    server = await chat.start(outbox_size=16, close_timeout=0.5)
+    server = await chat.start(outbox_size=16, close_timeout=0.5, message_rate=1e6, message_burst=10**6)
     # A client with a tiny receive window that registers and never reads.
     slow = await RawClient.connect(server.port, "/multichat", rcvbuf=4096)
     await slow.send(TextMessage(json.dumps({"action": "register", "client-name": "slow",

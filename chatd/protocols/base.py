@@ -77,6 +77,10 @@ class Protocol:
         """Outputs when the auth stage ran out of time."""
         return [Close(1008, "authentication timeout")]
 
+    def rate_limited(self) -> list[Output]:
+        """Outputs for a frame dropped by the message-rate limit."""
+        return []
+
     def on_disconnect(self) -> list[Command]:
         """Commands to send on the client's behalf when it goes away."""
         return []

@@ -1,0 +1,83 @@
+"""Abuse limits: token buckets and the per-address connection ledger.
+
+Pure bookkeeping with the clock passed in, so it is tested without
+sockets or sleeps; the server asks before accepting a handshake and the
+connection asks before handling each frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if tokens >= 1:
+            self.tokens = tokens - 1
+            return True
+        self.tokens = tokens
+        return False
+
+    def full(self, now: float) -> bool:
+        return self.tokens + (now - self.stamp) * self.rate >= self.burst
+
+
+@dataclass
+class Refusal:
+    status: int
+    reason: str
+
+
+@dataclass
+class ConnectionLedger:
+    """Open connections in total and per client address, and connect rates."""
+
+    max_total: int
+    max_per_ip: int
+    rate_per_ip: float
+    burst_per_ip: float
+    total: int = 0
+    per_ip: dict[str, int] = field(default_factory=dict)
+    buckets: dict[str, TokenBucket] = field(default_factory=dict)
+
+    def admit(self, ip: str, now: float) -> Refusal | None:
+        """Count a new connection from ``ip``, or say why it is refused."""
+        if self.total >= self.max_total:
+            return Refusal(503, "server is at its connection limit")
+        if self.per_ip.get(ip, 0) >= self.max_per_ip:
+            return Refusal(429, "too many connections from this address")
+        bucket = self.buckets.get(ip)
+        if bucket is None:
+            if len(self.buckets) >= 4 * self.max_total:
+                self._forget_idle(now)
+            bucket = self.buckets[ip] = TokenBucket(self.rate_per_ip, self.burst_per_ip, now)
+        if not bucket.take(now):
+            return Refusal(429, "connecting too fast from this address")
+        self.total += 1
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        return None
+
+    def release(self, ip: str) -> None:
+        self.total -= 1
+        left = self.per_ip[ip] - 1
+        if left:
+            self.per_ip[ip] = left
+        else:
+            del self.per_ip[ip]
+
+    def _forget_idle(self, now: float) -> None:
+        # A full bucket remembers nothing a fresh one would not.
+        for ip in [ip for ip, b in self.buckets.items() if b.full(now)]:
+            del self.buckets[ip]

@@ -1,0 +1,109 @@
+"""Abuse limits and keepalive, against a real server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from trio_websocket import ConnectionRejected, open_websocket_url
+from wsproto.events import CloseConnection, Ping, TextMessage
+
+from tests.conftest import SECRET
+from tests.rawws import RawClient
+
+
+async def rejected_status(url: str, **kwargs) -> int | None:
+    """The HTTP status a handshake is refused with, or None if accepted."""
+    try:
+        async with open_websocket_url(url, **kwargs):
+            return None
+    except ConnectionRejected as exc:
+        return exc.status_code
+
+
+def message(text: str) -> dict:
+    return {"action": "client-message", "content": text}
+
+
+async def test_connections_per_address_are_capped_with_429(chat):
+    await chat.start(max_connections_per_ip=2)
+    first = await chat.multichat("a")
+    await chat.multichat("b")
+    assert await rejected_status(chat.url("/multichat")) == 429
+    await first.close()
+    # A freed place can be taken again: the count follows disconnects.
+    replacement = await chat.multichat("c")
+    assert replacement is not None
+
+
+async def test_total_connections_are_capped_with_503(chat):
+    await chat.start(max_connections=2)
+    await chat.multichat("a")
+    await chat.multichat("b")
+    assert await rejected_status(chat.url("/multichat")) == 503
+
+
+async def test_connecting_too_fast_from_one_address_gets_429(chat):
+    await chat.start(connect_burst_per_ip=3, connect_rate_per_ip=0.001)
+    for name in "abc":
+        await chat.multichat(name)
+    assert await rejected_status(chat.url("/multichat")) == 429
+
+
+async def test_message_flood_is_dropped_then_closed_1008(chat):
+    await chat.start(message_rate=0.001, message_burst=5)
+    receiver = await chat.multichat("receiver")
+    flooder = await chat.multichat("flooder")  # the register frame takes a token
+    # 4 pass, 5 (a burst's worth) are dropped, and the 6th drop closes it.
+    for i in range(10):
+        await flooder.send(message(f"flood {i}"))
+    assert await flooder.closed() == 1008
+    got = [(await receiver.recv())["content"] for _ in range(4)]
+    assert got == ["flood 0", "flood 1", "flood 2", "flood 3"]
+    # Nothing more of the flood arrives: the next frame is a newcomer's.
+    newcomer = await chat.multichat("newcomer")
+    await newcomer.send(message("after the flood"))
+    assert (await receiver.recv())["content"] == "after the flood"
+
+
+async def test_silent_connection_that_never_pongs_is_closed_1011(chat):
+    server = await chat.start(ping_interval=0.1, ping_timeout=0.1)
+    raw = await RawClient.connect(server.port, "/multichat")
+    await raw.send(TextMessage(json.dumps({"action": "register", "client-name": "mute",
+                                           "secret-key": SECRET})))
+    assert isinstance(await raw.next_event(), TextMessage)  # register-ack
+    # The raw client never answers the server's pings.
+    close = await raw.until_close()
+    assert close is not None and close.code == 1011
+
+
+async def test_connection_answering_pings_stays_open(chat):
+    server = await chat.start(ping_interval=0.05, ping_timeout=5)
+    raw = await RawClient.connect(server.port, "/multichat")
+    await raw.send(TextMessage(json.dumps({"action": "register", "client-name": "polite",
+                                           "secret-key": SECRET})))
+    assert isinstance(await raw.next_event(), TextMessage)
+    pings = 0
+    while pings < 3:
+        event = await raw.next_event()
+        assert not isinstance(event, CloseConnection)
+        if isinstance(event, Ping):
+            pings += 1
+            await raw.send(event.response())
+    other = await chat.multichat("other")
+    await other.send(message("still there?"))
+    while not isinstance(event := await raw.next_event(), TextMessage):
+        assert not isinstance(event, CloseConnection)
+    assert json.loads(event.data)["content"] == "still there?"
+
+
+@pytest.mark.parametrize("origin, require, status", [
+    ("https://chat.example", False, None),
+    ("https://evil.example", False, 403),
+    (None, False, None),
+    (None, True, 403),
+])
+async def test_allowed_origins(chat, origin, require, status):
+    await chat.start(allowed_origins=["https://chat.example"], require_origin=require)
+    headers = [(b"Origin", origin.encode())] if origin else None
+    assert await rejected_status(chat.url("/multichat"), extra_headers=headers) == status
