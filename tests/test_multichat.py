@@ -38,6 +38,8 @@ async def test_duplicate_names_are_allowed(chat):
     {"action": "register", "client-name": "a", "secret-key": "wrong"},
     {"action": "register", "client-name": "", "secret-key": SECRET},
     {"action": "register", "client-name": "a", "secret-key": ""},
+    {"action": "register", "client-name": "evil\x1b[2J", "secret-key": SECRET},
+    {"action": "register", "client-name": "x" * 257, "secret-key": SECRET},
     {"action": "client-message", "content": "before register"},
     {"action": "nonsense"},
     "not json at all",

@@ -93,6 +93,17 @@ class Protocol:
 
 encoder = msgspec.json.Encoder()
 
+#: Longest name (user id, nickname, display name) a client may claim.
+MAX_NAME_CHARS = 256
+_CONTROL = {chr(c) for c in range(32)} - {"\t", "\n"} | {chr(127)} | {chr(c) for c in range(0x80, 0xA0)}
+
+
+def valid_name(name: str) -> bool:
+    """Non-empty, at most MAX_NAME_CHARS, no control characters but tab and
+    newline: names are shown to other users, who must not be tricked by
+    invisible or terminal-control characters."""
+    return 0 < len(name) <= MAX_NAME_CHARS and _CONTROL.isdisjoint(name)
+
 
 def dumps(obj: Any) -> bytes:
     return encoder.encode(obj)

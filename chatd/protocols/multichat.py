@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from chatd.events import Command, Event, Join, Message, Publish, payload_text
-from chatd.protocols.base import Close, Output, Protocol, Send, dumps
+from chatd.protocols.base import Close, Output, Protocol, Send, dumps, valid_name
 
 log = logging.getLogger("chatd.multichat")
 
@@ -69,6 +69,8 @@ class Multichat(Protocol):
             return [Close(1008, "first frame must be register")]
         if not frame.client_name or not frame.secret_key:
             return [Close(1008, "client-name and secret-key must not be empty")]
+        if not valid_name(frame.client_name):
+            return [Close(1008, "client-name has control characters or is too long")]
         expected = (self.ctx.secret_key or "").encode()
         if not expected or not hmac.compare_digest(frame.secret_key.encode(), expected):
             return [Close(1008, "wrong secret-key")]
