@@ -19,7 +19,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from chatd.events import Command, Direct, Event, Join, Message, Publish, SendDirect, UserLeft
-from chatd.protocols.base import Output, Protocol, Send, dumps
+from chatd.protocols.base import MAX_NAME_CHARS, Output, Protocol, Send, dumps, valid_name
 
 log = logging.getLogger("chatd.socialvp")
 
@@ -53,6 +53,10 @@ IDENTIFY_FIRST = outcome(False, 10, "Please identify yourself")
 IDENTIFIED = outcome(True, 300, "Identified successfully!")
 NAME_TAKEN = outcome(False, 305, "Client with that name already exists!")
 NOBODY = outcome(False, 404, "No client with that name is currently connected!")
+BAD_NAME = outcome(False, 400, f"Names are 1 to {MAX_NAME_CHARS} characters, "
+                               "without control characters!")
+# Not in the document: a frame over the connection's message rate.
+TOO_FAST = outcome(False, 429, "Too many requests, slow down!")
 BAD_JSON = outcome(False, 400, "Malformed JSON request!")
 NOT_OBJECT = outcome(False, 400, "Request must be a JSON object!")
 
@@ -83,6 +87,8 @@ class SocialVP(Protocol):
                 return [missing("name")]
             if not request.name:
                 return [not_a_name("name")]
+            if not valid_name(request.name):
+                return [BAD_NAME]
             return [Join(name=request.name, register=True, announce=True)]
         if not self.authenticated:
             return [IDENTIFY_FIRST]
@@ -115,6 +121,9 @@ class SocialVP(Protocol):
             return [IDENTIFY_FIRST]
         # A known command whose name field is not a string (message is any JSON).
         return [not_a_name("name" if command == "identify" else "to")]
+
+    def rate_limited(self) -> list[Output]:
+        return [TOO_FAST]
 
     def on_result(self, command: Command, result: Any) -> list[Output]:
         if isinstance(command, Join):

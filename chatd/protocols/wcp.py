@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from chatd.events import Command, Direct, Event, Join, Leave, Message, Publish, UserJoined, UserLeft, payload_text
-from chatd.protocols.base import Close, Output, Protocol, Send, dumps
+from chatd.protocols.base import MAX_NAME_CHARS, Close, Output, Protocol, Send, dumps, valid_name
 
 log = logging.getLogger("chatd.wcp")
 
@@ -50,6 +50,9 @@ JOIN_FIRST = error("send user_joined first")
 ID_TAKEN = error("user_id already in use")
 EMPTY_ID = error("user_id must not be empty")
 NOT_YOURS = error("user_left must carry your own user_id")
+BAD_NAME = error(f"user_id and display_name are 1 to {MAX_NAME_CHARS} characters, "
+                 "without control characters")
+TOO_FAST = error("rate limit exceeded: message dropped")
 
 
 class Wcp(Protocol):
@@ -71,6 +74,8 @@ class Wcp(Protocol):
                 return [error(f"already joined as {self.user_id}")]
             if not frame.user_id:
                 return [EMPTY_ID]
+            if not (valid_name(frame.user_id) and valid_name(frame.display_name)):
+                return [BAD_NAME]
             return [Join(name=frame.user_id, display_name=frame.display_name,
                          register=True, announce=True)]
         if self.user_id is None:
@@ -80,6 +85,9 @@ class Wcp(Protocol):
         if frame.user_id != self.user_id:
             return [NOT_YOURS]
         return [Leave(), Close(1000, "user left")]
+
+    def rate_limited(self) -> list[Output]:
+        return [TOO_FAST]
 
     def on_result(self, command: Command, result: Any) -> list[Output]:
         if isinstance(command, Join):

@@ -6,7 +6,9 @@ moment it opens), each message is stamped with ``tim`` (RFC 3339 UTC,
 nanosecond digits) and sent to all, the sender included. When the
 operator configured a JWT secret, a message whose ``jwt`` does not verify
 (HS256; ``exp`` not required) is dropped. The original answers nothing to
-a bad frame, so neither does chatd: it is dropped and logged.
+a bad frame, so neither does chatd: it is dropped and logged; so is a
+``usr`` that is not a valid name (``base.valid_name``), and so are frames
+over the message rate.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import msgspec
 
 from chatd import tokens
 from chatd.events import Event, Join, Message, Publish, payload_text
-from chatd.protocols.base import Output, Protocol, dumps
+from chatd.protocols.base import Output, Protocol, dumps, valid_name
 
 log = logging.getLogger("chatd.wschat")
 
@@ -51,6 +53,9 @@ class WsChat(Protocol):
             message = _decoder.decode(text)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.info("dropped wschat frame: %s", exc)
+            return []
+        if not valid_name(message.usr):
+            log.info("dropped wschat message: usr is empty, too long or has control characters")
             return []
         if self.ctx.jwt_configured and not self._verified(message.jwt):
             log.info("dropped wschat message from %r: jwt missing or invalid", message.usr)
