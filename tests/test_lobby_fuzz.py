@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from chatd.events import Command, Direct, Join, Leave, Message, Publish, Request, UserJoined, UserLeft
-from chatd.protocols.base import Close, Context, Send
+from chatd.protocols.base import Close, Context, Send, valid_name
 from chatd.protocols.socialvp import SocialVP
 from chatd.protocols.wcp import Wcp
 from chatd.protocols.wschat import WsChat
@@ -149,9 +149,7 @@ def test_wschat_publishes_only_well_formed_messages(texts, jwt_configured):
         elif outputs:
             assert outputs == [Publish(payload=frame["msg"], sender=frame["usr"])]
         else:
-            assert not (isinstance(frame, dict) and isinstance(frame.get("usr"), str)
-                        and isinstance(frame.get("msg"), str)
-                        and isinstance(frame.get("jwt", ""), (str, type(None))))
+            assert not wschat_valid(frame)
 
 
 @given(st.lists(frames(WCP_OBJECTS, WCP_MESSAGES), max_size=8), st.data())
@@ -224,7 +222,7 @@ def socialvp_expects(frame: Any, identified: bool) -> tuple[int | None, str | No
 def valid_identify(text: str) -> bool:
     frame = parsed(text)
     return (isinstance(frame, dict) and frame.get("command") == "identify"
-            and isinstance(frame.get("name"), str) and frame["name"] != "")
+            and isinstance(frame.get("name"), str) and valid_name(frame["name"]))
 
 
 async def test_socialvp_server_answers_fuzzed_frames_and_keeps_serving(chat):
@@ -263,7 +261,7 @@ async def test_socialvp_server_answers_fuzzed_frames_and_keeps_serving(chat):
 
 def wschat_valid(frame: Any) -> bool:
     return (isinstance(frame, dict) and isinstance(frame.get("usr"), str)
-            and isinstance(frame.get("msg"), str)
+            and valid_name(frame["usr"]) and isinstance(frame.get("msg"), str)
             and isinstance(frame.get("jwt"), (str, type(None))))
 
 
@@ -293,8 +291,8 @@ async def test_wschat_server_relays_only_valid_fuzzed_frames(chat):
 def wcp_valid_join(text: str) -> bool:
     frame = parsed(text)
     return (isinstance(frame, dict) and frame.get("type") == "user_joined"
-            and isinstance(frame.get("user_id"), str) and frame["user_id"] != ""
-            and isinstance(frame.get("display_name"), str))
+            and isinstance(frame.get("user_id"), str) and valid_name(frame["user_id"])
+            and isinstance(frame.get("display_name"), str) and valid_name(frame["display_name"]))
 
 
 def wcp_relayed(frame: Any) -> bool:

@@ -160,3 +160,27 @@ async def test_client_that_never_joins_is_closed_1008(chat):
     await chat.start(auth_timeout=0.2)
     peer = await chat.connect("/wcp")
     assert await peer.closed() == 1008
+
+
+@pytest.mark.parametrize("user_id, display_name", [
+    ("bell\x07", "Bell"), ("ok", "esc\x1b[31m"), ("x" * 257, "Long"), ("ok", ""),
+])
+async def test_names_with_control_characters_or_too_long_are_refused(chat, user_id,
+                                                                     display_name):
+    await chat.start()
+    peer = await chat.connect("/wcp")
+    await peer.send({"type": "user_joined", "user_id": user_id, "display_name": display_name})
+    assert await peer.recv() == {
+        "type": "error",
+        "message": "user_id and display_name are 1 to 256 characters, without control characters"}
+
+
+async def test_frames_over_the_message_rate_get_an_error(chat):
+    await chat.start(message_rate=0.001, message_burst=3)
+    watcher = await wcp(chat, "watcher")  # two frames of watcher's own burst
+    peer = await wcp(chat, "peer")  # two of peer's
+    assert (await watcher.recv())["user_id"] == "peer"
+    await peer.send({"type": "message", "data": "one"})
+    await peer.send({"type": "message", "data": "dropped"})
+    assert await peer.recv() == {"type": "error", "message": "rate limit exceeded: message dropped"}
+    assert (await watcher.recv())["data"] == "one"

@@ -108,3 +108,13 @@ def test_tim_has_nine_fractional_digits_in_utc():
     ns = int(moment.timestamp()) * 1_000_000_000 + 118_678_679
     assert rfc3339_ns(ns) == "2020-08-11T22:26:58.118678679Z"
     assert rfc3339_ns(ns - 118_678_679) == "2020-08-11T22:26:58.000000000Z"
+
+
+@pytest.mark.parametrize("usr", ["", "bell\x07", "x" * 257])
+async def test_messages_from_an_invalid_usr_are_dropped(chat, usr):
+    await chat.start(jwt_secret=None)
+    listener = await wschat(chat)
+    talker = await wschat(chat)
+    await talker.send({"usr": usr, "msg": "sneaky"})
+    await talker.send({"usr": "ann", "msg": "valid"})
+    assert without_tim(await listener.recv()) == {"usr": "ann", "msg": "valid"}
