@@ -59,7 +59,7 @@ slots = st.integers(0, SLOTS - 1)
 words = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=40)
 
 
-def actions(protocol: str) -> st.SearchStrategy[list[tuple]]:
+def actions(protocol: str, max_size: int = 25) -> st.SearchStrategy[list[tuple]]:
     connect = st.tuples(st.just("connect"), slots)
     auth = st.tuples(st.just("auth"), slots)
     say = st.tuples(st.just("say"), slots, words)
@@ -70,7 +70,7 @@ def actions(protocol: str) -> st.SearchStrategy[list[tuple]]:
     # Repeats weight the draw towards conversations: every violation ends
     # the connection, so an even mix would rarely get two clients talking.
     one = st.one_of(connect, auth, auth, say, say, say, not_json, wrong_shape, ends)
-    return st.lists(one, min_size=5, max_size=25)
+    return st.lists(one, min_size=5, max_size=max_size)
 
 
 # --- the model ---------------------------------------------------------------------
