@@ -76,6 +76,8 @@ MARK = b"~lt"
 RECEIVE_SIZE = 65536
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 NEVER = 2**63
+#: Seconds between the probes catching up and the final count.
+SETTLE = 0.2
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux
 
 
@@ -337,6 +339,7 @@ class WsClient:
         self.ack_tag: bytes | None = None
         self.acked = 0
         self.ack_event: trio.Event | None = None
+        self.sent = 0  # as a publisher
         # GradAgenda: the group this member is in.
         self.session = b""
         self.session_known = trio.Event()
@@ -576,6 +579,7 @@ class Plan:
     connect_timeout: float
     concurrency: int
     interval: float
+    grace: float
     cpus: list[int] | None
     worker_index: int
     subscribers: list[tuple[str, int]] = field(default_factory=list)      # (name, room)
@@ -589,6 +593,8 @@ class Stats:
     late: int = 0
     publishes: int = 0
     connects: int = 0
+    late_connects: int = 0
+    attempts: int = 0
     open: int = 0
     latency: dict[int, int] = field(default_factory=dict)
     latency_max: int = 0
@@ -671,7 +677,10 @@ class Worker:
         b = bucket(us)
         stats.connect_latency[b] = stats.connect_latency.get(b, 0) + 1
         stats.connect_latency_max = max(stats.connect_latency_max, us)
-        stats.connects += 1
+        if time.monotonic_ns() < stats.deadline_ns:
+            stats.connects += 1
+        else:
+            stats.late_connects += 1
         self.clients.append(client)
         self.connected[room] += 1
         return client
@@ -785,13 +794,25 @@ class Worker:
         async with trio.open_nursery() as load:
             if self.plan.scenario == "connect":
                 load.start_soon(self.storm, start_t, deadline_t)
-            for publisher, probe in self.pairs:
-                load.start_soon(self.publish, publisher, probe, start_t, deadline_t)
-            await trio.sleep_until(deadline_t)
-            load.cancel_scope.cancel()
+            with trio.move_on_at(deadline_t):
+                async with trio.open_nursery() as publishing:
+                    for publisher, probe in self.pairs:
+                        publishing.start_soon(self.publish, publisher, probe, start_t, deadline_t)
+                    await trio.sleep_forever()
+            await self.drain()
         cpu_end = os.times()
         self.report("ran", {"user": cpu_end.user - cpu_start.user,
-                            "system": cpu_end.system - cpu_start.system})
+                            "system": cpu_end.system - cpu_start.system,
+                            "seconds": trio.current_time() - start_t})
+
+    async def drain(self) -> None:
+        """Wait (at most ``grace`` seconds) until each probe has seen every
+        message its publisher sent: the probe is served last."""
+        with trio.move_on_after(self.plan.grace):
+            for publisher, probe in self.pairs:
+                while probe.acked < publisher.sent and not probe.done.is_set():
+                    probe.ack_event = trio.Event()
+                    await probe.ack_event.wait()
 
     async def publish(self, publisher: WsClient, probe: WsClient, start: float,
                       deadline: float) -> None:
@@ -799,9 +820,9 @@ class Worker:
         rate, window, size = plan.rate_per_publisher, plan.window, plan.size
         tag = publisher.name.encode()
         make = self.dialect.publish
-        sent = 0
         while not (publisher.done.is_set() or probe.done.is_set()):
             now = trio.current_time()
+            sent = publisher.sent
             room = window - (sent - probe.acked)
             due = int((now - start) * rate) + 1 - sent if rate else room
             n = min(due, room)
@@ -813,7 +834,7 @@ class Worker:
                 except LoadError as exc:
                     self.error(str(exc))
                     return
-                sent += n
+                publisher.sent += n
                 stats.publishes += n
                 self.room_publishes[publisher.room] += n
             elif due > 0 or not rate:
@@ -823,19 +844,25 @@ class Worker:
                 await trio.sleep_until(min(deadline, start + sent / rate))
 
     async def storm(self, start: float, deadline: float) -> None:
-        """Connect at this worker's rate; hold each connection or close it."""
+        """Connect at this worker's rate; hold each connection or close it.
+
+        Attempts still under way at the deadline may finish (within
+        ``--connect-timeout``): they count as late connects, not as lost.
+        """
         rate = self.plan.connect_rate
         if rate <= 0:
             return
         async with trio.open_nursery() as attempts:
             for k in range(math.ceil((deadline - start) * rate)):
                 await trio.sleep_until(start + k / rate)
+                self.stats.attempts += 1
                 attempts.start_soon(self.storm_one, k)
 
     async def storm_one(self, k: int) -> None:
         client = await self.open_client(f"{self.plan_prefix()}c{k}", 0)
         if client is not None and self.plan.churn:
-            await client.close()
+            with trio.CancelScope(shield=True):  # even at the end of the window
+                await client.close()
 
     def plan_prefix(self) -> str:
         return f"lt{os.getpid() % 100000}w{self.plan.worker_index}"
@@ -869,7 +896,8 @@ class Worker:
         times = os.times()
         self.report("final", {
             "deliveries": stats.deliveries, "late": stats.late, "publishes": stats.publishes,
-            "connects": stats.connects, "open": stats.open,
+            "connects": stats.connects, "late_connects": stats.late_connects,
+            "attempts": stats.attempts, "open": stats.open,
             "latency": stats.latency, "latency_max": stats.latency_max,
             "connect_latency": stats.connect_latency,
             "connect_latency_max": stats.connect_latency_max,
@@ -1074,8 +1102,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     load.add_argument("--cpus", help="pin the client workers to these CPUs (e.g. 1)")
     load.add_argument("--interval", type=float, help="seconds per sample (default: 1, "
                                                      "or less for short runs)")
-    load.add_argument("--grace", type=float, default=1.0,
-                      help="seconds after the window for deliveries still in flight")
+    load.add_argument("--grace", type=float, default=2.0,
+                      help="at most this many seconds after the window for messages still "
+                           "in flight to arrive (default 2)")
     load.add_argument("--connect-timeout", type=float, default=10.0,
                       help="seconds one connect plus auth may take")
     load.add_argument("--concurrency", type=int, default=200,
@@ -1228,7 +1257,8 @@ def make_plans(args: argparse.Namespace, layout: Layout, target: tuple, secrets:
             rate_per_publisher=args.rate / publishers_total,
             connect_rate=args.connect_rate / args.workers, churn=args.churn,
             connect_timeout=args.connect_timeout, concurrency=args.concurrency,
-            interval=args.interval, cpus=cpu_list(args.cpus), worker_index=w)
+            interval=args.interval, grace=args.grace, cpus=cpu_list(args.cpus),
+            worker_index=w)
         plan.subscribers = layout.subscribers[w::args.workers]
         plan.publishers = layout.publishers[w::args.workers]
         mine = {n for n, _, _ in plan.publishers}
@@ -1342,8 +1372,10 @@ class Run:
             cpu_after = read_cpu_seconds(pid) if pid else None
             rss_end = read_rss_kib(pid) if pid else None
             ran = await self.gather("ran")
+            # Every probe has caught up (or the grace ran out); let the other
+            # subscribers' workers read what the server wrote them just before.
             self.phase = "draining"
-            await trio.sleep(args.grace)
+            await trio.sleep(SETTLE)
             self.broadcast("finish")
             finals = [f[0] for f in await self.gather("final")]
             self.clear_progress()
@@ -1442,9 +1474,12 @@ class Run:
         late = sum(f["late"] for f in finals)
         publishes = sum(f["publishes"] for f in finals)
         connects = sum(f["connects"] for f in finals)
+        late_connects = sum(f["late_connects"] for f in finals)
+        attempts = sum(f["attempts"] for f in finals)
         cpu_user = sum(r["user"] for r in ran)
         cpu_system = sum(r["system"] for r in ran)
-        per_worker = [round(100 * (r["user"] + r["system"]) / duration, 1) for r in ran]
+        seconds = max(max(r["seconds"] for r in ran), duration)
+        per_worker = [round(100 * (r["user"] + r["system"]) / seconds, 1) for r in ran]
         open_now = sum(f["open"] for f in finals)
         if server:
             held = open_now if args.scenario != "connect" or not args.churn else 0
@@ -1466,7 +1501,7 @@ class Run:
             "late_deliveries": late, "expected_deliveries": expected,
             "delivered_ratio": round((deliveries + late) / expected, 4) if expected else None,
             "latency_ms": summarize(latency, max(f["latency_max"] for f in finals) or None),
-            "connects": connects,
+            "connects": connects, "late_connects": late_connects, "connect_attempts": attempts,
             "connects_per_s": round(connects / duration, 1) if args.scenario == "connect" else None,
             "connect_latency_ms": summarize(connect_latency,
                                             max(f["connect_latency_max"] for f in finals) or None),
@@ -1474,9 +1509,9 @@ class Run:
             "close_codes": {str(c): n for c, n in sorted(close_codes.items())},
             "close_reasons": {str(c): r for c, r in sorted(reasons.items()) if r},
             "server": server,
-            "client": {"cpu_pct": round(100 * (cpu_user + cpu_system) / duration, 1),
-                       "user_pct": round(100 * cpu_user / duration, 1),
-                       "system_pct": round(100 * cpu_system / duration, 1),
+            "client": {"cpu_pct": round(100 * (cpu_user + cpu_system) / seconds, 1),
+                       "user_pct": round(100 * cpu_user / seconds, 1),
+                       "system_pct": round(100 * cpu_system / seconds, 1),
                        "worker_cpu_pct": per_worker},
             "timeline": timeline,
         }
@@ -1509,7 +1544,9 @@ def summary_table(r: dict[str, Any]) -> str:
                                 f"{ratio} of {r['expected_deliveries']:,} expected arrived"),
                  ("latency", ms(r["latency_ms"]))]
     if r["scenario"] == "connect":
-        rows += [("connects", f"{r['connects']:,} ({r['connects_per_s']:,.1f}/s, auth included)"),
+        late = f", {r['late_connects']:,} more after the window" if r["late_connects"] else ""
+        rows += [("connects", f"{r['connects']:,} of {r['connect_attempts']:,} attempts in the "
+                              f"window ({r['connects_per_s']:,.1f}/s, auth included{late})"),
                  ("connect time", ms(r["connect_latency_ms"]))]
     errors = ", ".join(f"{n}x {k}" for k, n in sorted(r["errors"].items())) or "none"
     codes = ", ".join(f"{n}x {c}" + (f" ({r['close_reasons'][c]})" if c in r["close_reasons"]
@@ -1531,6 +1568,10 @@ def summary_table(r: dict[str, Any]) -> str:
                                f"{', '.join(f'{c}%' for c in client['worker_cpu_pct'])}"))
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    if r["delivered_ratio"] is not None and r["delivered_ratio"] < 0.99:
+        lines.append("  note: messages went missing. chatd drops a connection's frames beyond "
+                     "its message-rate (default 100/s): lift it in the server's config, or "
+                     "pace with --rate")
     if max(client["worker_cpu_pct"]) > 85:
         lines.append("  warning: a client worker was above 85% of a core, so these numbers may "
                      "measure the client; add --workers (or cores)")

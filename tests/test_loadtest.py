@@ -1,0 +1,197 @@
+"""scripts/loadtest.py run as a user runs it, against real chatd processes.
+
+Each case is a one-second scenario with a few clients, whose ``--json``
+report is checked for the fields a reader relies on. The cases run as
+concurrent subprocesses, started together by a module fixture, so the
+file takes a few seconds rather than the sum of them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SECRET, ServerProcess
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "loadtest.py"
+SHORT = ["--duration", "1", "--json"]
+# A hang guard for one scenario subprocess, never a timing assertion.
+RUN_GUARD = 90
+
+SPAWNED = {
+    "fanout": ["fanout", "--spawn", "--subscribers", "6", "--publishers", "2", "--workers", "2"],
+    "fanout-socialvp": ["fanout", "--spawn", "--protocol", "socialvp", "--subscribers", "4"],
+    "fanout-wschat": ["fanout", "--spawn", "--protocol", "wschat", "--subscribers", "4",
+                      "--rate", "200"],
+    "fanout-wcp": ["fanout", "--spawn", "--protocol", "wcp", "--subscribers", "4"],
+    "rooms": ["rooms", "--spawn", "--rooms", "3", "--room-size", "3"],
+    "gradagenda": ["gradagenda", "--spawn", "--rooms", "2", "--room-size", "3", "--rate", "100"],
+    "connect": ["connect", "--spawn", "--connect-rate", "40"],
+    "connect-churn": ["connect", "--spawn", "--connect-rate", "40", "--churn",
+                      "--protocol", "gradagenda"],
+    "idle": ["idle", "--spawn", "--connections", "40", "--protocol", "socialvp"],
+}
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(SCRIPT), *args, *SHORT],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, dict | None, str]:
+    out, err = proc.communicate(timeout=RUN_GUARD)
+    lines = out.strip().splitlines()
+    return proc.returncode, json.loads(lines[-1]) if lines else None, err
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """Start every scenario at once; each test collects its own report."""
+    tmp = tmp_path_factory.mktemp("loadtest")
+    config = tmp / "config.json"
+    config.write_text(json.dumps({
+        "host": "127.0.0.1:0", "secret-key": SECRET, "store": str(tmp / "chatd.db"),
+        "endpoints": [{"path": "/chat", "protocol": "multichat"}]}))
+    server = ServerProcess(["serve", "--config", str(config)], tmp).start()
+    external = ["--port", str(server.port), "--config", str(config)]
+    procs = {name: start(args) for name, args in SPAWNED.items()}
+    # Under chatd's default message-rate (100 frames/s per connection).
+    procs["external"] = start(["fanout", *external, "--subscribers", "3", "--rate", "50",
+                               "--server-pid", str(server.proc.pid)])
+    procs["wrong-secret"] = start(["fanout", *external, "--subscribers", "3",
+                                   "--secret-key", "not the secret"])
+    cache: dict[str, tuple[int, dict | None, str]] = {}
+
+    def report(name: str) -> tuple[int, dict | None, str]:
+        if name not in cache:
+            cache[name] = finish(procs[name])
+        return cache[name]
+
+    yield report
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    server.stop()
+
+
+def healthy(report: tuple[int, dict | None, str]) -> dict:
+    code, result, err = report
+    assert code == 0, err
+    assert result["errors"] == {} and result["error_count"] == 0, err
+    assert result["close_codes"] == {}, err
+    assert result["client"]["cpu_pct"] >= 0
+    return result
+
+
+def check_messages(result: dict) -> None:
+    """Deliveries happened, all arrived, and their latency was measured."""
+    assert result["publishes"] > 0
+    assert result["deliveries"] > 0
+    assert result["deliveries_per_s"] == pytest.approx(result["deliveries"] / 1, rel=1e-3)
+    assert result["delivered_ratio"] == 1.0
+    latency = result["latency_ms"]
+    assert latency["count"] == result["deliveries"] + result["late_deliveries"]
+    assert 0 <= latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"] * 1.02
+
+
+def test_fanout_reports_deliveries_latency_and_server_figures(reports):
+    result = healthy(reports("fanout"))
+    check_messages(result)
+    # 6 subscribers, 2 publishers and their 2 probes, over two workers.
+    assert (result["subscribers"], result["publishers"], result["connections"]) == (6, 2, 10)
+    assert len(result["client"]["worker_cpu_pct"]) == 2
+    # Each message reaches every other client in the lobby.
+    assert result["expected_deliveries"] == result["publishes"] * 9
+    server = result["server"]
+    assert server["rss_before_kib"] > 0 and server["rss_after_setup_kib"] > 0
+    assert server["cpu_pct"] > 0
+
+
+@pytest.mark.parametrize("protocol", ["socialvp", "wschat", "wcp"])
+def test_fanout_speaks_each_lobby_protocol(reports, protocol):
+    result = healthy(reports(f"fanout-{protocol}"))
+    assert result["protocol"] == protocol
+    check_messages(result)
+
+
+def test_wschat_echo_counts_the_sender_and_rate_paces_publishing(reports):
+    result = healthy(reports("fanout-wschat"))
+    # wschat sends a message back to its sender too: 4 subscribers + 1.
+    assert result["expected_deliveries"] == result["publishes"] * 5
+    assert 0 < result["publishes"] <= 200 + 1
+
+
+def test_rooms_spread_over_one_endpoint_per_room(reports):
+    result = healthy(reports("rooms"))
+    check_messages(result)
+    assert result["rooms"] == 3
+    assert result["paths"] == ["/room-0", "/room-1", "/room-2"]
+    # A room's message reaches its 3 subscribers and its probe only.
+    assert result["expected_deliveries"] == result["publishes"] * 4
+
+
+def test_gradagenda_groups_store_and_deliver_messages(reports):
+    result = healthy(reports("gradagenda"))
+    check_messages(result)
+    assert result["rooms"] == 2
+    # Every member device gets a group message, the sender's included.
+    assert result["expected_deliveries"] == result["publishes"] * 4
+
+
+def test_connect_storm_reports_connects_per_second_and_holds_them(reports):
+    result = healthy(reports("connect"))
+    assert result["connects"] > 0
+    assert result["connects_per_s"] == pytest.approx(result["connects"] / 1, rel=1e-3)
+    assert result["connect_attempts"] == 40
+    # Attempts under way at the end may finish just after it.
+    held = result["connects"] + result["late_connects"]
+    assert held == 40
+    assert result["connect_latency_ms"]["count"] == held
+    assert result["connections"] == held
+
+
+def test_connect_storm_with_churn_closes_each_connection(reports):
+    result = healthy(reports("connect-churn"))
+    assert result["protocol"] == "gradagenda"
+    assert result["connects"] + result["late_connects"] == result["connect_attempts"] == 40
+    assert result["connections"] == 0
+
+
+def test_idle_reports_server_memory_per_connection(reports):
+    result = healthy(reports("idle"))
+    assert result["connections"] == 40
+    assert result["server"]["rss_per_connection_kib"] > 0
+
+
+def test_external_server_with_its_config_and_pid(reports):
+    result = healthy(reports("external"))
+    check_messages(result)
+    assert result["paths"] == ["/chat"]  # found in the config's endpoints
+    assert result["server"]["rss_before_kib"] > 0
+
+
+def test_wrong_secret_is_reported_as_errors_and_close_codes(reports):
+    code, result, err = reports("wrong-secret")
+    assert code == 0, err
+    assert result["connections"] == 0
+    assert result["error_count"] == 5  # 3 subscribers, the publisher, its probe
+    assert any(kind.startswith("auth: closed 1008") for kind in result["errors"])
+    assert result["close_codes"] == {"1008": 5}
+    assert result["deliveries"] == 0
+
+
+def test_refuses_a_target_that_is_not_loopback(tmp_path):
+    # 192.0.2.1 is a documentation address; the refusal comes before any socket.
+    config = tmp_path / "remote.json"
+    config.write_text(json.dumps({"host": "192.0.2.1:8765", "secret-key": "s"}))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "idle", "--config", str(config),
+                           "--connections", "1", "--duration", "1"],
+                          capture_output=True, text=True, timeout=RUN_GUARD)
+    assert proc.returncode != 0
+    assert "not a loopback address" in proc.stderr
+    assert "--host" in proc.stderr
