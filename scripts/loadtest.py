@@ -1040,6 +1040,13 @@ def read_rss_kib(pid: int) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def read_host_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def read_cpu_seconds(pid: int) -> float | None:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
@@ -1359,7 +1366,6 @@ class Run:
             self.broadcast("prepare")
             await self.gather("prepare")
             setup_seconds = time.monotonic() - setup_start
-            opened = sum(s[0] for s in self.setup.values())
             self.clear_progress()
             rss_after_setup = read_rss_kib(pid) if pid else None
             start = time.monotonic() + 0.05
@@ -1368,8 +1374,10 @@ class Run:
             self.broadcast("run", start, deadline)
             await trio.sleep_until(trio.current_time() + (start - time.monotonic()))
             cpu_before = read_cpu_seconds(pid) if pid else None
+            host_before = read_host_busy_seconds()
             await trio.sleep_until(trio.current_time() + (deadline - time.monotonic()))
             cpu_after = read_cpu_seconds(pid) if pid else None
+            host_busy = read_host_busy_seconds() - host_before
             rss_end = read_rss_kib(pid) if pid else None
             ran = await self.gather("ran")
             # Every probe has caught up (or the grace ran out); let the other
@@ -1386,7 +1394,8 @@ class Run:
                       "rss_after_setup_kib": rss_after_setup, "rss_end_kib": rss_end,
                       "cpu_pct": None if cpu_before is None or cpu_after is None
                       else round(100 * (cpu_after - cpu_before) / args.duration, 1)}
-        return self.compile(finals, [r[0] for r in ran], setup_seconds, opened, server)
+        host = {"cpus": os.cpu_count(), "busy_pct": round(100 * host_busy / args.duration, 1)}
+        return self.compile(finals, [r[0] for r in ran], setup_seconds, server, host)
 
     # --- progress ---------------------------------------------------------------
 
@@ -1430,8 +1439,8 @@ class Run:
 
     # --- the result ---------------------------------------------------------------
 
-    def compile(self, finals: list[dict], ran: list[dict], setup_seconds: float, opened: int,
-                server: dict | None) -> dict[str, Any]:
+    def compile(self, finals: list[dict], ran: list[dict], setup_seconds: float,
+                server: dict | None, host: dict) -> dict[str, Any]:
         args, layout = self.args, self.layout
         duration = args.duration
         latency: dict[int, int] = {}
@@ -1513,6 +1522,7 @@ class Run:
                        "user_pct": round(100 * cpu_user / seconds, 1),
                        "system_pct": round(100 * cpu_system / seconds, 1),
                        "worker_cpu_pct": per_worker},
+            "host": host,
             "timeline": timeline,
         }
 
@@ -1566,6 +1576,10 @@ def summary_table(r: dict[str, Any]) -> str:
     rows.append(("client CPU", f"{client['cpu_pct']}% of a core (user {client['user_pct']}%, "
                                f"system {client['system_pct']}%); per worker "
                                f"{', '.join(f'{c}%' for c in client['worker_cpu_pct'])}"))
+    host = r["host"]
+    others = host["busy_pct"] - client["cpu_pct"] - (server["cpu_pct"] or 0 if server else 0)
+    rows.append(("host", f"{host['cpus']} CPUs, {host['busy_pct']}% of a core busy in all"
+                         + (f" ({others:.0f}% by other processes)" if server else "")))
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k.ljust(width)}  {v}" for k, v in rows]
     if r["delivered_ratio"] is not None and r["delivered_ratio"] < 0.99:
