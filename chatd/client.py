@@ -9,6 +9,7 @@ a slow consumer and is cut off with 1008, without anyone else noticing.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -26,6 +27,7 @@ class Client:
         "id", "protocol", "room", "name", "display_name", "peer", "path",
         "outbox", "scope", "close_code", "close_reason", "user_id",
         "device_id", "write_scope", "grace", "writer", "writer_idle",
+        "writer_running", "spawn_writer",
         "__weakref__",
     )
 
@@ -52,6 +54,10 @@ class Client:
         #: True while nothing is queued for the writer task, so a frame may
         #: go straight to the socket without overtaking queued ones.
         self.writer_idle = True
+        #: Whether the connection's writer task is running, and how to
+        #: start it when a frame has to be queued.
+        self.writer_running = False
+        self.spawn_writer: Callable[[], None] | None = None
         self.close_code: int | None = None
         self.close_reason = ""
 
@@ -68,13 +74,19 @@ class Client:
                 frame = b""  # wakes the writer task, which sends the rest first
         try:
             self.outbox.send_nowait(frame)
-            self.writer_idle = False
-            return True
         except trio.WouldBlock:
             self.kill(1008, "slow consumer")
+            return False
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
-        return False
+            return False
+        self.writer_idle = False
+        if not self.writer_running and self.spawn_writer is not None:
+            self.writer_running = True
+            try:
+                self.spawn_writer()
+            except RuntimeError:  # the connection is ending
+                pass
+        return True
 
     def kill(self, code: int, reason: str) -> None:
         """End the connection with ``code``; the first reason given wins."""

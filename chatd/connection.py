@@ -46,6 +46,7 @@ class Connection:
         self.dropped = 0
         #: When the last frame arrived, for the keepalive.
         self.last_heard = trio.current_time()
+        self.pinging = False
         #: True if a write was cut off mid-frame: no close frame may follow.
         self.stream_broken = False
 
@@ -54,9 +55,9 @@ class Connection:
         try:
             with client.scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._write_loop)
-                    if self.config.ping_interval > 0:
-                        nursery.start_soon(self._keepalive)
+                    # The writer task runs only while frames wait in the
+                    # outbox (most writes need none: see transport.py).
+                    client.spawn_writer = lambda: nursery.start_soon(self._write_loop)
                     await self._read_loop()
                     nursery.cancel_scope.cancel()
         except Exception:
@@ -121,23 +122,22 @@ class Connection:
         await self._carry_out(self.protocol.rate_limited())
         return True
 
-    async def _keepalive(self) -> None:
-        """Ping a silent connection; no pong within ping-timeout closes it 1011."""
-        interval, timeout = self.config.ping_interval, self.config.ping_timeout
-        while True:
-            await trio.sleep_until(self.last_heard + interval)
-            if trio.current_time() < self.last_heard + interval:
-                continue
-            with trio.move_on_after(timeout) as scope:
-                try:
-                    await self.ws.ping()
-                except ConnectionClosed:
-                    return
+    async def ping(self) -> None:
+        """Ping (the server's keepalive sweep calls this for a silent
+        connection); no pong within ping-timeout closes it 1011."""
+        try:
+            with trio.move_on_after(self.config.ping_timeout) as scope:
+                await self.ws.ping()
             if scope.cancelled_caught:
-                log.info("%s closed: no pong within %gs", self.client.peer, timeout)
+                log.info("%s closed: no pong within %gs", self.client.peer,
+                         self.config.ping_timeout)
                 self.client.kill(1011, "keepalive ping timeout")
-                return
-            self.last_heard = trio.current_time()
+            else:
+                self.last_heard = trio.current_time()
+        except ConnectionClosed:
+            pass
+        finally:
+            self.pinging = False
 
     async def _carry_out(self, outputs: list[Output]) -> None:
         for out in outputs:
@@ -167,12 +167,11 @@ class Connection:
         while True:
             try:
                 item = receive_nowait()
-            except trio.WouldBlock:
+            except (trio.WouldBlock, trio.EndOfChannel):
+                # Nothing left: later frames may go straight to the socket.
                 client.writer_idle = True
-                try:
-                    item = await self.outbox.receive()
-                except trio.EndOfChannel:
-                    return
+                client.writer_running = False
+                return
             batch: list[bytes] = []
             while True:
                 if isinstance(item, Close):

@@ -64,6 +64,7 @@ class Server:
         #: Set when ``run`` has finished (store closed).
         self.stopped = trio.Event()
         self._listen_scope = trio.CancelScope()
+        self._keepalive_scope = trio.CancelScope()
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -88,11 +89,14 @@ class Server:
                 await nursery.start(self.router.run)
                 async with trio.open_nursery() as connections:
                     connections.start_soon(self._serve, listeners, connections)
+                    if config.ping_interval > 0:
+                        connections.start_soon(self._keepalive, connections)
                     self._log_start(listeners)
                     task_status.started(self)
                     await self._stopping.wait()
                     log.info("shutting down: closing %d connections", len(self.connections))
                     self._listen_scope.cancel()
+                    self._keepalive_scope.cancel()
                     for connection in list(self.connections):
                         connection.client.kill(1001, "server shutdown")
                     connections.cancel_scope.deadline = trio.current_time() + config.shutdown_timeout
@@ -107,6 +111,19 @@ class Server:
             self.store.close()
             self.stopped.set()
             log.info("stopped")
+
+    async def _keepalive(self, nursery: trio.Nursery) -> None:
+        """Ping every connection silent for ``ping-interval``: one sweeping
+        task for the server, not one sleeping task per connection."""
+        interval = self.config.ping_interval
+        with self._keepalive_scope:
+            while True:
+                await trio.sleep(interval / 2)
+                now = trio.current_time()
+                for connection in self.connections:
+                    if not connection.pinging and now - connection.last_heard >= interval:
+                        connection.pinging = True
+                        nursery.start_soon(connection.ping)
 
     async def _serve(self, listeners: list[trio.abc.Listener], nursery: trio.Nursery) -> None:
         with self._listen_scope:
