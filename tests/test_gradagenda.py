@@ -181,6 +181,17 @@ async def test_binary_frames_close_1003_and_oversized_frames_1009(chat):
     assert await peer.closed() == 1009
 
 
+async def test_frames_over_the_rate_limit_are_refused_not_lost_silently(chat):
+    await chat.start(message_rate=0.1, message_burst=5)
+    alice = await login(chat, "alice")  # one frame of the five
+    for n in range(6):
+        await alice.send({"type": "request-mutable-session-listing", "cdid": str(n)})
+    answers_ = [await alice.recv() for _ in range(6)]
+    refused = [a for a in answers_ if "rate limit" in a.get("message", "")]
+    assert refused and all(a["status"] == "failed" for a in refused)
+    assert len(answers_) - len(refused) == 4
+
+
 # --- direct sessions -----------------------------------------------------------------
 
 
@@ -419,7 +430,7 @@ async def test_a_message_whose_broadcast_would_not_fit_a_frame_is_refused(chat):
 
 
 async def test_a_pipelined_burst_is_stored_and_broadcast_in_order(chat):
-    await chat.start()
+    await chat.start(message_burst=10_000)  # a deliberate burst
     alice = await login(chat, "alice")
     bob = await login(chat, "bob")
     session_id = (await create(alice, "bob"))["session-id"]
@@ -436,7 +447,7 @@ async def test_a_pipelined_burst_is_stored_and_broadcast_in_order(chat):
 
 
 async def test_history_pages_by_before_and_after_and_caps_the_limit(chat):
-    await chat.start()
+    await chat.start(message_burst=10_000)  # a deliberate burst
     alice = await login(chat, "alice")
     session_id = (await create(alice))["session-id"]
     for n in range(1, 131):

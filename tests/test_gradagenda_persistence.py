@@ -16,6 +16,7 @@ def config(tmp_path) -> str:
     path = tmp_path / "config.json"
     path.write_text(json.dumps({
         "host": "127.0.0.1:0", "jwt-secret": JWT_SECRET, "store": str(tmp_path / "chatd.db"),
+        "message-burst": 10_000,  # the burst below is deliberate
         "endpoints": [{"path": "/gradagenda", "protocol": "gradagenda"}]}))
     return str(path)
 

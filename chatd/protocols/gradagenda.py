@@ -144,6 +144,9 @@ class MessageBroadcast(_Out, tag="message-broadcast"):
     server_timestamp: int
 
 
+RATE_LIMITED = dumps(StatusResponse(status="failed",
+                                    message="over the message rate limit: frame dropped"))
+
 # Placeholders as wide as the real values can get, for the frame-size checks.
 _WIDEST_SESSION_ID = "x" * 64
 _WIDEST_SEQ = 2**63 - 1
@@ -290,6 +293,10 @@ class GradAgenda(Protocol):
         frames = batch_frames(cdid, items, self.ctx.max_frame_bytes)
         frames.append(dumps(StatusResponse(cdid=cdid, status="succeeded")))
         return [Send(frame) for frame in frames]
+
+    def rate_limited(self) -> list[Output]:
+        # The dropped frame is not decoded, so its cdid is unknown.
+        return [Send(RATE_LIMITED)]
 
     def on_disconnect(self) -> list[Command]:
         return [Logout()] if self.user_id is not None else []
