@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Stored GradAgenda messages per second, as confirmed to their senders.
+
+Starts chatd as a subprocess with a real SQLite file (in a temporary
+directory, unless --store names one), logs in --clients users, puts them
+all in one group session, and has each send --messages text messages,
+keeping up to --window unconfirmed (pipelined, not one at a time). A
+message counts once its sender has received its broadcast, which chatd
+sends only after the message's transaction has committed. Every client
+also reads everyone else's broadcasts, as a real member would.
+
+    python scripts/gradagenda_bench.py --clients 10
+    python scripts/gradagenda_bench.py --clients 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import Request
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from chatd.tokens import mint  # noqa: E402
+
+SECRET = "gradagenda-bench-secret-of-32-bytes!"
+
+
+def start_server(workdir: Path, store: str) -> tuple[subprocess.Popen, int]:
+    config = workdir / "config.json"
+    config.write_text(json.dumps({
+        "host": "127.0.0.1:0", "jwt-secret": SECRET, "store": store,
+        # Measuring throughput, not the per-connection abuse limit.
+        "message-rate": 1e9, "message-burst": 10**9,
+        "endpoints": [{"path": "/gradagenda", "protocol": "gradagenda"}]}))
+    log = workdir / "server.log"
+    proc = subprocess.Popen([sys.executable, "-m", "chatd", "serve", "--config", str(config)],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            cwd=Path(__file__).resolve().parent.parent)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for line in log.read_text().splitlines():
+            if "listening on" in line:
+                port = int(line.split("listening on ")[1].split(";")[0].rsplit(":", 1)[1])
+                return proc, port
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise SystemExit("chatd did not start:\n" + log.read_text())
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class BenchSocket:
+    """A lean WebSocket client, so the clients cost less CPU than the server:
+    wsproto for the handshake only, then frames built and parsed by hand
+    (client frames masked with a zero key, which is valid and free)."""
+
+    def __init__(self, stream: trio.SocketStream, buffered: bytes) -> None:
+        self.stream = stream
+        self.buffer = bytearray(buffered)
+
+    @classmethod
+    async def connect(cls, port: int, path: str) -> "BenchSocket":
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        ws = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(ws.send(Request(host="127.0.0.1", target=path)))
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                raise ConnectionError("closed during the handshake")
+            # Frames may follow the 101 response in the same read.
+            head, sep, rest = data.partition(b"\r\n\r\n")
+            if sep:
+                if b" 101 " not in head.split(b"\r\n", 1)[0]:
+                    raise ConnectionError(head.decode(errors="replace"))
+                return cls(stream, rest)
+
+    @staticmethod
+    def frame(payload: bytes) -> bytes:
+        n = len(payload)
+        if n < 126:
+            header = struct.pack("!BB", 0x81, 0x80 | n)
+        elif n < 0x10000:
+            header = struct.pack("!BBH", 0x81, 0x80 | 126, n)
+        else:
+            header = struct.pack("!BBQ", 0x81, 0x80 | 127, n)
+        return header + b"\0\0\0\0" + payload
+
+    async def send(self, *payloads: bytes) -> None:
+        await self.stream.send_all(b"".join(self.frame(p) for p in payloads))
+
+    async def messages(self):
+        """Text payloads from the server, as they come (unmasked, unfragmented)."""
+        buffer = self.buffer
+        while True:
+            while len(buffer) >= 2:
+                opcode, n = buffer[0] & 0x0F, buffer[1] & 0x7F
+                offset = 2
+                if n == 126:
+                    if len(buffer) < 4:
+                        break
+                    n, offset = struct.unpack_from("!H", buffer, 2)[0], 4
+                elif n == 127:
+                    if len(buffer) < 10:
+                        break
+                    n, offset = struct.unpack_from("!Q", buffer, 2)[0], 10
+                if len(buffer) < offset + n:
+                    break
+                payload = bytes(buffer[offset:offset + n])
+                del buffer[:offset + n]
+                if opcode == 0x8:
+                    return
+                if opcode == 0x1:
+                    yield payload
+            data = await self.stream.receive_some(262144)
+            if not data:
+                return
+            buffer += data
+
+
+async def run_clients(port: int, clients: int, messages: int, window: int) -> dict:
+    users = [f"bench-{i}" for i in range(clients)]
+    ready = trio.Event()
+    session: dict[str, str] = {}
+    go = trio.Event()
+    joined = 0
+    done_at: list[float] = []
+
+    async def client(index: int) -> None:
+        nonlocal joined
+        user = users[index]
+        ws = await BenchSocket.connect(port, "/gradagenda")
+        incoming = ws.messages()
+        await ws.send(json.dumps({
+            "type": "authenticate", "cdid": "auth", "user-id": user, "device-id": "bench",
+            "token": mint(SECRET, user)}).encode())
+        assert json.loads(await anext(incoming))["status"] == "succeeded"
+        if index == 0:
+            await ws.send(json.dumps({"type": "request-mutable-session-creation",
+                                      "cdid": "create", "user-id": users}).encode())
+        info = json.loads(await anext(incoming))
+        assert info["status"] == "created", info
+        session["id"] = info["session-id"]
+        joined += 1
+        if joined == clients:
+            ready.set()
+        await go.wait()
+        credit = trio.Semaphore(window)
+        expected = messages * clients  # broadcasts this member will see
+        template = json.dumps({
+            "type": "request-sending-a-message", "cdid": "CDID", "session-id": session["id"],
+            "message": {"type": "text", "body": f"{user} message CDID"},
+            "sender-timestamp": int(time.time() * 1000)}).encode()
+
+        async def send() -> None:
+            for n in range(messages):
+                await credit.acquire()
+                await ws.send(template.replace(b"CDID", str(n).encode()))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            seen = 0
+            async for payload in incoming:
+                if b'"message-broadcast"' not in payload:
+                    raise RuntimeError(f"unexpected answer: {payload[:200]!r}")
+                if b'"cdid"' in payload:  # only the sender's own copy has one
+                    credit.release()
+                seen += 1
+                if seen == expected:
+                    break
+        done_at.append(time.perf_counter())
+        await ws.stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(clients):
+            nursery.start_soon(client, i)
+        await ready.wait()
+        started = time.perf_counter()
+        go.set()
+    elapsed = max(done_at) - started
+    total = clients * messages
+    return {"clients": clients, "messages": total, "window": window,
+            "seconds": round(elapsed, 3), "stored_per_second": round(total / elapsed),
+            "deliveries_per_second": round(total * clients / elapsed)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--messages", type=int, default=2000, help="per client")
+    parser.add_argument("--window", type=int, default=32, help="unconfirmed messages per client")
+    parser.add_argument("--store", help="SQLite file (default: a fresh one in a temp dir)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="chatd-bench-") as tmp:
+        workdir = Path(tmp)
+        store = args.store or str(workdir / "bench.db")
+        proc, port = start_server(workdir, store)
+        try:
+            cpu_before = process_cpu_seconds(proc.pid)
+            result = trio.run(run_clients, port, args.clients, args.messages, args.window)
+            # Server CPU over the run: near 1.0 per second means chatd was the bottleneck.
+            result["server_cpu_seconds"] = round(process_cpu_seconds(proc.pid) - cpu_before, 2)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        result["store"] = "file (WAL, synchronous=FULL)" if store != ":memory:" else store
+        result["cpus"] = os.cpu_count()
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
