@@ -12,7 +12,8 @@ one publisher, 100-byte messages. For each server, one after the other,
 The server is pinned to CPU 0 and the load to the other CPUs, so the two
 never share a core. The machine may be busy with other work, so each
 measurement is repeated (``--rounds``, alternating the servers) and the
-median is reported, with the CPU other processes used during the runs.
+median is reported; a run during which other processes used more than
+``--max-others`` of a core is repeated (the quietest try is kept).
 
     python scripts/bench_peers.py                 # the bar, ~2 minutes
     python scripts/bench_peers.py --duration 3 --rounds 1 --subscribers 200
@@ -68,14 +69,37 @@ def loadtest(server: str, args: argparse.Namespace, cpus: tuple[str, str],
     return result
 
 
-def note(result: dict) -> str:
+def others(result: dict) -> float:
+    """CPU (% of a core) that processes other than the server and the client
+    used during the run: a busy machine makes the run say little."""
     server, client, host = result["server"], result["client"], result["host"]
-    others = host["busy_pct"] - client["cpu_pct"] - (server["cpu_pct"] or 0)
+    return host["busy_pct"] - client["cpu_pct"] - (server["cpu_pct"] or 0)
+
+
+def quiet_run(server: str, args: argparse.Namespace, cpus: tuple[str, str],
+              extra: list[str], label: str) -> dict:
+    """Repeat a run that other processes disturbed; keep the quietest."""
+    tries = []
+    for attempt in range(args.attempts):
+        result = loadtest(server, args, cpus, extra)
+        tries.append(result)
+        print(f"{label} {server:>10}: {note(result)}", file=sys.stderr)
+        if others(result) <= args.max_others:
+            break
+    best = min(tries, key=others)
+    if others(best) > args.max_others:
+        print(f"bench_peers: warning: every {server} run shared the machine "
+              f"(others >= {others(best):.0f}% of a core)", file=sys.stderr)
+    return best
+
+
+def note(result: dict) -> str:
+    server, client = result["server"], result["client"]
     latency = result["latency_ms"] or {}
     return (f"{result['deliveries_per_s']:>10,.0f} deliveries/s  {result['publish_rate']:>8,.1f} "
             f"msg/s  p99 {latency.get('p99', float('nan')):7.2f} ms  server CPU "
             f"{server['cpu_pct']:5.1f}%  client CPU {client['cpu_pct']:5.1f}%  "
-            f"others {others:4.0f}%  errors {result['error_count']}")
+            f"others {others(result):4.0f}%  errors {result['error_count']}")
 
 
 def measure(args: argparse.Namespace, cpus: tuple[str, str], extra: list[str],
@@ -83,9 +107,8 @@ def measure(args: argparse.Namespace, cpus: tuple[str, str], extra: list[str],
     runs: dict[str, list[dict]] = {s: [] for s in SERVERS}
     for round_ in range(args.rounds):
         for server in SERVERS:
-            result = loadtest(server, args, cpus, extra)
-            runs[server].append(result)
-            print(f"{label} round {round_ + 1} {server:>10}: {note(result)}", file=sys.stderr)
+            runs[server].append(quiet_run(server, args, cpus, extra,
+                                          f"{label} round {round_ + 1}"))
     return runs
 
 
@@ -105,6 +128,10 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=64,
                         help="peak runs: messages in flight per publisher (default 64)")
     parser.add_argument("--workers", type=int, default=1, help="load-test client processes")
+    parser.add_argument("--max-others", type=float, default=30.0,
+                        help="repeat a run in which other processes used more than this "
+                             "%% of a core (default 30)")
+    parser.add_argument("--attempts", type=int, default=4, help="tries per run (default 4)")
     parser.add_argument("--json", action="store_true", help="print every result as JSON")
     args = parser.parse_args()
     cpus = pinning()
@@ -118,10 +145,12 @@ def main() -> int:
 
     ratio = peak_deliveries["chatd"] / peak_deliveries["websockets"]
     info = machine()
+    quiet = [others(r) for runs in (peak, paced) for rs in runs.values() for r in rs]
     print(f"\nmachine: {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}; "
           f"server on CPU {cpus[0]}, load on CPU {cpus[1]}")
     print(f"fan-out: {args.subscribers} subscribers, {args.publishers} publisher(s), "
-          f"{args.size}-byte messages, {args.duration:g} s x {args.rounds} rounds (median)\n")
+          f"{args.size}-byte messages, {args.duration:g} s x {args.rounds} rounds (median); "
+          f"other processes used {min(quiet):.0f}-{max(quiet):.0f}% of a core\n")
     print(f"  {'':34} {'chatd':>12} {'websockets':>12} {'chatd/ws':>9}")
     print(f"  {'peak deliveries/s':34} {peak_deliveries['chatd']:>12,.0f} "
           f"{peak_deliveries['websockets']:>12,.0f} {ratio:>9.2f}")

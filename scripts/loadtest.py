@@ -126,6 +126,8 @@ def summarize(hist: dict[int, int], max_us: int | None = None) -> dict[str, floa
                 break
     top = max_us if max_us is not None else bucket_value(ordered[-1][0])
     out["max"] = round(top / 1000, 3)
+    for name in ("p50", "p90", "p99"):  # a bucket's middle may lie past the maximum
+        out[name] = min(out[name], out["max"])
     out["count"] = count
     return out
 
@@ -286,7 +288,8 @@ class GradagendaDialect(Dialect):
     async def create_group(self, client: WsClient, members: list[str]) -> None:
         frame = {"cdid": "create", "type": "request-mutable-session-creation", "user-id": members}
         reply = await client.request(frame, lambda o: o.get("type") == "providing-session-info"
-                                     or (o.get("cdid") == "create" and o.get("status") == "failed"))
+                                     or (o.get("cdid") == "create" and o.get("status") == "failed"),
+                                     "group creation")
         if reply.get("type") != "providing-session-info":
             raise LoadError(f"group creation: {reply.get('message')}")
 
@@ -394,13 +397,13 @@ class WsClient:
     async def send_json(self, obj: Any) -> None:
         await self.send_raw(client_frame(json.dumps(obj, separators=(",", ":")).encode()))
 
-    async def request(self, obj: Any, answered: Callable[[Any], bool]) -> Any:
+    async def request(self, obj: Any, answered: Callable[[Any], bool], what: str = "auth") -> Any:
         """Send ``obj`` and wait for the first control frame ``answered`` accepts."""
         self.waiter, self.reply, self.replied = answered, None, trio.Event()
         await self.send_json(obj)
         await self.replied.wait()
         if self.reply is None:
-            raise LoadError(f"auth: {self.close_info}")
+            raise LoadError(f"{what}: {self.close_info}")
         return self.reply
 
     # --- receiving ----------------------------------------------------------
@@ -1189,14 +1192,18 @@ def default_path(protocol: str, config: dict) -> str:
 def tokens_from_chatd(names: list[str], config_path: str | None) -> dict[str, str]:
     """Mint tokens with ``chatd token`` (one process per user: slow, but needs no secret)."""
     extra = ["--config", config_path] if config_path else []
-    procs = {n: subprocess.Popen([sys.executable, "-m", "chatd", "token", n, "--ttl", "3600",
-                                  *extra], stdout=subprocess.PIPE, text=True) for n in names}
+    print(f"loadtest: minting {len(names)} tokens with `chatd token` (--jwt-secret is faster)",
+          file=sys.stderr)
     tokens = {}
-    for name, proc in procs.items():
-        out, _ = proc.communicate()
-        if proc.returncode:
-            raise SystemExit("loadtest: `chatd token` failed; pass --jwt-secret")
-        tokens[name] = out.strip()
+    for batch in range(0, len(names), 8):
+        procs = {n: subprocess.Popen([sys.executable, "-m", "chatd", "token", n, "--ttl",
+                                      "3600", *extra], stdout=subprocess.PIPE, text=True)
+                 for n in names[batch:batch + 8]}
+        for name, proc in procs.items():
+            out, _ = proc.communicate()
+            if proc.returncode:
+                raise SystemExit("loadtest: `chatd token` failed; pass --jwt-secret")
+            tokens[name] = out.strip()
     return tokens
 
 
@@ -1314,6 +1321,8 @@ class Run:
 
     async def listen(self, index: int, pipe: Connection,
                      send: trio.MemorySendChannel) -> None:
+        """Read one worker's messages as they come (a worker must never block
+        on a full pipe): samples and progress here, phase replies to gather()."""
         async with send:
             while True:
                 try:
@@ -1321,9 +1330,16 @@ class Run:
                         await trio.lowlevel.wait_readable(pipe.fileno())
                     message = pipe.recv()
                 except (EOFError, OSError):
-                    await send.send((index, ("exited",)))
+                    send.send_nowait((index, ("exited",)))
                     return
-                await send.send((index, message))
+                if message[0] == "setup":
+                    self.setup[index] = message[1:]
+                    self.progress_setup()
+                elif message[0] == "sample":
+                    self.samples.setdefault(message[1], []).append(message[2])
+                    self.progress_run(message[1])
+                else:
+                    send.send_nowait((index, message))
 
     async def gather(self, kind: str) -> list[Any]:
         """Wait until every worker has sent ``kind``; show progress meanwhile."""
@@ -1333,13 +1349,7 @@ class Run:
             if message[0] in ("crashed", "exited"):
                 detail = message[1] if len(message) > 1 else "exited"
                 raise SystemExit(f"loadtest: worker {index} failed: {detail}")
-            if message[0] == "setup":
-                self.setup[index] = message[1:]
-                self.progress_setup()
-            elif message[0] == "sample":
-                self.samples.setdefault(message[1], []).append(message[2])
-                self.progress_run(message[1])
-            elif message[0] == kind or (message[0] == "done" and message[1] == kind):
+            if message[0] == kind or (message[0] == "done" and message[1] == kind):
                 got[index] = message[1:] if message[0] == kind else message[2:]
                 if message[0] == "done":
                     self.setup[index] = message[2:]
@@ -1351,7 +1361,7 @@ class Run:
 
     async def main(self) -> dict[str, Any]:
         args = self.args
-        send, self.inbox = trio.open_memory_channel(1000)
+        send, self.inbox = trio.open_memory_channel(math.inf)
         async with trio.open_nursery() as nursery:
             for i, pipe in enumerate(self.pipes):
                 nursery.start_soon(self.listen, i, pipe, send.clone())
