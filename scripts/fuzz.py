@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import trio  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis.errors import HypothesisWarning  # noqa: E402
 
 PROFILE = "chatd-long-fuzz"
@@ -60,7 +60,13 @@ def counting(fn: Callable, counter: list[int]) -> Callable:
 
 
 def stateful_fuzzers(max_actions: int) -> list[Fuzzer]:
+    import tests.rawws
+    import tests.test_stateful_fuzz
     from tests.test_stateful_fuzz import PROTOCOLS, actions, run_actions
+
+    # Each shrinking step that reproduces a missing frame waits out the
+    # hang guard; on loopback a frame arrives within milliseconds or never.
+    tests.rawws.GUARD = tests.test_stateful_fuzz.GUARD = 2
 
     def fuzzer(protocol: str) -> Fuzzer:
         counter = [0]
@@ -141,7 +147,8 @@ def main() -> int:
     # (and the stateful fuzz) takes this profile. Loaded before the test
     # modules are imported, so their settings inherit from it.
     settings.register_profile(PROFILE, max_examples=args.examples, deadline=None,
-                              suppress_health_check=list(HealthCheck), print_blob=True)
+                              suppress_health_check=list(HealthCheck), print_blob=True,
+                              phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink])
     settings.load_profile(PROFILE)
     warnings.filterwarnings("ignore", message="The HMAC key is")  # test secrets are short
     warnings.filterwarnings("ignore", category=HypothesisWarning)

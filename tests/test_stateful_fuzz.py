@@ -142,6 +142,13 @@ class Run:
     # -- actions -----------------------------------------------------------
 
     async def step(self, action: tuple) -> None:
+        await self.act(action)
+        # Until the server has done all it will do with this action: an
+        # action nobody sees (a message to an empty room, ignored garbage)
+        # must not race the next one from another connection.
+        await trio.testing.wait_all_tasks_blocked()
+
+    async def act(self, action: tuple) -> None:
         kind, i, *args = action
         slot = self.slots[i]
         if kind == "close" and slot.raw is None:
