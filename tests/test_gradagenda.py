@@ -110,6 +110,16 @@ async def test_malformed_or_expiry_free_tokens_are_refused(chat, token):
     await failed(peer, "auth")
 
 
+@pytest.mark.parametrize("user, device", [("", "phone"), ("a" * 257, "phone"),
+                                          ("bell\x07", "phone"), ("alice", ""),
+                                          ("alice", "\x1b[31mred")])
+async def test_names_unfit_to_show_are_refused_at_authentication(chat, user, device):
+    await chat.start()
+    peer = await chat.connect(PATH)
+    await peer.send(auth(user, device))
+    assert "-id must be" in await failed(peer, "auth")
+
+
 async def test_any_other_action_first_fails_then_authentication_still_works(chat):
     await chat.start()
     peer = await chat.connect(PATH)
@@ -153,6 +163,9 @@ async def test_invalid_json_closes_1007_and_others_carry_on(chat, authenticated)
     ({"type": "request-mutable-session-creation", "cdid": "x"}, "x"),
     ({"type": "request-mutable-session-creation", "cdid": "x", "user-id": "bob"}, "x"),
     ({"type": "request-mutable-session-creation", "cdid": "x", "user-id": [""]}, "x"),
+    ({"type": "request-mutable-session-creation", "cdid": "x", "user-id": ["bob", "a\x1b[2J"]},
+     "x"),
+    ({"type": "request-direct-session-info", "cdid": "x", "user-id": "b" * 257}, "x"),
     ({"type": "request-sending-a-message", "cdid": "x", "session-id": "s",
       "message": {"type": "text", "body": "hi"}}, "x"),
     ({"type": "request-message-history", "cdid": "x", "session-id": "s", "limit": 0}, "x"),

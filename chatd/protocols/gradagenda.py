@@ -32,14 +32,13 @@ from chatd.events import (
     Command, CreateSession, DeleteSession, DirectSessionInfo, Event, ListSessions, Login, Logout,
     ModifySession, ReadHistory, SendMessage, SessionInfo, Status, StoredMessage,
 )
-from chatd.protocols.base import Close, Output, Protocol, Send, dumps
+from chatd.protocols.base import MAX_NAME_CHARS, Close, Output, Protocol, Send, dumps, valid_name
 
 log = logging.getLogger("chatd.gradagenda")
 
 MAX_AUTH_FAILURES = 3
 HISTORY_LIMIT = 100
 
-UserId = Annotated[str, Meta(min_length=1)]
 Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 Seq = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 
@@ -52,22 +51,22 @@ class _Action(msgspec.Struct, tag_field="type", rename="kebab", kw_only=True):
 
 
 class Authenticate(_Action, tag="authenticate"):
-    user_id: UserId
-    device_id: Annotated[str, Meta(min_length=1)]
+    user_id: str
+    device_id: str
     token: str
 
 
 class RequestDirectSessionInfo(_Action, tag="request-direct-session-info"):
-    user_id: UserId
+    user_id: str
 
 
 class RequestMutableSessionCreation(_Action, tag="request-mutable-session-creation"):
-    user_id: list[UserId]
+    user_id: list[str]
 
 
 class RequestMutableSessionModification(_Action, tag="request-mutable-session-modification"):
     session_id: str
-    user_id: list[UserId]
+    user_id: list[str]
 
 
 class RequestMutableSessionDeletion(_Action, tag="request-mutable-session-deletion"):
@@ -216,10 +215,17 @@ class GradAgenda(Protocol):
         return outputs
 
     def _act(self, action: _Action) -> list[Output]:
+        if isinstance(action, Authenticate) and self.authenticated:
+            return [Send(dumps(StatusResponse(cdid=action.cdid, status="failed",
+                                              message="already authenticated")))]
+        if not self.authenticated and not isinstance(action, Authenticate):
+            return self._fail(action.cdid, "authenticate first")
+        bad = _bad_name(action)
+        if bad:
+            return self._fail(action.cdid, f"{bad} must be 1 to {MAX_NAME_CHARS} characters "
+                                           "without control characters")
         if isinstance(action, Authenticate):
             return self._authenticate(action)
-        if not self.authenticated:
-            return self._fail(action.cdid, "authenticate first")
         cdid = action.cdid
         if isinstance(action, RequestDirectSessionInfo):
             return [DirectSessionInfo(cdid=cdid, peer=action.user_id)]
@@ -246,9 +252,6 @@ class GradAgenda(Protocol):
         raise AssertionError(f"unhandled action {action!r}")
 
     def _authenticate(self, action: Authenticate) -> list[Output]:
-        if self.authenticated:
-            return [Send(dumps(StatusResponse(cdid=action.cdid, status="failed",
-                                              message="already authenticated")))]
         secret = self.ctx.jwt_secret
         claims = tokens.verify(secret, action.token, require_exp=True) if secret else None
         if claims is None or claims.get("sub") != action.user_id:
@@ -318,6 +321,18 @@ class GradAgenda(Protocol):
             return dumps(StatusResponse(cdid=event.cdid, status="succeeded" if event.ok
                                         else "failed", message=event.message))
         return None
+
+
+def _bad_name(action: _Action) -> str | None:
+    """The field holding a name other users would see that is not fit to show."""
+    if isinstance(action, Authenticate) and not valid_name(action.device_id):
+        return "device-id"
+    users = getattr(action, "user_id", None)
+    if isinstance(users, str):
+        users = [users]
+    if users is not None and not all(valid_name(user) for user in users):
+        return "user-id"
+    return None
 
 
 def _short(value: Any) -> str:
