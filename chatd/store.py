@@ -191,8 +191,9 @@ class Writer:
         self.max_pending = max_pending
         self.failed = False
         self.closed = False
-        #: Transactions committed, for tests and the benchmark.
+        #: Transactions committed and the jobs in them (logged at shutdown).
         self.commits = 0
+        self.committed_jobs = 0
         self._queue: list[Job] = []
         self._wakeup = trio.Event()
         self._lock = trio.Lock()
@@ -229,6 +230,7 @@ class Writer:
                     results = await trio.to_thread.run_sync(
                         self.store.run_batch, [job.run for job in jobs])
                     self.commits += 1
+                    self.committed_jobs += len(jobs)
                 except Exception:
                     log.exception("store %s: commit of %d jobs failed; refusing further writes "
                                   "until restart", self.store.path, len(jobs))
@@ -239,6 +241,7 @@ class Writer:
         """Refuse new work and commit everything already queued."""
         self.closed = True
         await self.flush()
+        log.info("store writer: %d jobs in %d transactions", self.committed_jobs, self.commits)
 
 
 def _run_script(db: sqlite3.Connection, script: str) -> None:

@@ -220,6 +220,11 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(10)
+        # The writer logs its totals at shutdown: messages per transaction.
+        for line in (workdir / "server.log").read_text().splitlines():
+            if "store writer:" in line:
+                jobs, commits = (int(w) for w in line.split() if w.isdigit())
+                result["messages_per_commit"] = round(jobs / max(commits, 1), 1)
         result["store"] = "file (WAL, synchronous=FULL)" if store != ":memory:" else store
         result["cpus"] = os.cpu_count()
         print(json.dumps(result))
