@@ -192,10 +192,10 @@ class Sessions:
     def create(self, cmd: CreateSession) -> None:
         client, me = cmd.client, cmd.client.user_id
         session = Session(new_session_id(), "mutable", {*cmd.members, me})
-        members = sorted(session.members)
+        info = session.info("created")
         refused = self._write(
-            lambda store: store.create_session(session.id, "mutable", members, now_ms()),
-            lambda _: self._fanout(session.members, session.info("created"), client, cmd.cdid),
+            lambda store: store.create_session(session.id, "mutable", info.members, now_ms()),
+            lambda _: self._fanout(session.members, info, client, cmd.cdid),
             lambda: self._fail(client, cmd.cdid, STORE_FAILED))
         if refused:
             return self._fail(client, cmd.cdid, refused)
@@ -203,9 +203,9 @@ class Sessions:
 
     def modify(self, cmd: ModifySession) -> None:
         client = cmd.client
-        session = self._member_session(client, cmd.cdid, cmd.session_id, "modified")
-        if session is None:
-            return
+        session = self._usable(client, cmd.session_id, change="modified")
+        if isinstance(session, str):
+            return self._fail(client, cmd.cdid, session)
         if not cmd.members:
             return self._fail(client, cmd.cdid, "a session needs participants; delete it instead")
         old, new = session.members, frozenset(cmd.members)
@@ -220,12 +220,12 @@ class Sessions:
 
     def delete(self, cmd: DeleteSession) -> None:
         client = cmd.client
-        session = self._member_session(client, cmd.cdid, cmd.session_id, "deleted")
-        if session is None:
-            return
-        info = session.info("deleted")
+        session = self._usable(client, cmd.session_id, change="deleted")
+        if isinstance(session, str):
+            return self._fail(client, cmd.cdid, session)
+        info, members = session.info("deleted"), session.members
         refused = self._write(lambda store: store.delete_session(session.id),
-                              lambda _: self._fanout(session.members, info, client, cmd.cdid),
+                              lambda _: self._fanout(members, info, client, cmd.cdid),
                               lambda: self._fail(client, cmd.cdid, STORE_FAILED))
         if refused:
             return self._fail(client, cmd.cdid, refused)
@@ -244,9 +244,9 @@ class Sessions:
 
     def send_message(self, cmd: SendMessage) -> None:
         client = cmd.client
-        session = self._member_session(client, cmd.cdid, cmd.session_id)
-        if session is None:
-            return
+        session = self._usable(client, cmd.session_id)
+        if isinstance(session, str):
+            return self._fail(client, cmd.cdid, session)
         if not self.writer.accepting:
             return self._fail(client, cmd.cdid, STORE_FAILED if self.writer.failed else STORE_BUSY)
         session.last_seq += 1
@@ -262,7 +262,7 @@ class Sessions:
             lambda: self._fail(client, cmd.cdid, STORE_FAILED)))
 
     def history(self, cmd: ReadHistory) -> str | object:
-        session = self._member_session(cmd.client, cmd.cdid, cmd.session_id, answer=False)
+        session = self._usable(cmd.client, cmd.session_id)
         if isinstance(session, str):
             return session
         session_id = session.id
@@ -282,25 +282,18 @@ class Sessions:
 
     # --- helpers ---------------------------------------------------------------
 
-    def _member_session(self, client: Client, cdid: Any, session_id: str, change: str = "",
-                        answer: bool = True) -> Session | None | str:
-        """The session if ``client`` may use it; else the failure is answered
-        (or, with ``answer=False``, returned as text)."""
+    def _usable(self, client: Client, session_id: str, change: str = "") -> Session | str:
+        """The session if ``client`` may use it (and make ``change``), else why not."""
         session = self.sessions.get(session_id)
         if self.writer.failed:
-            problem = STORE_FAILED
-        elif session is None:
-            problem = "no such session"
-        elif client.user_id not in session.members:
-            problem = "not a member of this session"
-        elif change and session.kind == "direct":
-            problem = f"a direct session cannot be {change}"
-        else:
-            return session
-        if not answer:
-            return problem
-        self._fail(client, cdid, problem)
-        return None
+            return STORE_FAILED
+        if session is None:
+            return "no such session"
+        if client.user_id not in session.members:
+            return "not a member of this session"
+        if change and session.kind == "direct":
+            return f"a direct session cannot be {change}"
+        return session
 
     def _write(self, run, done, failed) -> str | None:
         """Queue a store job; the refusal text if the writer cannot take it."""
