@@ -216,8 +216,7 @@ class GradAgenda(Protocol):
 
     def _act(self, action: _Action) -> list[Output]:
         if isinstance(action, Authenticate) and self.authenticated:
-            return [Send(dumps(StatusResponse(cdid=action.cdid, status="failed",
-                                              message="already authenticated")))]
+            return self._fail(action.cdid, "already authenticated")
         if not self.authenticated and not isinstance(action, Authenticate):
             return self._fail(action.cdid, "authenticate first")
         bad = _bad_name(action)
