@@ -65,6 +65,8 @@ class Server:
         self.stopped = trio.Event()
         self._listen_scope = trio.CancelScope()
         self._keepalive_scope = trio.CancelScope()
+        #: Handshakes under way, cancelled at shutdown.
+        self._handshakes: set[trio.CancelScope] = set()
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -97,6 +99,8 @@ class Server:
                     log.info("shutting down: closing %d connections", len(self.connections))
                     self._listen_scope.cancel()
                     self._keepalive_scope.cancel()
+                    for handshake in list(self._handshakes):
+                        handshake.cancel()
                     for connection in list(self.connections):
                         connection.client.kill(1001, "server shutdown")
                     connections.cancel_scope.deadline = trio.current_time() + config.shutdown_timeout
@@ -154,8 +158,14 @@ class Server:
                         reader_done.set()
 
                 nursery.start_soon(read)
-                request = await _first_request(connection, reader_done,
-                                               self.config.handshake_timeout)
+                request = None
+                with trio.CancelScope() as handshake:
+                    self._handshakes.add(handshake)
+                    if self._stopping.is_set():
+                        handshake.cancel()
+                    request = await _first_request(connection, reader_done,
+                                                   self.config.handshake_timeout)
+                self._handshakes.discard(handshake)
                 if request is None:
                     log.info("%s no WebSocket handshake", peer)
                 elif refusal is not None:

@@ -28,7 +28,8 @@ import os
 import struct
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
+from wsproto.events import CloseConnection
 from wsproto.connection import ConnectionState
 
 _OPCODE_TEXT_FIN = 0x81
@@ -44,6 +45,26 @@ async def _pong_unless_closing(self: WebSocketConnection, event) -> None:
 
 
 WebSocketConnection._handle_ping_event = _pong_unless_closing
+
+_library_close_handler = WebSocketConnection._handle_close_connection_event
+
+
+async def _close_with_the_violation_code(self: WebSocketConnection, event) -> None:
+    # wsproto reports a violation it finds in the client's frames (bad
+    # UTF-8: 1007, bad framing: 1002) as a CloseConnection event while the
+    # connection is still OPEN, as if the peer had closed. trio-websocket
+    # then drops the TCP connection without a close frame, and the client
+    # sees 1006 instead of the code that tells it what it did wrong.
+    if self._wsproto.state is ConnectionState.OPEN:
+        self._close_reason = CloseReason(event.code, event.reason or None)
+        try:
+            await self._send(CloseConnection(code=event.code, reason=event.reason))
+        except ConnectionClosed:
+            pass
+    await _library_close_handler(self, event)
+
+
+WebSocketConnection._handle_close_connection_event = _close_with_the_violation_code
 
 
 def text_frame(payload: bytes) -> bytes:

@@ -20,15 +20,6 @@ from tests.test_faults import chat_message, raw_multichat
 LIMIT = 256
 PATHS = ["/multichat", "/socialvp", "/wschat", "/wcp", "/gradagenda"]
 
-# wsproto reports a violation it detects (bad UTF-8, bad framing) as a
-# CloseConnection event without changing state; trio-websocket 0.12 then
-# drops the TCP connection without the close frame that carries the code,
-# so the client sees 1006. Fix: answer such an event with a close frame of
-# its code (a patch beside _pong_unless_closing in chatd/transport.py).
-CODE_LOST = pytest.mark.xfail(strict=True, reason="trio-websocket drops the connection "
-                              "without sending the 1002/1007 close frame (docs/security.md)")
-
-
 def sized_message(size: int, char: str = "x") -> bytes:
     """A multichat client-message of exactly ``size`` UTF-8 bytes, mostly ``char``."""
     room = size - len(chat_message("").encode())
@@ -120,7 +111,6 @@ CAFE = chat_message("café").encode()  # "é" is b"\xc3\xa9"
 SPLIT = CAFE.index(b"\xa9")
 
 
-@CODE_LOST
 @pytest.mark.parametrize("fragmented", [
     text(CAFE[:SPLIT], fin=False) + frame(CONTINUATION, b"(" + CAFE[SPLIT + 1:]),
     text(CAFE[:SPLIT]),
@@ -159,7 +149,6 @@ def unmasked(opcode: int, payload: bytes) -> bytes:
     return bytes((0x80 | opcode, len(payload))) + payload
 
 
-@CODE_LOST
 @pytest.mark.parametrize("violation", [
     unmasked(TEXT, chat_message("hi").encode()),
     bytes((0x80 | 0x40 | TEXT,)) + frame(TEXT, b"{}")[1:],  # RSV1 without an extension
