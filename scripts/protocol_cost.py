@@ -8,7 +8,10 @@ per second for each case. Every case delivers the same number of frames;
 what changes is how many encodings and frames the router builds per
 message (one per protocol present). Besides the wall-clock rate (which
 includes these clients, on the same machine) it reports the server
-process's own CPU time per delivery, read from ``/proc`` (Linux).
+process's own CPU time per delivery, read from ``/proc`` (Linux), and the
+time the lobby's fan-out alone takes per message, measured in process
+without sockets (encode and frame once per protocol, then one outbox
+hand-off per recipient).
 
     python scripts/protocol_cost.py --receivers 100 --messages 2000
 
@@ -32,6 +35,11 @@ import time
 from pathlib import Path
 
 import trio
+
+from chatd.client import Client
+from chatd.events import Join, Publish
+from chatd.lobby import Lobby
+from chatd.protocols import PROTOCOL_CLASSES
 
 PROTOCOLS = ("multichat", "socialvp", "wschat", "wcp")
 SECRET = "protocol-cost-secret"
@@ -216,6 +224,34 @@ async def measure(port: int, server_pid: int, protocols: tuple[str, ...], receiv
     return deliveries / elapsed, cpu * 1e6 / deliveries
 
 
+# --- the router's fan-out alone ------------------------------------------------------
+
+
+def router_fanout(protocols: tuple[str, ...], receivers: int, messages: int) -> float:
+    """Microseconds the lobby spends per published message (encode, frame,
+    hand to every outbox), in process and without sockets."""
+    lobby = Lobby()
+    inboxes = []
+
+    def client(protocol: str, name: str) -> Client:
+        cls = PROTOCOL_CLASSES[protocol]
+        send, receive = trio.open_memory_channel(messages + 10)
+        inboxes.append(receive)
+        joined = Client(cls, "lobby", "bench", f"/{protocol}", send)
+        named = protocol in ("socialvp", "wcp")
+        lobby.join(Join(client=joined, name=name, register=named, announce=named))
+        return joined
+
+    for i in range(receivers):
+        client(protocols[i % len(protocols)], f"r{i}")
+    sender = client("multichat", "sender")
+    commands = [Publish(client=sender, payload="x" * 64) for _ in range(messages)]
+    start = time.perf_counter()
+    for command in commands:
+        lobby.publish(command)
+    return (time.perf_counter() - start) * 1e6 / messages
+
+
 # --- the server -------------------------------------------------------------------
 
 
@@ -250,15 +286,18 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen, int, object]:
 async def main_async(args: argparse.Namespace, port: int, server_pid: int) -> None:
     print(f"{args.receivers} receivers, {args.messages} messages of 64 characters, "
           f"window {args.window}, best of {args.repeat}")
-    print(f"{'protocols':<34} {'deliveries/s':>12} {'server CPU us/delivery':>23}")
+    print(f"{'protocols':<34} {'deliveries/s':>12} {'server CPU us/delivery':>23} "
+          f"{'router us/message':>18}")
     for k in range(1, len(PROTOCOLS) + 1):
         protocols = PROTOCOLS[:k]
         runs = [await measure(port, server_pid, protocols, args.receivers, args.messages,
                               args.window)
                 for _ in range(args.repeat)]
+        router = min(router_fanout(protocols, args.receivers, args.messages)
+                     for _ in range(args.repeat))
         rate = max(r for r, _ in runs)
         cpu = min(c for _, c in runs)
-        print(f"{', '.join(protocols):<34} {rate:>12,.0f} {cpu:>23.2f}")
+        print(f"{', '.join(protocols):<34} {rate:>12,.0f} {cpu:>23.2f} {router:>18.1f}")
 
 
 def main() -> None:
