@@ -223,7 +223,7 @@ def check_outputs(p: GradAgenda, text: str, was_authenticated: bool) -> list:
     return outputs
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(fuzz_frames, max_size=6))
 def test_fuzzed_frames_before_and_after_authentication(texts):
     for p in (protocol(), logged_in()):
