@@ -74,8 +74,15 @@ def serve_forever(config: Config) -> int:
     logging.getLogger("trio-websocket").setLevel(logging.WARNING)
     try:
         trio.run(_serve_until_signal, config)
-    except OSError as exc:
-        logging.getLogger("chatd").error("cannot start: %s", exc)
+    except BaseExceptionGroup as group:
+        # A port in use, a missing certificate, an unwritable store: one
+        # clear line for the operator instead of a traceback.
+        errors, rest = group.split((OSError, RuntimeError))
+        if errors is None or rest is not None:
+            raise
+        while isinstance(errors, BaseExceptionGroup):
+            errors = errors.exceptions[0]
+        logging.getLogger("chatd").error("cannot start: %s", errors)
         return 1
     return 0
 

@@ -157,3 +157,16 @@ def test_the_example_config_is_valid_and_names_every_key():
     keys = set(json.loads(example.read_text()))
     every = {f.encode_name for f in msgspec.structs.fields(Config)}
     assert every - keys <= {"wss"}, "config.json.example must show every key"
+
+
+def test_a_port_in_use_is_one_clear_line_and_exit_1(tmp_path):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--host", f"127.0.0.1:{port}", "--store",
+                         str(tmp_path / "c.db"), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "cannot start: [Errno 98] Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
