@@ -111,3 +111,41 @@ async def test_unknown_path_is_rejected_404(chat):
         async with open_websocket_url(chat.url("/nowhere")):
             pass
     assert info.value.status_code == 404
+
+
+# --- the decoder, fuzzed without sockets ------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from chatd.events import Join, Publish  # noqa: E402
+from chatd.protocols.base import Close, Context  # noqa: E402
+from chatd.protocols.multichat import Multichat  # noqa: E402
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12)
+frames = st.text(max_size=200) | json_values.map(json.dumps) | st.fixed_dictionaries(
+    {"action": st.sampled_from(["register", "client-message", "forwarding-message", "x"])},
+    optional={"client-name": json_values, "secret-key": st.just(SECRET) | json_values,
+              "content": json_values}).map(json.dumps)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(frames, min_size=1, max_size=6))
+def test_any_frame_sequence_gets_only_the_documented_outputs(texts):
+    protocol = Multichat(Context(secret_key=SECRET))
+    for text in texts:
+        outputs = protocol.receive(text)
+        if not protocol.authenticated:
+            # Before registering: a register becomes a Join, anything else closes 1008.
+            assert len(outputs) == 1
+            if isinstance(outputs[0], Join):
+                protocol.on_result(outputs[0], True)
+            else:
+                assert isinstance(outputs[0], Close) and outputs[0].code == 1008
+                return
+        else:
+            # After: a non-empty client-message is published, the rest ignored.
+            assert outputs == [] or (len(outputs) == 1 and isinstance(outputs[0], Publish)
+                                     and outputs[0].payload)
