@@ -82,7 +82,7 @@ async def test_wcp_message_reaches_every_protocol_but_its_sender(chat):
 async def test_names_are_shared_between_socialvp_and_wcp(chat):
     await chat.start()
     await socialvp(chat, "alice")
-    await wcp(chat, "bob")
+    bob = await wcp(chat, "bob")
     w = await chat.connect("/wcp")
     await w.send({"type": "user_joined", "user_id": "alice", "display_name": "Alice"})
     assert await w.recv() == {"type": "error", "message": "user_id already in use"}
@@ -94,6 +94,7 @@ async def test_names_are_shared_between_socialvp_and_wcp(chat):
     await chat.multichat("alice")
     await socialvp(chat, "carol")
     await chat.multichat("carol")
+    assert (await bob.recv())["user_id"] == "carol"
 
 
 async def test_wcp_sees_socialvp_joins_and_leaves_and_socialvp_sees_wcp_quit(chat):
@@ -123,6 +124,7 @@ async def test_socialvp_message_to_a_wcp_user_arrives_with_to(chat):
     # Only wendy: otto's next frame is a later broadcast.
     await s.send({"command": "broadcast", "message": "all"})
     assert wcp_view(await other.recv()) == {"type": "message", "user_id": "sam", "data": "all"}
+    assert wcp_view(await w.recv()) == {"type": "message", "user_id": "sam", "data": "all"}
 
 
 async def test_rooms_are_isolated(chat):
@@ -163,3 +165,16 @@ async def test_rooms_are_isolated(chat):
     assert (await red_mc.recv())["content"] == "red again"
     assert (await red_w.recv())["data"] == "red again"
     assert wschat_view(await red_ws.recv())[1] == "red again"
+
+
+async def test_wcp_sees_a_socialvp_rename_as_leave_then_join(chat):
+    await chat.start()
+    w = await wcp(chat, "wendy")
+    s = await socialvp(chat, "sam")
+    assert (await w.recv())["user_id"] == "sam"
+    await s.send({"command": "identify", "name": "samuel"})
+    assert (await s.recv())["code"] == 300
+    assert await w.recv() == {"type": "user_left", "user_id": "sam"}
+    assert await w.recv() == {"type": "user_joined", "user_id": "samuel", "display_name": "samuel"}
+    await s.send({"command": "message", "to": "wendy", "message": "new name"})
+    assert (await w.recv())["user_id"] == "samuel"

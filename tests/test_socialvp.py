@@ -114,6 +114,7 @@ async def test_broadcast_reaches_other_identified_clients_only(chat, payload):
     # No success answer, no echo: alice's and the stranger's next frames are later ones.
     await bob.send({"command": "broadcast", "message": "second"})
     assert await alice.recv() == {"type": "broadcast", "from": "bob", "message": "second"}
+    assert await carol.recv() == {"type": "broadcast", "from": "bob", "message": "second"}
     await stranger.send({"command": "broadcast", "message": "me too"})
     assert await stranger.recv() == IDENTIFY_FIRST
 

@@ -51,6 +51,7 @@ async def test_message_is_relayed_with_the_bound_user_id_and_client_timestamp(ch
     await bob.send({"type": "message", "data": "hi", "timestamp": 1.5})
     assert await alice.recv() == {"type": "message", "user_id": "bob", "data": "hi",
                                   "timestamp": 1.5}
+    assert (await carol.recv())["data"] == "hi"
 
 
 async def test_message_without_timestamp_gets_the_server_time_in_seconds(chat):
@@ -77,6 +78,7 @@ async def test_user_left_is_relayed_and_the_connection_closes_normally(chat):
     assert await bob.closed() == 1000
     # The user_id is free again.
     await wcp(chat, "bob")
+    assert (await alice.recv())["type"] == "user_joined"
 
 
 async def test_user_left_for_someone_else_is_refused(chat):

@@ -93,6 +93,7 @@ async def test_with_jwt_configured_exp_is_not_required_nor_enforced(chat):
     await talker.send({"usr": "ann", "msg": "no exp", "jwt": mint(JWT_SECRET, "ann", ttl=None)})
     await talker.send({"usr": "ann", "msg": "expired", "jwt": mint(JWT_SECRET, "ann", ttl=-60)})
     assert [(await listener.recv())["msg"] for _ in range(2)] == ["no exp", "expired"]
+    assert [(await talker.recv())["msg"] for _ in range(2)] == ["no exp", "expired"]
 
 
 async def test_jwt_is_ignored_when_none_is_configured(chat):
