@@ -72,8 +72,9 @@ def loadtest(server: str, args: argparse.Namespace, cpus: tuple[str, str],
 def others(result: dict) -> float:
     """CPU (% of a core) that processes other than the server and the client
     used during the run: a busy machine makes the run say little."""
-    server, client, host = result["server"], result["client"], result["host"]
-    return host["busy_pct"] - client["cpu_pct"] - (server["cpu_pct"] or 0)
+    host = result["host"]
+    return (host["busy_pct"] - result["client"]["cpu_pct"] - host["parent_pct"]
+            - (result["server"]["cpu_pct"] or 0))
 
 
 def quiet_run(server: str, args: argparse.Namespace, cpus: tuple[str, str],
