@@ -19,7 +19,7 @@ from chatd.config import Config, EndpointConfig, default_config
 from chatd.server import Server
 
 SECRET = "test-secret"
-JWT_SECRET = "test-jwt-secret"
+JWT_SECRET = "test-jwt-secret-of-at-least-32-bytes"
 # A guard against a hung test, never a timing assertion.
 GUARD = 10
 
@@ -91,6 +91,9 @@ class Harness:
 
 
 async def _open(url: str, kwargs: dict, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    # A roomy queue, so a client that a test stops reading still answers
+    # the server's close frame at shutdown.
+    kwargs.setdefault("message_queue_size", 64)
     async with open_websocket_url(url, **kwargs) as ws:
         task_status.started(ws)
         await trio.sleep_forever()
