@@ -15,7 +15,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from chatd.config import Config, EndpointConfig, default_config
+from chatd.config import Config, default_config
 from chatd.server import Server
 
 SECRET = "test-secret"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import random
 
-import pytest
 import trio
 
 from tests.abuse import no_rate_limits, no_tracebacks, still_serving  # noqa: F401 (fixture)

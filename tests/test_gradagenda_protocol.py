@@ -6,9 +6,10 @@ import json
 from typing import Any
 
 import msgspec
-import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from tests.strategies import draw, json_values
 
 from chatd.events import (
     Command, CreateSession, DirectSessionInfo, ListSessions, Login, Logout, ReadHistory, Request,
@@ -156,13 +157,6 @@ def test_batch_frames_keep_order_and_fit_the_limit(sizes, limit):
 
 # --- fuzzing -----------------------------------------------------------------------------
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
-    max_leaves=8,
-)
 ACTIONS = ["authenticate", "request-direct-session-info", "request-mutable-session-creation",
            "request-mutable-session-modification", "request-mutable-session-deletion",
            "request-mutable-session-listing", "request-sending-a-message",
@@ -233,18 +227,6 @@ def test_fuzzed_frames_before_and_after_authentication(texts):
                 break
 
 
-def draw(strategy: st.SearchStrategy, n: int) -> list:
-    """``n`` examples from hypothesis, for a test that reuses one server."""
-    drawn: list = []
-
-    @settings(max_examples=n, database=None, phases=[Phase.generate], deadline=None,
-              suppress_health_check=list(HealthCheck))
-    @given(strategy)
-    def collect(example):
-        drawn.append(example)
-
-    collect()
-    return drawn
 
 
 ANSWER_TYPES = {"status-response", "providing-session-info", "message-broadcast",

@@ -13,8 +13,10 @@ import json
 from typing import Any
 
 import msgspec
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+
+from tests.strategies import draw, json_values
 
 from chatd.events import Command, Direct, Join, Leave, Message, Publish, Request, UserJoined, UserLeft
 from chatd.protocols.base import Close, Context, Send, valid_name
@@ -25,12 +27,6 @@ from tests.lobby_peers import socialvp, wcp, wschat
 
 # --- what the fuzzers send ---------------------------------------------------------
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=8,
-)
 names = st.sampled_from(["alice", "bob", "peer", "watcher", "nobody", ""]) | json_values
 
 
@@ -71,18 +67,6 @@ def frames(*objects: st.SearchStrategy[dict]) -> st.SearchStrategy[str]:
     return texts.filter(lambda t: len(t.encode()) <= 4096)
 
 
-def draw(strategy: st.SearchStrategy, n: int) -> list:
-    """``n`` examples from hypothesis, for a test that must reuse one connection."""
-    drawn: list = []
-
-    @settings(max_examples=n, database=None, phases=[Phase.generate], deadline=None,
-              suppress_health_check=list(HealthCheck))
-    @given(strategy)
-    def collect(example):
-        drawn.append(example)
-
-    collect()
-    return drawn
 
 
 def parsed(text: str) -> Any:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import open_websocket_url
 
 from tests.conftest import SECRET
 
@@ -120,11 +119,8 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 from chatd.events import Join, Publish  # noqa: E402
 from chatd.protocols.base import Close, Context  # noqa: E402
 from chatd.protocols.multichat import Multichat  # noqa: E402
+from tests.strategies import json_values  # noqa: E402
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
-    max_leaves=12)
 frames = st.text(max_size=200) | json_values.map(json.dumps) | st.fixed_dictionaries(
     {"action": st.sampled_from(["register", "client-message", "forwarding-message", "x"])},
     optional={"client-name": json_values, "secret-key": st.just(SECRET) | json_values,

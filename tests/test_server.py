@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import ssl
 
-import pytest
 import trio
 import trustme
 from wsproto.events import CloseConnection, Ping, TextMessage
@@ -13,7 +12,7 @@ from wsproto.events import CloseConnection, Ping, TextMessage
 from chatd.config import Config, EndpointConfig, Wss
 from chatd.protocols.multichat import Multichat
 from chatd.server import Mount
-from tests.conftest import SECRET, Peer
+from tests.conftest import SECRET
 from tests.rawws import RawClient
 
 
