@@ -73,8 +73,9 @@ def others(result: dict) -> float:
     """CPU (% of a core) that processes other than the server and the client
     used during the run: a busy machine makes the run say little."""
     host = result["host"]
-    return (host["busy_pct"] - result["client"]["cpu_pct"] - host["parent_pct"]
-            - (result["server"]["cpu_pct"] or 0))
+    # A process's own CPU time may include interrupts it served.
+    return max(0.0, host["busy_pct"] + host["interrupts_pct"] - result["client"]["cpu_pct"]
+               - host["parent_pct"] - (result["server"]["cpu_pct"] or 0))
 
 
 def quiet_run(server: str, args: argparse.Namespace, cpus: tuple[str, str],

@@ -1633,6 +1633,7 @@ class Run:
                        "system_pct": round(100 * cpu_system / seconds, 1),
                        "worker_cpu_pct": per_worker},
             "host": host,
+            "pinned": {"server": cpu_list(args.server_cpus), "client": cpu_list(args.cpus)},
             "timeline": timeline,
         }
 
@@ -1644,8 +1645,9 @@ def others_pct(r: dict[str, Any]) -> float:
     """CPU (% of a core) used during the window by other processes than the
     server and this test: another load on the machine skews the result."""
     host, server = r["host"], r["server"] or {}
-    return (host["busy_pct"] - r["client"]["cpu_pct"] - host["parent_pct"]
-            - (server.get("cpu_pct") or 0))
+    # A process's own CPU time may include interrupts it served.
+    return max(0.0, host["busy_pct"] + host["interrupts_pct"] - r["client"]["cpu_pct"]
+               - host["parent_pct"] - (server.get("cpu_pct") or 0))
 
 
 def summary_table(r: dict[str, Any]) -> str:
@@ -1706,8 +1708,10 @@ def summary_table(r: dict[str, Any]) -> str:
         lines.append("  note: messages went missing. chatd drops a connection's frames beyond "
                      "its message-rate (default 100/s): lift it in the server's config, or "
                      "pace with --rate")
-    if max(client["worker_cpu_pct"]) > 85:
-        lines.append("  warning: a client worker was above 85% of a core, so these numbers may "
+    busy = host["cpu_busy_pct"]
+    client_cores = [busy[c] for c in r["pinned"]["client"] or () if c < len(busy)]
+    if max(client["worker_cpu_pct"]) > 85 or (client_cores and max(client_cores) >= 95):
+        lines.append("  warning: the client was near a full core, so these numbers may "
                      "measure the client; add --workers (or cores)")
     return "\n".join(lines)
 
