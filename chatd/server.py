@@ -149,22 +149,24 @@ class Server:
                 connection = WebSocketConnection(
                     stream, WSConnection(ConnectionType.SERVER), message_queue_size=4,
                     max_message_size=self.config.max_frame_bytes, receive_buffer_size=None)
-                reader_done = trio.Event()
+                # Waiting for the upgrade request ends when it comes, when
+                # handshake-timeout passes, at shutdown, or when the reader
+                # gives up on bad TLS or HTTP (it then never comes).
+                handshake = trio.move_on_after(self.config.handshake_timeout)
 
                 async def read() -> None:
                     try:
                         await connection._reader_task()
                     finally:
-                        reader_done.set()
+                        handshake.cancel()
 
                 nursery.start_soon(read)
                 request = None
-                with trio.CancelScope() as handshake:
+                with handshake:
                     self._handshakes.add(handshake)
                     if self._stopping.is_set():
                         handshake.cancel()
-                    request = await _first_request(connection, reader_done,
-                                                   self.config.handshake_timeout)
+                    request = await connection._get_request()
                 self._handshakes.discard(handshake)
                 if request is None:
                     log.info("%s no WebSocket handshake", peer)
@@ -265,28 +267,6 @@ class Server:
         if self.config.allowed_origins is None:
             log.warning("allowed-origins is not set: any web page can open a WebSocket "
                         "to chatd (docs/security.md)")
-
-
-async def _first_request(connection: WebSocketConnection, reader_done: trio.Event,
-                         timeout: float) -> WebSocketRequest | None:
-    """The upgrade request, or None if the reader gave up (bad TLS or HTTP)
-    or ``timeout`` passed first."""
-    request = None
-    async with trio.open_nursery() as nursery:
-        nursery.cancel_scope.deadline = trio.current_time() + timeout
-
-        async def get() -> None:
-            nonlocal request
-            request = await connection._get_request()
-            nursery.cancel_scope.cancel()
-
-        async def gone() -> None:
-            await reader_done.wait()
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(get)
-        nursery.start_soon(gone)
-    return request
 
 
 def _peer_address(stream: trio.abc.Stream) -> tuple[str, str]:
