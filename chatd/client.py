@@ -25,21 +25,24 @@ _ids = itertools.count(1)
 class Client:
     __slots__ = (
         "id", "protocol", "room", "name", "display_name", "peer", "path",
-        "outbox", "scope", "close_code", "close_reason", "user_id",
+        "outbox", "outbox_receive", "outbox_size", "scope", "close_code", "close_reason", "user_id",
         "device_id", "write_scope", "grace", "writer", "writer_idle",
         "writer_running", "spawn_writer",
         "__weakref__",
     )
 
     def __init__(self, protocol: type[Protocol], room: str, peer: str,
-                 path: str, outbox: trio.MemorySendChannel[bytes | object],
-                 grace: float = 2.0) -> None:
+                 path: str, outbox_size: int, grace: float = 2.0) -> None:
         self.id = next(_ids)
         self.protocol = protocol
         self.room = room
         self.peer = peer
         self.path = path
-        self.outbox = outbox
+        #: The bounded outbox, opened when a frame first has to wait (most
+        #: connections never need one: see ``deliver``).
+        self.outbox: trio.MemorySendChannel[bytes | object] | None = None
+        self.outbox_receive: trio.MemoryReceiveChannel[bytes | object] | None = None
+        self.outbox_size = outbox_size
         self.name: str | None = None
         self.display_name: str | None = None
         self.user_id: str | None = None    # GradAgenda account
@@ -72,6 +75,10 @@ class Client:
                 return False
             if wrote is Wrote.PARTIAL:
                 frame = b""  # wakes the writer task, which sends the rest first
+        if self.outbox is None:
+            if self.close_code is not None:
+                return False
+            self.outbox, self.outbox_receive = trio.open_memory_channel(self.outbox_size)
         try:
             self.outbox.send_nowait(frame)
         except trio.WouldBlock:

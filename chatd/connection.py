@@ -32,12 +32,10 @@ log = logging.getLogger("chatd.connection")
 
 class Connection:
     def __init__(self, ws: WebSocketConnection, protocol: Protocol, client: Client,
-                 outbox: trio.MemoryReceiveChannel[bytes | Close], router: Router,
-                 config: Config) -> None:
+                 router: Router, config: Config) -> None:
         self.ws = ws
         self.protocol = protocol
         self.client = client
-        self.outbox = outbox
         self.router = router
         self.config = config
         self.closing = False
@@ -50,16 +48,16 @@ class Connection:
         #: True if a write was cut off mid-frame: no close frame may follow.
         self.stream_broken = False
 
-    async def run(self) -> None:
+    async def run(self, nursery: trio.Nursery) -> None:
+        """Serve the connection; ``nursery`` (the connection's own, which
+        the server cancels afterwards) runs the writer task when needed."""
         client = self.client
+        # The writer task runs only while frames wait in the outbox: most
+        # writes need none (see transport.py).
+        client.spawn_writer = lambda: nursery.start_soon(self._write_loop)
         try:
             with client.scope:
-                async with trio.open_nursery() as nursery:
-                    # The writer task runs only while frames wait in the
-                    # outbox (most writes need none: see transport.py).
-                    client.spawn_writer = lambda: nursery.start_soon(self._write_loop)
-                    await self._read_loop()
-                    nursery.cancel_scope.cancel()
+                await self._read_loop()
         except Exception:
             # A bug here must end this connection alone, with 1011.
             log.exception("%s connection task failed", client.peer)
@@ -163,7 +161,7 @@ class Connection:
     async def _write_loop(self) -> None:
         client = self.client
         writer = client.writer
-        receive_nowait = self.outbox.receive_nowait
+        receive_nowait = client.outbox_receive.receive_nowait
         while True:
             try:
                 item = receive_nowait()
@@ -177,12 +175,12 @@ class Connection:
                 if isinstance(item, Close):
                     if batch:
                         await self._write(writer, b"".join(batch))
-                    self.client.kill(item.code, item.reason)
-                    await trio.sleep_forever()
+                    client.kill(item.code, item.reason)
+                    return
                 batch.append(item)
                 try:
                     item = receive_nowait()
-                except trio.WouldBlock:
+                except (trio.WouldBlock, trio.EndOfChannel):
                     break
             await self._write(writer, batch[0] if len(batch) == 1 else b"".join(batch))
 
@@ -209,7 +207,11 @@ class Connection:
 
     async def _finish(self) -> None:
         client = self.client
-        self.outbox.close()
+        if client.outbox is not None:
+            client.outbox.close()
+        if client.write_scope is not None:  # no close frame waits for ever
+            client.write_scope.deadline = min(client.write_scope.deadline,
+                                              trio.current_time() + self.config.close_timeout)
         goodbye: list[Command] = [*self.protocol.on_disconnect(), Leave()]
         try:
             for command in goodbye:
@@ -230,7 +232,6 @@ class Connection:
 
 def make_connection(ws: WebSocketConnection, protocol_cls: type[Protocol], ctx, room: str,
                     peer: str, path: str, router: Router, config: Config) -> tuple[Connection, Client]:
-    send, receive = trio.open_memory_channel[bytes | Close](config.outbox_size)
-    client = Client(protocol_cls, room, peer, path, send, grace=config.close_timeout)
+    client = Client(protocol_cls, room, peer, path, config.outbox_size, grace=config.close_timeout)
     client.writer = FrameWriter(ws)
-    return Connection(ws, protocol_cls(ctx), client, receive, router, config), client
+    return Connection(ws, protocol_cls(ctx), client, router, config), client

@@ -174,7 +174,7 @@ class Server:
                     log.warning("%s refused with %d: %s", peer, refusal.status, refusal.reason)
                     await request.reject(refusal.status, body=refusal.reason.encode() + b"\n")
                 else:
-                    await self._handle_request(request, peer)
+                    await self._handle_request(request, peer, nursery)
                 nursery.cancel_scope.cancel()
         except Exception:
             log.exception("%s connection failed", peer)
@@ -191,7 +191,8 @@ class Server:
         allowed = self.config.allowed_origins
         return allowed is None or origin in allowed
 
-    async def _handle_request(self, request: WebSocketRequest, peer: str) -> None:
+    async def _handle_request(self, request: WebSocketRequest, peer: str,
+                              nursery: trio.Nursery) -> None:
         path = request.path.partition("?")[0]
         mount = self.mounts.get(path)
         if mount is None:
@@ -208,7 +209,7 @@ class Server:
         log.info("%s connected to %s (%s)", peer, path, mount.protocol.name)
         self.connections.add(connection)
         try:
-            await connection.run()
+            await connection.run(nursery)
         finally:
             self.connections.discard(connection)
 
