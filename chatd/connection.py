@@ -38,13 +38,18 @@ class Connection:
         self.client = client
         self.router = router
         self.config = config
-        self.closing = False
+        #: The protocol's close, once queued behind earlier frames.
+        self.closing: Close | None = None
         self.bucket = TokenBucket(config.message_rate, config.message_burst, trio.current_time())
         #: Frames dropped by the rate limit since the last one accepted.
         self.dropped = 0
         #: When the last frame arrived, for the keepalive.
         self.last_heard = trio.current_time()
         self.pinging = False
+        #: The keepalive ping under way, cancelled when the connection ends
+        #: (trio-websocket never wakes a pending ping on close).
+        self.ping_scope: trio.CancelScope | None = None
+        self.ended = False
         #: True if a write was cut off mid-frame: no close frame may follow.
         self.stream_broken = False
 
@@ -84,8 +89,12 @@ class Connection:
 
     async def _receive_one(self) -> bool:
         """Handle one frame; False once the peer has gone or closed."""
-        if self.closing:
-            await trio.sleep_forever()  # the writer is flushing, then kills us
+        if self.closing is not None:
+            # The writer is flushing what precedes the close and then kills
+            # us; a client that stopped reading gets close-timeout for it.
+            await trio.sleep(self.config.close_timeout)
+            self.client.kill(self.closing.code, self.closing.reason)
+            await trio.lowlevel.checkpoint()
         try:
             message = await self.ws.get_message()
         except ConnectionClosed:
@@ -124,8 +133,13 @@ class Connection:
         """Ping (the server's keepalive sweep calls this for a silent
         connection); no pong within ping-timeout closes it 1011."""
         try:
-            with trio.move_on_after(self.config.ping_timeout) as scope:
-                await self.ws.ping()
+            with trio.CancelScope() as self.ping_scope:
+                if self.ended:
+                    return
+                with trio.move_on_after(self.config.ping_timeout) as scope:
+                    await self.ws.ping()
+            if self.ping_scope.cancelled_caught:
+                return
             if scope.cancelled_caught:
                 log.info("%s closed: no pong within %gs", self.client.peer,
                          self.config.ping_timeout)
@@ -142,7 +156,7 @@ class Connection:
             if isinstance(out, Send):
                 self._queue(text_frame(out.data))
             elif isinstance(out, Close):
-                self.closing = True
+                self.closing = out
                 self._queue(out)
             elif isinstance(out, Request):
                 out.client = self.client
@@ -207,6 +221,9 @@ class Connection:
 
     async def _finish(self) -> None:
         client = self.client
+        self.ended = True
+        if self.ping_scope is not None:
+            self.ping_scope.cancel()
         if client.outbox is not None:
             client.outbox.close()
         if client.write_scope is not None:  # no close frame waits for ever

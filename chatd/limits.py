@@ -51,6 +51,10 @@ class ConnectionLedger:
     total: int = 0
     per_ip: dict[str, int] = field(default_factory=dict)
     buckets: dict[str, TokenBucket] = field(default_factory=dict)
+    #: Refused handshakes still being answered, per address: bounded too,
+    #: or refusals themselves would hold unbounded sockets.
+    refusing: dict[str, int] = field(default_factory=dict)
+    refusing_total: int = 0
 
     def admit(self, ip: str, now: float) -> Refusal | None:
         """Count a new connection from ``ip``, or say why it is refused."""
@@ -68,6 +72,24 @@ class ConnectionLedger:
         self.total += 1
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         return None
+
+    def hold_refusal(self, ip: str) -> bool:
+        """Count a refused handshake that will be answered; False if this
+        address already has as many as it may have connections."""
+        held = self.refusing.get(ip, 0)
+        if held >= self.max_per_ip or self.refusing_total >= self.max_total:
+            return False
+        self.refusing[ip] = held + 1
+        self.refusing_total += 1
+        return True
+
+    def release_refusal(self, ip: str) -> None:
+        self.refusing_total -= 1
+        left = self.refusing[ip] - 1
+        if left:
+            self.refusing[ip] = left
+        else:
+            del self.refusing[ip]
 
     def release(self, ip: str) -> None:
         self.total -= 1

@@ -138,6 +138,11 @@ class Server:
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
         ip, peer = _peer_address(stream)
         refusal = self.ledger.admit(ip, trio.current_time())
+        if refusal is not None and not self.ledger.hold_refusal(ip):
+            # Already answering as many refusals for this address as it may
+            # have connections: drop this one without a word.
+            await trio.aclose_forcefully(stream)
+            return
         socket_stream = getattr(stream, "transport_stream", stream)
         if isinstance(socket_stream, trio.SocketStream):
             # Reap half-open TCP connections even where pings are off.
@@ -152,7 +157,9 @@ class Server:
                 # Waiting for the upgrade request ends when it comes, when
                 # handshake-timeout passes, at shutdown, or when the reader
                 # gives up on bad TLS or HTTP (it then never comes).
-                handshake = trio.move_on_after(self.config.handshake_timeout)
+                # A refused client gets a short wait: it only earns a 429/503.
+                timeout = self.config.handshake_timeout
+                handshake = trio.move_on_after(timeout if refusal is None else min(timeout, 1.0))
 
                 async def read() -> None:
                     try:
@@ -181,6 +188,8 @@ class Server:
         finally:
             if refusal is None:
                 self.ledger.release(ip)
+            else:
+                self.ledger.release_refusal(ip)
             await trio.aclose_forcefully(stream)
 
     def _origin_allowed(self, request: WebSocketRequest) -> bool:
@@ -208,6 +217,8 @@ class Server:
                                              path, self.router, self.config)
         log.info("%s connected to %s (%s)", peer, path, mount.protocol.name)
         self.connections.add(connection)
+        if self._stopping.is_set():
+            client.kill(1001, "server shutdown")
         try:
             await connection.run(nursery)
         finally:

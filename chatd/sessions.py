@@ -177,7 +177,9 @@ class Sessions:
                 Router.resolve(request, session.info("unchanged"))
 
         def failed() -> None:
+            # Not on disk: forget it, so nobody is told it exists.
             waiting, session.waiting = session.waiting or [], None
+            self._remove(session)
             for request in waiting:
                 Router.resolve(request, STORE_FAILED)
 

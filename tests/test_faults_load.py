@@ -232,3 +232,16 @@ async def test_a_read_only_database_fails_sends_clearly_and_lobbies_keep_working
     assert [r.name for r in errors] == ["chatd.store"]
     assert "readonly" in str(errors[0].exc_info[1])
     caplog.clear()  # expected: not a traceback for no_tracebacks to report
+
+
+async def test_a_direct_session_that_failed_to_store_is_not_reported_to_exist(chat, caplog):
+    server = await chat.start()
+    alice = await login(chat, "alice")
+    bob = await login(chat, "bob")
+    server.store.db.execute("PRAGMA query_only=ON")
+    await alice.send({"type": "request-direct-session-info", "cdid": "d1", "user-id": "bob"})
+    assert "storage unavailable" in await failed(alice, "d1")
+    # Bob asking for the same pair must not be told it exists.
+    await bob.send({"type": "request-direct-session-info", "cdid": "d2", "user-id": "alice"})
+    assert "storage unavailable" in await failed(bob, "d2")
+    caplog.clear()  # the store's logged cause is expected here

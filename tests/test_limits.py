@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 from wsproto.events import CloseConnection, Ping, TextMessage
 
@@ -107,3 +108,38 @@ async def test_allowed_origins(chat, origin, require, status):
     await chat.start(allowed_origins=["https://chat.example"], require_origin=require)
     headers = [(b"Origin", origin.encode())] if origin else None
     assert await rejected_status(chat.url("/multichat"), extra_headers=headers) == status
+
+
+async def test_shutdown_does_not_wait_for_a_ping_nobody_answers(chat):
+    server = await chat.start(ping_interval=0.05, ping_timeout=3600, shutdown_timeout=3600)
+    raw = await RawClient.connect(server.port, "/multichat")
+    await raw.send(TextMessage(json.dumps({"action": "register", "client-name": "deaf",
+                                           "secret-key": SECRET})))
+    while not isinstance(await raw.next_event(), Ping):
+        pass  # a ping is now pending, and the client will never answer it
+    server.shutdown()
+    close = await raw.until_close()
+    assert close.code == 1001
+    await raw.send(close.response())
+    with trio.fail_after(10):  # a hang guard: nothing is left to wait for
+        await server.stopped.wait()
+
+
+async def test_refused_handshakes_are_bounded_per_address(chat):
+    server = await chat.start(max_connections_per_ip=2)
+    await chat.multichat("a")
+    await chat.multichat("b")
+    # Silent connections beyond the limit: two are held to be answered 429,
+    # the rest are dropped at once instead of holding sockets.
+    held = [await trio.open_tcp_stream("127.0.0.1", server.port) for _ in range(2)]
+    with trio.fail_after(10):
+        while server.ledger.refusing_total < 2:
+            await trio.sleep(0.01)  # no event to wait on: the server accepts in its own time
+    dropped = await trio.open_tcp_stream("127.0.0.1", server.port)
+    with trio.fail_after(10):
+        assert await dropped.receive_some(1024) == b""
+    await held[0].send_all(b"GET /multichat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                           b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                           b"Sec-WebSocket-Version: 13\r\n\r\n")
+    with trio.fail_after(10):
+        assert (await held[0].receive_some(1024)).startswith(b"HTTP/1.1 429")

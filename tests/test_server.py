@@ -152,3 +152,21 @@ async def test_rooms_are_per_endpoint(chat):
     await b.send(chat_message("room two"))
     assert (await a2.recv())["content"] == "room one"
     assert (await b2.recv())["content"] == "room two"
+
+
+async def test_a_protocol_close_behind_a_stuck_write_still_ends_the_connection(chat):
+    # A wcp client that stopped reading leaves: its close (1000 after
+    # user_left) queues behind frames the kernel cannot take. It must still
+    # end within close-timeout, not hold its socket for ever.
+    server = await chat.start(close_timeout=0.3, ping_interval=0, outbox_size=10_000,
+                              message_rate=1e6, message_burst=10**6)
+    raw = await RawClient.connect(server.port, "/wcp", rcvbuf=4096)
+    await raw.send(TextMessage(json.dumps({"type": "user_joined", "user_id": "sleepy",
+                                           "display_name": "Sleepy"})))
+    sender = await chat.multichat("sender")
+    for i in range(100):
+        await sender.send(chat_message(f"{i} " + "x" * 3500))
+    await raw.send(TextMessage(json.dumps({"type": "user_left", "user_id": "sleepy"})))
+    with trio.fail_after(10):
+        while any(c.client.name == "sleepy" for c in server.connections):
+            await trio.sleep(0.01)  # no event to wait on: watch the server let go
