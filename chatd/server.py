@@ -28,7 +28,7 @@ from chatd.protocols.base import Context, Protocol
 from chatd.router import Router
 from chatd.sessions import Sessions
 from chatd.store import Store
-from chatd.transport import DirectStream
+from chatd.transport import DirectStream, release_handshake_state
 
 log = logging.getLogger("chatd")
 
@@ -213,6 +213,7 @@ class Server:
             await request.reject(403, body=b"origin not allowed\n")
             return
         ws = await request.accept()
+        release_handshake_state(ws)
         connection, client = make_connection(ws, mount.protocol, mount.ctx, mount.room, peer,
                                              path, self.router, self.config)
         log.info("%s connected to %s (%s)", peer, path, mount.protocol.name)
