@@ -99,10 +99,7 @@ class Connection:
             message = await self.ws.get_message()
         except ConnectionClosed:
             return False
-        now = self.last_heard = trio.current_time()
-        if not self.bucket.take(now):
-            return await self._over_rate()
-        self.dropped = 0
+        self.last_heard = trio.current_time()
         if isinstance(message, bytes):
             self.client.kill(1003, "binary frames are not supported")
             await trio.lowlevel.checkpoint()
@@ -111,6 +108,9 @@ class Connection:
         if len(message) * 4 > limit and len(message.encode()) > limit:
             self.client.kill(1009, f"frame exceeds {limit} bytes")
             await trio.lowlevel.checkpoint()
+        if not self.bucket.take(self.last_heard):
+            return await self._over_rate(message)
+        self.dropped = 0
         was_authenticated = self.protocol.authenticated
         await self._carry_out(self.protocol.receive(message))
         if self.protocol.authenticated and not was_authenticated:
@@ -118,7 +118,7 @@ class Connection:
                      self.client.user_id or self.client.name)
         return True
 
-    async def _over_rate(self) -> bool:
+    async def _over_rate(self, message: str) -> bool:
         self.dropped += 1
         if self.dropped > self.config.message_burst:
             log.warning("%s closed: message rate limit exceeded", self.client.peer)
@@ -126,7 +126,7 @@ class Connection:
             await trio.lowlevel.checkpoint()
         if self.dropped == 1:
             log.info("%s over the message rate limit: dropping frames", self.client.peer)
-        await self._carry_out(self.protocol.rate_limited())
+        await self._carry_out(self.protocol.rate_limited(message))
         return True
 
     async def ping(self) -> None:

@@ -203,6 +203,8 @@ async def test_frames_over_the_rate_limit_are_refused_not_lost_silently(chat):
     refused = [a for a in answers_ if "rate limit" in a.get("message", "")]
     assert refused and all(a["status"] == "failed" for a in refused)
     assert len(answers_) - len(refused) == 4
+    # Each refusal names the request it refuses.
+    assert sorted(a["cdid"] for a in refused) == ["4", "5"]
 
 
 # --- direct sessions -----------------------------------------------------------------

@@ -77,8 +77,8 @@ class Protocol:
         """Outputs when the auth stage ran out of time."""
         return [Close(1008, "authentication timeout")]
 
-    def rate_limited(self) -> list[Output]:
-        """Outputs for a frame dropped by the message-rate limit."""
+    def rate_limited(self, text: str) -> list[Output]:
+        """Outputs for a frame (``text``) dropped by the message-rate limit."""
         return []
 
     def on_disconnect(self) -> list[Command]:

@@ -143,8 +143,14 @@ class MessageBroadcast(_Out, tag="message-broadcast"):
     server_timestamp: int
 
 
-RATE_LIMITED = dumps(StatusResponse(status="failed",
-                                    message="over the message rate limit: frame dropped"))
+RATE_LIMITED = "over the message rate limit: frame dropped"
+
+
+class _CdidOnly(msgspec.Struct):
+    cdid: Any = None
+
+
+_cdid_decoder = msgspec.json.Decoder(_CdidOnly)
 
 # Placeholders as wide as the real values can get, for the frame-size checks.
 _WIDEST_SESSION_ID = "x" * 64
@@ -296,9 +302,14 @@ class GradAgenda(Protocol):
         frames.append(dumps(StatusResponse(cdid=cdid, status="succeeded")))
         return [Send(frame) for frame in frames]
 
-    def rate_limited(self) -> list[Output]:
-        # The dropped frame is not decoded, so its cdid is unknown.
-        return [Send(RATE_LIMITED)]
+    def rate_limited(self, text: str) -> list[Output]:
+        # Only the cdid is read from a dropped frame, so the client can
+        # match the refusal to its request.
+        try:
+            cdid = _cdid_decoder.decode(text).cdid
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            cdid = None
+        return [Send(dumps(StatusResponse(cdid=cdid, status="failed", message=RATE_LIMITED)))]
 
     def on_disconnect(self) -> list[Command]:
         return [Logout()] if self.user_id is not None else []

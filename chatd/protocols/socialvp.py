@@ -122,7 +122,7 @@ class SocialVP(Protocol):
         # A known command whose name field is not a string (message is any JSON).
         return [not_a_name("name" if command == "identify" else "to")]
 
-    def rate_limited(self) -> list[Output]:
+    def rate_limited(self, text: str) -> list[Output]:
         return [TOO_FAST]
 
     def on_result(self, command: Command, result: Any) -> list[Output]:

@@ -86,7 +86,7 @@ class Wcp(Protocol):
             return [NOT_YOURS]
         return [Leave(), Close(1000, "user left")]
 
-    def rate_limited(self) -> list[Output]:
+    def rate_limited(self, text: str) -> list[Output]:
         return [TOO_FAST]
 
     def on_result(self, command: Command, result: Any) -> list[Output]:
