@@ -245,9 +245,6 @@ class Server:
     def _mount(self) -> None:
         config = self.config
         for endpoint in config.mounted():
-            if endpoint.protocol not in PROTOCOL_CLASSES:  # TODO: until all five exist
-                log.warning("protocol %s is not implemented yet", endpoint.protocol)
-                continue
             ctx = Context(room=endpoint.room,
                           secret_key=self.secrets.get("secret-key"),
                           jwt_secret=self.secrets.get("jwt-secret"),
