@@ -1,11 +1,12 @@
 """One task per connection: frames in, protocol outputs out.
 
-The reader decodes each text frame with the endpoint's protocol (sans-IO)
-and carries out its outputs: router commands go to the router's channel,
-``Send`` frames and router events go to this connection's bounded outbox,
-which a writer task beside the reader drains onto the socket, many frames
-per write. Cancel scopes enforce the auth stage (``auth-timeout``) and
-every way a connection ends: ``Client.kill`` cancels the connection's
+The connection task decodes each text frame with the endpoint's protocol
+(sans-IO) and carries out its outputs: router commands go to the router's
+channel; ``Send`` frames and router events go through ``Client.deliver``,
+straight to the socket when it can take them, else into this connection's
+bounded outbox, which a writer task (started only then) drains, many
+frames per write. Cancel scopes enforce the auth stage (``auth-timeout``)
+and every way a connection ends: ``Client.kill`` cancels the connection's
 scope from anywhere, and the ``finally`` sends the close frame.
 """
 

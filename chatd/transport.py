@@ -190,3 +190,9 @@ class FrameWriter:
                 await ws._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise ConnectionClosed(ws.closed) from None
+            except trio.Cancelled:
+                # Cut off, perhaps mid-frame (a client that stopped reading
+                # ran out of time): nothing may follow these bytes, not even
+                # a close frame, so the stream is closed now.
+                await trio.aclose_forcefully(ws._stream)
+                raise
