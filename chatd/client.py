@@ -76,8 +76,8 @@ class Client:
             if wrote is Wrote.PARTIAL:
                 frame = b""  # wakes the writer task, which sends the rest first
         if self.outbox is None:
-            if self.close_code is not None:
-                return False
+            if self.close_code is not None or self.writer is None:
+                return False  # ended, or ending: no outbox to open any more
             self.outbox, self.outbox_receive = trio.open_memory_channel(self.outbox_size)
         try:
             self.outbox.send_nowait(frame)

@@ -39,6 +39,7 @@ class Connection:
         self.client = client
         self.router = router
         self.config = config
+        self.frame_writer = client.writer
         #: The protocol's close, once queued behind earlier frames.
         self.closing: Close | None = None
         self.bucket = TokenBucket(config.message_rate, config.message_burst, trio.current_time())
@@ -175,7 +176,7 @@ class Connection:
 
     async def _write_loop(self) -> None:
         client = self.client
-        writer = client.writer
+        writer = self.frame_writer
         receive_nowait = client.outbox_receive.receive_nowait
         while True:
             try:
@@ -223,6 +224,7 @@ class Connection:
     async def _finish(self) -> None:
         client = self.client
         self.ended = True
+        client.writer = None  # nothing more is written or queued
         if self.ping_scope is not None:
             self.ping_scope.cancel()
         if client.outbox is not None:
