@@ -272,7 +272,9 @@ class Server:
         scheme = "wss" if self.config.wss else "ws"
         host, _ = self.config.bind
         shown = f"[{host}]" if host and ":" in host else (host or "0.0.0.0")
-        mounts = ", ".join(f"{m.path} {m.protocol.name} (room {m.room})" for m in self.mounts.values())
+        mounts = ", ".join(f"{m.path} {m.protocol.name}"
+                           + ("" if m.protocol.name == "gradagenda" else f" (room {m.room})")
+                           for m in self.mounts.values())
         log.info("chatd listening on %s://%s:%d; endpoints: %s", scheme, shown, self.port, mounts)
         if self.config.allowed_origins is None:
             log.warning("allowed-origins is not set: any web page can open a WebSocket "
