@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--ttl", type=float, default=86400.0,
                        help="seconds until the token expires (default: one day)")
     token.add_argument("--config")
+    token.add_argument("--store", help="the server's store, if its config does not name it "
+                                       "(as with `chatd serve --store`)")
 
     args = parser.parse_args(argv)
     try:
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config, _ = resolve_config(args.config)
         if args.command == "token":
+            if args.store:
+                config.store = args.store
             return _token(config, args.user_id, args.ttl)
         if args.host:
             config.host = args.host
@@ -55,16 +59,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _token(config: Config, user_id: str, ttl: float) -> int:
+    import os
+
     from chatd.store import Store
     from chatd.tokens import mint
 
     secret = config.jwt_secret
     if secret is None:
+        # The secret the server generated and keeps in its store. Never make
+        # a new one here: a token the server cannot verify helps nobody.
+        if config.store == ":memory:" or not os.path.exists(config.store):
+            print(f"chatd: no jwt-secret configured and no store at {config.store}: "
+                  "name the server's config (--config) or store (--store)", file=sys.stderr)
+            return 1
         store = Store(config.store)
         try:
-            secret, _ = store.secret("jwt-secret")
+            secret = store.setting("jwt-secret")
         finally:
             store.close()
+        if secret is None:
+            print(f"chatd: {config.store} holds no generated jwt-secret: start the server "
+                  "once, or set jwt-secret", file=sys.stderr)
+            return 1
     print(mint(secret, user_id, ttl))
     return 0
 

@@ -170,3 +170,20 @@ def test_a_port_in_use_is_one_clear_line_and_exit_1(tmp_path):
     assert result.returncode == 1
     assert "cannot start: [Errno 98] Address already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_token_uses_the_secret_a_server_generated_in_its_store(process, tmp_path):
+    from chatd.tokens import verify
+    store = tmp_path / "elsewhere.db"
+    server = process("serve", "--host", "127.0.0.1:0", "--store", str(store)).start()
+    secret = server.output().split("generated jwt-secret (kept in ")[1].split(": ")[1].split()[0]
+    result = run_cli("token", "alice", "--store", str(store), cwd=tmp_path)
+    assert result.returncode == 0
+    assert verify(secret, result.stdout.strip(), require_exp=True)["sub"] == "alice"
+
+
+def test_token_refuses_rather_than_invent_a_secret(tmp_path):
+    result = run_cli("token", "alice", cwd=tmp_path)  # no config, no chatd.db here
+    assert result.returncode == 1
+    assert "no jwt-secret configured" in result.stderr
+    assert not (tmp_path / "chatd.db").exists()
