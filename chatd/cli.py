@@ -14,7 +14,10 @@ from chatd.config import Config, ConfigError, encode_config, load_config, resolv
 
 
 def main(argv: list[str] | None = None) -> int:
+    from chatd import __version__
+
     parser = argparse.ArgumentParser(prog="chatd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"chatd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the server")
