@@ -27,7 +27,7 @@ class Client:
         "id", "protocol", "room", "name", "display_name", "peer", "path",
         "outbox", "outbox_receive", "outbox_size", "scope", "close_code", "close_reason", "user_id",
         "device_id", "write_scope", "grace", "writer", "writer_idle",
-        "writer_running", "spawn_writer",
+        "spawn_writer",
         "__weakref__",
     )
 
@@ -57,9 +57,8 @@ class Client:
         #: True while nothing is queued for the writer task, so a frame may
         #: go straight to the socket without overtaking queued ones.
         self.writer_idle = True
-        #: Whether the connection's writer task is running, and how to
-        #: start it when a frame has to be queued.
-        self.writer_running = False
+        #: How to start the connection's writer task when a frame has to be
+        #: queued (it runs exactly while ``writer_idle`` is False).
         self.spawn_writer: Callable[[], None] | None = None
         self.close_code: int | None = None
         self.close_reason = ""
@@ -86,9 +85,8 @@ class Client:
             return False
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return False
-        self.writer_idle = False
-        if not self.writer_running and self.spawn_writer is not None:
-            self.writer_running = True
+        if self.writer_idle and self.spawn_writer is not None:
+            self.writer_idle = False
             try:
                 self.spawn_writer()
             except RuntimeError:  # the connection is ending

@@ -184,7 +184,6 @@ class Connection:
             except (trio.WouldBlock, trio.EndOfChannel):
                 # Nothing left: later frames may go straight to the socket.
                 client.writer_idle = True
-                client.writer_running = False
                 return
             batch: list[bytes] = []
             while True:
