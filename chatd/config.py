@@ -14,10 +14,16 @@ from pathlib import Path
 from typing import Literal
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 PROTOCOLS = ("multichat", "gradagenda", "socialvp", "wschat", "wcp")
 ProtocolName = Literal["multichat", "gradagenda", "socialvp", "wschat", "wcp"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
+#: The web client's path when ``web-client`` is not set (and endpoints are).
+WEB_CLIENT_PATH = "/app/"
+#: RFC 6455 section 7.4: codes an endpoint may send in a close frame.
+_RESERVED_CLOSE_CODES = {1004, 1005, 1006, 1015}
 
 
 class ConfigError(ValueError):
@@ -75,6 +81,36 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
     # allowed unless require-origin is true.
     allowed_origins: list[str] | None = None
     require_origin: bool = False
+    # Peers (addresses or CIDRs) whose X-Forwarded-For / X-Real-IP (and,
+    # with proxy-protocol, PROXY header) name the real client.
+    trusted_proxies: list[str] = []
+    # Expect a PROXY protocol v1/v2 header from trusted-proxies peers.
+    proxy_protocol: bool = False
+    # Client addresses (CIDRs) exempt from the per-address limits; the
+    # total connection cap still applies. Loopback by default, as Ergo does.
+    limits_exempt: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # A separate HOST:PORT for /healthz, /readyz and /metrics; absent: the
+    # main listener serves them.
+    admin_host: str | None = None
+    log_format: LogFormat = "text"
+    # The close code every client gets when the server stops: 1012
+    # ("Service Restart", RFC 6455 registry) makes clients reconnect.
+    shutdown_close_code: int = 1012
+    # Where the browser client is served; null turns it off. Absent: at
+    # /app/ when endpoints are configured (or on the embedded default).
+    web_client: str | None | UnsetType = UNSET
+    # Cluster: "redis://HOST:PORT/DB"; absent runs one node in-process.
+    broker: str | None = None
+    # This node's name in a cluster; absent: generated at start and logged.
+    node_id: str | None = None
+    # Seconds of clock skew allowed when checking a token's exp, iat, nbf.
+    jwt_leeway: float = 30.0
+    # Sessions one GradAgenda user may be a member of (others cannot add
+    # them to more).
+    max_sessions_per_user: int = 1000
+    # Seconds a store write is retried while the database is locked or
+    # busy before the asker is told "busy".
+    store_busy_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         # Runs inside msgspec's decode, so a ValueError here becomes a
@@ -95,6 +131,28 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
                 raise ValueError(f"{key.replace('_', '-')} must be positive")
         if self.ping_interval < 0:
             raise ValueError("ping-interval must be 0 (off) or positive")
+        for key in ("trusted_proxies", "limits_exempt"):
+            for cidr in getattr(self, key):
+                try:
+                    ipaddress.ip_network(cidr, strict=False)
+                except ValueError:
+                    raise ValueError(f"{key.replace('_', '-')}: {cidr!r} is not an address "
+                                     "or CIDR") from None
+        if self.admin_host is not None:
+            parse_host(self.admin_host)
+        code = self.shutdown_close_code
+        if not (1000 <= code <= 4999) or code in _RESERVED_CLOSE_CODES or 1016 <= code <= 2999:
+            raise ValueError("shutdown-close-code must be a close code a server may send "
+                             "(1000-1003, 1007-1014, 3000-4999; RFC 6455 section 7.4)")
+        if self.jwt_leeway < 0:
+            raise ValueError("jwt-leeway must not be negative")
+        if self.max_sessions_per_user < 1:
+            raise ValueError("max-sessions-per-user must be at least 1")
+        if self.store_busy_timeout < 0:
+            raise ValueError("store-busy-timeout must not be negative")
+        if isinstance(self.web_client, str) and not (
+                self.web_client.startswith("/") and self.web_client.endswith("/")):
+            raise ValueError("web-client must be a path that starts and ends with '/'")
         if not self.ws_path.startswith("/"):
             raise ValueError("ws-path must start with '/'")
         paths = [e.path for e in self.endpoints or ()]
@@ -108,6 +166,13 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
     @property
     def bind(self) -> tuple[str | None, int]:
         return parse_host(self.host)
+
+    @property
+    def web_client_path(self) -> str | None:
+        """Where the browser client is served, or None (off)."""
+        if self.web_client is UNSET:
+            return WEB_CLIENT_PATH if self.endpoints is not None else None
+        return self.web_client
 
     def mounted(self) -> list[EndpointConfig]:
         """The endpoints this config serves (DESIGN.md, 'Endpoints')."""
