@@ -168,6 +168,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
         return parse_host(self.host)
 
     @property
+    def admin_bind(self) -> tuple[str | None, int]:
+        return parse_host(self.admin_host)
+
+    @property
     def web_client_path(self) -> str | None:
         """Where the browser client is served, or None (off)."""
         if self.web_client is UNSET:

@@ -1,256 +1,291 @@
-"""One task per connection: frames in, protocol outputs out.
+"""One task per WebSocket connection: frames in, protocol outputs out.
 
-The connection task decodes each text frame with the endpoint's protocol
-(sans-IO) and carries out its outputs: router commands go to the router's
-channel; ``Send`` frames and router events go through ``Client.deliver``,
-straight to the socket when it can take them, else into this connection's
-bounded outbox, which a writer task (started only then) drains, many
-frames per write. Cancel scopes enforce the auth stage (``auth-timeout``)
-and every way a connection ends: ``Client.kill`` cancels the connection's
-scope from anywhere, and the ``finally`` sends the close frame.
+After the handshake (chatd.server), the connection task reads the socket,
+feeds wsproto (RFC 6455 framing, UTF-8 checks), and handles each event:
+
+- a text message (its fragments joined, at most ``max-frame-bytes`` UTF-8
+  bytes in all, else close 1009) goes to the endpoint's protocol
+  (sans-IO); its outputs are carried out: frames for this client, router
+  commands, a close;
+- a ping is answered with a pong; a pong ends a keepalive wait;
+- a binary message closes 1003; a framing violation 1002, bad UTF-8 1007
+  (wsproto finds them); the peer's close is answered and ends the task.
+
+Flood control throttles instead of dropping (as Ergo's "fakelag" does):
+every frame — data, fragment or control — costs one token of the
+``message-rate`` bucket, and a message costs one more per action it asks
+for beyond the first (a GradAgenda batch of 40 actions costs 40). A
+client in debt is simply read later: TCP pushes back on it, every frame it
+sent is still handled in order, and nobody else waits.
+
+Cancel scopes enforce the auth stage (``auth-timeout``) and every way a
+connection ends: ``Client.kill`` cancels the connection's scope from
+anywhere, and ``_finish`` sends the close frame after the frames already
+queued, waits ``close-timeout`` for the peer's close, and closes the
+socket. After that decision no buffered frame of the client is handled.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from wsproto.connection import Connection as WSConnection
+from wsproto.connection import ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
-from chatd.client import Client
+from chatd.client import Client, Flusher
 from chatd.events import Command, Leave, Request
-from chatd.limits import TokenBucket
-from chatd.protocols.base import Close, Output, Protocol, Send
+from chatd.protocols.base import Close, Context, Output, Protocol, Send, Stream
 from chatd.router import Router
-from chatd.transport import FrameWriter, text_frame
+from chatd.transport import Transport, text_frame
 
 if TYPE_CHECKING:
     from chatd.config import Config
+    from chatd.metrics import Metrics
 
 log = logging.getLogger("chatd.connection")
 
+#: Frames of a ``Stream`` answer written before waiting for the socket to drain.
+_STREAM_STEP = 32
 
-class Connection:
-    def __init__(self, ws: WebSocketConnection, protocol: Protocol, client: Client,
-                 router: Router, config: Config) -> None:
-        self.ws = ws
-        self.protocol = protocol
-        self.client = client
+
+class _PeerGone(Exception):
+    """The peer closed the connection or the stream broke."""
+
+
+class Connection(Client):
+    __slots__ = ("ws", "proto", "router", "config", "metrics", "tokens", "stamp", "last_heard",
+                 "ping_sent", "peer_close", "throttled")
+
+    def __init__(self, transport: Transport, trailing: bytes, protocol_cls: type[Protocol],
+                 ctx: Context, room: str, peer: str, path: str, router: Router, config: Config,
+                 flusher: Flusher, metrics: Metrics) -> None:
+        super().__init__(protocol_cls, room, peer, path, config.outbox_size, transport, flusher)
+        self.ws = WSConnection(ConnectionType.SERVER, None, trailing)
+        self.proto = protocol_cls(ctx)
         self.router = router
         self.config = config
-        self.frame_writer = client.writer
-        #: The protocol's close, once queued behind earlier frames.
-        self.closing: Close | None = None
-        self.bucket = TokenBucket(config.message_rate, config.message_burst, trio.current_time())
-        #: Frames dropped by the rate limit since the last one accepted.
-        self.dropped = 0
-        #: When the last frame arrived, for the keepalive.
-        self.last_heard = trio.current_time()
-        self.pinging = False
-        #: The keepalive ping under way, cancelled when the connection ends
-        #: (trio-websocket never wakes a pending ping on close).
-        self.ping_scope: trio.CancelScope | None = None
-        self.ended = False
-        #: True if a write was cut off mid-frame: no close frame may follow.
-        self.stream_broken = False
+        self.metrics = metrics
+        now = trio.current_time()
+        #: The message-rate bucket: tokens left (negative: in debt) at ``stamp``.
+        self.tokens = float(config.message_burst)
+        self.stamp = now
+        #: When bytes last arrived, and when an unanswered keepalive ping went out.
+        self.last_heard = now
+        self.ping_sent: float | None = None
+        #: The peer's close frame, once received.
+        self.peer_close: CloseConnection | None = None
+        self.throttled = False
 
-    async def run(self, nursery: trio.Nursery) -> None:
-        """Serve the connection; ``nursery`` (the connection's own, which
-        the server cancels afterwards) runs the writer task when needed."""
-        client = self.client
-        # The writer task runs only while frames wait in the outbox: most
-        # writes need none (see transport.py).
-        client.spawn_writer = lambda: nursery.start_soon(self._write_loop)
+    # --- the task ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until it ends; never raises."""
         try:
-            with client.scope:
-                await self._read_loop()
+            with self.scope:
+                await self._serve()
+        except _PeerGone:
+            pass
         except Exception:
             # A bug here must end this connection alone, with 1011.
-            log.exception("%s connection task failed", client.peer)
-            client.kill(1011, "internal error")
+            log.exception("%s connection task failed", self.peer)
+            self.kill(1011, "internal error")
         finally:
             with trio.CancelScope(shield=True):
                 await self._finish()
 
+    async def _serve(self) -> None:
+        proto = self.proto
+        await self._carry_out(proto.greeting())
+        self.flush()
+        if not proto.authenticated:
+            with trio.move_on_after(self.config.auth_timeout) as auth_scope:
+                while not proto.authenticated:
+                    await self._handle(await self._next_message())
+            if auth_scope.cancelled_caught:
+                log.info("%s auth stage timed out", self.peer)
+                await self._carry_out(proto.auth_timeout())
+        while True:
+            await self._handle(await self._next_message())
+
+    async def _handle(self, text: str) -> None:
+        proto = self.proto
+        was_authenticated = proto.authenticated
+        outputs = proto.receive(text)
+        if len(outputs) > 1:  # one token per action asked for, beyond the frame's own
+            self.tokens -= len(outputs) - 1
+        await self._carry_out(outputs)
+        self.flush()
+        if self.transport.waiting_frames:
+            # Answers to this client wait for its socket: read its next
+            # request only once it has taken them (TCP pushes back on a
+            # client that asks faster than it reads; it is not cut off).
+            await self.transport.drain()
+        if proto.authenticated and not was_authenticated:
+            log.info("%s authenticated on %s as %s", self.peer, self.path,
+                     self.user_id or self.name, extra={"peer": self.peer, "path": self.path})
+
     # --- reading -------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
-        protocol = self.protocol
-        await self._carry_out(protocol.greeting())
-        if not protocol.authenticated:
-            with trio.move_on_after(self.config.auth_timeout) as auth_scope:
-                while not protocol.authenticated:
-                    if not await self._receive_one():
-                        return
-            if auth_scope.cancelled_caught:
-                log.info("%s auth stage timed out", self.client.peer)
-                await self._carry_out(protocol.auth_timeout())
-        while await self._receive_one():
-            pass
-
-    async def _receive_one(self) -> bool:
-        """Handle one frame; False once the peer has gone or closed."""
-        if self.closing is not None:
-            # The writer is flushing what precedes the close and then kills
-            # us; a client that stopped reading gets close-timeout for it.
-            await trio.sleep(self.config.close_timeout)
-            self.client.kill(self.closing.code, self.closing.reason)
-            await trio.lowlevel.checkpoint()
-        try:
-            message = await self.ws.get_message()
-        except ConnectionClosed:
-            return False
-        self.last_heard = trio.current_time()
-        if isinstance(message, bytes):
-            self.client.kill(1003, "binary frames are not supported")
-            await trio.lowlevel.checkpoint()
+    async def _next_message(self) -> str:
+        """The next complete text message; raises _PeerGone when there is none."""
+        ws = self.ws
         limit = self.config.max_frame_bytes
-        # trio-websocket counts characters; the limit is in UTF-8 bytes.
-        if len(message) * 4 > limit and len(message.encode()) > limit:
-            self.client.kill(1009, f"frame exceeds {limit} bytes")
-            await trio.lowlevel.checkpoint()
-        if not self.bucket.take(self.last_heard):
-            return await self._over_rate(message)
-        self.dropped = 0
-        was_authenticated = self.protocol.authenticated
-        await self._carry_out(self.protocol.receive(message))
-        if self.protocol.authenticated and not was_authenticated:
-            log.info("%s authenticated on %s as %s", self.client.peer, self.client.path,
-                     self.client.user_id or self.client.name)
-        return True
+        parts: list[str] = []
+        size = 0
+        while True:
+            for event in ws.events():
+                kind = type(event)
+                if kind is TextMessage:
+                    if event.frame_finished:
+                        await self._pay()
+                    data = event.data
+                    if data:
+                        # wsproto counts characters; the limit is in UTF-8 bytes.
+                        size += len(data) if data.isascii() else len(data.encode())
+                        if size > limit:
+                            self.kill(1009, f"message exceeds {limit} bytes")
+                            await trio.lowlevel.checkpoint()
+                    if event.message_finished:
+                        self.metrics.received[self.protocol.name] += 1
+                        if not parts:
+                            return data
+                        parts.append(data)
+                        return "".join(parts)
+                    if data:
+                        parts.append(data)
+                elif kind is Ping:
+                    await self._pay()
+                    self.deliver(ws.send(event.response()))
+                    self.flush()
+                elif kind is Pong:
+                    self.ping_sent = None
+                elif kind is CloseConnection:
+                    if ws.state is ConnectionState.OPEN:
+                        # wsproto found a violation (1002 framing, 1007 UTF-8).
+                        self.kill(event.code, event.reason or "protocol error")
+                        await trio.lowlevel.checkpoint()
+                    self.peer_close = event
+                    raise _PeerGone
+                elif kind is BytesMessage:
+                    self.kill(1003, "binary frames are not supported")
+                    await trio.lowlevel.checkpoint()
+            data = await self.transport.receive()
+            if not data:
+                ws.receive_data(None)
+                raise _PeerGone
+            self.last_heard = trio.current_time()
+            ws.receive_data(data)
 
-    async def _over_rate(self, message: str) -> bool:
-        self.dropped += 1
-        if self.dropped > self.config.message_burst:
-            log.warning("%s closed: message rate limit exceeded", self.client.peer)
-            self.client.kill(1008, "message rate limit exceeded")
-            await trio.lowlevel.checkpoint()
-        if self.dropped == 1:
-            log.info("%s over the message rate limit: dropping frames", self.client.peer)
-        await self._carry_out(self.protocol.rate_limited(message))
-        return True
+    async def _pay(self) -> None:
+        """Take a frame's token; in debt, wait (unread) until it is paid."""
+        now = trio.current_time()
+        rate = self.config.message_rate
+        tokens = min(self.config.message_burst, self.tokens + (now - self.stamp) * rate) - 1
+        self.stamp = now
+        self.tokens = tokens
+        if tokens < 0:
+            if not self.throttled:
+                self.throttled = True
+                log.info("%s over the message rate: reading it more slowly", self.peer,
+                         extra={"peer": self.peer, "path": self.path})
+            await trio.sleep(-tokens / rate)
 
-    async def ping(self) -> None:
-        """Ping (the server's keepalive sweep calls this for a silent
-        connection); no pong within ping-timeout closes it 1011."""
-        try:
-            with trio.CancelScope() as self.ping_scope:
-                if self.ended:
-                    return
-                with trio.move_on_after(self.config.ping_timeout) as scope:
-                    await self.ws.ping()
-            if self.ping_scope.cancelled_caught:
-                return
-            if scope.cancelled_caught:
-                log.info("%s closed: no pong within %gs", self.client.peer,
-                         self.config.ping_timeout)
-                self.client.kill(1011, "keepalive ping timeout")
-            else:
-                self.last_heard = trio.current_time()
-        except ConnectionClosed:
-            pass
-        finally:
-            self.pinging = False
+    # --- outputs ---------------------------------------------------------------
 
     async def _carry_out(self, outputs: list[Output]) -> None:
         for out in outputs:
-            if isinstance(out, Send):
-                self._queue(text_frame(out.data))
-            elif isinstance(out, Close):
-                self.closing = out
-                self._queue(out)
+            kind = type(out)
+            if kind is Send:
+                self.deliver(text_frame(out.data))
+            elif kind is Close:
+                self.kill(out.code, out.reason)
+                await trio.lowlevel.checkpoint()
+            elif kind is Stream:
+                await self._stream(out.frames)
             elif isinstance(out, Request):
-                out.client = self.client
-                result = await self.router.call(out)
-                await self._carry_out(self.protocol.on_result(out, result))
+                out.client = self
+                await self._carry_out(await self.router.call(out))
             else:
-                out.client = self.client
+                out.client = self
                 await self.router.send(out)
 
-    def _queue(self, item: bytes | Close) -> None:
-        if not self.client.deliver(item) and isinstance(item, Close):
-            self.client.kill(item.code, item.reason)
-
-    # --- writing -------------------------------------------------------------
-
-    async def _write_loop(self) -> None:
-        client = self.client
-        writer = self.frame_writer
-        receive_nowait = client.outbox_receive.receive_nowait
-        while True:
-            try:
-                item = receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                # Nothing left: later frames may go straight to the socket.
-                client.writer_idle = True
+    async def _stream(self, frames: Any) -> None:
+        """Write an answer frame by frame as the socket drains."""
+        for count, data in enumerate(frames, 1):
+            if not self.deliver(text_frame(data)):
                 return
-            batch: list[bytes] = []
-            while True:
-                if isinstance(item, Close):
-                    if batch:
-                        await self._write(writer, b"".join(batch))
-                    client.kill(item.code, item.reason)
-                    return
-                batch.append(item)
-                try:
-                    item = receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            await self._write(writer, batch[0] if len(batch) == 1 else b"".join(batch))
+            if count % _STREAM_STEP == 0:
+                self.flush()
+                await self.transport.drain()
+        self.flush()
 
-    async def _write(self, writer: FrameWriter, data: bytes) -> None:
-        # Shielded, so a kill never cuts a frame in half (the close frame
-        # must follow whole frames); Client.kill gives the write a deadline
-        # instead. If that passes mid-write, the stream is dropped unclosed.
-        client = self.client
-        with trio.CancelScope(shield=True) as scope:
-            client.write_scope = scope
-            try:
-                if client.close_code is not None:
-                    scope.deadline = trio.current_time() + self.config.close_timeout
-                await writer.write(data)
-            except ConnectionClosed:
-                client.kill(1006, "connection lost")
-            finally:
-                client.write_scope = None
-        if scope.cancelled_caught:
-            self.stream_broken = True
-        await trio.lowlevel.checkpoint()
+    def answer(self, command: Command, result: Any) -> list[Output]:
+        """Run the protocol's ``on_result`` in the router task: leading
+        frames are delivered at once, the rest returned to this task."""
+        outputs = self.proto.on_result(command, result)
+        for index, out in enumerate(outputs):
+            if type(out) is not Send:
+                return outputs[index:]
+            self.deliver(text_frame(out.data))
+        return []
 
-    # --- the end -------------------------------------------------------------
+    # --- keepalive -------------------------------------------------------------
+
+    def ping(self, now: float) -> None:
+        """Send a keepalive ping (the server's sweep calls this)."""
+        if self.ws.state is ConnectionState.OPEN and not self.sealed:
+            self.ping_sent = now
+            self.deliver(self.ws.send(Ping(b"chatd")))
+
+    # --- the end ---------------------------------------------------------------
 
     async def _finish(self) -> None:
-        client = self.client
-        self.ended = True
-        client.writer = None  # nothing more is written or queued
-        if self.ping_scope is not None:
-            self.ping_scope.cancel()
-        if client.outbox is not None:
-            client.outbox.close()
-        if client.write_scope is not None:  # no close frame waits for ever
-            client.write_scope.deadline = min(client.write_scope.deadline,
-                                              trio.current_time() + self.config.close_timeout)
-        goodbye: list[Command] = [*self.protocol.on_disconnect(), Leave()]
+        goodbye: list[Command] = [*self.proto.on_disconnect(), Leave()]
         try:
             for command in goodbye:
-                command.client = client
+                command.client = self
                 await self.router.send(command)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the router is gone: the server is stopping
-        code = client.close_code or 1000
-        if not self.stream_broken:
+        ws, transport = self.ws, self.transport
+        code = self.close_code
+        if self.peer_close is not None and code is None:
+            code = self.peer_close.code
+        if code is None:
+            code = 1006
+        frame = b""
+        if not transport.broken:
+            if ws.state is ConnectionState.REMOTE_CLOSING:
+                frame = ws.send(self.peer_close.response())  # echo the peer's close
+            elif ws.state is ConnectionState.OPEN:
+                frame = ws.send(CloseConnection(code, self.close_reason or None))
+        if frame:
+            self.deliver(frame)
+        self.sealed = True
+        self.flush()
+        if frame:
             with trio.move_on_after(self.config.close_timeout):
-                await self.ws.aclose(code, client.close_reason or None)
-        closed = self.ws.closed
-        if client.close_code is None and closed is not None:
-            code = closed.code
-        log.info("%s disconnected from %s (%s) code %d %s", client.peer, client.path,
-                 client.name or client.user_id or "-", code, client.close_reason)
+                await transport.drain()
+                if ws.state is ConnectionState.LOCAL_CLOSING and not transport.broken:
+                    await self._await_peer_close()
+        transport.close()
+        self.metrics.closed(code)
+        log.info("%s disconnected from %s (%s) code %d %s", self.peer, self.path,
+                 self.name or self.user_id or "-", code, self.close_reason,
+                 extra={"peer": self.peer, "path": self.path, "code": code})
 
-
-def make_connection(ws: WebSocketConnection, protocol_cls: type[Protocol], ctx, room: str,
-                    peer: str, path: str, router: Router, config: Config) -> tuple[Connection, Client]:
-    client = Client(protocol_cls, room, peer, path, config.outbox_size, grace=config.close_timeout)
-    client.writer = FrameWriter(ws)
-    return Connection(ws, protocol_cls(ctx), client, router, config), client
+    async def _await_peer_close(self) -> None:
+        """Read (and ignore) until the peer's close frame: no frame that
+        arrives after chatd decided to close is handled."""
+        ws = self.ws
+        while True:
+            for event in ws.events():
+                if type(event) is CloseConnection:
+                    return
+            data = await self.transport.receive()
+            if not data:
+                return
+            ws.receive_data(data)

@@ -1,14 +1,22 @@
-"""The central router task: one channel of commands in, outboxes out.
+"""The central router task: one channel of commands in, frames out.
 
 Every command from every connection arrives on one memory channel and is
 handled to completion, synchronously, before the next: router state needs
-no locks, and the router never awaits a client socket (it hands frames to
-outboxes with ``send_nowait``). Services (the lobby, GradAgenda sessions)
-own their state and register a handler per command type.
+no locks, and the router never awaits a client socket. Services (the
+lobby, GradAgenda sessions) own their state and register a handler per
+command type.
+
+The router works in passes: it waits for one command, then handles what
+else is already queued (up to ``pass_size``), then flushes every
+connection it delivered to, once (``chatd.client.Flusher``). Under load
+several events leave in one write per connection; on a quiet server a
+pass is one command and nothing waits.
 
 A handler returns the result of a ``Request`` at once, or ``DEFERRED``
 when the answer comes later (after a store commit, say); it then calls
-``router.resolve(command, result)`` itself.
+``router.resolve(command, result)`` itself. Resolving runs the asking
+protocol's ``on_result`` here, in the router task, so the frames it
+answers with are queued before any later event for that client.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import Any
 
 import trio
 
+from chatd.client import Flusher
 from chatd.events import Command, Request
 
 log = logging.getLogger("chatd.router")
@@ -44,22 +53,44 @@ class _Reply:
 
 
 class Router:
-    def __init__(self, buffer: int = 4096) -> None:
+    def __init__(self, flusher: Flusher | None = None, buffer: int = 4096,
+                 pass_size: int = 64) -> None:
         self._send, self._recv = trio.open_memory_channel[Command](buffer)
         self._handlers: dict[type, Callable[[Any], Any]] = {}
+        self.flusher = flusher if flusher is not None else Flusher()
+        self.pass_size = pass_size
         #: Set once ``run`` has handled every command and returned.
         self.closed = trio.Event()
 
     def handle(self, command_type: type[Command], handler: Callable[[Any], Any]) -> None:
         self._handlers[command_type] = handler
 
+    @property
+    def queued(self) -> int:
+        """Commands waiting for the router (the queue depth)."""
+        return self._send.statistics().current_buffer_used
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        receive, receive_nowait = self._recv.receive, self._recv.receive_nowait
+        dispatch, flush = self._dispatch, self.flusher.flush
         try:
             async with self._recv:
-                async for command in self._recv:
-                    self._dispatch(command)
+                while True:
+                    try:
+                        command = await receive()
+                    except trio.EndOfChannel:
+                        break
+                    dispatch(command)
+                    for _ in range(self.pass_size - 1):
+                        try:
+                            command = receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        dispatch(command)
+                    flush()
         finally:
+            self.flusher.flush()
             self.closed.set()
 
     def _dispatch(self, command: Command) -> None:
@@ -75,8 +106,16 @@ class Router:
     def resolve(command: Command, result: Any) -> None:
         """Answer a ``Request`` (at once, or later if it was ``DEFERRED``)."""
         reply = getattr(command, "reply", None)
-        if reply is not None:
+        if reply is None or reply.event.is_set():
+            return
+        if isinstance(result, RouterError):
             reply.set(result)
+            return
+        try:
+            reply.set(command.client.answer(command, result))
+        except Exception as exc:
+            log.exception("answering %s failed for %r", type(command).__name__, command.client)
+            reply.set(RouterError(f"{type(command).__name__}: {exc}"))
 
     async def send(self, command: Command) -> None:
         """Queue a command; waits only while the router's queue is full."""
@@ -87,7 +126,8 @@ class Router:
         self._send.send_nowait(command)
 
     async def call(self, command: Request) -> Any:
-        """Queue a request and wait for its result."""
+        """Queue a request and wait for its answer: the outputs left for the
+        connection task once ``Client.answer`` has delivered the frames."""
         reply = command.reply = _Reply()
         await self._send.send(command)
         await reply.event.wait()

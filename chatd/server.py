@@ -1,11 +1,21 @@
 """The listener, the nursery, and graceful shutdown.
 
-One nursery holds the router task and, in a child nursery, one task per
-TCP connection. Each connection task runs trio-websocket's reader beside
-chatd's own ``Connection`` and is wrapped so that any exception ends that
-connection alone, logged with its traceback: nothing a client sends can
-stop the server (including trio-websocket's ping-during-close race, its
-issue #184).
+One nursery holds the router task (and its services) and, in a child
+nursery, one task per TCP connection. A connection task takes the socket
+from accept to close:
+
+1. limits: the total cap and, for a peer that is not a trusted proxy, the
+   per-address limits (``chatd.limits``);
+2. behind a trusted proxy, the PROXY protocol header (``proxy-protocol``)
+   and ``X-Forwarded-For`` / ``X-Real-IP`` name the client, whose address
+   is then the one logged, limited and counted (``chatd.proxy``);
+3. the HTTP request head (``chatd.handshake``): a plain GET is answered by
+   ``chatd.http``; an upgrade is routed by path, checked (RFC 6455), its
+   Origin checked, and accepted with 101;
+4. the WebSocket connection itself (``chatd.connection``).
+
+Anything a client sends ends, at worst, its own connection, logged; the
+server keeps serving.
 """
 
 from __future__ import annotations
@@ -16,21 +26,35 @@ import ssl
 from dataclasses import dataclass
 
 import trio
-from trio_websocket import WebSocketConnection, WebSocketRequest
-from wsproto import ConnectionType, WSConnection
 
+from chatd.client import Flusher
 from chatd.config import Config
-from chatd.connection import Connection, make_connection
+from chatd.connection import Connection
+from chatd.handshake import (
+    BadRequest, HeadReader, Refusal, Request, accept_response, check_upgrade, refusal_response,
+    response,
+)
+from chatd.http import Routes
 from chatd.limits import ConnectionLedger
 from chatd.lobby import Lobby
+from chatd.metrics import Metrics
 from chatd.protocols import PROTOCOL_CLASSES
 from chatd.protocols.base import Context, Protocol
+from chatd.proxy import Address, ProxyHeaderError, forwarded_address, in_networks, parse_networks
+from chatd.proxy import parse_proxy_header, proxy_header_length
 from chatd.router import Router
 from chatd.sessions import Sessions
 from chatd.store import Store
-from chatd.transport import DirectStream, release_handshake_state
+from chatd.transport import Transport
 
 log = logging.getLogger("chatd")
+
+#: Seconds a refused client gets to send its request: it only earns a 4xx.
+_REFUSAL_WAIT = 1.0
+
+
+class StartupError(RuntimeError):
+    """chatd cannot start; the message is one line for the operator."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +69,10 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store: Store | None = None
-        self.router = Router()
+        self.metrics = Metrics()
+        self.flusher = Flusher(self.metrics.deliveries)
+        self.router = Router(self.flusher)
+        self.metrics.queue_depth = lambda: self.router.queued
         self.lobby = Lobby()
         self.lobby.install(self.router)
         #: Router services beside the lobby. Each has ``install(router)``;
@@ -56,10 +83,18 @@ class Server:
         self.connections: set[Connection] = set()
         self.mounts: dict[str, Mount] = {}
         self.ports: list[int] = []
+        self.admin_ports: list[int] = []
         self.secrets: dict[str, str] = {}
+        self.trusted = parse_networks(config.trusted_proxies)
         self.ledger = ConnectionLedger(
             config.max_connections, config.max_connections_per_ip,
-            config.connect_rate_per_ip, config.connect_burst_per_ip)
+            config.connect_rate_per_ip, config.connect_burst_per_ip,
+            exempt=parse_networks(config.limits_exempt))
+        separate_admin = config.admin_host is not None
+        self.routes = Routes(admin=not separate_admin, web_path=config.web_client_path,
+                             ready=self.ready, metrics=self.metrics)
+        self.admin_routes = Routes(admin=True, web_path=None, ready=self.ready,
+                                   metrics=self.metrics) if separate_admin else None
         self._stopping = trio.Event()
         #: Set when ``run`` has finished (store closed).
         self.stopped = trio.Event()
@@ -67,22 +102,35 @@ class Server:
         self._keepalive_scope = trio.CancelScope()
         #: Handshakes under way, cancelled at shutdown.
         self._handshakes: set[trio.CancelScope] = set()
+        self._spawn = None
 
     # --- lifecycle -------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Stop accepting, close every client with 1001, then return from run()."""
+        """Stop accepting, close every client (``shutdown-close-code``), then
+        return from run()."""
         self._stopping.set()
 
     async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
-        self.store = Store(config.store)
+        # Listen first: a taken port is reported before anything else happens.
+        listeners = await self._listen(config.bind, tls=True)
+        admin_listeners = []
+        if config.admin_host is not None:
+            admin_listeners = await self._listen(config.admin_bind, tls=False)
+            self.admin_ports = _ports(admin_listeners)
+        self.ports = _ports(listeners)
+        try:
+            self.store = Store(config.store)
+        except Exception as exc:
+            for listener in listeners + admin_listeners:
+                await listener.aclose()
+            raise StartupError(f"cannot open store {config.store}: {exc}") from None
         if any(e.protocol == "gradagenda" for e in config.mounted()):
             self.services.append(Sessions(self.store))
         try:
             self._resolve_secrets()
             self._mount()
-            listeners = await self._listen()
             async with trio.open_nursery() as nursery:
                 for service in self.services:
                     service.install(self.router)
@@ -90,20 +138,17 @@ class Server:
                         await nursery.start(service.run)
                 await nursery.start(self.router.run)
                 async with trio.open_nursery() as connections:
-                    connections.start_soon(self._serve, listeners, connections)
+                    self._spawn = connections.start_soon
+                    connections.start_soon(self._serve, listeners, self._handle_stream, connections)
+                    if admin_listeners:
+                        connections.start_soon(self._serve, admin_listeners, self._handle_admin,
+                                               connections)
                     if config.ping_interval > 0:
-                        connections.start_soon(self._keepalive, connections)
-                    self._log_start(listeners)
+                        connections.start_soon(self._keepalive)
+                    self._log_start()
                     task_status.started(self)
                     await self._stopping.wait()
-                    log.info("shutting down: closing %d connections", len(self.connections))
-                    self._listen_scope.cancel()
-                    self._keepalive_scope.cancel()
-                    for handshake in list(self._handshakes):
-                        handshake.cancel()
-                    for connection in list(self.connections):
-                        connection.client.kill(1001, "server shutdown")
-                    connections.cancel_scope.deadline = trio.current_time() + config.shutdown_timeout
+                    self._close_all(connections)
                 self.router.close()
                 with trio.move_on_after(config.shutdown_timeout):
                     await self.router.closed.wait()
@@ -116,114 +161,217 @@ class Server:
             self.stopped.set()
             log.info("stopped")
 
-    async def _keepalive(self, nursery: trio.Nursery) -> None:
-        """Ping every connection silent for ``ping-interval``: one sweeping
-        task for the server, not one sleeping task per connection."""
-        interval = self.config.ping_interval
+    def _close_all(self, connections: trio.Nursery) -> None:
+        code = self.config.shutdown_close_code
+        reason = "server restart" if code == 1012 else "server shutdown"
+        log.info("shutting down: closing %d connections with %d", len(self.connections), code)
+        self._listen_scope.cancel()
+        self._keepalive_scope.cancel()
+        for handshake in list(self._handshakes):
+            handshake.cancel()
+        for connection in list(self.connections):
+            connection.kill(code, reason)
+        connections.cancel_scope.deadline = trio.current_time() + self.config.shutdown_timeout
+
+    async def ready(self) -> str | None:
+        """Why chatd cannot do its work now (for /readyz), or None."""
+        if self._stopping.is_set():
+            return "shutting down"
+        for service in self.services:
+            check = getattr(service, "ready", None)
+            if check is not None:
+                reason = await check()
+                if reason is not None:
+                    return reason
+        return None
+
+    async def _keepalive(self) -> None:
+        """Ping every connection silent for ``ping-interval``; close 1011 one
+        that stays silent ``ping-timeout`` more. One sweeping task for the
+        server: no task or timer per connection."""
+        interval, timeout = self.config.ping_interval, self.config.ping_timeout
         with self._keepalive_scope:
             while True:
-                await trio.sleep(interval / 2)
+                await trio.sleep(min(interval, timeout) / 2)
                 now = trio.current_time()
-                for connection in self.connections:
-                    if not connection.pinging and now - connection.last_heard >= interval:
-                        connection.pinging = True
-                        nursery.start_soon(connection.ping)
+                for connection in list(self.connections):
+                    sent = connection.ping_sent
+                    if sent is not None and connection.last_heard > sent:
+                        connection.ping_sent = sent = None  # heard since: alive
+                    if sent is not None:
+                        if now - sent >= timeout:
+                            log.info("%s closed: no pong within %gs", connection.peer, timeout)
+                            connection.kill(1011, "keepalive ping timeout")
+                    elif now - connection.last_heard >= interval:
+                        connection.ping(now)
+                self.flusher.flush()
 
-    async def _serve(self, listeners: list[trio.abc.Listener], nursery: trio.Nursery) -> None:
+    async def _serve(self, listeners, handler, nursery: trio.Nursery) -> None:
         with self._listen_scope:
-            await trio.serve_listeners(self._handle_stream, listeners, handler_nursery=nursery)
+            await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
 
-    # --- one connection --------------------------------------------------------
+    # --- one TCP connection ----------------------------------------------------
 
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
-        ip, peer = _peer_address(stream)
-        refusal = self.ledger.admit(ip, trio.current_time())
-        if refusal is not None and not self.ledger.hold_refusal(ip):
-            # Already answering as many refusals for this address as it may
-            # have connections: drop this one without a word.
-            await trio.aclose_forcefully(stream)
-            return
-        socket_stream = getattr(stream, "transport_stream", stream)
-        if isinstance(socket_stream, trio.SocketStream):
-            # Reap half-open TCP connections even where pings are off.
-            socket_stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if isinstance(stream, trio.SocketStream):
-            stream = DirectStream(stream)
+        peer = _peer_address(stream)
+        trusted = in_networks(peer.ip, self.trusted)
+        counted = None if trusted else peer.ip
+        refusal = self.ledger.admit(counted, trio.current_time())
+        if refusal is not None:
+            if not self.ledger.hold_refusal(peer.ip):
+                # Already answering as many refusals for this address as it
+                # may have connections: drop this one without a word.
+                await trio.aclose_forcefully(stream)
+                return
+        _keepalive_socket(stream)
+        transport = Transport(stream, self._spawn)
         try:
-            async with trio.open_nursery() as nursery:
-                connection = WebSocketConnection(
-                    stream, WSConnection(ConnectionType.SERVER), message_queue_size=4,
-                    max_message_size=self.config.max_frame_bytes, receive_buffer_size=None)
-                # Waiting for the upgrade request ends when it comes, when
-                # handshake-timeout passes, at shutdown, or when the reader
-                # gives up on bad TLS or HTTP (it then never comes).
-                # A refused client gets a short wait: it only earns a 429/503.
-                timeout = self.config.handshake_timeout
-                handshake = trio.move_on_after(timeout if refusal is None else min(timeout, 1.0))
-
-                async def read() -> None:
-                    try:
-                        await connection._reader_task()
-                    finally:
-                        handshake.cancel()
-
-                nursery.start_soon(read)
-                request = None
-                with handshake:
-                    self._handshakes.add(handshake)
-                    if self._stopping.is_set():
-                        handshake.cancel()
-                    request = await connection._get_request()
-                self._handshakes.discard(handshake)
-                if request is None:
-                    log.info("%s no WebSocket handshake", peer)
-                elif refusal is not None:
-                    log.warning("%s refused with %d: %s", peer, refusal.status, refusal.reason)
-                    await request.reject(refusal.status, body=refusal.reason.encode() + b"\n")
-                else:
-                    await self._handle_request(request, peer, nursery)
-                nursery.cancel_scope.cancel()
+            counted = await self._handle_transport(transport, peer, trusted, refusal, counted)
         except Exception:
             log.exception("%s connection failed", peer)
         finally:
             if refusal is None:
-                self.ledger.release(ip)
+                self.ledger.release(counted)
             else:
-                self.ledger.release_refusal(ip)
-            await trio.aclose_forcefully(stream)
+                self.ledger.release_refusal(peer.ip)
+            transport.close()
 
-    def _origin_allowed(self, request: WebSocketRequest) -> bool:
-        origin = next((value.decode("latin-1") for name, value in request.headers
-                       if name.lower() == b"origin"), None)
+    async def _handle_transport(self, transport: Transport, peer: Address, trusted: bool,
+                                refusal: Refusal | None, counted: str | None) -> str | None:
+        """Serve one TCP connection; returns the address its per-address
+        count was taken against (None if none), for the ledger."""
+        config = self.config
+        timeout = config.handshake_timeout if refusal is None else min(
+            config.handshake_timeout, _REFUSAL_WAIT)
+        reader = HeadReader()
+        client = peer
+        request: Request | None = None
+        with trio.move_on_after(timeout) as handshake:
+            self._handshakes.add(handshake)
+            if self._stopping.is_set():
+                handshake.cancel()
+            try:
+                buffer = b""
+                if config.proxy_protocol and trusted:
+                    client, buffer = await _read_proxy_header(transport, peer)
+                request = reader.feed(buffer) if buffer else None
+                while request is None:
+                    request = reader.feed(await transport.receive())
+            except BadRequest as exc:
+                if exc.refusal is not None:
+                    await self._refuse(transport, client, exc.refusal)
+                else:
+                    log.info("%s closed before sending a request", client)
+                return counted
+            except ProxyHeaderError as exc:
+                log.info("%s dropped: %s", peer, exc)
+                return counted
+            finally:
+                self._handshakes.discard(handshake)
+        if request is None:
+            log.info("%s sent no request within %gs", client, timeout)
+            return counted
+        if trusted:
+            if client is peer:
+                forwarded = forwarded_address(request.headers.get("x-forwarded-for", []),
+                                              request.header("x-real-ip"), self.trusted)
+                if forwarded is not None:
+                    client = Address(forwarded)
+            if refusal is None and client is not peer:
+                refusal = self.ledger.admit_address(client.ip, trio.current_time())
+                if refusal is None:
+                    counted = client.ip
+        head = request.method == "HEAD"
+        if refusal is not None:
+            await self._refuse(transport, client, refusal, head)
+            return counted
+        if not request.wants_websocket:
+            mount = self._route(request.path)
+            if mount is not None:
+                await self._refuse(transport, client, Refusal(
+                    426, f"{request.path} is a WebSocket endpoint ({mount.protocol.name})",
+                    (("Upgrade", "websocket"),)), head)
+                return counted
+            status, data = await self.routes.answer(request)
+            log.debug("%s GET %s: %d", client, request.path, status)
+            await _answer(transport, data)
+            return counted
+        mount = self._route(request.path)
+        if mount is None:
+            await self._refuse(transport, client,
+                               Refusal(404, "no chat endpoint at this path"), head)
+            return counted
+        refusal = check_upgrade(request)
+        if refusal is None and not self._origin_allowed(request):
+            refusal = Refusal(403, "origin not allowed")
+        if refusal is not None:
+            await self._refuse(transport, client, refusal, head)
+            return counted
+        transport.write(accept_response(request))
+        await self._run_connection(transport, reader.trailing, mount, str(client), request.path)
+        return counted
+
+    async def _run_connection(self, transport: Transport, trailing: bytes, mount: Mount,
+                              peer: str, path: str) -> None:
+        connection = Connection(transport, trailing, mount.protocol, mount.ctx, mount.room, peer,
+                                path, self.router, self.config, self.flusher, self.metrics)
+        name = mount.protocol.name
+        log.info("%s connected to %s (%s)", peer, path, name, extra={"peer": peer, "path": path})
+        self.connections.add(connection)
+        self.metrics.connections[name] += 1
+        if self._stopping.is_set():
+            connection.kill(self.config.shutdown_close_code, "server shutdown")
+        try:
+            await connection.run()
+        finally:
+            self.connections.discard(connection)
+            self.metrics.connections[name] -= 1
+
+    async def _refuse(self, transport: Transport, client: Address, refusal: Refusal,
+                      head: bool = False) -> None:
+        log.info("%s refused with %d: %s", client, refusal.status, refusal.reason,
+                 extra={"peer": str(client), "code": refusal.status})
+        self.metrics.refused[refusal.status] += 1
+        await _answer(transport, refusal_response(refusal, head))
+
+    async def _handle_admin(self, stream: trio.abc.Stream) -> None:
+        """The admin listener: plain HTTP only (/healthz, /readyz, /metrics)."""
+        transport = Transport(stream, self._spawn)
+        reader = HeadReader()
+        try:
+            with trio.move_on_after(self.config.handshake_timeout):
+                request = None
+                try:
+                    while request is None:
+                        request = reader.feed(await transport.receive())
+                except BadRequest as exc:
+                    if exc.refusal is not None:
+                        await _answer(transport, refusal_response(exc.refusal))
+                    return
+                _, data = await self.admin_routes.answer(request)
+                await _answer(transport, data)
+        except Exception:
+            log.exception("admin request failed")
+        finally:
+            transport.close()
+
+    def _route(self, path: str) -> Mount | None:
+        """The endpoint at ``path``. A config without ``endpoints`` matches
+        ``ws-path`` as the original multichat server's Go ServeMux did: a
+        pattern ending in "/" matches every path under it."""
+        mount = self.mounts.get(path)
+        if mount is None and self.config.endpoints is None:
+            pattern = self.config.ws_path
+            if pattern.endswith("/") and path.startswith(pattern):
+                mount = self.mounts.get(pattern)
+        return mount
+
+    def _origin_allowed(self, request: Request) -> bool:
+        origin = request.header("origin")
         if origin is None:
             return not self.config.require_origin
         allowed = self.config.allowed_origins
         return allowed is None or origin in allowed
-
-    async def _handle_request(self, request: WebSocketRequest, peer: str,
-                              nursery: trio.Nursery) -> None:
-        path = request.path.partition("?")[0]
-        mount = self.mounts.get(path)
-        if mount is None:
-            log.info("%s rejected: no endpoint at %s", peer, path)
-            await request.reject(404, body=b"no chat endpoint at this path\n")
-            return
-        if not self._origin_allowed(request):
-            log.warning("%s refused with 403: origin not allowed", peer)
-            await request.reject(403, body=b"origin not allowed\n")
-            return
-        ws = await request.accept()
-        release_handshake_state(ws)
-        connection, client = make_connection(ws, mount.protocol, mount.ctx, mount.room, peer,
-                                             path, self.router, self.config)
-        log.info("%s connected to %s (%s)", peer, path, mount.protocol.name)
-        self.connections.add(connection)
-        if self._stopping.is_set():
-            client.kill(1001, "server shutdown")
-        try:
-            await connection.run(nursery)
-        finally:
-            self.connections.discard(connection)
 
     # --- set-up --------------------------------------------------------------
 
@@ -253,13 +401,23 @@ class Server:
             self.mounts[endpoint.path] = Mount(endpoint.path, PROTOCOL_CLASSES[endpoint.protocol],
                                                endpoint.room, ctx)
 
-    async def _listen(self) -> list[trio.abc.Listener]:
-        host, port = self.config.bind
-        listeners: list[trio.abc.Listener] = list(await trio.open_tcp_listeners(port, host=host))
-        self.ports = [listener.socket.getsockname()[1] for listener in listeners]
-        if self.config.wss is not None:
+    async def _listen(self, bind: tuple[str | None, int], *, tls: bool) -> list[trio.abc.Listener]:
+        host, port = bind
+        shown = _show_host(host, port)
+        try:
+            listeners: list[trio.abc.Listener] = list(await trio.open_tcp_listeners(port, host=host))
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {shown}: {exc.strerror or exc}") from None
+        if tls and self.config.wss is not None:
+            wss = self.config.wss
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.load_cert_chain(self.config.wss.certfile, self.config.wss.keyfile)
+            try:
+                context.load_cert_chain(wss.certfile, wss.keyfile)
+            except (OSError, ssl.SSLError) as exc:
+                for listener in listeners:
+                    await listener.aclose()
+                raise StartupError(f"wss: cannot load certfile {wss.certfile} with keyfile "
+                                   f"{wss.keyfile}: {exc.strerror or exc}") from None
             listeners = [trio.SSLListener(listener, context, https_compatible=True)
                          for listener in listeners]
         return listeners
@@ -268,24 +426,76 @@ class Server:
     def port(self) -> int:
         return self.ports[0]
 
-    def _log_start(self, listeners: list[trio.abc.Listener]) -> None:
-        scheme = "wss" if self.config.wss else "ws"
-        host, _ = self.config.bind
-        shown = f"[{host}]" if host and ":" in host else (host or "0.0.0.0")
+    def _log_start(self) -> None:
+        config = self.config
+        host, _ = config.bind
+        scheme = "wss" if config.wss else "ws"
+        base = _show_host(host, self.port)
         mounts = ", ".join(f"{m.path} {m.protocol.name}"
                            + ("" if m.protocol.name == "gradagenda" else f" (room {m.room})")
                            for m in self.mounts.values())
-        log.info("chatd listening on %s://%s:%d; endpoints: %s", scheme, shown, self.port, mounts)
-        if self.config.allowed_origins is None:
+        log.info("chatd listening on %s://%s; endpoints: %s", scheme, base, mounts)
+        http = "https" if config.wss else "http"
+        if config.web_client_path:
+            log.info("web client: %s://%s%s", http, base, config.web_client_path)
+        if self.admin_ports:
+            admin_host, _ = config.admin_bind
+            log.info("health and metrics: http://%s/healthz, /readyz, /metrics",
+                     _show_host(admin_host, self.admin_ports[0]))
+        if config.allowed_origins is None:
             log.warning("allowed-origins is not set: any web page can open a WebSocket "
                         "to chatd (docs/security.md)")
 
 
-def _peer_address(stream: trio.abc.Stream) -> tuple[str, str]:
-    """The client's IP, and ``IP:PORT`` for the logs."""
+async def _read_proxy_header(transport: Transport, peer: Address) -> tuple[Address, bytes]:
+    """The client a PROXY header names (or ``peer`` for a LOCAL one), and the
+    bytes read after the header."""
+    data = b""
+    while True:
+        length = proxy_header_length(data)
+        if length is not None and len(data) >= length:
+            client = parse_proxy_header(data[:length])
+            return client or peer, data[length:]
+        more = await transport.receive()
+        if not more:
+            raise ProxyHeaderError("closed before a PROXY header")
+        data += more
+
+
+async def _answer(transport: Transport, data: bytes) -> None:
+    """Write a whole HTTP response and let the client read it before the
+    socket closes (closing with unread request bytes would reset it)."""
+    transport.write(data)
+    with trio.move_on_after(2.0):
+        await transport.drain()
+        transport.shutdown_write()
+        while await transport.receive():
+            pass
+
+
+def _ports(listeners: list[trio.abc.Listener]) -> list[int]:
+    return [getattr(listener, "transport_listener", listener).socket.getsockname()[1]
+            for listener in listeners]
+
+
+def _show_host(host: str | None, port: int) -> str:
+    shown = f"[{host}]" if host and ":" in host else (host or "0.0.0.0")
+    return f"{shown}:{port}"
+
+
+def _keepalive_socket(stream: trio.abc.Stream) -> None:
+    """Reap half-open TCP connections even where pings are off."""
+    inner = getattr(stream, "transport_stream", stream)
+    if isinstance(inner, trio.SocketStream):
+        inner.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def _peer_address(stream: trio.abc.Stream) -> Address:
     inner = getattr(stream, "transport_stream", stream)
     try:
         host, port = inner.socket.getpeername()[:2]
     except (AttributeError, OSError):
-        return "?", "?"
-    return host, (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        return Address("?")
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return Address(host, port)

@@ -1,70 +1,35 @@
-"""Writing pre-built WebSocket frames to a trio-websocket connection.
+"""One connection's bytes: reads, and writes that never make the writer wait.
 
-Two levers make fan-out cheap (see docs/performance.md):
+A server's WebSocket frames are unmasked and chatd negotiates no
+extension, so one event's frame is the same bytes for every recipient of
+one protocol: ``text_frame`` builds it once (RFC 6455 section 5.2).
 
-trio-websocket frames every ``send_message`` through wsproto, once per
-recipient. A server's frames are unmasked and carry no extension (chatd
-negotiates none), so one event's frame is the same bytes for every
-recipient of one protocol: build it once (``text_frame``) and write it
-straight to each connection's stream under the connection's own send lock,
-so frames never interleave with the library's pongs and close frames.
+Writes never block their caller, as an asyncio transport's do: ``write``
+hands the kernel what it takes at once and keeps the rest in a backlog
+that a writer task (started only then, in the server's nursery) sends as
+the socket drains. Every byte for a connection goes through ``write`` in
+order — data frames, pongs, pings and the close frame alike — so frames
+never interleave and nothing follows a close frame.
 
-``DirectStream`` then lets most of those writes happen synchronously, as
-an asyncio transport does: when nothing is queued for the connection and
-the kernel's socket buffer has room, the frame is written right away with
-no task switch; only what the kernel cannot take now waits for the
-connection's writer task, and every later write (the writer's, or the
-library's pongs and close frames) sends that remainder first.
-
-This touches trio-websocket's private ``_stream``, ``_stream_lock`` and
-``_wsproto``; pyproject pins the minor version and the test suite covers
-pings and closes around these writes.
+Over TLS every write goes to the writer task (an ``SSLStream`` cannot
+write synchronously).
 """
 
 from __future__ import annotations
 
-import enum
 import os
+import socket
 import struct
+from collections import deque
+from collections.abc import Callable
 
 import trio
-from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
-from wsproto.events import CloseConnection
-from wsproto.connection import ConnectionState
 
 _OPCODE_TEXT_FIN = 0x81
-
-
-async def _pong_unless_closing(self: WebSocketConnection, event) -> None:
-    # trio-websocket 0.12 answers every ping, even after its close frame went
-    # out; wsproto then raises LocalProtocolError, which escapes the reader
-    # task and takes the server down (trio-websocket issue #184). A ping
-    # that arrives while closing needs no answer.
-    if self._wsproto.state is ConnectionState.OPEN:
-        await self._send(event.response())
-
-
-WebSocketConnection._handle_ping_event = _pong_unless_closing
-
-_library_close_handler = WebSocketConnection._handle_close_connection_event
-
-
-async def _close_with_the_violation_code(self: WebSocketConnection, event) -> None:
-    # wsproto reports a violation it finds in the client's frames (bad
-    # UTF-8: 1007, bad framing: 1002) as a CloseConnection event while the
-    # connection is still OPEN, as if the peer had closed. trio-websocket
-    # then drops the TCP connection without a close frame, and the client
-    # sees 1006 instead of the code that tells it what it did wrong.
-    if self._wsproto.state is ConnectionState.OPEN:
-        self._close_reason = CloseReason(event.code, event.reason or None)
-        try:
-            await self._send(CloseConnection(code=event.code, reason=event.reason))
-        except ConnectionClosed:
-            pass
-    await _library_close_handler(self, event)
-
-
-WebSocketConnection._handle_close_connection_event = _close_with_the_violation_code
+#: Bytes asked of the kernel per read.
+RECEIVE_SIZE = 16 * 1024
+#: Most bytes joined into one write by the writer task.
+_WRITE_CHUNK = 256 * 1024
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -79,120 +44,143 @@ def text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
-class _HandshakeDone:
-    """Stands in for wsproto's finished H11Handshake (see below)."""
-
-    __slots__ = ()
-
-    def events(self) -> tuple[()]:
-        return ()
+Spawn = Callable[..., None]
 
 
-_HANDSHAKE_DONE = _HandshakeDone()
+class Transport:
+    """Reads and non-blocking writes on one stream.
 
-
-def release_handshake_state(ws: WebSocketConnection) -> None:
-    """Drop the HTTP handshake's parser once the connection is open.
-
-    wsproto keeps its H11Handshake (and the h11 connection inside it) for
-    the connection's whole life, though after the upgrade it only ever
-    yields no events: about 4 KB per idle connection.
+    ``write(data, frames)`` returns False once the stream is broken.
+    ``waiting_frames`` counts frames not yet taken by the kernel (the
+    slow-consumer measure). ``drain()`` waits until everything written has
+    gone to the kernel. ``close()`` ends the stream, abandoning what waits.
     """
-    wsproto = ws._wsproto
-    if wsproto.connection is not None and not getattr(wsproto.handshake, "_events", True):
-        wsproto.handshake = _HANDSHAKE_DONE
 
+    __slots__ = ("_stream", "_fd", "_backlog", "waiting_frames", "broken", "_spawn",
+                 "_writer", "_drained")
 
-class Wrote(enum.Enum):
-    ALL = 1      # the kernel took the whole frame
-    PARTIAL = 2  # the rest is pending: the writer task must flush it
-    QUEUE = 3    # nothing written: queue the frame for the writer task
-    BROKEN = 4   # the socket is dead
+    def __init__(self, stream: trio.abc.Stream, spawn: Spawn) -> None:
+        self._stream = stream
+        # Plain TCP: write synchronously when the kernel can take the bytes.
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        #: (bytes, frames) not yet written, oldest first; None when empty.
+        self._backlog: deque[tuple[memoryview | bytes, int]] | None = None
+        self.waiting_frames = 0
+        self.broken = False
+        self._spawn = spawn
+        self._writer: trio.CancelScope | None = None
+        self._drained: trio.Event | None = None
 
+    # --- reading -----------------------------------------------------------------
 
-class DirectStream(trio.abc.Stream):
-    """A SocketStream that can also write synchronously (``try_write``)."""
-
-    __slots__ = ("transport_stream", "socket", "_fd", "_pending", "_sending")
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.transport_stream = stream
-        self.socket = stream.socket
-        self._fd = stream.socket.fileno()
-        self._pending = b""     # the unwritten rest of a synchronous write
-        self._sending = False   # an async send_all is under way
-
-    def try_write(self, data: bytes) -> Wrote:
-        if self._sending or self._pending:
-            return Wrote.QUEUE
+    async def receive(self) -> bytes:
+        """The next bytes from the peer; b"" once it has closed or the stream broke."""
         try:
-            n = os.write(self._fd, data)
-        except BlockingIOError:
-            return Wrote.QUEUE
-        except OSError:
-            return Wrote.BROKEN
-        if n == len(data):
-            return Wrote.ALL
-        self._pending = data[n:]
-        return Wrote.PARTIAL
+            return await self._stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.broken = True
+            return b""
 
-    async def send_all(self, data: bytes) -> None:
-        self._sending = True
-        try:
-            if self._pending:
-                data, self._pending = self._pending + data, b""
-            if data:
-                await self.transport_stream.send_all(data)
-            else:
-                await trio.lowlevel.checkpoint()
-        finally:
-            self._sending = False
+    # --- writing -----------------------------------------------------------------
 
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.transport_stream.wait_send_all_might_not_block()
-
-    @property
-    def receive_some(self):  # type: ignore[override]
-        # The socket's own method: no wrapper coroutine stays suspended in
-        # every idle connection's reader.
-        return self.transport_stream.receive_some
-
-    async def aclose(self) -> None:
-        await self.transport_stream.aclose()
-
-
-class FrameWriter:
-    """Sends ready-made frame bytes on one server-side connection."""
-
-    __slots__ = ("_ws", "_wsproto", "_direct")
-
-    def __init__(self, ws: WebSocketConnection) -> None:
-        self._ws = ws
-        self._wsproto = ws._wsproto
-        stream = ws._stream
-        self._direct = stream if isinstance(stream, DirectStream) else None
-
-    def try_write(self, data: bytes) -> Wrote:
-        """Write without waiting, if nothing else is being written."""
-        if self._direct is None or self._wsproto.state is not ConnectionState.OPEN:
-            return Wrote.QUEUE
-        return self._direct.try_write(data)
-
-    async def write(self, data: bytes) -> None:
-        """Write frames; raises ConnectionClosed once the socket is gone."""
-        ws = self._ws
-        async with ws._stream_lock:
-            # Checked under the lock: a close frame may have gone out while
-            # this task waited, and nothing may follow a close frame.
-            if ws._wsproto.state is not ConnectionState.OPEN:
-                raise ConnectionClosed(ws.closed)
+    def write(self, data: bytes, frames: int = 1) -> bool:
+        """Send ``data`` (``frames`` whole frames) without waiting."""
+        if self.broken:
+            return False
+        if self._backlog is not None:
+            self._backlog.append((data, frames))
+            self.waiting_frames += frames
+            return True
+        sent = 0
+        if self._fd >= 0:
             try:
-                await ws._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise ConnectionClosed(ws.closed) from None
-            except trio.Cancelled:
-                # Cut off, perhaps mid-frame (a client that stopped reading
-                # ran out of time): nothing may follow these bytes, not even
-                # a close frame, so the stream is closed now.
-                await trio.aclose_forcefully(ws._stream)
-                raise
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.broken = True
+                return False
+            if sent == len(data):
+                return True
+        self._backlog = deque(((memoryview(data)[sent:] if sent else data, frames),))
+        self.waiting_frames = frames
+        self._spawn(self._write_backlog)
+        return True
+
+    async def _write_backlog(self) -> None:
+        backlog = self._backlog
+        try:
+            with trio.CancelScope() as self._writer:
+                while backlog:
+                    if self._fd >= 0:
+                        await trio.lowlevel.wait_writable(self._fd)
+                        data = backlog[0][0] if len(backlog) == 1 else self._join(backlog)
+                        try:
+                            sent = os.write(self._fd, data)
+                        except BlockingIOError:
+                            continue
+                    else:
+                        data = self._join(backlog)
+                        await self._stream.send_all(data)
+                        sent = len(data)
+                    self._consume(backlog, sent)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.broken = True
+        finally:
+            self._writer = None
+            self._backlog = None
+            self.waiting_frames = 0
+            if self._drained is not None:
+                self._drained.set()
+                self._drained = None
+
+    @staticmethod
+    def _join(backlog: deque) -> bytes:
+        parts, size = [], 0
+        for data, _ in backlog:
+            parts.append(data)
+            size += len(data)
+            if size >= _WRITE_CHUNK:
+                break
+        return b"".join(parts)
+
+    def _consume(self, backlog: deque, sent: int) -> None:
+        while sent:
+            data, frames = backlog[0]
+            if sent >= len(data):
+                backlog.popleft()
+                sent -= len(data)
+                self.waiting_frames -= frames
+            else:
+                backlog[0] = (memoryview(data)[sent:], frames)
+                return
+
+    async def drain(self) -> None:
+        """Wait until the backlog has gone to the kernel (or the stream broke)."""
+        if self._backlog is None:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._drained is None:
+            self._drained = trio.Event()
+        await self._drained.wait()
+
+    def shutdown_write(self) -> None:
+        """Send EOF (TCP FIN) after what was written; reading goes on."""
+        stream = getattr(self._stream, "transport_stream", self._stream)
+        sock = getattr(stream, "socket", None)
+        if sock is not None and self._backlog is None:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Drop the stream now; a writer still waiting is cancelled."""
+        self.broken = True
+        if self._writer is not None:
+            self._writer.cancel()
+        stream = self._stream
+        socket_stream = getattr(stream, "transport_stream", stream)
+        sock = getattr(socket_stream, "socket", None)
+        if sock is not None:
+            sock.close()

@@ -117,7 +117,7 @@ async def test_go_server_config_in_cwd_runs_unchanged(process, tmp_path):
         assert await _chat_once(port, "/", "go-secret") == "hi"
 
 
-async def test_sigterm_closes_clients_with_1001_and_exits_0(process, tmp_path):
+async def test_sigterm_closes_clients_with_1012_and_exits_0(process, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(
         {"host": "127.0.0.1:0", "secret-key": "s", "store": str(tmp_path / "c.db")}))
     server = process("serve").start()
@@ -129,7 +129,7 @@ async def test_sigterm_closes_clients_with_1001_and_exits_0(process, tmp_path):
             server.proc.send_signal(signal.SIGTERM)
             with pytest.raises(ConnectionClosed) as info:
                 await ws.get_message()
-            assert info.value.reason.code == 1001
+            assert info.value.reason.code == 1012
     assert await trio.to_thread.run_sync(server.proc.wait, GUARD) == 0
     assert "received SIGTERM" in server.output()
 
@@ -168,8 +168,10 @@ def test_a_port_in_use_is_one_clear_line_and_exit_1(tmp_path):
         result = run_cli("serve", "--host", f"127.0.0.1:{port}", "--store",
                          str(tmp_path / "c.db"), cwd=tmp_path)
     assert result.returncode == 1
-    assert "cannot start: [Errno 98] Address already in use" in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
     assert "Traceback" not in result.stderr
+    # Nothing else happened first: no store opened, no secret printed.
+    assert "jwt-secret" not in result.stderr and "stopped" not in result.stderr
 
 
 async def test_token_uses_the_secret_a_server_generated_in_its_store(process, tmp_path):

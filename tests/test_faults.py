@@ -110,7 +110,7 @@ async def test_shutdown_does_not_wait_for_a_stalled_handshake(chat):
     peer = await chat.multichat("bystander")
     server.shutdown()
     try:
-        assert await peer.closed() == 1001
+        assert await peer.closed() == 1012
         with trio.fail_after(2):  # a hang guard: nothing is left to wait for
             await server.stopped.wait()
     finally:

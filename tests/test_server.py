@@ -91,14 +91,23 @@ async def test_a_slow_consumer_is_cut_off_and_the_others_keep_receiving(chat):
     assert close is None or (close.code, close.reason) == (1008, "slow consumer")
 
 
-async def test_shutdown_closes_every_client_with_1001(chat):
+async def test_shutdown_closes_every_client_with_1012_so_they_reconnect(chat):
+    # 1012 "Service Restart" (RFC 6455 registry): clients built on the
+    # websockets library treat 1000/1001 as final and never come back.
     server = await chat.start()
     peers = [await chat.multichat(f"p{i}") for i in range(3)]
     server.shutdown()
     for peer in peers:
-        assert await peer.closed() == 1001
+        assert await peer.closed() == 1012
     with trio.fail_after(10):
         await server.stopped.wait()
+
+
+async def test_the_shutdown_close_code_is_configurable(chat):
+    server = await chat.start(shutdown_close_code=1001)
+    peer = await chat.multichat("p")
+    server.shutdown()
+    assert await peer.closed() == 1001
 
 
 async def test_wss_only_when_configured(chat, tmp_path):
@@ -168,5 +177,5 @@ async def test_a_protocol_close_behind_a_stuck_write_still_ends_the_connection(c
         await sender.send(chat_message(f"{i} " + "x" * 3500))
     await raw.send(TextMessage(json.dumps({"type": "user_left", "user_id": "sleepy"})))
     with trio.fail_after(10):
-        while any(c.client.name == "sleepy" for c in server.connections):
+        while any(c.name == "sleepy" for c in server.connections):
             await trio.sleep(0.01)  # no event to wait on: watch the server let go

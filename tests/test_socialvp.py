@@ -181,15 +181,3 @@ async def test_names_with_control_characters_or_too_long_get_400(chat, name):
     await peer.send({"command": "identify", "name": name})
     assert await peer.recv() == outcome(
         400, "Names are 1 to 256 characters, without control characters!")
-
-
-async def test_frames_over_the_message_rate_get_429_then_close_1008(chat):
-    await chat.start(message_rate=0.001, message_burst=2)
-    alice = await socialvp(chat, "alice")  # the identify spent one frame of the burst
-    await alice.send({"command": "message", "to": "nobody", "message": 1})
-    assert await alice.recv() == NOBODY
-    await alice.send({"command": "message", "to": "nobody", "message": 2})
-    assert await alice.recv() == outcome(429, "Too many requests, slow down!")
-    for _ in range(3):
-        await alice.send({"command": "broadcast", "message": "spam"})
-    assert await alice.closed() == 1008

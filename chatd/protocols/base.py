@@ -31,7 +31,15 @@ class Close(msgspec.Struct, frozen=True):
     reason: str = ""
 
 
-Output = Send | Close | Command
+class Stream(msgspec.Struct, frozen=True):
+    """Frames (UTF-8 JSON bytes each) for this connection only, written as
+    the socket drains rather than queued at once: for answers that may be
+    larger than the outbox (a long listing). ``frames`` is an iterable."""
+
+    frames: Any
+
+
+Output = Send | Close | Stream | Command
 
 
 class Context(msgspec.Struct, kw_only=True):

@@ -1,0 +1,187 @@
+"""The HTTP/1.1 side of a connection: the opening handshake and plain GETs.
+
+Sans-IO. ``h11`` parses the request head; this module decides what it is
+and builds the answer:
+
+- a WebSocket upgrade (RFC 6455 section 4.2.1): checked field by field,
+  each failure a 4xx with a reason in the body — 400 for a malformed
+  request (Connection, Upgrade or a ``Sec-WebSocket-Key`` that is not 16
+  bytes of base64), 405 for a method other than GET, 426 with
+  ``Sec-WebSocket-Version: 13`` for another version (section 4.4) —
+  else the 101 answer with ``Sec-WebSocket-Accept`` (section 4.2.2);
+- anything else is a plain HTTP request, answered once and closed
+  (``Connection: close``): the server decides the route.
+
+Responses are written here rather than with h11, because a request h11
+could not parse still gets its 400.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+import h11
+
+#: RFC 6455 section 1.3: appended to the key before hashing.
+_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+#: Longest request head (request line and headers) read, in bytes.
+MAX_HEAD_BYTES = 16 * 1024
+
+
+@dataclass(slots=True)
+class Request:
+    """A parsed request head. Header names are lower-case; values text."""
+
+    method: str
+    target: str
+    http_version: str
+    headers: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def path(self) -> str:
+        return self.target.partition("?")[0]
+
+    def header(self, name: str) -> str | None:
+        """The header's values joined with ", " (RFC 9110 section 5.3), or None."""
+        values = self.headers.get(name)
+        return ", ".join(values) if values else None
+
+    def tokens(self, name: str) -> set[str]:
+        """A comma-separated header's tokens, lower-cased."""
+        value = self.header(name) or ""
+        return {token.strip().lower() for token in value.split(",") if token.strip()}
+
+    @property
+    def wants_websocket(self) -> bool:
+        """True if the client asks to upgrade to a WebSocket."""
+        return "websocket" in self.tokens("upgrade") or "sec-websocket-key" in self.headers
+
+
+def request_from_h11(event: h11.Request) -> Request:
+    headers: dict[str, list[str]] = {}
+    for name, value in event.headers:
+        headers.setdefault(name.decode("latin-1"), []).append(value.decode("latin-1"))
+    return Request(event.method.decode("latin-1"), event.target.decode("latin-1"),
+                   event.http_version.decode("latin-1"), headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A handshake answered with an HTTP error: ``status`` and a one-line reason."""
+
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def check_upgrade(request: Request) -> Refusal | None:
+    """Why this upgrade request breaks RFC 6455 section 4.2.1, or None."""
+    if request.method != "GET":
+        return Refusal(405, "a WebSocket handshake must be a GET request", (("Allow", "GET"),))
+    if request.http_version not in ("1.1",):
+        return Refusal(400, "a WebSocket handshake needs HTTP/1.1")
+    if "websocket" not in request.tokens("upgrade"):
+        return Refusal(400, "Upgrade: websocket is missing")
+    if "upgrade" not in request.tokens("connection"):
+        return Refusal(400, "Connection: Upgrade is missing")
+    key = request.headers.get("sec-websocket-key", [])
+    if len(key) != 1 or not _valid_key(key[0]):
+        return Refusal(400, "Sec-WebSocket-Key must be 16 bytes in base64")
+    if request.header("sec-websocket-version") != "13":
+        return Refusal(426, "only WebSocket version 13 is supported",
+                       (("Sec-WebSocket-Version", "13"),))
+    return None
+
+
+def _valid_key(key: str) -> bool:
+    try:
+        return len(base64.b64decode(key.strip().encode("ascii"), validate=True)) == 16
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        return False
+
+
+def accept_response(request: Request) -> bytes:
+    """The 101 Switching Protocols answer (RFC 6455 section 4.2.2); no
+    extension or subprotocol is negotiated."""
+    key = request.header("sec-websocket-key").strip().encode("ascii")
+    accept = base64.b64encode(hashlib.sha1(key + _WEBSOCKET_GUID).digest()).decode("ascii")
+    return ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Accept: {accept}\r\n\r\n").encode("ascii")
+
+
+def response(status: int, body: bytes | str = b"", *, content_type: str = "text/plain; charset=utf-8",
+             headers: tuple[tuple[str, str], ...] = (), head_only: bool = False) -> bytes:
+    """A complete HTTP/1.1 response that closes the connection."""
+    if isinstance(body, str):
+        body = body.encode()
+    lines = [f"HTTP/1.1 {status} {_phrase(status)}",
+             f"Content-Type: {content_type}",
+             f"Content-Length: {len(body)}",
+             "Connection: close",
+             "Cache-Control: no-store" if status >= 300 else None,
+             *(f"{name}: {value}" for name, value in headers)]
+    head = "\r\n".join(line for line in lines if line is not None) + "\r\n\r\n"
+    return head.encode("latin-1") + (b"" if head_only else body)
+
+
+def refusal_response(refusal: Refusal, head_only: bool = False) -> bytes:
+    return response(refusal.status, refusal.reason + "\n", headers=refusal.headers,
+                    head_only=head_only)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+class HeadReader:
+    """Feeds bytes to h11 until a request head is complete.
+
+    ``feed(data)`` returns the ``Request`` once complete (the bytes after
+    it are then in ``trailing``), None if more bytes are needed, and raises
+    ``Refusal``-carrying ``BadRequest`` if the bytes are not HTTP.
+    ``data=b""`` means the peer closed: ``BadRequest`` if mid-request.
+    """
+
+    __slots__ = ("_h11", "trailing")
+
+    def __init__(self) -> None:
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.trailing = b""
+
+    def feed(self, data: bytes) -> Request | None:
+        conn = self._h11
+        conn.receive_data(data)
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
+            detail = str(exc)
+            if len(detail) > 100:  # never echo a client's garbage at length
+                detail = detail[:97] + "..."
+            raise BadRequest(Refusal(status, f"malformed HTTP request: {detail}")) from None
+        if event is h11.NEED_DATA:
+            if not data:
+                raise BadRequest(None)
+            return None
+        if isinstance(event, h11.Request):
+            request = request_from_h11(event)
+            # The bytes after the head (a client may send frames right
+            # after its upgrade request, before the 101).
+            self.trailing = conn.trailing_data[0]
+            return request
+        raise BadRequest(None)  # ConnectionClosed, or an event a server cannot get first
+
+
+class BadRequest(Exception):
+    """Not an HTTP request: answer ``refusal`` (if any) and close."""
+
+    def __init__(self, refusal: Refusal | None) -> None:
+        super().__init__(refusal.reason if refusal else "connection closed")
+        self.refusal = refusal

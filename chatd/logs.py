@@ -1,0 +1,46 @@
+"""Logging set-up: ``log-format`` ``text`` (one readable line) or ``json``.
+
+JSON lines are for log shippers: one object per line with ``time``
+(ISO 8601, UTC), ``level``, ``logger``, ``message`` and, where the line
+is about a connection, ``peer`` (the client address, after
+``trusted-proxies``), ``path`` and ``code`` (the close code). Written by
+python-json-logger. Connection log calls pass those fields with
+``extra={...}``; the text format already names them in the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from pythonjsonlogger.json import JsonFormatter
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: Fields of every JSON line, in order; ``extra`` fields follow.
+_JSON_FIELDS = ("asctime", "levelname", "name", "message")
+
+
+class _UTCJsonFormatter(JsonFormatter):
+    converter = time.gmtime
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + \
+            f".{int(record.msecs):03d}Z"
+
+
+def configure(level: str = "info", log_format: str = "text", stream=None) -> None:
+    """Send chatd's logs to ``stream`` (stderr) at ``level`` in ``log_format``."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_UTCJsonFormatter(
+            list(_JSON_FIELDS), rename_fields={"asctime": "time", "levelname": "level",
+                                               "name": "logger"},
+            json_ensure_ascii=False))
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())

@@ -1,0 +1,141 @@
+"""The real client address behind a reverse proxy.
+
+Only a peer listed in ``trusted-proxies`` may say who the client is; for
+any other peer the headers below are ignored (a client cannot forge its
+address past the limits):
+
+- the PROXY protocol header (HAProxy's v1 text line or v2 binary header,
+  as HAProxy and nginx ``stream`` send it) when ``proxy-protocol`` is on;
+  parsed by the ``proxy-protocol`` library, framed here (v1: up to CRLF,
+  at most 107 bytes; v2: 16 bytes plus the length in bytes 15-16);
+- ``X-Forwarded-For``: the right-most address that is not itself a
+  trusted proxy (each proxy appends the address it saw, so everything to
+  the left of that could be the client's own invention);
+- ``X-Real-IP``, when there is no ``X-Forwarded-For``.
+
+Sans-IO: bytes and header values in, addresses out.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from proxyprotocol import ProxyProtocolIncompleteError, ProxyProtocolSyntaxError
+from proxyprotocol.result import ProxyResultLocal
+from proxyprotocol.v1 import ProxyProtocolV1
+from proxyprotocol.v2 import ProxyProtocolV2
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+_V1_SIGNATURE = b"PROXY "
+_V1_MAX = 107  # the longest v1 line, CRLF included (the PROXY protocol spec, 2.1)
+_v1 = ProxyProtocolV1()
+_v2 = ProxyProtocolV2()
+
+
+class ProxyHeaderError(ValueError):
+    """The bytes are not a valid PROXY protocol header."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A client address: ``ip`` as text, ``port`` or None if unknown."""
+
+    ip: str
+    port: int | None = None
+
+    def __str__(self) -> str:
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+def parse_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def in_networks(ip: str, networks: tuple[IPNetwork, ...]) -> bool:
+    """True if ``ip`` (text) lies in one of ``networks``; False if it is not an IP."""
+    if not networks:
+        return False
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+def proxy_header_length(data: bytes) -> int | None:
+    """How many bytes the PROXY header at the start of ``data`` takes, or
+    None if more bytes are needed to tell. Raises ProxyHeaderError if the
+    data cannot start with one."""
+    if data[:len(_V2_SIGNATURE)] == _V2_SIGNATURE[:len(data)] and len(data) < 16:
+        return None
+    if data.startswith(_V2_SIGNATURE):
+        return 16 + int.from_bytes(data[14:16], "big")
+    if data[:len(_V1_SIGNATURE)] == _V1_SIGNATURE[:len(data)] and len(data) < len(_V1_SIGNATURE):
+        return None
+    if data.startswith(_V1_SIGNATURE):
+        end = data.find(b"\r\n", 0, _V1_MAX)
+        if end >= 0:
+            return end + 2
+        if len(data) >= _V1_MAX:
+            raise ProxyHeaderError("PROXY v1 line longer than 107 bytes")
+        return None
+    raise ProxyHeaderError("no PROXY protocol header")
+
+
+def parse_proxy_header(header: bytes) -> Address | None:
+    """The client address a complete PROXY header names; None for v2 LOCAL
+    or v1 UNKNOWN (a health check by the proxy itself: use the peer)."""
+    version = _v2 if header.startswith(_V2_SIGNATURE) else _v1
+    try:
+        result = version.unpack(header)
+    except (ProxyProtocolSyntaxError, ProxyProtocolIncompleteError, ValueError) as exc:
+        raise ProxyHeaderError(f"bad PROXY header: {exc}") from None
+    if isinstance(result, ProxyResultLocal) or not result.proxied:
+        return None
+    peer = result.peername
+    if not isinstance(peer, tuple) or len(peer) < 2:
+        return None  # UNKNOWN or a unix socket: nothing to say
+    return Address(str(peer[0]), int(peer[1]))
+
+
+def forwarded_address(forwarded_for: list[str], real_ip: str | None,
+                      trusted: tuple[IPNetwork, ...]) -> str | None:
+    """The client IP named by ``X-Forwarded-For`` values (every header's,
+    in order) or else ``X-Real-IP``; None if neither names a valid one.
+
+    The right-most entry that is not a trusted proxy is the client: every
+    entry left of it may be the client's own invention.
+    """
+    hops = [hop.strip() for value in forwarded_for for hop in value.split(",")]
+    hops = [hop for hop in hops if hop]
+    for hop in reversed(hops):
+        ip = _plain_ip(hop)
+        if ip is None:
+            return None  # garbage where an address should be: trust none of it
+        if not in_networks(ip, trusted):
+            return ip
+    if hops:
+        return _plain_ip(hops[0])  # every hop is a trusted proxy: the first one
+    if real_ip:
+        return _plain_ip(real_ip.strip())
+    return None
+
+
+def _plain_ip(text: str) -> str | None:
+    """An address as a proxy may write it ("1.2.3.4", "[::1]", "1.2.3.4:5"),
+    normalised; None if it is not one."""
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
