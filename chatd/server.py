@@ -98,7 +98,7 @@ class Server:
         self._stopping = trio.Event()
         #: Set when ``run`` has finished (store closed).
         self.stopped = trio.Event()
-        self._listen_scope = trio.CancelScope()
+        self._listen_scopes: list[trio.CancelScope] = []
         self._keepalive_scope = trio.CancelScope()
         #: Handshakes under way, cancelled at shutdown.
         self._handshakes: set[trio.CancelScope] = set()
@@ -165,7 +165,8 @@ class Server:
         code = self.config.shutdown_close_code
         reason = "server restart" if code == 1012 else "server shutdown"
         log.info("shutting down: closing %d connections with %d", len(self.connections), code)
-        self._listen_scope.cancel()
+        for scope in self._listen_scopes:
+            scope.cancel()
         self._keepalive_scope.cancel()
         for handshake in list(self._handshakes):
             handshake.cancel()
@@ -207,7 +208,8 @@ class Server:
                 self.flusher.flush()
 
     async def _serve(self, listeners, handler, nursery: trio.Nursery) -> None:
-        with self._listen_scope:
+        with trio.CancelScope() as scope:
+            self._listen_scopes.append(scope)
             await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
 
     # --- one TCP connection ----------------------------------------------------

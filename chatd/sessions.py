@@ -122,6 +122,12 @@ class Sessions:
     async def aclose(self) -> None:
         await self.writer.aclose()
 
+    async def ready(self) -> str | None:
+        """Why the store cannot take writes now (for /readyz), or None."""
+        if self.writer.failed:
+            return "store failed: writes are refused until restart (see the log)"
+        return None
+
     async def _report(self, jobs: list[Job], results: list[Any] | None) -> None:
         try:
             await self.router.send(StoreDone(jobs=jobs, results=results))
