@@ -9,8 +9,9 @@ one write. So a burst of events bound for one connection costs one
 ``send`` instead of one per frame, and a single event on a quiet server
 still leaves at once (its pass is one command long).
 
-A connection whose unsent frames exceed ``outbox-size`` is a slow
-consumer and is cut off with 1008, without anyone else noticing.
+A connection with more than ``outbox-size`` frames that the kernel would
+not take is a slow consumer and is cut off with 1008, without anyone else
+noticing.
 """
 
 from __future__ import annotations
@@ -82,12 +83,8 @@ class Client:
         if pending is None:
             self.pending = [frame]
             self.flusher.dirty.append(self)
-            pending = self.pending
         else:
             pending.append(frame)
-        if len(pending) + self.transport.waiting_frames > self.outbox_size:
-            self.kill(1008, "slow consumer")
-            return False
         return True
 
     def flush(self) -> None:
@@ -98,8 +95,11 @@ class Client:
         self.pending = None
         self.flusher.deliveries[self.protocol.name] += len(pending)
         data = pending[0] if len(pending) == 1 else b"".join(pending)
-        if not self.transport.write(data, len(pending)):
+        transport = self.transport
+        if not transport.write(data, len(pending)):
             self.kill(1006, "connection lost")
+        elif transport.waiting_frames > self.outbox_size:
+            self.kill(1008, "slow consumer")
 
     def answer(self, command: Any, result: Any) -> list[Output]:
         """Turn the router's result for this client's request into outputs:

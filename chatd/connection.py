@@ -213,13 +213,16 @@ class Connection(Client):
                 await self.router.send(out)
 
     async def _stream(self, frames: Any) -> None:
-        """Write an answer frame by frame as the socket drains."""
+        """Write an answer frame by frame as the socket drains: a few frames
+        at a time, then wait until the kernel has taken them."""
+        step = max(1, min(_STREAM_STEP, self.outbox_size // 4))
         for count, data in enumerate(frames, 1):
             if not self.deliver(text_frame(data)):
                 return
-            if count % _STREAM_STEP == 0:
+            if count % step == 0:
                 self.flush()
-                await self.transport.drain()
+                if self.transport.waiting_frames:
+                    await self.transport.drain()
         self.flush()
 
     def answer(self, command: Command, result: Any) -> list[Output]:

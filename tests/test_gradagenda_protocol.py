@@ -15,7 +15,7 @@ from chatd.events import (
     Command, CreateSession, DirectSessionInfo, ListSessions, Login, Logout, ReadHistory, Request,
     SendMessage, SessionInfo, Status, StoredMessage,
 )
-from chatd.protocols.base import Close, Context, Send
+from chatd.protocols.base import Close, Context, Send, Stream
 from chatd.protocols.gradagenda import GradAgenda, batch_frames
 from chatd.tokens import mint
 from tests.conftest import JWT_SECRET
@@ -34,8 +34,16 @@ def auth(user: str = "alice", cdid: str = "a", token: str | None = None) -> str:
                        else token})
 
 
+def flat(outputs: list) -> list[Any]:
+    """Outputs with each Stream's frames as Sends (as the client gets them)."""
+    out: list[Any] = []
+    for o in outputs:
+        out.extend(Send(f) for f in o.frames) if isinstance(o, Stream) else out.append(o)
+    return out
+
+
 def frames(outputs: list) -> list[Any]:
-    return [json.loads(o.data) if isinstance(o, Send) else o for o in outputs]
+    return [json.loads(o.data) if isinstance(o, Send) else o for o in flat(outputs)]
 
 
 def logged_in(limit: int = LIMIT) -> GradAgenda:
@@ -105,7 +113,7 @@ def test_answers_for_the_asker_are_batched_then_ended():
     [cmd] = p.receive('{"type": "request-mutable-session-listing", "cdid": "ls"}')
     infos = [SessionInfo(session_id=f"s{i}", kind="mutable", status="unchanged",
                          members=["alice", "bob"]) for i in range(6)]
-    out = p.on_result(cmd, infos)
+    out = flat(p.on_result(cmd, infos))
     assert all(len(o.data) <= 300 for o in out)
     decoded = frames(out)
     assert decoded[-1] == {"type": "status-response", "cdid": "ls", "status": "succeeded"}
@@ -142,7 +150,7 @@ def test_events_encode_to_the_documents_actions():
        st.integers(min_value=64, max_value=2000))
 def test_batch_frames_keep_order_and_fit_the_limit(sizes, limit):
     items = [json.dumps({"n": i, "pad": "x" * len(b)}).encode() for i, b in enumerate(sizes)]
-    out = batch_frames("cdid", items, limit)
+    out = list(batch_frames("cdid", items, limit))
     unpacked = []
     for frame in out:
         decoded = json.loads(frame)
@@ -212,7 +220,7 @@ def check_outputs(p: GradAgenda, text: str, was_authenticated: bool) -> list:
             if isinstance(out, DirectSessionInfo):
                 answer = SessionInfo(session_id="d", kind="direct", status="unchanged",
                                      members=["alice", out.peer])
-            for extra in p.on_result(out, answer):
+            for extra in flat(p.on_result(out, answer)):
                 assert isinstance(extra, Send) and json.loads(extra.data)["type"]
     return outputs
 

@@ -22,6 +22,7 @@ refused.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from typing import Annotated, Any
 
 import msgspec
@@ -32,7 +33,9 @@ from chatd.events import (
     Command, CreateSession, DeleteSession, DirectSessionInfo, Event, ListSessions, Login, Logout,
     ModifySession, ReadHistory, SendMessage, SessionInfo, Status, StoredMessage,
 )
-from chatd.protocols.base import MAX_NAME_CHARS, Close, Output, Protocol, Send, dumps, valid_name
+from chatd.protocols.base import (
+    MAX_NAME_CHARS, Close, Output, Protocol, Send, Stream, dumps, valid_name,
+)
 
 log = logging.getLogger("chatd.gradagenda")
 
@@ -297,10 +300,10 @@ class GradAgenda(Protocol):
             return [Send(dumps(StatusResponse(cdid=cdid, status="succeeded")))]
         if isinstance(command, DirectSessionInfo):
             return [Send(self.encode(msgspec.structs.replace(result, cdid=cdid)))]
-        items = [self.encode(event) for event in result]
-        frames = batch_frames(cdid, items, self.ctx.max_frame_bytes)
-        frames.append(dumps(StatusResponse(cdid=cdid, status="succeeded")))
-        return [Send(frame) for frame in frames]
+        # Written as the socket drains (a listing may be longer than the
+        # outbox): Stream, not one Send per frame queued at once.
+        return [Stream(_answer_frames(cdid, (self.encode(event) for event in result),
+                                      self.ctx.max_frame_bytes))]
 
     def rate_limited(self, text: str) -> list[Output]:
         # Only the cdid is read from a dropped frame, so the client can
@@ -356,24 +359,29 @@ def _session_answer(cdid: str, members: list[str], session_id: str = _WIDEST_SES
                                 session_type="mutable", status="unchanged", user_id=members)
 
 
-def batch_frames(cdid: Any, actions: list[bytes], limit: int) -> list[bytes]:
+def batch_frames(cdid: Any, actions: Iterable[bytes], limit: int) -> Iterator[bytes]:
     """Pack encoded actions, in order, into ``batch-mode-action`` frames of at
-    most ``limit`` bytes; an action too large to wrap is sent on its own."""
+    most ``limit`` bytes; an action too large to wrap is sent on its own.
+    Lazy: each frame is built when the writer asks for it."""
     head = b'{"type":"batch-mode-action","cdid":' + dumps(cdid) + b',"actions":['
     tail = b"]}"
     room = limit - len(head) - len(tail)
-    frames: list[bytes] = []
     batch: list[bytes] = []
     size = 0
     for action in actions:
         if batch and size + 1 + len(action) > room:
-            frames.append(head + b",".join(batch) + tail)
+            yield head + b",".join(batch) + tail
             batch, size = [], 0
         if len(action) > room:
-            frames.append(action)
+            yield action
             continue
         size += len(action) + (1 if batch else 0)
         batch.append(action)
     if batch:
-        frames.append(head + b",".join(batch) + tail)
-    return frames
+        yield head + b",".join(batch) + tail
+
+
+def _answer_frames(cdid: Any, actions: Iterable[bytes], limit: int) -> Iterator[bytes]:
+    """A multi-action answer: its batch frames, then the succeeded status."""
+    yield from batch_frames(cdid, actions, limit)
+    yield dumps(StatusResponse(cdid=cdid, status="succeeded"))
