@@ -38,15 +38,24 @@ const { WebSocket, WebSocketServer } = require('ws');
 // Like chatd's default `max-frame-bytes`: larger frames close with 1009.
 const MAX_FRAME_BYTES = 4096;
 
-function parseRegister(data, secretKey) {
-  // The client name of a valid `register` frame, else null.
+function parseAction(data, action) {
+  // The frame if it is a JSON object whose `action` is `action`, else null.
   let frame;
   try {
     frame = JSON.parse(data.toString());
   } catch {
     return null;
   }
-  if (frame === null || typeof frame !== 'object' || frame.action !== 'register') {
+  if (frame === null || typeof frame !== 'object' || frame.action !== action) {
+    return null;
+  }
+  return frame;
+}
+
+function parseRegister(data, secretKey) {
+  // The client name of a valid `register` frame, else null.
+  const frame = parseAction(data, 'register');
+  if (frame === null) {
     return null;
   }
   const name = frame['client-name'];
@@ -63,13 +72,8 @@ function parseRegister(data, secretKey) {
 
 function forwardingFrame(data, name) {
   // The `forwarding-message` for a `client-message` frame, else null.
-  let frame;
-  try {
-    frame = JSON.parse(data.toString());
-  } catch {
-    return null;
-  }
-  if (frame === null || typeof frame !== 'object' || frame.action !== 'client-message') {
+  const frame = parseAction(data, 'client-message');
+  if (frame === null) {
     return null;
   }
   const content = frame.content;
