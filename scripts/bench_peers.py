@@ -1,27 +1,40 @@
 #!/usr/bin/env python3
-"""chatd's lobby fan-out against a minimal `websockets` server, in one run.
+"""chatd's lobby fan-out and idle memory against two minimal peers, in one run.
+
+The peers are multichat broadcast servers as a careful small server would
+be written: ``scripts/peer_server.py`` on the Python ``websockets``
+library, and ``scripts/peers/node_ws/server.js`` on Node.js and the npm
+``ws`` package (installed with ``npm ci`` on first use). A peer that cannot
+run here (no ``websockets`` package, no ``node``) is named in one line and
+left out.
 
 The bar (docs/performance.md): 1,000 multichat subscribers in one lobby,
-one publisher, 100-byte messages. For each server, one after the other,
-``scripts/loadtest.py fanout --spawn`` measures
+one publisher, 100-byte messages. For each server, in turn,
+``scripts/loadtest.py fanout --spawn SERVER`` measures
 
 1. peak deliveries/s: the publisher sends as fast as its window allows;
 2. p99 end-to-end latency at 80% of chatd's peak message rate, the same
-   rate for both servers.
+   rate for every server;
+
+and ``scripts/loadtest.py idle --spawn SERVER`` the server's RSS per idle
+authenticated connection at ``--idle-connections`` connections.
 
 The server is pinned to CPU 0 and the load to the other CPUs, so the two
 never share a core. The machine may be busy with other work, so each
-measurement is repeated (``--rounds``, alternating the servers) and the
-median is reported; a run during which other processes used more than
-``--max-others`` of a core is repeated (the quietest try is kept).
+measurement is repeated (``--rounds``, the servers taking turns within a
+round) and the median is reported; a fan-out run during which other
+processes used more than ``--max-others`` of a core is repeated (the
+quietest try is kept). Ratios are chatd's figure over the peer's.
 
-    python scripts/bench_peers.py                 # the bar, ~2 minutes
-    python scripts/bench_peers.py --duration 3 --rounds 1 --subscribers 200
+    python scripts/bench_peers.py                 # the bar, ~4 minutes
+    python scripts/bench_peers.py --duration 3 --rounds 1 --subscribers 200 --idle-connections 1000
+    python scripts/bench_peers.py --peers node-ws  # chatd against one peer only
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -29,9 +42,12 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
+
+from loadgen.report import others_pct
+from loadgen.servers import PEERS, node_peer_problem
 
 LOADTEST = Path(__file__).resolve().parent / "loadtest.py"
-SERVERS = ("chatd", "websockets")
 
 
 def machine() -> dict[str, object]:
@@ -42,7 +58,35 @@ def machine() -> dict[str, object]:
                 model = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version()}
+    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
+            "node": node_version()}
+
+
+def node_version() -> str | None:
+    try:
+        return subprocess.run(["node", "--version"], capture_output=True,
+                              text=True).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def available_servers(peers: list[str]) -> list[str]:
+    """chatd and each of ``peers`` that can run here; one line for each that cannot."""
+    servers = ["chatd"]
+    for peer in peers:
+        if peer == "websockets" and importlib.util.find_spec("websockets") is None:
+            problem = "the websockets package is missing (pip install -e '.[bench]')"
+        elif peer == "node-ws":
+            problem = node_peer_problem()
+        else:
+            problem = None
+        if problem:
+            print(f"bench_peers: {peer} peer left out: {problem}", file=sys.stderr)
+        else:
+            servers.append(peer)
+    if len(servers) < 2:
+        raise SystemExit("bench_peers: no peer can run here to compare chatd with")
+    return servers
 
 
 def pinning() -> tuple[str, str]:
@@ -54,12 +98,11 @@ def pinning() -> tuple[str, str]:
     return str(cpus[0]), ",".join(str(c) for c in cpus[1:])
 
 
-def loadtest(server: str, args: argparse.Namespace, cpus: tuple[str, str],
+def loadtest(scenario: str, server: str, args: argparse.Namespace, cpus: tuple[str, str],
              extra: list[str]) -> dict:
-    command = [sys.executable, str(LOADTEST), "fanout", "--spawn", server,
+    """One ``loadtest.py SCENARIO --spawn SERVER --json`` run; its result."""
+    command = [sys.executable, str(LOADTEST), scenario, "--spawn", server,
                "--server-cpus", cpus[0], "--cpus", cpus[1],
-               "--subscribers", str(args.subscribers), "--publishers", str(args.publishers),
-               "--size", str(args.size), "--duration", str(args.duration),
                "--workers", str(args.workers), "--json", *extra]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode:
@@ -69,29 +112,25 @@ def loadtest(server: str, args: argparse.Namespace, cpus: tuple[str, str],
     return result
 
 
-def others(result: dict) -> float:
-    """CPU (% of a core) that processes other than the server and the client
-    used during the run: a busy machine makes the run say little."""
-    host = result["host"]
-    # A process's own CPU time may include interrupts it served.
-    return max(0.0, host["busy_pct"] + host["interrupts_pct"] - result["client"]["cpu_pct"]
-               - host["parent_pct"] - (result["server"]["cpu_pct"] or 0))
+def fanout_flags(args: argparse.Namespace) -> list[str]:
+    return ["--subscribers", str(args.subscribers), "--publishers", str(args.publishers),
+            "--size", str(args.size), "--duration", str(args.duration)]
 
 
 def quiet_run(server: str, args: argparse.Namespace, cpus: tuple[str, str],
               extra: list[str], label: str) -> dict:
-    """Repeat a run that other processes disturbed; keep the quietest."""
+    """A fan-out run, repeated while other processes disturbed it; the quietest."""
     tries = []
     for attempt in range(args.attempts):
-        result = loadtest(server, args, cpus, extra)
+        result = loadtest("fanout", server, args, cpus, fanout_flags(args) + extra)
         tries.append(result)
         print(f"{label} {server:>10}: {note(result)}", file=sys.stderr)
-        if others(result) <= args.max_others:
+        if others_pct(result) <= args.max_others:
             break
-    best = min(tries, key=others)
-    if others(best) > args.max_others:
+    best = min(tries, key=others_pct)
+    if others_pct(best) > args.max_others:
         print(f"bench_peers: warning: every {server} run shared the machine "
-              f"(others >= {others(best):.0f}% of a core)", file=sys.stderr)
+              f"(others >= {others_pct(best):.0f}% of a core)", file=sys.stderr)
     return best
 
 
@@ -101,21 +140,55 @@ def note(result: dict) -> str:
     return (f"{result['deliveries_per_s']:>10,.0f} deliveries/s  {result['publish_rate']:>8,.1f} "
             f"msg/s  p99 {latency.get('p99', float('nan')):7.2f} ms  server CPU "
             f"{server['cpu_pct']:5.1f}%  client CPU {client['cpu_pct']:5.1f}%  "
-            f"others {others(result):4.0f}%  errors {result['error_count']}")
+            f"others {others_pct(result):4.0f}%  errors {result['error_count']}")
 
 
-def measure(args: argparse.Namespace, cpus: tuple[str, str], extra: list[str],
-            label: str) -> dict[str, list[dict]]:
-    runs: dict[str, list[dict]] = {s: [] for s in SERVERS}
+def measure(servers: list[str], args: argparse.Namespace, cpus: tuple[str, str],
+            extra: list[str], label: str) -> dict[str, list[dict]]:
+    """``--rounds`` fan-out runs per server, the servers taking turns."""
+    runs: dict[str, list[dict]] = {s: [] for s in servers}
     for round_ in range(args.rounds):
-        for server in SERVERS:
+        for server in servers:
             runs[server].append(quiet_run(server, args, cpus, extra,
                                           f"{label} round {round_ + 1}"))
     return runs
 
 
-def median(runs: list[dict], pick) -> float:
+def measure_idle(servers: list[str], args: argparse.Namespace,
+                 cpus: tuple[str, str]) -> dict[str, list[dict]]:
+    """``--rounds`` idle runs per server (memory: no quietness needed)."""
+    runs: dict[str, list[dict]] = {s: [] for s in servers}
+    for round_ in range(args.rounds):
+        for server in servers:
+            result = loadtest("idle", server, args, cpus,
+                              ["--connections", str(args.idle_connections), "--duration", "1"])
+            runs[server].append(result)
+            server_figures = result["server"]
+            print(f"idle round {round_ + 1} {server:>10}: {result['connections']:,} connections  "
+                  f"RSS {server_figures['rss_before_kib'] / 1024:.1f} -> "
+                  f"{server_figures['rss_after_setup_kib'] / 1024:.1f} MiB  "
+                  f"{server_figures['rss_per_connection_kib']} KiB each  "
+                  f"errors {result['error_count']}", file=sys.stderr)
+    return runs
+
+
+def median(runs: list[dict], pick: Callable[[dict], float]) -> float:
     return statistics.median(pick(r) for r in runs)
+
+
+def table(servers: list[str], rows: list[tuple[str, dict[str, float], str, bool]]) -> str:
+    """Each row: label, a figure per server, its format, whether ratios make sense."""
+    peers = servers[1:]
+    head = f"  {'':36}" + "".join(f" {s:>12}" for s in servers)
+    head += "".join(f" {'chatd/' + p:>17}" for p in peers)
+    lines = [head]
+    for label, values, fmt, ratios in rows:
+        line = f"  {label:36}" + "".join(f" {format(values[s], fmt):>12}" for s in servers)
+        if ratios:
+            line += "".join(f" {values['chatd'] / values[p]:>17.2f}" if values[p] else
+                            f" {'-':>17}" for p in peers)
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -129,43 +202,58 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="measurements per server (median)")
     parser.add_argument("--window", type=int, default=64,
                         help="peak runs: messages in flight per publisher (default 64)")
+    parser.add_argument("--idle-connections", type=int, default=10000,
+                        help="idle connections for the memory figure (default 10000; 0: skip)")
     parser.add_argument("--workers", type=int, default=1, help="load-test client processes")
     parser.add_argument("--max-others", type=float, default=30.0,
                         help="repeat a run in which other processes used more than this "
                              "%% of a core (default 30)")
     parser.add_argument("--attempts", type=int, default=4, help="tries per run (default 4)")
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help=f"comma-separated peers to compare with (default {','.join(PEERS)})")
     parser.add_argument("--json", action="store_true", help="print every result as JSON")
     args = parser.parse_args()
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        parser.error(f"unknown peer {', '.join(unknown)}: choose from {', '.join(PEERS)}")
+    servers = available_servers(peers)
     cpus = pinning()
 
-    peak = measure(args, cpus, ["--window", str(args.window)], "peak")
-    peak_deliveries = {s: median(peak[s], lambda r: r["deliveries_per_s"]) for s in SERVERS}
-    chatd_rate = median(peak["chatd"], lambda r: r["publish_rate"])
-    rate = round(0.8 * chatd_rate, 1)
-    paced = measure(args, cpus, ["--rate", str(rate)], f"{rate:g} msg/s")
-    p99 = {s: median(paced[s], lambda r: r["latency_ms"]["p99"]) for s in SERVERS}
+    peak = measure(servers, args, cpus, ["--window", str(args.window)], "peak")
+    peak_deliveries = {s: median(peak[s], lambda r: r["deliveries_per_s"]) for s in servers}
+    rate = round(0.8 * median(peak["chatd"], lambda r: r["publish_rate"]), 1)
+    paced = measure(servers, args, cpus, ["--rate", str(rate)], f"{rate:g} msg/s")
+    p99 = {s: median(paced[s], lambda r: r["latency_ms"]["p99"]) for s in servers}
+    idle = measure_idle(servers, args, cpus) if args.idle_connections > 0 else {}
+    rss = {s: median(idle[s], lambda r: r["server"]["rss_per_connection_kib"] or 0.0)
+           for s in idle}
 
-    ratio = peak_deliveries["chatd"] / peak_deliveries["websockets"]
     info = machine()
-    quiet = [others(r) for runs in (peak, paced) for rs in runs.values() for r in rs]
-    print(f"\nmachine: {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}; "
-          f"server on CPU {cpus[0]}, load on CPU {cpus[1]}")
+    quiet = [others_pct(r) for runs in (peak, paced) for rs in runs.values() for r in rs]
+    print(f"\nmachine: {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, "
+          f"Node {info['node'] or '-'}; server on CPU {cpus[0]}, load on CPU {cpus[1]}")
     print(f"fan-out: {args.subscribers} subscribers, {args.publishers} publisher(s), "
           f"{args.size}-byte messages, {args.duration:g} s x {args.rounds} rounds (median); "
           f"other processes used {min(quiet):.0f}-{max(quiet):.0f}% of a core\n")
-    print(f"  {'':34} {'chatd':>12} {'websockets':>12} {'chatd/ws':>9}")
-    print(f"  {'peak deliveries/s':34} {peak_deliveries['chatd']:>12,.0f} "
-          f"{peak_deliveries['websockets']:>12,.0f} {ratio:>9.2f}")
-    print(f"  {f'p99 latency at {rate:g} msg/s (80%)':34} {p99['chatd']:>10.2f}ms "
-          f"{p99['websockets']:>10.2f}ms {p99['chatd'] / p99['websockets']:>9.2f}")
-    for label, runs in (("server CPU at peak", "server"), ("client CPU at peak", "client")):
-        values = {s: median(peak[s], lambda r: r[runs]["cpu_pct"]) for s in SERVERS}
-        print(f"  {label:34} {values['chatd']:>11.0f}% {values['websockets']:>11.0f}%")
+    rows = [("peak deliveries/s", peak_deliveries, ",.0f", True),
+            (f"p99 latency (ms) at {rate:g} msg/s (80%)", p99, ".2f", True)]
+    for label, key in (("server CPU at peak (%)", "server"), ("client CPU at peak (%)", "client")):
+        rows.append((label, {s: median(peak[s], lambda r: r[key]["cpu_pct"]) for s in servers},
+                     ".0f", False))
+    if rss:
+        rows.append((f"idle RSS/connection (KiB) at {args.idle_connections:,}", rss, ".1f", True))
+    print(table(servers, rows))
+    print("\n  ratios: chatd's figure over the peer's (deliveries: higher is better; "
+          "latency and memory: lower is better)")
     if args.json:
         print(json.dumps({"machine": info, "pinning": {"server": cpus[0], "load": cpus[1]},
-                          "rate_80": rate, "peak_deliveries_per_s": peak_deliveries,
-                          "ratio": round(ratio, 3), "p99_ms_at_80": p99,
-                          "peak_runs": peak, "paced_runs": paced}))
+                          "servers": servers, "rate_80": rate,
+                          "peak_deliveries_per_s": peak_deliveries,
+                          "ratios": {p: round(peak_deliveries["chatd"] / peak_deliveries[p], 3)
+                                    for p in servers[1:]},
+                          "p99_ms_at_80": p99, "idle_rss_per_connection_kib": rss,
+                          "peak_runs": peak, "paced_runs": paced, "idle_runs": idle}))
     return 0
 
 

@@ -1,8 +1,9 @@
 """A minimal multichat server on the `websockets` library, for comparison.
 
-It is the yardstick chatd's fan-out is measured against
-(``scripts/bench_peers.py``): the multichat protocol only, the way a
-careful small asyncio server would do it. ``register`` with the shared
+It is one of the yardsticks chatd's fan-out is measured against
+(``scripts/bench_peers.py``; the other is the Node ``ws`` peer in
+``scripts/peers/node_ws/``, which behaves alike): the multichat protocol
+only, the way a careful small asyncio server would do it. ``register`` with the shared
 secret must come first (else close 1008); each ``client-message`` goes to
 every other registered client as one ``forwarding-message``, framed once
 and written to all of them by ``websockets.broadcast()``, which writes
