@@ -79,9 +79,8 @@ _REASONS = {
     sqlite3.SQLITE_LOCKED: "locked by another process",
 }
 
-_APPEND = (f"INSERT INTO messages(session_id, {MESSAGE_COLUMNS}) "
-           "SELECT id, (SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE session_id=?1), "
-           "?2, ?3, ?4, ?5 FROM sessions WHERE id=?1 RETURNING seq")
+_NEXT_SEQ = "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE session_id=?"
+_INSERT_MESSAGE = f"INSERT INTO messages(session_id, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
 
 
 class SQLiteStore(Store):
@@ -257,9 +256,15 @@ class SQLiteStore(Store):
     def append_message(self, session_id: str, sender_id: str, message: str,
                        sender_timestamp: int, server_timestamp: int) -> int | None:
         # The write lock (BEGIN IMMEDIATE) is held: MAX(seq)+1 cannot race.
-        row = self.db.execute(_APPEND, (session_id, sender_id, message, sender_timestamp,
-                                        server_timestamp)).fetchone()
-        return row[0] if row else None
+        (seq,), = self.db.execute(_NEXT_SEQ, (session_id,))
+        try:
+            self.db.execute(_INSERT_MESSAGE, (session_id, seq, sender_id, message,
+                                              sender_timestamp, server_timestamp))
+        except sqlite3.IntegrityError as exc:
+            if "FOREIGN KEY" not in str(exc):
+                raise
+            return None  # the session is gone; only this statement was undone
+        return seq
 
     def history(self, session_id: str, *, before: int | None = None, after: int | None = None,
                 limit: int = 100) -> list[HistoryRow]:
