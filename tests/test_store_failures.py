@@ -221,6 +221,21 @@ async def test_past_the_busy_timeout_jobs_fail_busy_and_later_ones_commit(tmp_pa
     store.close()
 
 
+async def test_writes_waiting_on_a_busy_store_count_against_the_queue_limit(tmp_path,
+                                                                             nursery):
+    store = open_store(str(tmp_path / "chatd.db"), busy_timeout=GUARD)
+    writer = Writer(store, Reports(), max_pending=2)
+    await nursery.start(writer.run)
+    holder = await LockHolder.hold(store.path)
+    assert writer.submit(job(lambda s: None)) and writer.submit(job(lambda s: None))
+    await wait_until(lambda: writer.busy_since is not None)
+    assert not writer.submit(job(lambda s: None))  # memory stays bounded while it waits
+    await holder.release()
+    await writer.report.wait_for(2)
+    assert writer.submit(job(lambda s: None))
+    store.close()
+
+
 def sessions_of(server) -> Sessions:
     return next(s for s in server.services if isinstance(s, Sessions))
 

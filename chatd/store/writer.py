@@ -91,6 +91,8 @@ class Writer:
         self.commits = 0
         self.committed_jobs = 0
         self._queue: list[Job] = []
+        #: Jobs in the batch being committed (or retried) now.
+        self._in_flight = 0
         self._wakeup = trio.Event()
         self._lock = trio.Lock()
         self._paused = False
@@ -103,7 +105,12 @@ class Writer:
 
     @property
     def accepting(self) -> bool:
-        return not (self.failed or self.closed) and len(self._queue) < self.max_pending
+        return not (self.failed or self.closed) and self.pending < self.max_pending
+
+    @property
+    def pending(self) -> int:
+        """Jobs queued or being committed."""
+        return len(self._queue) + self._in_flight
 
     def submit(self, job: Job) -> bool:
         """Queue a job without waiting; False if the writer cannot take it."""
@@ -139,7 +146,10 @@ class Writer:
             if self.failure is not None:
                 results, failure = None, self.failure
             else:
-                results, failure = await self._commit(jobs)
+                try:
+                    results, failure = await self._commit(jobs)
+                finally:
+                    self._in_flight = 0
             if failure is not None and not self.closed:
                 self._paused, self._resumed = True, trio.Event()
             await self.report(jobs, results, failure)
@@ -149,6 +159,7 @@ class Writer:
         retried) in one transaction: (results, None) or (None, why not)."""
         name, deadline, pause = self.store.name, None, RETRY_FIRST
         while True:
+            self._in_flight = len(jobs)
             try:
                 # Not abandoned on cancel: a started commit always finishes.
                 results = await trio.to_thread.run_sync(self.store.run_batch,
@@ -218,7 +229,7 @@ class Writer:
             return f"store busy for {trio.current_time() - self.busy_since:.1f} s: {self.busy_cause}"
         if self.closed:
             return "store writer closed"
-        if len(self._queue) >= self.max_pending:
+        if self.pending >= self.max_pending:
             return f"store write queue full ({self.max_pending} jobs)"
         return None
 
