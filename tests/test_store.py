@@ -11,7 +11,6 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-import trio
 
 from chatd.store import SQLiteStore, StoreError, Writer, open_store
 from chatd.store.sqlite import MIGRATIONS

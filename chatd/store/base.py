@@ -26,7 +26,8 @@ Failures are of two kinds (docs/storage.md):
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 #: Columns of a stored message, in the order ``history`` returns them.
@@ -113,15 +114,28 @@ class Store(abc.ABC, metaclass=_OpenedByCalling):
         per session without gaps or duplicates, however many nodes append
         at once. None if the session no longer exists."""
 
-    @abc.abstractmethod
     def history(self, session_id: str, *, before: int | None = None,
                 after: int | None = None, limit: int = 100) -> list[HistoryRow]:
         """Up to ``limit`` messages, oldest first: the first ones after
         ``after`` if given, else the last ones (before ``before`` if given)."""
+        query, args, newest_first = history_query(self.mark, session_id, before, after, limit)
+        rows = self._execute(query, args).fetchall()
+        if newest_first:
+            rows.reverse()
+        return rows
 
-    @abc.abstractmethod
     def probe(self) -> None:
         """Write one row, to prove the store takes writes (readiness)."""
+        self._execute("INSERT INTO settings (key, value) VALUES ('probed-at', {0}) "
+                      "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+                      .format(self.mark), (str(time.time_ns() // 1_000_000),))
+
+    #: The driver's parameter marker: ``?`` (sqlite3) or ``%s`` (psycopg).
+    mark: str
+
+    @abc.abstractmethod
+    def _execute(self, query: str, args: Sequence[Any]) -> Any:
+        """Run one statement in the batch's transaction; its cursor."""
 
     # --- transactions -----------------------------------------------------
 

@@ -28,16 +28,13 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from chatd.store.base import (
-    MESSAGE_COLUMNS, CommitUnknown, HistoryRow, Store, StoreError, history_query,
-)
+from chatd.store.base import MESSAGE_COLUMNS, CommitUnknown, Store, StoreError
 
 log = logging.getLogger("chatd.store")
 
@@ -222,18 +219,10 @@ class PostgresStore(Store):
                                           server_timestamp)).fetchone()
         return row[0] if row else None
 
-    def history(self, session_id: str, *, before: int | None = None, after: int | None = None,
-                limit: int = 100) -> list[HistoryRow]:
-        query, args, newest_first = history_query("%s", session_id, before, after, limit)
-        rows = self._cur.execute(query, args).fetchall()
-        if newest_first:
-            rows.reverse()
-        return rows
+    mark = "%s"
 
-    def probe(self) -> None:
-        self._cur.execute("INSERT INTO settings (key, value) VALUES ('probed-at', %s) "
-                          "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                          (str(time.time_ns() // 1_000_000),))
+    def _execute(self, query: str, args: Sequence[Any]) -> psycopg.Cursor:
+        return self._cur.execute(query, args)
 
     def run_batch(self, jobs: list[Callable[[Store], Any]]) -> list[Any]:
         conn = self._connection()

@@ -27,10 +27,10 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from chatd.store.base import MESSAGE_COLUMNS, HistoryRow, Store, StoreError, history_query
+from chatd.store.base import MESSAGE_COLUMNS, Store, StoreError
 
 log = logging.getLogger("chatd.store")
 
@@ -266,18 +266,10 @@ class SQLiteStore(Store):
             return None  # the session is gone; only this statement was undone
         return seq
 
-    def history(self, session_id: str, *, before: int | None = None, after: int | None = None,
-                limit: int = 100) -> list[HistoryRow]:
-        query, args, newest_first = history_query("?", session_id, before, after, limit)
-        rows = self.db.execute(query, args).fetchall()
-        if newest_first:
-            rows.reverse()
-        return rows
+    mark = "?"
 
-    def probe(self) -> None:
-        self.db.execute("INSERT INTO settings(key, value) VALUES ('probed-at', ?) "
-                        "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                        (str(time.time_ns() // 1_000_000),))
+    def _execute(self, query: str, args: Sequence[Any]) -> sqlite3.Cursor:
+        return self.db.execute(query, args)
 
     def run_batch(self, jobs: list[Callable[[Store], Any]]) -> list[Any]:
         self.db.execute("BEGIN IMMEDIATE")
