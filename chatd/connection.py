@@ -36,7 +36,7 @@ from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from chatd.client import Client, Flusher
-from chatd.events import Command, Leave, Request
+from chatd.events import Answered, Command, Leave, Request
 from chatd.protocols.base import Close, Context, Output, Protocol, Send, Stream
 from chatd.router import Router
 from chatd.transport import Transport, text_frame
@@ -49,6 +49,9 @@ log = logging.getLogger("chatd.connection")
 
 #: Frames of a ``Stream`` answer written before waiting for the socket to drain.
 _STREAM_STEP = 32
+#: Most ``Answered`` commands of one client waiting for their answer (a
+#: pipelining GradAgenda client): beyond it, its next frame is read later.
+_IN_FLIGHT = 128
 
 
 class _PeerGone(Exception):
@@ -118,11 +121,15 @@ class Connection(Client):
             self.tokens -= len(outputs) - 1
         await self._carry_out(outputs)
         self.flush()
+        # Answers to this client wait for its socket, or for the store: read
+        # its next request only once it has taken them (TCP pushes back on a
+        # client that asks faster than it reads; it is not cut off).
         if self.transport.waiting_frames:
-            # Answers to this client wait for its socket: read its next
-            # request only once it has taken them (TCP pushes back on a
-            # client that asks faster than it reads; it is not cut off).
             await self.transport.drain()
+        window = max(1, min(_IN_FLIGHT, self.outbox_size // 2))
+        while self.in_flight >= window:
+            self.answers_wanted = trio.Event()
+            await self.answers_wanted.wait()
         if proto.authenticated and not was_authenticated:
             log.info("%s authenticated on %s as %s", self.peer, self.path,
                      self.user_id or self.name, extra={"peer": self.peer, "path": self.path})
@@ -208,6 +215,10 @@ class Connection(Client):
             elif isinstance(out, Request):
                 out.client = self
                 await self._carry_out(await self.router.call(out))
+            elif isinstance(out, Answered):
+                out.client = self
+                self.in_flight += 1
+                await self.router.send(out)
             else:
                 out.client = self
                 await self.router.send(out)

@@ -20,6 +20,7 @@ server keeps serving.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import ssl
@@ -44,7 +45,7 @@ from chatd.proxy import Address, ProxyHeaderError, forwarded_address, in_network
 from chatd.proxy import parse_proxy_header, proxy_header_length
 from chatd.router import Router
 from chatd.sessions import Sessions
-from chatd.store import Store
+from chatd.store import Store, StoreError, open_store
 from chatd.transport import Transport
 
 log = logging.getLogger("chatd")
@@ -121,15 +122,18 @@ class Server:
             self.admin_ports = _ports(admin_listeners)
         self.ports = _ports(listeners)
         try:
-            self.store = Store(config.store)
-        except Exception as exc:
+            # Blocking: connecting to PostgreSQL, or waiting out a locked file.
+            self.store = await trio.to_thread.run_sync(functools.partial(
+                open_store, config.store, busy_timeout=config.store_busy_timeout))
+        except StoreError as exc:
             for listener in listeners + admin_listeners:
                 await listener.aclose()
-            raise StartupError(f"cannot open store {config.store}: {exc}") from None
+            raise StartupError(str(exc)) from None
         if any(e.protocol == "gradagenda" for e in config.mounted()):
-            self.services.append(Sessions(self.store))
+            self.services.append(Sessions(self.store,
+                                          max_sessions_per_user=config.max_sessions_per_user))
         try:
-            self._resolve_secrets()
+            await self._resolve_secrets()
             self._mount()
             async with trio.open_nursery() as nursery:
                 for service in self.services:
@@ -377,7 +381,7 @@ class Server:
 
     # --- set-up --------------------------------------------------------------
 
-    def _resolve_secrets(self) -> None:
+    async def _resolve_secrets(self) -> None:
         """Secrets the config leaves out are generated once and kept in the store."""
         config = self.config
         protocols = {e.protocol for e in config.mounted()}
@@ -386,9 +390,9 @@ class Server:
         for key, wanted in needed.items():
             value = getattr(config, key.replace("-", "_"))
             if value is None and wanted:
-                value, new = self.store.secret(key)
+                value, new = await trio.to_thread.run_sync(self.store.secret, key)
                 log.info("%s %s (kept in %s): %s", "generated" if new else "stored",
-                         key, config.store, value)
+                         key, self.store.name, value)
             if value is not None:
                 self.secrets[key] = value
 
