@@ -100,18 +100,21 @@ class Connection(Client):
                 await self._finish()
 
     async def _serve(self) -> None:
-        proto = self.proto
-        await self._carry_out(proto.greeting())
+        await self._carry_out(self.proto.greeting())
         self.flush()
-        if not proto.authenticated:
-            with trio.move_on_after(self.config.auth_timeout) as auth_scope:
-                while not proto.authenticated:
-                    await self._handle(await self._next_message())
-            if auth_scope.cancelled_caught:
-                log.info("%s auth stage timed out", self.peer)
-                await self._carry_out(proto.auth_timeout())
+        if not self.proto.authenticated:
+            await self._auth_stage()
         while True:
             await self._handle(await self._next_message())
+
+    async def _auth_stage(self) -> None:
+        proto = self.proto
+        with trio.move_on_after(self.config.auth_timeout) as auth_scope:
+            while not proto.authenticated:
+                await self._handle(await self._next_message())
+        if auth_scope.cancelled_caught:
+            log.info("%s auth stage timed out", self.peer)
+            await self._carry_out(proto.auth_timeout())
 
     async def _handle(self, text: str) -> None:
         proto = self.proto

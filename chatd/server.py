@@ -232,7 +232,27 @@ class Server:
         _keepalive_socket(stream)
         transport = Transport(stream, self._spawn)
         try:
-            counted = await self._handle_transport(transport, peer, trusted, refusal, counted)
+            accepted, counted = await self._handshake(transport, peer, trusted, refusal, counted)
+            if accepted is not None:
+                # The handshake's objects (request, parser, scopes) are gone
+                # now: an idle connection keeps only what it needs.
+                mount, trailing, client, path = accepted
+                connection = Connection(transport, trailing, mount.protocol, mount.ctx,
+                                        mount.room, client, path, self.router, self.config,
+                                        self.flusher, self.metrics)
+                del accepted, trailing
+                name = mount.protocol.name
+                log.info("%s connected to %s (%s)", client, path, name,
+                         extra={"peer": client, "path": path})
+                self.connections.add(connection)
+                self.metrics.connections[name] += 1
+                if self._stopping.is_set():
+                    connection.kill(self.config.shutdown_close_code, "server shutdown")
+                try:
+                    await connection.run()
+                finally:
+                    self.connections.discard(connection)
+                    self.metrics.connections[name] -= 1
         except Exception:
             log.exception("%s connection failed", peer)
         finally:
@@ -242,10 +262,13 @@ class Server:
                 self.ledger.release_refusal(peer.ip)
             transport.close()
 
-    async def _handle_transport(self, transport: Transport, peer: Address, trusted: bool,
-                                refusal: Refusal | None, counted: str | None) -> str | None:
-        """Serve one TCP connection; returns the address its per-address
-        count was taken against (None if none), for the ledger."""
+    async def _handshake(self, transport: Transport, peer: Address, trusted: bool,
+                         refusal: Refusal | None, counted: str | None,
+                         ) -> tuple[tuple[Mount, bytes, str, str] | None, str | None]:
+        """Read the request and answer it. For an accepted WebSocket:
+        ((mount, bytes read after the request, client address, path),
+        counted); else (None, counted). ``counted`` is the address the
+        ledger counted the connection against (None if none), for release."""
         config = self.config
         timeout = config.handshake_timeout if refusal is None else min(
             config.handshake_timeout, _REFUSAL_WAIT)
@@ -268,15 +291,15 @@ class Server:
                     await self._refuse(transport, client, exc.refusal)
                 else:
                     log.info("%s closed before sending a request", client)
-                return counted
+                return None, counted
             except ProxyHeaderError as exc:
                 log.info("%s dropped: %s", peer, exc)
-                return counted
+                return None, counted
             finally:
                 self._handshakes.discard(handshake)
         if request is None:
             log.info("%s sent no request within %gs", client, timeout)
-            return counted
+            return None, counted
         if trusted:
             if client is peer:
                 forwarded = forwarded_address(request.headers.get("x-forwarded-for", []),
@@ -290,48 +313,29 @@ class Server:
         head = request.method == "HEAD"
         if refusal is not None:
             await self._refuse(transport, client, refusal, head)
-            return counted
+            return None, counted
+        mount = self._route(request.path)
         if not request.wants_websocket:
-            mount = self._route(request.path)
             if mount is not None:
                 await self._refuse(transport, client, Refusal(
                     426, f"{request.path} is a WebSocket endpoint ({mount.protocol.name})",
                     (("Upgrade", "websocket"),)), head)
-                return counted
+                return None, counted
             status, data = await self.routes.answer(request)
             log.debug("%s GET %s: %d", client, request.path, status)
             await _answer(transport, data)
-            return counted
-        mount = self._route(request.path)
+            return None, counted
         if mount is None:
-            await self._refuse(transport, client,
-                               Refusal(404, "no chat endpoint at this path"), head)
-            return counted
-        refusal = check_upgrade(request)
+            refusal = Refusal(404, "no chat endpoint at this path")
+        else:
+            refusal = check_upgrade(request)
         if refusal is None and not self._origin_allowed(request):
             refusal = Refusal(403, "origin not allowed")
         if refusal is not None:
             await self._refuse(transport, client, refusal, head)
-            return counted
+            return None, counted
         transport.write(accept_response(request))
-        await self._run_connection(transport, reader.trailing, mount, str(client), request.path)
-        return counted
-
-    async def _run_connection(self, transport: Transport, trailing: bytes, mount: Mount,
-                              peer: str, path: str) -> None:
-        connection = Connection(transport, trailing, mount.protocol, mount.ctx, mount.room, peer,
-                                path, self.router, self.config, self.flusher, self.metrics)
-        name = mount.protocol.name
-        log.info("%s connected to %s (%s)", peer, path, name, extra={"peer": peer, "path": path})
-        self.connections.add(connection)
-        self.metrics.connections[name] += 1
-        if self._stopping.is_set():
-            connection.kill(self.config.shutdown_close_code, "server shutdown")
-        try:
-            await connection.run()
-        finally:
-            self.connections.discard(connection)
-            self.metrics.connections[name] -= 1
+        return (mount, reader.trailing, str(client), request.path), counted
 
     async def _refuse(self, transport: Transport, client: Address, refusal: Refusal,
                       head: bool = False) -> None:
