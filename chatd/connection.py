@@ -218,13 +218,17 @@ class Connection(Client):
             elif isinstance(out, Request):
                 out.client = self
                 await self._carry_out(await self.router.call(out))
-            elif isinstance(out, Answered):
-                out.client = self
-                self.in_flight += 1
-                await self.router.send(out)
             else:
                 out.client = self
-                await self.router.send(out)
+                if isinstance(out, Answered):
+                    self.in_flight += 1
+                try:
+                    # No yield per command: the frames of one read reach the
+                    # router together, so one router pass (and one write per
+                    # recipient) carries them all.
+                    self.router.post(out)
+                except trio.WouldBlock:
+                    await self.router.send(out)
 
     async def _stream(self, frames: Any) -> None:
         """Write an answer frame by frame as the socket drains: a few frames
