@@ -21,7 +21,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from chatd.client import Client
 from chatd.events import Command, Leave, Request
 from chatd.limits import TokenBucket
-from chatd.protocols.base import Close, Output, Protocol, Send
+from chatd.protocols.base import AuthFailed, Close, Output, Protocol, Send
 from chatd.router import Router
 from chatd.transport import FrameWriter, text_frame
 
@@ -160,6 +160,9 @@ class Connection:
             elif isinstance(out, Close):
                 self.closing = out
                 self._queue(out)
+            elif isinstance(out, AuthFailed):
+                log.info("%s authentication failed on %s: user %r: %s", self.client.peer,
+                         self.client.path, out.user, out.reason)
             elif isinstance(out, Request):
                 out.client = self.client
                 result = await self.router.call(out)

@@ -42,18 +42,26 @@ class Join(Request, kw_only=True):
     ``register`` claims it in the room's name registry (socialvp, wcp):
     the result is False when another client holds it. ``announce`` makes
     the join (and later the leave) visible to clients that track presence.
+
+    Names are compared as ``chatd.names`` says (look-alikes collide);
+    ``display_name`` is claimed with ``name``. ``roster`` asks for a
+    ``UserJoined`` for each name already held in the room, delivered to
+    this client alone before the result (wcp).
     """
 
     name: str | None = None
     display_name: str | None = None
     register: bool = False
     announce: bool = False
+    roster: bool = False
 
 
 class Publish(Command, kw_only=True):
     """A message to everyone in the sender's lobby room.
 
-    ``sender`` overrides the joined name (wschat names each message).
+    ``sender`` overrides the joined name (wschat names each message): the
+    lobby claims it for the connection first, and drops the message if
+    another connection holds it.
     ``client_timestamp`` is relayed where the protocol has a time field.
     """
 

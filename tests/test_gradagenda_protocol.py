@@ -15,7 +15,7 @@ from chatd.events import (
     Command, CreateSession, DirectSessionInfo, ListSessions, Login, Logout, ReadHistory, Request,
     SendMessage, SessionInfo, Status, StoredMessage,
 )
-from chatd.protocols.base import Close, Context, Send
+from chatd.protocols.base import AuthFailed, Close, Context, Send
 from chatd.protocols.gradagenda import GradAgenda, batch_frames
 from chatd.tokens import mint
 from tests.conftest import JWT_SECRET
@@ -35,7 +35,9 @@ def auth(user: str = "alice", cdid: str = "a", token: str | None = None) -> str:
 
 
 def frames(outputs: list) -> list[Any]:
-    return [json.loads(o.data) if isinstance(o, Send) else o for o in outputs]
+    """The frames and closes among ``outputs`` (not what is only logged)."""
+    return [json.loads(o.data) if isinstance(o, Send) else o for o in outputs
+            if not isinstance(o, AuthFailed)]
 
 
 def logged_in(limit: int = LIMIT) -> GradAgenda:
@@ -198,7 +200,7 @@ def check_outputs(p: GradAgenda, text: str, was_authenticated: bool) -> list:
         assert outputs == [Close(1007, "frame is not valid JSON")]
         return outputs
     for out in outputs:
-        assert isinstance(out, (Send, Close, Command)), out
+        assert isinstance(out, (Send, Close, AuthFailed, Command)), out
         if isinstance(out, Send):
             frame = json.loads(out.data)
             assert frame["type"] == "status-response" and frame["status"] == "failed"

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 from tests.strategies import draw, json_values
 
+from chatd.names import InvalidName, parse as parse_name
 from chatd.events import Command, Direct, Join, Leave, Message, Publish, Request, UserJoined, UserLeft
-from chatd.protocols.base import Close, Context, Send, valid_name
+from chatd.protocols.base import AuthFailed, Close, Context, Send
 from chatd.protocols.socialvp import SocialVP
 from chatd.protocols.wcp import Wcp
 from chatd.protocols.wschat import WsChat
@@ -69,6 +70,18 @@ def frames(*objects: st.SearchStrategy[dict]) -> st.SearchStrategy[str]:
 
 
 
+def valid_name(text: str) -> bool:
+    try:
+        parse_name(text)
+    except InvalidName:
+        return False
+    return True
+
+
+def shown(text: str) -> str:
+    return parse_name(text).shown
+
+
 def parsed(text: str) -> Any:
     """The frame as the server's JSON decoder reads it, or a marker when it cannot."""
     try:
@@ -86,7 +99,7 @@ def run(protocol, text: str, results) -> list:
     pending = list(protocol.receive(text))
     while pending:
         out = pending.pop(0)
-        assert isinstance(out, (Send, Close, Command)), out
+        assert isinstance(out, (Send, Close, AuthFailed, Command)), out
         if isinstance(out, Send):
             msgspec.json.decode(out.data)  # always valid JSON
         outputs.append(out)
@@ -96,7 +109,8 @@ def run(protocol, text: str, results) -> list:
 
 
 def decoded(outputs: list) -> list:
-    return [msgspec.json.decode(o.data) if isinstance(o, Send) else o for o in outputs]
+    return [msgspec.json.decode(o.data) if isinstance(o, Send) else o for o in outputs
+            if not isinstance(o, AuthFailed)]
 
 
 @given(st.lists(frames(SOCIALVP_OBJECTS, SOCIALVP_SENDS), max_size=8), st.data())
@@ -129,9 +143,11 @@ def test_wschat_publishes_only_well_formed_messages(texts, jwt_configured):
         outputs = protocol.receive(text)
         frame = parsed(text)
         if jwt_configured:
-            assert outputs == []  # no fuzzed jwt verifies
+            # No fuzzed jwt verifies: a valid message is reported, never published.
+            assert outputs == ([AuthFailed(frame["usr"], outputs[0].reason)] if outputs else [])
+            assert bool(outputs) == wschat_valid(frame)
         elif outputs:
-            assert outputs == [Publish(payload=frame["msg"], sender=frame["usr"])]
+            assert outputs == [Publish(payload=frame["msg"], sender=shown(frame["usr"]))]
         else:
             assert not wschat_valid(frame)
 
@@ -198,9 +214,11 @@ def socialvp_expects(frame: Any, identified: bool) -> tuple[int | None, str | No
     if command == "broadcast":
         return None, "alice"
     to = frame.get("to")
-    if not isinstance(to, str):
+    if not isinstance(to, str) or not to:
         return 400, None
-    return (None, to) if to in ("alice", "bob") else (404, None)
+    # Names are addressed as RFC 8266 compares them: "Bob" reaches bob.
+    address = parse_name(to).address if valid_name(to) else None
+    return (None, address) if address in ("alice", "bob") else (404, None)
 
 
 def valid_identify(text: str) -> bool:
@@ -257,7 +275,7 @@ async def test_wschat_server_relays_only_valid_fuzzed_frames(chat):
     published = []
     for i, text in enumerate(texts):
         frame = parsed(text)
-        expected = [(frame["usr"], frame["msg"])] if wschat_valid(frame) else []
+        expected = [(shown(frame["usr"]), frame["msg"])] if wschat_valid(frame) else []
         expected.append(("probe", str(i)))
         await talker.send(text)
         await talker.send({"usr": "probe", "msg": str(i)})
@@ -289,7 +307,9 @@ def wcp_relayed(frame: Any) -> bool:
 
 def wcp_own_leave(text: str) -> bool:
     frame = parsed(text)
-    return isinstance(frame, dict) and frame.get("type") == "user_left" and frame.get("user_id") == "peer"
+    return (isinstance(frame, dict) and frame.get("type") == "user_left"
+            and isinstance(frame.get("user_id"), str) and valid_name(frame["user_id"])
+            and shown(frame["user_id"]) == "peer")
 
 
 async def test_wcp_server_answers_fuzzed_frames_and_keeps_serving(chat):

@@ -173,14 +173,21 @@ async def test_client_that_never_identifies_is_closed_1008(chat):
     assert await peer.closed() == 1008
 
 
-@pytest.mark.parametrize("name", ["bell\x07", "esc\x1b[31m", "x" * 257])
-async def test_names_with_control_characters_or_too_long_get_400(chat, name):
+@pytest.mark.parametrize("name, reason", [
+    ("bell\x07", "contains a control character (U+0007)"),
+    ("esc\x1b[31m", "contains a control character (U+001B)"),
+    ("x" * 257, "is longer than 256 characters"),
+    ("alice\u200b", "contains an invisible or formatting character (U+200B ZERO WIDTH SPACE)"),
+    ("\u202eecila", "contains an invisible or formatting character "
+                    "(U+202E RIGHT-TO-LEFT OVERRIDE)"),
+    ("\u0301alice", "starts with a combining mark (U+0301 COMBINING ACUTE ACCENT)"),
+])
+async def test_invalid_names_get_400_saying_why(chat, name, reason):
     await chat.start()
     peer = await chat.connect("/socialvp")
     await peer.recv()
     await peer.send({"command": "identify", "name": name})
-    assert await peer.recv() == outcome(
-        400, "Names are 1 to 256 characters, without control characters!")
+    assert await peer.recv() == outcome(400, f"Invalid name: it {reason}!")
 
 
 async def test_frames_over_the_message_rate_get_429_then_close_1008(chat):
