@@ -87,9 +87,14 @@ async def test_bad_requests_get_400_and_keep_the_connection(chat, frame, answer,
     ({"command": "broadcast"}, outcome(400, "Missing 'message' field!")),
     ({"command": "message", "to": "bob"}, outcome(400, "Missing 'message' field!")),
     ({"command": "message", "message": "hi"}, outcome(400, "Missing 'to' field!")),
-    ({"command": "message", "to": ["bob"], "message": "hi"},
-     outcome(400, "Field 'to' must be a non-empty string!")),
+    # Issue #9 item 4: a 'to' that is not a non-empty string, of any kind.
+    *[({"command": "message", "to": to, "message": "hi"},
+       outcome(400, "Field 'to' must be a non-empty string!"))
+      for to in ("", ["bob"], None, 5, 1.5, True, {"name": "bob"}, [])],
     ({"command": "message", "to": "nobody", "message": "hi"}, NOBODY),
+    # A name nobody could hold is nobody's either.
+    ({"command": "message", "to": "bob\u200b", "message": "hi"}, NOBODY),
+    ({"command": "message", "to": " ", "message": "hi"}, NOBODY),
 ])
 async def test_send_errors_after_identifying(chat, frame, answer):
     await chat.start()
