@@ -16,11 +16,11 @@ import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.strategies import draw, json_values
+from tests.strategies import draw, json_values, odd_frames
 
 from chatd.names import InvalidName, parse as parse_name
 from chatd.events import Command, Direct, Join, Leave, Message, Publish, Request, UserJoined, UserLeft
-from chatd.protocols.base import AuthFailed, Close, Context, Send
+from chatd.protocols.base import AuthFailed, Close, Context, NotJSON, Send, decode
 from chatd.protocols.socialvp import SocialVP
 from chatd.protocols.wcp import Wcp
 from chatd.protocols.wschat import WsChat
@@ -61,11 +61,29 @@ WCP_OBJECTS = shaped({
 })
 
 
-def frames(*objects: st.SearchStrategy[dict]) -> st.SearchStrategy[str]:
-    """Any text, any JSON, and protocol-shaped JSON, all within the frame limit."""
+#: Valid frames of each protocol, for odd JSON to be put into (``odd_frames``).
+SHAPES = {
+    "socialvp": [{"command": "broadcast", "message": 0}, {"command": "message", "to": "alice",
+                                                          "message": 0},
+                 {"command": "identify", "name": "x"}],
+    "wschat": [{"usr": "u", "msg": "m"}, {"usr": "u", "msg": "m", "jwt": "j"}],
+    "wcp": [{"type": "message", "data": "d", "timestamp": 1},
+            {"type": "user_joined", "user_id": "u", "display_name": "d"},
+            {"type": "user_left", "user_id": "u"}],
+}
+
+
+def frames(protocol: str, *objects: st.SearchStrategy[dict],
+           sendable: bool = True) -> st.SearchStrategy[str]:
+    """Any text, any JSON, protocol-shaped JSON, and odd JSON (deep, huge
+    numbers, surrogates: ``odd_frames``), all within the frame limit.
+    ``sendable``: only text a WebSocket can carry (for the server tests)."""
     shaped_texts = [o.map(lambda o: json.dumps(o, ensure_ascii=False)) for o in objects]
     texts = st.one_of(st.text(), json_values.map(json.dumps), *shaped_texts)
-    return texts.filter(lambda t: len(t.encode()) <= 4096)
+    odd = odd_frames(*SHAPES[protocol], sendable=sendable)
+    if sendable:
+        texts = texts.filter(lambda t: not any("\ud800" <= c <= "\udfff" for c in t))
+    return st.one_of(texts.filter(lambda t: len(t.encode("utf-8", "surrogatepass")) <= 4096), odd)
 
 
 
@@ -83,10 +101,11 @@ def shown(text: str) -> str:
 
 
 def parsed(text: str) -> Any:
-    """The frame as the server's JSON decoder reads it, or a marker when it cannot."""
+    """The frame as the server reads it (base.decode), or a marker when it
+    is not JSON chatd reads (bad syntax, too deep, a number out of range)."""
     try:
-        return msgspec.json.decode(text)
-    except msgspec.DecodeError:
+        return decode(msgspec.json.Decoder(), text)
+    except NotJSON:
         return NotImplemented
 
 
@@ -113,7 +132,8 @@ def decoded(outputs: list) -> list:
             if not isinstance(o, AuthFailed)]
 
 
-@given(st.lists(frames(SOCIALVP_OBJECTS, SOCIALVP_SENDS), max_size=8), st.data())
+@given(st.lists(frames("socialvp", SOCIALVP_OBJECTS, SOCIALVP_SENDS, sendable=False), max_size=8),
+       st.data())
 def test_socialvp_answers_every_frame_before_identify(texts, results):
     protocol = SocialVP(Context())
     for text in texts:
@@ -134,7 +154,8 @@ def test_socialvp_answers_every_frame_before_identify(texts, results):
             assert all(r["code"] in (300, 305, 400, 404) for r in replies)
 
 
-@given(st.lists(frames(WSCHAT_OBJECTS, WSCHAT_MESSAGES), max_size=8), st.booleans())
+@given(st.lists(frames("wschat", WSCHAT_OBJECTS, WSCHAT_MESSAGES, sendable=False), max_size=8),
+       st.booleans())
 def test_wschat_publishes_only_well_formed_messages(texts, jwt_configured):
     protocol = WsChat(Context(jwt_secret="a fuzzing secret, long enough for HS256",
                               jwt_configured=jwt_configured))
@@ -152,7 +173,7 @@ def test_wschat_publishes_only_well_formed_messages(texts, jwt_configured):
             assert not wschat_valid(frame)
 
 
-@given(st.lists(frames(WCP_OBJECTS, WCP_MESSAGES), max_size=8), st.data())
+@given(st.lists(frames("wcp", WCP_OBJECTS, WCP_MESSAGES, sendable=False), max_size=8), st.data())
 def test_wcp_answers_every_frame_with_one_error_or_action(texts, results):
     protocol = Wcp(Context())
     for text in texts:
@@ -228,7 +249,7 @@ def valid_identify(text: str) -> bool:
 
 
 async def test_socialvp_server_answers_fuzzed_frames_and_keeps_serving(chat):
-    texts = [t for t in draw(frames(SOCIALVP_OBJECTS, SOCIALVP_SENDS), EXAMPLES) if not valid_identify(t)]
+    texts = [t for t in draw(frames("socialvp", SOCIALVP_OBJECTS, SOCIALVP_SENDS), EXAMPLES) if not valid_identify(t)]
     await chat.start()
     alice = await socialvp(chat, "alice")
     stranger = await chat.connect("/socialvp")
@@ -268,7 +289,7 @@ def wschat_valid(frame: Any) -> bool:
 
 
 async def test_wschat_server_relays_only_valid_fuzzed_frames(chat):
-    texts = draw(frames(WSCHAT_OBJECTS, WSCHAT_MESSAGES), EXAMPLES)
+    texts = draw(frames("wschat", WSCHAT_OBJECTS, WSCHAT_MESSAGES), EXAMPLES)
     await chat.start(jwt_secret=None)
     listener = await wschat(chat)
     talker = await wschat(chat)
@@ -313,7 +334,7 @@ def wcp_own_leave(text: str) -> bool:
 
 
 async def test_wcp_server_answers_fuzzed_frames_and_keeps_serving(chat):
-    texts = [t for t in draw(frames(WCP_OBJECTS, WCP_MESSAGES), EXAMPLES)
+    texts = [t for t in draw(frames("wcp", WCP_OBJECTS, WCP_MESSAGES), EXAMPLES)
              if not wcp_valid_join(t) and not wcp_own_leave(t)]
     await chat.start()
     watcher = await wcp(chat, "watcher")

@@ -132,12 +132,14 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 from chatd.events import Join, Publish  # noqa: E402
 from chatd.protocols.base import AuthFailed, Close, Context  # noqa: E402
 from chatd.protocols.multichat import Multichat  # noqa: E402
-from tests.strategies import json_values  # noqa: E402
+from tests.strategies import json_values, odd_frames  # noqa: E402
 
 frames = st.text(max_size=200) | json_values.map(json.dumps) | st.fixed_dictionaries(
     {"action": st.sampled_from(["register", "client-message", "forwarding-message", "x"])},
     optional={"client-name": json_values, "secret-key": st.just(SECRET) | json_values,
-              "content": json_values}).map(json.dumps)
+              "content": json_values}).map(json.dumps) | odd_frames(
+    {"action": "register", "client-name": "bridge", "secret-key": SECRET},
+    {"action": "client-message", "content": "c"}, sendable=False)
 
 
 @settings(max_examples=300, deadline=None)
