@@ -12,7 +12,8 @@ message with it; a new ``usr`` renames). Names compare as ``chatd.names``
 says, so a look-alike of a held name (``Alice``, ``аlice``) is held too.
 A claim that fails is refused with the protocol's answer (``Join``'s
 result), or, for a wschat message, the message is dropped and logged.
-Every claim and release is announced (``UserJoined``/``UserLeft``).
+Claims and releases are announced (``UserJoined``/``UserLeft``): every
+protocol asks for it, since every held name can appear on messages.
 """
 
 from __future__ import annotations
@@ -37,12 +38,15 @@ class Claim:
     """What one client holds in a room: its name, its display name if it
     has its own (wcp), and every look-alike key of both."""
 
-    __slots__ = ("name", "display_name", "keys")
+    __slots__ = ("name", "display_name", "keys", "announced")
 
-    def __init__(self, name: names.Name, display_name: names.Name | None) -> None:
+    def __init__(self, name: names.Name, display_name: names.Name | None,
+                 announced: bool) -> None:
         self.name = name
         self.display_name = display_name
         self.keys = name.keys | display_name.keys if display_name is not None else name.keys
+        #: Whether its join (and so its leave) is told to the room.
+        self.announced = announced
 
     def announcement(self) -> UserJoined:
         shown = self.display_name.shown if self.display_name is not None else None
@@ -86,7 +90,7 @@ class Lobby:
         if room is None:
             room = self.rooms[client.room] = Room(client.room)
         if cmd.register and cmd.name is not None:
-            if not self._claim(room, client, cmd.name, cmd.display_name):
+            if not self._claim(room, client, cmd.name, cmd.display_name, cmd.announce):
                 return False
         else:
             client.name = cmd.name
@@ -107,7 +111,7 @@ class Lobby:
             log.debug("publish from %r, which has not joined", client)
             return
         if cmd.sender is not None and cmd.sender != client.name:
-            if not self._claim(room, client, cmd.sender, None):
+            if not self._claim(room, client, cmd.sender, None, announce=True):
                 log.info("%s message as %r dropped: the name (or one like it) is held by "
                          "another connection in room %s", client.peer, cmd.sender, room.name)
                 return
@@ -148,17 +152,19 @@ class Lobby:
         if not members:
             del room.receivers[client.protocol]
         claim = self._release(room, client)
-        if claim is not None:
+        if claim is not None and claim.announced:
             self.fanout(room, UserLeft(name=claim.name.shown), exclude=client)
         if not room.receivers:
             del self.rooms[room.name]
 
     # --- the name registry -------------------------------------------------------
 
-    def _claim(self, room: Room, client: Client, name: str, display_name: str | None) -> bool:
+    def _claim(self, room: Room, client: Client, name: str, display_name: str | None,
+               announce: bool) -> bool:
         """Hold ``name`` (and ``display_name``) for ``client`` in ``room``,
-        giving up what it held before (a rename, announced as a leave and a
-        join); False, changing nothing, if another client holds a look-alike."""
+        giving up what it held before (a rename: announced as a leave and a
+        join, if ``announce``); False, changing nothing, if another client
+        holds a look-alike."""
         try:
             parsed = names.parse(name)
             display = names.parse(display_name) if display_name is not None else None
@@ -168,7 +174,7 @@ class Lobby:
             return False
         if display is not None and display.shown == parsed.shown:
             display = None
-        claim = Claim(parsed, display)
+        claim = Claim(parsed, display, announce)
         for key in claim.keys:
             holder = room.holders.get(key)
             if holder is not None and holder is not client:
@@ -180,10 +186,10 @@ class Lobby:
             room.holders[key] = client
         client.name = parsed.shown
         client.display_name = display.shown if display is not None else None
-        if old is None:
-            self.fanout(room, claim.announcement(), exclude=client)
-        elif old.announcement() != claim.announcement():
+        if old is not None and old.announced and old.announcement() != claim.announcement():
             self.fanout(room, UserLeft(name=old.name.shown), exclude=client)
+        if announce and (old is None or not old.announced
+                         or old.announcement() != claim.announcement()):
             self.fanout(room, claim.announcement(), exclude=client)
         return True
 
