@@ -97,11 +97,7 @@ class Lobby:
             client.display_name = cmd.display_name
         room.receivers.setdefault(client.protocol, {})[client.id] = client
         if cmd.roster:
-            for other_id, claim in room.claims.items():
-                if other_id != client.id:
-                    data = client.protocol.encode(claim.announcement())
-                    if data is not None:
-                        client.deliver(text_frame(data))
+            self._send_roster(room, client)
         return True
 
     def publish(self, cmd: Publish) -> None:
@@ -156,6 +152,18 @@ class Lobby:
             self.fanout(room, UserLeft(name=claim.name.shown), exclude=client)
         if not room.receivers:
             del self.rooms[room.name]
+
+    @staticmethod
+    def _send_roster(room: Room, client: Client) -> None:
+        """A ``UserJoined`` for every name held in ``room`` by others, to
+        ``client`` alone, in the order they were claimed. The frames go as
+        one outbox item, so a big room cannot make the joiner look like a
+        slow consumer (the outbox counts items, not bytes)."""
+        encode = client.protocol.encode
+        frames = [text_frame(data) for other_id, claim in room.claims.items()
+                  if other_id != client.id and (data := encode(claim.announcement())) is not None]
+        if frames:
+            client.deliver(b"".join(frames))
 
     # --- the name registry -------------------------------------------------------
 
