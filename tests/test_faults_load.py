@@ -131,6 +131,8 @@ async def test_wcp_answers_every_garbage_frame_with_an_error(chat):
     await vandal.send_text(json.dumps({"type": "user_joined", "user_id": "vandal",
                                        "display_name": "V"}))
     assert (await watcher.recv())["user_id"] == "vandal"
+    # The roster: who was in the room when the vandal joined.
+    assert json.loads(await vandal.next_message())["user_id"] == "watcher"
 
     def check(answer: dict) -> None:
         assert answer == {"type": "error", "message": "Invalid message format"}
