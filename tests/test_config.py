@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed
 
 from chatd.config import ConfigError, decode_config, default_config, parse_host
-from tests.conftest import GUARD, free_port
+from tests.conftest import GUARD, free_port, open_websocket_url
 
 
 @pytest.mark.parametrize("text, named", [

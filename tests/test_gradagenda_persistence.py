@@ -6,9 +6,9 @@ import json
 import signal
 
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed
 
-from tests.conftest import GUARD, JWT_SECRET, Peer
+from tests.conftest import GUARD, JWT_SECRET, Peer, open_websocket_url
 from tests.test_gradagenda import answers, auth, message, ok
 
 
