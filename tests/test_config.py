@@ -76,7 +76,8 @@ def test_check_config_prints_the_effective_config(tmp_path):
     result = run_cli("check-config", str(path))
     assert result.returncode == 0
     effective = json.loads(result.stdout)
-    assert effective["secret-key"] == "abc" and effective["max-frame-bytes"] == 4096
+    assert effective["host"] == ":8000" and effective["max-frame-bytes"] == 4096
+    assert effective["secret-key"] == "********"  # shown with --show-secrets
 
 
 def test_check_config_rejects_with_exit_1_naming_the_key(tmp_path):
@@ -187,3 +188,40 @@ def test_token_refuses_rather_than_invent_a_secret(tmp_path):
     assert result.returncode == 1
     assert "no jwt-secret configured" in result.stderr
     assert not (tmp_path / "chatd.db").exists()
+
+
+async def test_tls_context_serves_a_tls_handshake(tmp_path):
+    # The context check-config builds is the one the server listens with.
+    import ssl
+
+    import trustme
+
+    from chatd.config import Wss, tls_context
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    config = default_config()
+    config.wss = Wss(keyfile=str(tmp_path / "key.pem"), certfile=str(tmp_path / "cert.pem"))
+    server_context = tls_context(config)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listener.socket.getsockname()[1]
+    async with trio.SSLListener(listener, server_context) as tls_listener:
+        async with trio.open_nursery() as nursery:
+            async def answer() -> None:
+                async with await tls_listener.accept() as stream:
+                    await stream.send_all(b"hello over tls")
+            nursery.start_soon(answer)
+            with trio.fail_after(GUARD):
+                client = await trio.open_ssl_over_tcp_stream("127.0.0.1", port,
+                                                             ssl_context=client_context)
+                async with client:
+                    assert await client.receive_some(100) == b"hello over tls"
+
+
+def test_no_wss_means_no_tls_context():
+    from chatd.config import tls_context
+    assert tls_context(default_config()) is None
