@@ -225,3 +225,107 @@ async def test_tls_context_serves_a_tls_handshake(tmp_path):
 def test_no_wss_means_no_tls_context():
     from chatd.config import tls_context
     assert tls_context(default_config()) is None
+
+
+# --- fuzzing: every input is a Config or a ConfigError, never another exception ---
+
+
+def _config_objects():
+    from hypothesis import strategies as st
+
+    from chatd.config import Config
+    from tests.strategies import json_values
+
+    keys = [f.encode_name for f in __import__("msgspec").structs.fields(Config)]
+    values = json_values | st.sampled_from(["", " ", "change me", "********", ":0",
+                                            "127.0.0.1:1", "/", "lobby"])
+    return st.dictionaries(st.sampled_from(keys) | st.text(max_size=8), values, max_size=6)
+
+
+def test_fuzzed_configs_decode_or_name_the_problem():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from chatd.config import Config, effective_config
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.one_of(_config_objects().map(json.dumps), st.text(max_size=40)))
+    def check(text):
+        try:
+            config = decode_config(text)
+        except ConfigError as exc:
+            assert str(exc) and "\n" not in str(exc)
+            return
+        assert isinstance(config, Config)
+        effective_config(config)  # printable, whatever was accepted
+
+    check()
+
+
+def test_fuzzed_jwt_secret_environment_is_set_or_refused(monkeypatch):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.text(alphabet=st.characters(blacklist_categories=["Cs"],
+                                          blacklist_characters="\x00"), max_size=20))
+    def check(value):
+        monkeypatch.setenv("JWT_SECRET", value)
+        try:
+            config = decode_config("{}")
+        except ConfigError as exc:
+            assert "JWT_SECRET" in str(exc)
+            return
+        assert config.jwt_secret == value and value.strip()
+
+    check()
+
+
+def test_fuzzed_ttl_and_user_id_arguments_are_taken_or_refused():
+    import argparse
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from chatd.cli import MAX_TTL, _ttl, _user_id
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.one_of(st.text(max_size=12), st.floats().map(repr), st.integers().map(str)))
+    def check(text):
+        for parse in (_ttl, _user_id):
+            try:
+                value = parse(text)
+            except argparse.ArgumentTypeError as exc:
+                assert repr(text) in str(exc)
+                continue
+            if parse is _ttl:
+                assert 1 <= value <= MAX_TTL
+            else:
+                assert value == text
+
+    check()
+
+
+def test_fuzzed_tls_files_load_or_name_the_file(tmp_path):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from chatd.config import Wss, tls_context
+
+    pem = st.sampled_from(["-----BEGIN CERTIFICATE-----\n", "-----END CERTIFICATE-----\n",
+                           "-----BEGIN PRIVATE KEY-----\n", "-----END PRIVATE KEY-----\n",
+                           "MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA\n", "\n"])
+    contents = st.lists(pem, max_size=6).map("".join).map(str.encode) | st.binary(max_size=64)
+
+    @settings(max_examples=50, deadline=None)
+    @given(contents, contents)
+    def check(key, cert):
+        (tmp_path / "key.pem").write_bytes(key)
+        (tmp_path / "cert.pem").write_bytes(cert)
+        config = default_config()
+        config.wss = Wss(keyfile=str(tmp_path / "key.pem"), certfile=str(tmp_path / "cert.pem"))
+        with pytest.raises(ConfigError) as info:  # none of these is a usable pair
+            tls_context(config)
+        assert "wss.keyfile" in str(info.value) or "wss.certfile" in str(info.value)
+
+    check()
