@@ -37,7 +37,14 @@ _RESERVED_CLOSE_CODES = {1004, 1005, 1006, 1015}
 
 
 class ConfigError(ValueError):
-    """The config file cannot be used; the message names the key."""
+    """The config file cannot be used; the message names the key.
+
+    The message is one line: characters that do not print (a newline in a
+    key, a control character in a value) are shown escaped, as in Python.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
 
 
 #: What ``chatd check-config`` prints in place of a secret (see
