@@ -76,6 +76,26 @@ def write_config(path: Path, config: dict) -> Path:
 # --- item 2: every file the config names ------------------------------------------
 
 
+@pytest.mark.parametrize("content, says", [
+    (None, "cannot read {path}: No such file or directory"),
+    ("directory", "cannot read {path}: Is a directory"),
+    (b"\xff\xfe", "{path}: not valid JSON"),
+    (b"", "{path}: not valid JSON"),
+    (b"[]", "{path}: Expected `object`, got `array`"),
+], ids=["missing", "directory", "binary", "empty", "not-an-object"])
+def test_an_unusable_config_file_is_named(run, tmp_path, content, says):
+    path = tmp_path / "c.json"
+    if content == "directory":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    for args in (["check-config", str(path)], ["serve", "--config", str(path)],
+                 ["token", "alice", "--config", str(path)]):
+        code, out, err = run(*args)
+        assert code == 1 and out == ""
+        one_line(err, says.format(path=path))
+
+
 @pytest.fixture(scope="module")
 def pems(tmp_path_factory) -> dict[str, Path]:
     """A certificate and its key, and every way of getting them wrong."""
