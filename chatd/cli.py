@@ -1,49 +1,89 @@
-"""``chatd serve | check-config | token``."""
+"""The command line: ``chatd serve``, ``chatd check-config``, ``chatd token``.
+
+Every mistake an operator can make on the command line or in the config
+ends in one line on stderr that names the thing (``chatd: ...``) and a
+non-zero exit, never a traceback: exit 2 for a bad argument (argparse's
+convention), 1 for a config or a state that cannot be used.
+"""
 
 from __future__ import annotations
 
 import argparse
 import gc
 import logging
+import math
 import signal
 import sys
 
 import trio
 
-from chatd.config import Config, ConfigError, encode_config, load_config, resolve_config
+from chatd.config import (
+    Config, ConfigError, config_warnings, encode_config, resolve_config, tls_context,
+)
+
+DESCRIPTION = "chatd: one WebSocket chat daemon for five JSON chat protocols."
+EPILOG = ("Run 'chatd COMMAND --help' for a command's options. With no --config, "
+          "chatd reads ./config.json if it exists, else runs on the embedded default "
+          "(all five protocols on 127.0.0.1:8765).")
+#: The longest --ttl ``chatd token`` mints: ten years, in seconds.
+MAX_TTL = 10 * 365 * 86400
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line: what is wrong, and where
+    help is."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     from chatd import __version__
 
-    parser = argparse.ArgumentParser(prog="chatd", description=__doc__)
+    parser = _Parser(prog="chatd", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"chatd {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the server")
-    serve.add_argument("--config", help="JSON config file (default: ./config.json if present, "
-                                        "else the embedded default)")
-    serve.add_argument("--host", help="override the config's host, as HOST:PORT")
-    serve.add_argument("--store", help="override the config's store")
+    serve = commands.add_parser(
+        "serve", help="run the server until SIGINT or SIGTERM",
+        description="Run the server until SIGINT or SIGTERM.")
+    serve.add_argument("--config", metavar="PATH",
+                       help="JSON config file (default: ./config.json if present, "
+                            "else the embedded default)")
+    serve.add_argument("--host", metavar="HOST:PORT", help="override the config's host")
+    serve.add_argument("--store", metavar="PATH", help="override the config's store")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
-    check = commands.add_parser("check-config", help="validate a config and print it in effect")
-    check.add_argument("path")
+    check = commands.add_parser(
+        "check-config", help="check a config without starting; print it as chatd runs it",
+        description="Check a config as 'chatd serve' would (values, JWT_SECRET, the wss "
+                    "files) without starting, and print it as chatd runs it, every default "
+                    "filled in. Exit 1 with one line naming the problem.")
+    check.add_argument("path", nargs="?", metavar="PATH",
+                       help="the config file (default: as 'chatd serve': ./config.json if "
+                            "present, else the embedded default)")
+    check.add_argument("--show-secrets", action="store_true",
+                       help="print secret-key and jwt-secret instead of ********")
 
-    token = commands.add_parser("token", help="print a token for USER-ID")
-    token.add_argument("user_id", metavar="USER-ID")
-    token.add_argument("--ttl", type=float, default=86400.0,
-                       help="seconds until the token expires (default: one day)")
-    token.add_argument("--config")
-    token.add_argument("--store", help="the server's store, if its config does not name it "
-                                       "(as with `chatd serve --store`)")
+    token = commands.add_parser(
+        "token", help="print a GradAgenda/wschat token (JWT) for USER-ID",
+        description="Print a JWT (HS256) for USER-ID, signed with the configured jwt-secret, "
+                    "else the one the server generated in its store.")
+    token.add_argument("user_id", metavar="USER-ID", type=_user_id,
+                       help="1 to 256 characters without control characters")
+    token.add_argument("--ttl", metavar="SECONDS", type=_ttl, default=86400,
+                       help=f"seconds until the token expires, 1 to {MAX_TTL} "
+                            "(default: 86400, one day)")
+    token.add_argument("--config", metavar="PATH", help="the server's config file")
+    token.add_argument("--store", metavar="PATH",
+                       help="the server's store, if its config does not name it "
+                            "(as with 'chatd serve --store')")
 
     args = parser.parse_args(argv)
     try:
+        config, path = resolve_config(args.path if args.command == "check-config" else args.config)
         if args.command == "check-config":
-            print(encode_config(load_config(args.path)).decode())
-            return 0
-        config, _ = resolve_config(args.config)
+            return _check(config, path, show_secrets=args.show_secrets)
         if args.command == "token":
             if args.store:
                 config.store = args.store
@@ -55,10 +95,53 @@ def main(argv: list[str] | None = None) -> int:
             config.store = args.store
         if args.log_level:
             config.log_level = args.log_level
+        _check_files(config, path)  # before anything starts
     except (ConfigError, ValueError) as exc:
         print(f"chatd: {exc}", file=sys.stderr)
         return 1
     return serve_forever(config)
+
+
+def _user_id(text: str) -> str:
+    """A user id the server accepts (chatd.names.refusal: GradAgenda's rule)."""
+    from chatd.names import refusal
+
+    why = refusal(text)
+    if why is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a user id the server accepts: it {why}")
+    return text
+
+
+def _ttl(text: str) -> int:
+    """Whole seconds, 1 to MAX_TTL: a token must not be born expired, and
+    its ``exp`` must stay a number every JWT library reads."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or not 1 <= seconds <= MAX_TTL:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a token's lifetime must be 1 to {MAX_TTL} seconds (ten years)")
+    return int(seconds)
+
+
+def _check_files(config: Config, path: str | None) -> None:
+    """The files the config names (``tls_context``); the ConfigError names
+    the config file too."""
+    try:
+        tls_context(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def _check(config: Config, path: str | None, *, show_secrets: bool) -> int:
+    """``chatd check-config``: what ``serve`` would refuse, then the
+    effective config on stdout and warnings on stderr."""
+    _check_files(config, path)
+    for warning in config_warnings(config):
+        print(f"chatd: warning: {warning}", file=sys.stderr)
+    print(encode_config(config, show_secrets=show_secrets).decode())
+    return 0
 
 
 def _token(config: Config, user_id: str, ttl: float) -> int:
@@ -91,6 +174,8 @@ def serve_forever(config: Config) -> int:
     _tune_gc()
     from chatd.logs import configure
     configure(config.log_level, config.log_format)
+    for warning in config_warnings(config):
+        logging.getLogger("chatd").warning("%s", warning)
     try:
         trio.run(_serve_until_signal, config)
     except BaseExceptionGroup as group:

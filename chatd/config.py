@@ -4,14 +4,24 @@ Keys are kebab-case, unknown keys are an error that names the key, and a
 config written for the original multichat Go server (``ws-path``,
 ``host``, ``secret-key``, ``wss``) works unchanged: with no ``endpoints``
 it mounts multichat alone at ``ws-path``.
+
+Every check an operator can get wrong without starting the server lives
+here, so ``chatd check-config`` and ``chatd serve`` refuse the same
+things with the same one-line message: values (``decode_config``), the
+``JWT_SECRET`` environment variable (``apply_environment``) and the TLS
+files (``tls_context``). ``config_warnings`` lists what works but should
+not be left as it is.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import ssl
+import stat
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -27,7 +37,40 @@ _RESERVED_CLOSE_CODES = {1004, 1005, 1006, 1015}
 
 
 class ConfigError(ValueError):
-    """The config file cannot be used; the message names the key."""
+    """The config file cannot be used; the message names the key.
+
+    The message is one line: characters that do not print (a newline in a
+    key, a control character in a value) are shown escaped, as in Python.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
+
+
+#: What ``chatd check-config`` prints in place of a secret (see
+#: ``effective_config``); refused as a secret, so a printed config fed back
+#: to chatd cannot run with it.
+REDACTED = "********"
+#: RFC 7518 section 3.2: an HS256 key MUST be at least as long as the hash
+#: output, 256 bits.
+MIN_JWT_SECRET_BYTES = 32
+# The placeholders chatd's own examples once shipped ("change me: ..."),
+# in any spelling: anyone who read the example knows them.
+_PLACEHOLDER = re.compile(r"\s*change[\s_-]*me\b", re.IGNORECASE)
+
+
+def secret_problem(value: str) -> str | None:
+    """Why ``value`` cannot serve as a secret (``secret-key``, ``jwt-secret``),
+    or None. Refused: empty or blank (no client could present it, and
+    PyJWT refuses an empty HMAC key), a "change me" placeholder from an
+    example (publicly known), and check-config's ``REDACTED`` mask."""
+    if not value.strip():
+        return "is empty"
+    if _PLACEHOLDER.match(value):
+        return f"is the example's placeholder {value!r}, which anyone can read"
+    if value == REDACTED:
+        return "is check-config's mask for a hidden secret, not the secret"
+    return None
 
 
 class Wss(msgspec.Struct, forbid_unknown_fields=True, rename="kebab"):
@@ -115,6 +158,13 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
     def __post_init__(self) -> None:
         # Runs inside msgspec's decode, so a ValueError here becomes a
         # ValidationError that names the struct; the messages name the key.
+        for key in ("secret_key", "jwt_secret"):
+            value = getattr(self, key)
+            problem = None if value is None else secret_problem(value)
+            if problem:
+                raise ValueError(f"{key.replace('_', '-')} {problem}: set a real secret, or "
+                                 "leave the key out (or null) to have one generated and kept "
+                                 "in the store")
         if self.max_frame_bytes < 64:
             raise ValueError("max-frame-bytes must be at least 64")
         if self.auth_timeout <= 0:
@@ -179,7 +229,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
         return self.web_client
 
     def mounted(self) -> list[EndpointConfig]:
-        """The endpoints this config serves (DESIGN.md, 'Endpoints')."""
+        """The endpoints this config serves: ``endpoints`` if set, else
+        multichat alone at ``ws-path``, as the original multichat server
+        (README, "Endpoints")."""
         if self.endpoints is not None:
             return list(self.endpoints)
         return [EndpointConfig(path=self.ws_path, protocol="multichat")]
@@ -206,7 +258,8 @@ def parse_host(host: str) -> tuple[str | None, int]:
 
 
 def default_config() -> Config:
-    """The embedded default: all five protocols on 127.0.0.1 (DESIGN.md)."""
+    """The embedded default: all five protocols on 127.0.0.1:8765, each at
+    its own path (multichat also at ``/``), all in room ``lobby``."""
     endpoints = [EndpointConfig(path="/multichat", protocol="multichat"),
                  EndpointConfig(path="/", protocol="multichat")]
     endpoints += [EndpointConfig(path=f"/{p}", protocol=p)
@@ -225,9 +278,16 @@ def decode_config(data: bytes | str) -> Config:
 
 
 def apply_environment(config: Config) -> Config:
-    """``JWT_SECRET`` in the environment sets ``jwt-secret``."""
+    """``JWT_SECRET`` in the environment, when set, sets ``jwt-secret`` (as
+    the original wschat server reads it). Set but empty, blank or a
+    placeholder, it is refused (``ConfigError``) rather than ignored: the
+    operator meant to set a secret."""
     secret = os.environ.get("JWT_SECRET")
-    if secret:
+    if secret is not None:
+        problem = secret_problem(secret)
+        if problem:
+            raise ConfigError(f"JWT_SECRET in the environment {problem}: set a real secret, "
+                              "or unset it")
         config.jwt_secret = secret
     return config
 
@@ -252,8 +312,126 @@ def resolve_config(path: str | None) -> tuple[Config, str | None]:
     return load_config(path), path
 
 
-def encode_config(config: Config) -> bytes:
-    return msgspec.json.format(msgspec.json.encode(config), indent=2)
+def effective_config(config: Config, *, show_secrets: bool = False) -> dict[str, Any]:
+    """The config as chatd runs it, every key in order with its default
+    filled in: ``endpoints`` as mounted (multichat at ``ws-path`` when the
+    file has none; GradAgenda, which has no room, without ``room``),
+    ``web-client`` as in effect (a path, or null: off), and each secret
+    that is set shown as ``REDACTED`` unless ``show_secrets`` (null: chatd
+    generates it and keeps it in the store)."""
+    out: dict[str, Any] = {}
+    for field in msgspec.structs.fields(Config):
+        value = getattr(config, field.name)
+        if field.name == "endpoints":
+            value = [{"path": e.path, "protocol": e.protocol}
+                     | ({} if e.protocol == "gradagenda" else {"room": e.room})
+                     for e in config.mounted()]
+        elif field.name == "web_client":
+            value = config.web_client_path
+        elif field.name in ("secret_key", "jwt_secret") and value is not None and not show_secrets:
+            value = REDACTED
+        out[field.encode_name] = msgspec.to_builtins(value)
+    return out
+
+
+def encode_config(config: Config, *, show_secrets: bool = False) -> bytes:
+    """``effective_config`` as indented JSON."""
+    return msgspec.json.format(
+        msgspec.json.encode(effective_config(config, show_secrets=show_secrets)), indent=2)
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_passphrase() -> str:
+    # Without this, OpenSSL would prompt on the terminal and a service
+    # would hang at start.
+    raise _EncryptedKey
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server's TLS context for ``wss``, or None when ``wss`` is unset.
+
+    Checks what can be checked without listening, and raises
+    ``ConfigError`` with one line naming the key and the path: each file
+    (``wss.certfile``, ``wss.keyfile``; relative paths are from the working
+    directory) exists, is a regular file, is readable and holds PEM (a
+    certificate; a private key without a passphrase), and the key belongs
+    to the certificate. The server should build its listener's context
+    with this function, so that ``check-config`` and ``serve`` agree.
+    """
+    if config.wss is None:
+        return None
+    certfile, keyfile = config.wss.certfile, config.wss.keyfile
+    cert_text = _read_file("wss.certfile", certfile)
+    key_text = _read_file("wss.keyfile", keyfile)
+    try:
+        # Load the certificate alone first, so a bad one is named as such.
+        ssl.create_default_context().load_verify_locations(cadata=cert_text)
+    except (ssl.SSLError, ValueError):
+        raise ConfigError(f"wss.certfile {certfile}: not a PEM certificate "
+                          "(expected -----BEGIN CERTIFICATE-----)") from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile, password=_no_passphrase)
+    except _EncryptedKey:
+        raise ConfigError(f"wss.keyfile {keyfile}: the key is encrypted; chatd needs it "
+                          "without a passphrase (openssl pkey -in KEY -out PLAIN-KEY)") from None
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(f"wss.keyfile {keyfile} is not the key of wss.certfile "
+                              f"{certfile}") from None
+        if "PRIVATE KEY-----" not in key_text:
+            raise ConfigError(f"wss.keyfile {keyfile}: not a PEM private key "
+                              "(expected -----BEGIN PRIVATE KEY-----)") from None
+        raise ConfigError(f"wss.keyfile {keyfile}: cannot load the key with wss.certfile "
+                          f"{certfile}: {exc.reason or exc}") from None
+    except OSError as exc:  # the file changed since it was read
+        raise ConfigError(f"wss: cannot load {certfile} and {keyfile}: "
+                          f"{exc.strerror or exc}") from None
+    return context
+
+
+def _read_file(key: str, path: str) -> str:
+    """The text of the file ``key`` names, or ConfigError naming both."""
+    if not path:
+        raise ConfigError(f"{key} is empty: name a PEM file")
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"{key} {path}: is a directory, not a PEM file")
+        if not stat.S_ISREG(mode):
+            # A FIFO or a device would block or never end.
+            raise ConfigError(f"{key} {path}: not a regular file")
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key} {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key} {path}: not a PEM file (binary content; DER must be "
+                          "converted to PEM)") from None
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What works but should not be left as it is, one line each (printed
+    by ``check-config`` and logged by ``serve`` at start)."""
+    warnings = []
+    secret = config.jwt_secret
+    if secret is not None and len(secret.encode()) < MIN_JWT_SECRET_BYTES:
+        warnings.append(f"jwt-secret is {len(secret.encode())} bytes; HS256 keys should have at "
+                        f"least {MIN_JWT_SECRET_BYTES} (RFC 7518 section 3.2), so it can be "
+                        "guessed offline from any token")
+    if config.wss is not None:
+        try:
+            mode = os.stat(config.wss.keyfile).st_mode
+        except OSError:
+            mode = 0
+        if mode & stat.S_IROTH:
+            warnings.append(f"wss.keyfile {config.wss.keyfile} is readable by every user of "
+                            "this machine: chmod o-r it")
+    return warnings
 
 
 def _explain(message: str) -> str:

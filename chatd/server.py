@@ -23,13 +23,12 @@ from __future__ import annotations
 import functools
 import logging
 import socket
-import ssl
 from dataclasses import dataclass
 
 import trio
 
 from chatd.client import Flusher
-from chatd.config import Config
+from chatd.config import Config, ConfigError, tls_context
 from chatd.connection import Connection
 from chatd.handshake import (
     BadRequest, HeadReader, Refusal, Request, accept_response, check_upgrade, refusal_response,
@@ -419,15 +418,12 @@ class Server:
         except OSError as exc:
             raise StartupError(f"cannot listen on {shown}: {exc.strerror or exc}") from None
         if tls and self.config.wss is not None:
-            wss = self.config.wss
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             try:
-                context.load_cert_chain(wss.certfile, wss.keyfile)
-            except (OSError, ssl.SSLError) as exc:
+                context = tls_context(self.config)
+            except ConfigError as exc:
                 for listener in listeners:
                     await listener.aclose()
-                raise StartupError(f"wss: cannot load certfile {wss.certfile} with keyfile "
-                                   f"{wss.keyfile}: {exc.strerror or exc}") from None
+                raise StartupError(str(exc)) from None
             listeners = [trio.SSLListener(listener, context, https_compatible=True)
                          for listener in listeners]
         return listeners

@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
 from chatd.config import Config, default_config
 from chatd.server import Server
@@ -90,6 +94,59 @@ class Harness:
         return peer
 
 
+@asynccontextmanager
+async def open_websocket_url(url: str, ssl_context: ssl.SSLContext | None = None,
+                             **kwargs: Any) -> AsyncIterator[WebSocketConnection]:
+    """trio-websocket's ``open_websocket_url``, but the TCP socket is always
+    closed on the way out.
+
+    trio-websocket 0.12 leaves its socket to the garbage collector (a
+    ``ResourceWarning``) when the server refused the handshake or closed
+    the connection first: ``aclose()`` returns early once a close reason
+    is known. Here the test owns the stream and closes it itself. Raises
+    what ``open_websocket_url`` raises (``ConnectionRejected``, ...), not
+    an exception group, when one thing went wrong.
+    """
+    parts = urlsplit(url)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "wss" else 80)
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if parts.scheme == "wss":
+        stream = await trio.open_ssl_over_tcp_stream(
+            host, port, ssl_context=ssl_context or ssl.create_default_context(),
+            https_compatible=True)
+    else:
+        stream = await trio.open_tcp_stream(host, port)
+    try:
+        try:
+            async with trio.open_nursery() as nursery:
+                ws = await wrap_client_stream(nursery, stream, host, resource, **kwargs)
+                try:
+                    yield ws
+                finally:
+                    with trio.move_on_after(GUARD):
+                        await ws.aclose()
+        except BaseExceptionGroup as group:
+            sole = _sole_exception(group)
+            if sole is None:
+                raise
+            raise sole from None
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+def _sole_exception(group: BaseExceptionGroup) -> BaseException | None:
+    """The one exception in a (nested) group, if it holds just one."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 else None
+
+
 async def _open(url: str, kwargs: dict, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     # A roomy queue, so a client that a test stops reading still answers
     # the server's close frame at shutdown.
@@ -110,6 +167,42 @@ async def chat(nursery, tmp_path):
             await harness.server.stopped.wait()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Keep the reason of a ``pytest.skip(reason)`` called inside a trio
+    test: pytest-trio 0.8 re-raises it as a bare ``pytest.skip()``, whose
+    reason reads just "Skipped", with the original in its context."""
+    try:
+        return (yield)
+    except pytest.skip.Exception as exc:
+        inner = exc.__context__
+        if not exc.msg and isinstance(inner, BaseExceptionGroup):
+            sole = _sole_exception(inner)
+            if isinstance(sole, pytest.skip.Exception):
+                raise sole from None
+        raise
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Every skip must say why: a skip without a reason fails instead."""
+    report = yield
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = report.longrepr[2].removeprefix("Skipped:").strip()
+        if reason in ("", "Skipped", "unconditional skip"):
+            report.outcome = "failed"
+            report.longrepr = f"{item.nodeid} was skipped without a reason: give one"
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _close_raw_streams():
+    """Close the raw connections (tests/rawws.py) a test left open."""
+    yield
+    from tests.rawws import close_leftovers
+    close_leftovers()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -124,12 +217,14 @@ class ServerProcess:
         self.cwd = cwd
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
+        self._log_file = None
         self.port: int | None = None
         self.log = cwd / "server.log"
 
     def start(self) -> "ServerProcess":
         """Start chatd and wait for its 'listening on' line; sets ``port``."""
         offset = self.log.stat().st_size if self.log.exists() else 0
+        self.close_log()
         self._log_file = open(self.log, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "chatd", *self.args], cwd=self.cwd,
                                      env=self.env, stdout=self._log_file, stderr=subprocess.STDOUT)
@@ -151,8 +246,13 @@ class ServerProcess:
         import signal as _signal
         self.proc.send_signal(sig or _signal.SIGTERM)
         code = self.proc.wait(GUARD)
-        self._log_file.close()
+        self.close_log()
         return code
+
+    def close_log(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
 
     def output(self) -> str:
         return self.log.read_text()
@@ -172,3 +272,4 @@ def process(tmp_path):
         if p.proc and p.proc.poll() is None:
             p.proc.kill()
             p.proc.wait()
+        p.close_log()

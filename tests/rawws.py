@@ -43,20 +43,48 @@ def close_frame(code: int = 1000, reason: str = "") -> bytes:
     return frame(CLOSE, struct.pack("!H", code) + reason.encode())
 
 
+#: Every raw stream a test opened and has not closed; ``close_leftovers``
+#: (run after each test by conftest) closes them, so no socket is left to
+#: the garbage collector (a ResourceWarning, which fails the suite).
+_open_streams: set[trio.SocketStream] = set()
+
+
+async def open_stream(port: int, *, rcvbuf: int | None = None) -> trio.SocketStream:
+    """A plain TCP connection to 127.0.0.1:``port``, closed after the test
+    if the test does not close it."""
+    sock = trio.socket.socket()
+    try:
+        if rcvbuf is not None:
+            # Set before connecting so the TCP window stays small.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        await sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    stream = trio.SocketStream(sock)
+    _open_streams.add(stream)
+    return stream
+
+
+def close_leftovers() -> None:
+    """Close every stream from ``open_stream`` still open. Runs after the
+    test's trio loop has ended, so it closes the descriptors directly."""
+    while _open_streams:
+        fd = _open_streams.pop().socket.detach()
+        if fd >= 0:
+            os.close(fd)
+
+
 class RawClient:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.pending: list[Event] = []
+        _open_streams.add(stream)
 
     @classmethod
     async def connect(cls, port: int, path: str, *, rcvbuf: int | None = None) -> "RawClient":
-        sock = trio.socket.socket()
-        if rcvbuf is not None:
-            # Set before connecting so the TCP window stays small.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        await sock.connect(("127.0.0.1", port))
-        client = cls(trio.SocketStream(sock))
+        client = cls(await open_stream(port, rcvbuf=rcvbuf))
         await client.send(Request(host="127.0.0.1", target=path))
         event = await client.next_event()
         assert isinstance(event, AcceptConnection), event
@@ -106,9 +134,10 @@ class RawClient:
                 return event
 
     async def aclose(self) -> None:
+        _open_streams.discard(self.stream)
         await self.stream.aclose()
 
     async def reset(self) -> None:
         """Vanish with a TCP RST instead of a FIN (SO_LINGER 0)."""
         self.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        await self.stream.aclose()
+        await self.aclose()

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed
 
 from chatd.config import ConfigError, decode_config, default_config, parse_host
-from tests.conftest import GUARD, free_port
+from tests.conftest import GUARD, free_port, open_websocket_url
 
 
 @pytest.mark.parametrize("text, named", [
@@ -32,6 +32,19 @@ def test_config_errors_name_the_key(text, named):
     with pytest.raises(ConfigError) as info:
         decode_config(text)
     assert named in str(info.value)
+
+
+@pytest.mark.parametrize("text, shown", [
+    ('{"\\n": ""}', "unknown key `\\n`"),
+    ('{"host": "a\\u0007b:1x"}', "host 'a\\x07b:1x' has no valid port"),
+    ('{"endpoints": [{"path": "/\\r", "protocol": "wcp"}, {"path": "/\\r", "protocol": "wcp"}]}',
+     "path '/\\r' is mounted twice"),
+])
+def test_config_errors_are_one_line_with_unprintables_escaped(text, shown):
+    # Found by the fuzzer below: a newline in a key made a two-line error.
+    with pytest.raises(ConfigError) as info:
+        decode_config(text)
+    assert shown in str(info.value) and str(info.value).isprintable()
 
 
 def test_a_multichat_go_server_config_decodes_unchanged():
@@ -76,7 +89,8 @@ def test_check_config_prints_the_effective_config(tmp_path):
     result = run_cli("check-config", str(path))
     assert result.returncode == 0
     effective = json.loads(result.stdout)
-    assert effective["secret-key"] == "abc" and effective["max-frame-bytes"] == 4096
+    assert effective["host"] == ":8000" and effective["max-frame-bytes"] == 4096
+    assert effective["secret-key"] == "********"  # shown with --show-secrets
 
 
 def test_check_config_rejects_with_exit_1_naming_the_key(tmp_path):
@@ -189,3 +203,144 @@ def test_token_refuses_rather_than_invent_a_secret(tmp_path):
     assert result.returncode == 1
     assert "no jwt-secret configured" in result.stderr
     assert not (tmp_path / "chatd.db").exists()
+
+
+async def test_tls_context_serves_a_tls_handshake(tmp_path):
+    # The context check-config builds is the one the server listens with.
+    import ssl
+
+    import trustme
+
+    from chatd.config import Wss, tls_context
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    config = default_config()
+    config.wss = Wss(keyfile=str(tmp_path / "key.pem"), certfile=str(tmp_path / "cert.pem"))
+    server_context = tls_context(config)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listener.socket.getsockname()[1]
+    async with trio.SSLListener(listener, server_context) as tls_listener:
+        async with trio.open_nursery() as nursery:
+            async def answer() -> None:
+                async with await tls_listener.accept() as stream:
+                    await stream.send_all(b"hello over tls")
+            nursery.start_soon(answer)
+            with trio.fail_after(GUARD):
+                client = await trio.open_ssl_over_tcp_stream("127.0.0.1", port,
+                                                             ssl_context=client_context)
+                async with client:
+                    assert await client.receive_some(100) == b"hello over tls"
+
+
+def test_no_wss_means_no_tls_context():
+    from chatd.config import tls_context
+    assert tls_context(default_config()) is None
+
+
+# --- fuzzing: every input is a Config or a ConfigError, never another exception ---
+
+
+def _config_objects():
+    from hypothesis import strategies as st
+
+    from chatd.config import Config
+    from tests.strategies import json_values
+
+    keys = [f.encode_name for f in __import__("msgspec").structs.fields(Config)]
+    values = json_values | st.sampled_from(["", " ", "change me", "********", ":0",
+                                            "127.0.0.1:1", "/", "lobby"])
+    return st.dictionaries(st.sampled_from(keys) | st.text(max_size=8), values, max_size=6)
+
+
+def test_fuzzed_configs_decode_or_name_the_problem():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from chatd.config import Config, effective_config
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.one_of(_config_objects().map(json.dumps), st.text(max_size=40)))
+    def check(text):
+        try:
+            config = decode_config(text)
+        except ConfigError as exc:
+            assert str(exc) and str(exc).isprintable()  # one line
+            return
+        assert isinstance(config, Config)
+        effective_config(config)  # printable, whatever was accepted
+
+    check()
+
+
+def test_fuzzed_jwt_secret_environment_is_set_or_refused(monkeypatch):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.text(alphabet=st.characters(blacklist_categories=["Cs"],
+                                          blacklist_characters="\x00"), max_size=20))
+    def check(value):
+        monkeypatch.setenv("JWT_SECRET", value)
+        try:
+            config = decode_config("{}")
+        except ConfigError as exc:
+            assert "JWT_SECRET" in str(exc)
+            return
+        assert config.jwt_secret == value and value.strip()
+
+    check()
+
+
+def test_fuzzed_ttl_and_user_id_arguments_are_taken_or_refused():
+    import argparse
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from chatd.cli import MAX_TTL, _ttl, _user_id
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.one_of(st.text(max_size=12), st.floats().map(repr), st.integers().map(str)))
+    def check(text):
+        for parse in (_ttl, _user_id):
+            try:
+                value = parse(text)
+            except argparse.ArgumentTypeError as exc:
+                assert repr(text) in str(exc)
+                continue
+            if parse is _ttl:
+                assert 1 <= value <= MAX_TTL
+            else:
+                assert value == text
+
+    check()
+
+
+def test_fuzzed_tls_files_load_or_name_the_file(tmp_path):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from chatd.config import Wss, tls_context
+
+    pem = st.sampled_from(["-----BEGIN CERTIFICATE-----\n", "-----END CERTIFICATE-----\n",
+                           "-----BEGIN PRIVATE KEY-----\n", "-----END PRIVATE KEY-----\n",
+                           "MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA\n", "\n"])
+    contents = st.lists(pem, max_size=6).map("".join).map(str.encode) | st.binary(max_size=64)
+
+    @settings(max_examples=50, deadline=None)
+    @given(contents, contents)
+    def check(key, cert):
+        (tmp_path / "key.pem").write_bytes(key)
+        (tmp_path / "cert.pem").write_bytes(cert)
+        config = default_config()
+        config.wss = Wss(keyfile=str(tmp_path / "key.pem"), certfile=str(tmp_path / "cert.pem"))
+        with pytest.raises(ConfigError) as info:  # none of these is a usable pair
+            tls_context(config)
+        assert "wss.keyfile" in str(info.value) or "wss.certfile" in str(info.value)
+
+    check()

@@ -18,7 +18,7 @@ from chatd.tokens import mint
 from tests.abuse import no_tracebacks, still_serving  # noqa: F401 (fixture)
 from tests.conftest import GUARD, JWT_SECRET, SECRET
 from tests.lobby_peers import wcp
-from tests.rawws import CONTINUATION, PING, RawClient, close_frame, frame, text
+from tests.rawws import CONTINUATION, PING, RawClient, close_frame, frame, open_stream, text
 
 HALF_REQUEST = (b"GET /multichat HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                 b"Connection: Upgrade\r\n")
@@ -59,7 +59,7 @@ async def read_to_eof(stream: trio.SocketStream) -> bytes:
 @pytest.mark.parametrize("sent", [b"", HALF_REQUEST], ids=["nothing", "half-request"])
 async def test_a_stalled_handshake_is_dropped_after_the_handshake_timeout(chat, sent):
     server = await chat.start(handshake_timeout=0.3)
-    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    stream = await open_stream(server.port)
     await stream.send_all(sent)
     # Dropped without an answer: there was never a request to answer.
     assert await read_to_eof(stream) == b""
@@ -69,7 +69,7 @@ async def test_a_stalled_handshake_is_dropped_after_the_handshake_timeout(chat, 
 async def test_a_handshake_trickled_byte_by_byte_is_dropped_all_the_same(chat):
     # The timeout covers the whole request, so a slow drip cannot extend it.
     server = await chat.start(handshake_timeout=0.3)
-    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    stream = await open_stream(server.port)
     request = HALF_REQUEST + b"X-Padding: " + b"a" * 5000 + b"\r\n\r\n"
     sent = 0
 
@@ -95,7 +95,7 @@ async def test_many_stalled_handshakes_do_not_keep_new_clients_out(chat):
     server = await chat.start(handshake_timeout=60)
     stalled = []
     for _ in range(150):
-        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        stream = await open_stream(server.port)
         await stream.send_all(HALF_REQUEST)
         stalled.append(stream)
     await still_serving(chat)
@@ -105,7 +105,7 @@ async def test_many_stalled_handshakes_do_not_keep_new_clients_out(chat):
 
 async def test_shutdown_does_not_wait_for_a_stalled_handshake(chat):
     server = await chat.start(handshake_timeout=60, shutdown_timeout=60)
-    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    stream = await open_stream(server.port)
     await stream.send_all(HALF_REQUEST)
     peer = await chat.multichat("bystander")
     server.shutdown()
@@ -197,7 +197,7 @@ async def test_a_client_vanishing_mid_frame_is_announced_and_logged(chat, caplog
 
 async def test_a_client_resetting_mid_handshake_does_not_disturb_the_server(chat):
     server = await chat.start()
-    raw = await trio.open_tcp_stream("127.0.0.1", server.port)
+    raw = await open_stream(server.port)
     await raw.send_all(HALF_REQUEST)
     await RawClient(raw).reset()
     await still_serving(chat)

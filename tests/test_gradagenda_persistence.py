@@ -8,9 +8,9 @@ import signal
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed
 
-from tests.conftest import GUARD, JWT_SECRET, Peer
+from tests.conftest import GUARD, JWT_SECRET, Peer, open_websocket_url
 from tests.pg import pg_run_database, pg_url  # noqa: F401 (fixtures)
 from tests.test_gradagenda import answers, auth, message, ok
 

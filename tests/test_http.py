@@ -12,6 +12,7 @@ import trio
 
 from chatd.config import Config
 from tests.conftest import GUARD, SECRET
+from tests.rawws import open_stream
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 section 1.3's sample key
 
@@ -21,7 +22,7 @@ async def http(port: int, request: bytes | str) -> tuple[int, dict[str, str], by
     if isinstance(request, str):
         request = request.encode()
     with trio.fail_after(GUARD):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        stream = await open_stream(port)
         async with stream:
             await stream.send_all(request)
             data = b""
@@ -208,7 +209,7 @@ async def peer_of(caplog, name: str) -> str:
 
 async def register_raw(port: int, extra: str, name: str, header: bytes = b"") -> trio.SocketStream:
     from tests.rawws import text
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = await open_stream(port)
     await stream.send_all(header + upgrade(extra=extra).encode())
     data = b""
     with trio.fail_after(GUARD):
@@ -290,7 +291,7 @@ async def test_a_missing_or_bad_proxy_header_drops_the_connection(chat, caplog, 
     caplog.set_level(logging.INFO)
     server = await chat.start(trusted_proxies=["127.0.0.1"], proxy_protocol=True)
     with trio.fail_after(GUARD):
-        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        stream = await open_stream(server.port)
         await stream.send_all(header + upgrade().encode())
         assert await stream.receive_some(4096) == b""
     assert any("dropped" in r.getMessage() for r in caplog.records)

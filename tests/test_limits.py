@@ -6,11 +6,11 @@ import json
 
 import pytest
 import trio
-from trio_websocket import ConnectionRejected, open_websocket_url
+from trio_websocket import ConnectionRejected
 from wsproto.events import CloseConnection, Ping, TextMessage
 
-from tests.conftest import SECRET
-from tests.rawws import RawClient
+from tests.conftest import SECRET, open_websocket_url
+from tests.rawws import RawClient, open_stream
 
 
 async def rejected_status(url: str, **kwargs) -> int | None:
@@ -131,11 +131,11 @@ async def test_refused_handshakes_are_bounded_per_address(chat):
     await chat.multichat("b")
     # Silent connections beyond the limit: two are held to be answered 429,
     # the rest are dropped at once instead of holding sockets.
-    held = [await trio.open_tcp_stream("127.0.0.1", server.port) for _ in range(2)]
+    held = [await open_stream(server.port) for _ in range(2)]
     with trio.fail_after(10):
         while server.ledger.refusing_total < 2:
             await trio.sleep(0.01)  # no event to wait on: the server accepts in its own time
-    dropped = await trio.open_tcp_stream("127.0.0.1", server.port)
+    dropped = await open_stream(server.port)
     with trio.fail_after(10):
         assert await dropped.receive_some(1024) == b""
     await held[0].send_all(b"GET /multichat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"

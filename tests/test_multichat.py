@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from trio_websocket import open_websocket_url
 
-from tests.conftest import SECRET
+from tests.conftest import SECRET, open_websocket_url
 from tests.lobby_peers import wcp
 
 

@@ -58,7 +58,7 @@ def nginx(tmp_path):
         conf = tmp_path / "nginx.conf"
         conf.write_text("\n".join(main) + "\n")
         procs.append(subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(conf),
-                                       "-g", "daemon off;"], stderr=subprocess.PIPE))
+                                       "-g", "daemon off;"], stderr=subprocess.DEVNULL))
         return port
 
     yield start

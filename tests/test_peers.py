@@ -19,7 +19,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
-from trio_websocket import open_websocket_url
+from tests.conftest import open_websocket_url
 
 from tests.conftest import SECRET, Peer
 

@@ -13,7 +13,7 @@ from chatd.config import Config, EndpointConfig, Wss
 from chatd.protocols.multichat import Multichat
 from chatd.server import Mount
 from tests.conftest import SECRET
-from tests.rawws import RawClient
+from tests.rawws import RawClient, open_stream
 
 
 def chat_message(text: str) -> dict:
@@ -129,7 +129,7 @@ async def test_wss_only_when_configured(chat, tmp_path):
     assert (await b.recv())["content"] == "over tls"
     # A plain ws:// upgrade to the same port gets no WebSocket: the server
     # drops the connection instead of answering 101.
-    stream = await trio.open_tcp_stream("127.0.0.1", chat.server.port)
+    stream = await open_stream(chat.server.port)
     await stream.send_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                           b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                           b"Sec-WebSocket-Version: 13\r\n\r\n")

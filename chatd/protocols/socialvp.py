@@ -1,6 +1,6 @@
 """socialvp: the SocialVP WSChat protocol — identify by name, then chat.
 
-As the original tornado server behaves (DESIGN.md): on connect the client
+As the original tornado server behaves (docs/protocols.md): on connect the client
 gets ``init``; it must ``identify`` with a name unique in its lobby (the
 registry is shared with wcp), and only identified clients send or receive.
 Every answer is an ``outcome`` carrying the document's codes and texts;
