@@ -163,11 +163,12 @@ export class Lobby {
       this.joinForm.hidden = true;
       this.room.hidden = false;
       this.addNotice(`You joined as ${this.me}.`);
+      this.setComposer(true);
       this.text.focus();
     } else {
       this.addNotice("Reconnected. Messages sent while you were away are not shown.");
+      this.setComposer(true);
     }
-    this.setComposer(true);
   }
 
   onRefused(reason) {
