@@ -196,5 +196,9 @@ class Context:
         self.tabs.append(tab)
         return tab
 
+    async def set_offline(self, offline: bool) -> None:
+        """Emulate losing (or getting back) the network, as the browser sees it."""
+        await self.browser.run(self.context.set_offline(offline))
+
     def close(self) -> None:
         self.browser.wait(self.context.close())

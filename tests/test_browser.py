@@ -346,6 +346,33 @@ async def test_pages_reconnect_after_a_server_restart_and_lose_nothing(chat, pag
         "before the restart", "while carol was away", "written while offline"]
 
 
+async def test_pages_wait_while_the_network_is_offline_and_come_back(chat, pages):
+    await chat.start()
+    lobby = await join(pages, chat, "alice")
+    ga = await sign_in(pages, chat, "alice")
+    await ga.expect("#ga-state", "to_have_text", "Connected as alice (browser)")
+    wendy = await wcp(chat, "wendy")
+    await lobby.expect("#lobby-roster", "to_contain_text", "Wendy")
+
+    await pages.set_offline(True)
+    await lobby.expect("#lobby-state", "to_have_text", "Offline: waiting for the network")
+    await ga.expect("#ga-state", "to_have_text", "Offline: waiting for the network")
+    await lobby.expect("#lobby-log .notice >> nth=-1", "to_have_text",
+                       "Disconnected: the network is offline.")
+    await lobby.expect("#lobby-retry", "to_be_visible")
+    # The server sees alice go.
+    assert await until(wendy, lambda f: f["type"] == "user_left") == {"type": "user_left",
+                                                                     "user_id": "alice"}
+
+    await pages.set_offline(False)
+    await lobby.expect("#lobby-state", "to_have_text", "Connected as alice")
+    await ga.expect("#ga-state", "to_have_text", "Connected as alice (browser)")
+    await lobby.expect("#lobby-retry", "to_be_hidden")
+    assert (await until(wendy, lambda f: f["type"] == "user_joined"))["user_id"] == "alice"
+    await wendy.send({"type": "message", "data": "there you are"})
+    await shows(lobby, "wendy", "there you are")
+
+
 # --- phones and keyboards --------------------------------------------------------
 
 

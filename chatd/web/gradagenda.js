@@ -10,19 +10,13 @@
 // waiting, each after checking that the server has not already stored it.
 
 import { atBottom, byId, el, enterSubmits, name, showState, time } from "./dom.js";
-import { Link, socketUrl } from "./link.js";
+import { describeClose, Link, socketUrl } from "./link.js";
 
 /** Messages asked for per history page (chatd caps a page at 100). */
 export const PAGE = 50;
 const CATCH_UP_PAGE = 100;
 const SAVED = "chatd.gradagenda";
 
-const CLOSED = {
-  1001: "the server shut down",
-  1006: "the connection dropped",
-  1011: "the server hit an internal error",
-  1012: "the server is restarting",
-};
 
 /** A random hex string of `bytes` bytes (works outside secure contexts too). */
 function randomHex(bytes) {
@@ -225,7 +219,7 @@ export class GradAgenda {
     for (const item of this.outbox) {
       if (item.state === "sending") this.markOutbox(item, "waiting");
     }
-    const why = CLOSED[code] || `closed (${code}${reason ? `: ${reason}` : ""})`;
+    const why = describeClose(code, reason);
     if (wasAuthed && this.open) this.addNotice(`Disconnected: ${why}.`, "error");
     if (final) this.refused(why);
   }

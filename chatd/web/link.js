@@ -24,6 +24,19 @@ export function socketUrl(path) {
   return `${scheme}//${location.host}${path}`;
 }
 
+const CLOSED = {
+  1001: "the server shut down",
+  1006: "the connection dropped",
+  1011: "the server hit an internal error",
+  1012: "the server is restarting",
+};
+
+/** Why a socket closed, in words (`reason`: the close frame's). */
+export function describeClose(code, reason) {
+  if (code === 1006 && reason) return reason;
+  return CLOSED[code] || `closed (${code}${reason ? `: ${reason}` : ""})`;
+}
+
 /** Close codes after which trying again cannot help (RFC 6455 section 7.4.1;
  * 1008 is chatd's "policy": a refused sign-in or a client cut off for
  * flooding). 1000 is handled by the view (wcp ends a session with it). */
@@ -48,7 +61,9 @@ export class Link {
     this.ticker = null;
     this.running = false;
     this.onOnline = () => { if (this.running && !this.socket) this.retryNow(); };
-    this.onOffline = () => { if (this.running && !this.socket) this.waitOnline(); };
+    // The browser lost its network: the socket is as good as dead (it could
+    // hang on unanswered until TCP gives up), so let it go and wait.
+    this.onOffline = () => { if (this.running) this.dropOffline(); };
   }
 
   /** Start connecting (again). */
@@ -164,6 +179,17 @@ export class Link {
     tell();
     this.ticker = setInterval(tell, 1000);
     this.timer = setTimeout(() => this.open(), delay);
+  }
+
+  dropOffline() {
+    const socket = this.socket;
+    if (socket) {
+      this.socket = null;
+      socket.onopen = socket.onmessage = socket.onclose = socket.onerror = null;
+      socket.close(1000, "offline");
+      this.handlers.onClose({ code: 1006, reason: "the network is offline", final: false });
+    }
+    this.waitOnline();
   }
 
   waitOnline() {

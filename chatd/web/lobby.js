@@ -12,19 +12,13 @@
 // per member already in the room, which the roster is built from.
 
 import { atBottom, byId, el, enterSubmits, name, showState, stamp, time } from "./dom.js";
-import { Link, socketUrl } from "./link.js";
+import { describeClose, Link, socketUrl } from "./link.js";
 
 const TAKEN = "user_id already in use";
 const ACCEPTED = /^already joined as /;
 /** Oldest entries are dropped beyond this many, so a long-open tab stays light. */
 const KEEP = 1000;
 
-const CLOSED = {
-  1001: "the server shut down",
-  1006: "the connection dropped",
-  1011: "the server hit an internal error",
-  1012: "the server is restarting",
-};
 
 export class Lobby {
   constructor(path) {
@@ -194,7 +188,7 @@ export class Lobby {
     const wasIn = this.phase === "in";
     this.phase = "joining";
     this.setComposer(false);
-    const why = CLOSED[code] || `closed (${code}${reason ? `: ${reason}` : ""})`;
+    const why = describeClose(code, reason);
     if (wasIn) this.addNotice(`Disconnected: ${why}.`, "error");
     if (final) {
       this.phase = "out";
