@@ -373,6 +373,37 @@ async def test_pages_wait_while_the_network_is_offline_and_come_back(chat, pages
     await shows(lobby, "wendy", "there you are")
 
 
+async def test_a_message_over_the_servers_size_limit_is_marked_and_not_resent(chat, pages):
+    await chat.start()
+    too_long = "x" * 5000  # max-frame-bytes is 4096
+    lobby = await join(pages, chat, "alice")
+    await lobby.fill("#lobby-text", too_long)
+    await lobby.press("#lobby-text", "Enter")
+    await lobby.expect(f"{LAST} >> .status", "to_have_text",
+                       "not delivered: too long for this server (message exceeds 4096 bytes)")
+    await lobby.expect("#lobby-text", "to_have_value", too_long)
+    await lobby.expect("#lobby-state", "to_have_text", "Connected as alice", timeout=4 * 10_000)
+
+    bob = await login(chat, "bob")
+    ga = await sign_in(pages, chat, "alice")
+    await ga.click("text=Direct chat")
+    await ga.fill("#ga-peer", "bob")
+    await ga.press("#ga-peer", "Enter")
+    await ga.expect("#ga-session-title", "to_have_text", "Direct: bob")
+    await ga.fill("#ga-text", too_long)
+    await ga.press("#ga-text", "Enter")
+    await ga.expect("#ga-log .pending .status", "to_have_text",
+                    "not sent: too long for this server (message exceeds 4096 bytes)")
+    await ga.expect("#ga-state", "to_have_text", "Connected as alice (browser)",
+                    timeout=4 * 10_000)
+    # Signed in again, it sends what follows, and not the long one again.
+    await ga.fill("#ga-text", "shorter")
+    await ga.press("#ga-text", "Enter")
+    got = await bob.recv()
+    assert (got["message"]["body"], got["seq"]) == ("shorter", 1)
+    await ga.expect("#ga-log .pending", "to_have_count", 1)
+
+
 # --- phones and keyboards --------------------------------------------------------
 
 

@@ -217,7 +217,11 @@ export class GradAgenda {
     for (const waiting of this.pending.values()) waiting.reject(new Closed("connection closed"));
     this.pending.clear();
     for (const item of this.outbox) {
-      if (item.state === "sending") this.markOutbox(item, "waiting");
+      if (item.state !== "sending") continue;
+      // 1009: the server would not take a message that long; sending it
+      // again would only close the next connection too.
+      if (code === 1009) this.markOutbox(item, "failed", `too long for this server (${reason || code})`);
+      else this.markOutbox(item, "waiting");
     }
     const why = describeClose(code, reason);
     if (wasAuthed && this.open) this.addNotice(`Disconnected: ${why}.`, "error");
@@ -619,8 +623,8 @@ export class GradAgenda {
                            message: { type: "text", body: item.body },
                            "sender-timestamp": item.ts }, item.cdid);
     } catch (err) {
-      if (err instanceof Closed) this.markOutbox(item, "waiting");
-      else this.markOutbox(item, "failed", err.message);
+      // A lost connection is onClose's to handle (it knows the close code).
+      if (!(err instanceof Closed)) this.markOutbox(item, "failed", err.message);
     }
   }
 

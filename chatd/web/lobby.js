@@ -33,6 +33,8 @@ export class Lobby {
     this.accepted = false;
     /** user_id -> display_name of everyone in the room, us included. */
     this.roster = new Map();
+    /** The last message sent, until the connection proves it was taken. */
+    this.lastSent = null;
 
     this.stateLine = byId("lobby-state");
     this.retry = byId("lobby-retry");
@@ -96,7 +98,7 @@ export class Lobby {
     if (!data.trim() || this.phase !== "in") return;
     if (!this.link.send({ type: "message", data })) return;
     this.text.value = "";
-    this.addMessage(this.me, data, Date.now(), { mine: true });
+    this.lastSent = { data, node: this.addMessage(this.me, data, Date.now(), { mine: true }) };
     this.text.focus();
   }
 
@@ -190,6 +192,16 @@ export class Lobby {
     this.setComposer(false);
     const why = describeClose(code, reason);
     if (wasIn) this.addNotice(`Disconnected: ${why}.`, "error");
+    if (code === 1009 && this.lastSent) {
+      // The server closes a connection whose message is over its size
+      // limit: say so on that message, and give its text back.
+      const { data, node } = this.lastSent;
+      node.classList.add("failed");
+      node.querySelector(".meta").append(
+        el("span", { class: "status", text: `not delivered: too long for this server (${reason || code})` }));
+      if (!this.text.value) this.text.value = data;
+    }
+    this.lastSent = null;
     if (final) {
       this.phase = "out";
       this.room.hidden = true;
@@ -242,7 +254,9 @@ export class Lobby {
       typeof to === "string" ? el("span", { class: "tag", text: "(private, to you)" }) : null,
       time(ms));
     const body = el("p", { class: "body", dir: "auto", text });
-    this.append(el("li", { class: mine ? "msg mine" : "msg" }, head, body));
+    const item = el("li", { class: mine ? "msg mine" : "msg" }, head, body);
+    this.append(item);
+    return item;
   }
 
   addNotice(text, kind = "info") {
