@@ -62,24 +62,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _token(config: Config, user_id: str, ttl: float) -> int:
-    import os
-
-    from chatd.store import Store
+    from chatd.store import StoreError, read_setting
     from chatd.tokens import mint
 
     secret = config.jwt_secret
     if secret is None:
         # The secret the server generated and keeps in its store. Never make
         # a new one here: a token the server cannot verify helps nobody.
-        if config.store == ":memory:" or not os.path.exists(config.store):
-            print(f"chatd: no jwt-secret configured and no store at {config.store}: "
-                  "name the server's config (--config) or store (--store)", file=sys.stderr)
+        if config.store == ":memory:":
+            print("chatd: no jwt-secret configured and the store is :memory: name the "
+                  "server's config (--config) or store (--store)", file=sys.stderr)
             return 1
-        store = Store(config.store)
         try:
-            secret = store.setting("jwt-secret")
-        finally:
-            store.close()
+            secret = read_setting(config.store, "jwt-secret")
+        except StoreError as exc:
+            print(f"chatd: no jwt-secret configured and {exc}: name the server's config "
+                  "(--config) or store (--store)", file=sys.stderr)
+            return 1
         if secret is None:
             print(f"chatd: {config.store} holds no generated jwt-secret: start the server "
                   "once, or set jwt-secret", file=sys.stderr)
@@ -90,9 +89,8 @@ def _token(config: Config, user_id: str, ttl: float) -> int:
 
 def serve_forever(config: Config) -> int:
     _tune_gc()
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("trio-websocket").setLevel(logging.WARNING)
+    from chatd.logs import configure
+    configure(config.log_level, config.log_format)
     try:
         trio.run(_serve_until_signal, config)
     except BaseExceptionGroup as group:

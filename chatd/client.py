@@ -39,6 +39,15 @@ class Flusher:
         self.dirty: list[Client] = []
         self.deliveries: Counter[str] = deliveries if deliveries is not None else Counter()
 
+    def answered(self, frame: bytes | None) -> None:
+        """Deliver the one answer to an ``Answered`` command of this client."""
+        if frame is not None:
+            self.deliver(frame)
+        self.in_flight -= 1
+        if self.answers_wanted is not None:
+            self.answers_wanted.set()
+            self.answers_wanted = None
+
     def flush(self) -> None:
         """Write every waiting connection's frames, one write each."""
         dirty, self.dirty = self.dirty, []
@@ -50,7 +59,7 @@ class Client:
     __slots__ = (
         "id", "protocol", "room", "name", "display_name", "peer", "path", "user_id",
         "device_id", "transport", "flusher", "pending", "outbox_size", "scope",
-        "close_code", "close_reason", "sealed", "__weakref__",
+        "close_code", "close_reason", "sealed", "in_flight", "answers_wanted", "__weakref__",
     )
 
     def __init__(self, protocol: type[Protocol], room: str, peer: str, path: str,
@@ -74,6 +83,10 @@ class Client:
         self.close_reason = ""
         #: True once the close frame is queued: nothing more is accepted.
         self.sealed = False
+        #: ``Answered`` commands of this client not answered yet, and the
+        #: event its connection waits on when too many are.
+        self.in_flight = 0
+        self.answers_wanted: trio.Event | None = None
 
     def deliver(self, frame: bytes) -> bool:
         """Queue a frame for the next flush; False if the client is gone or cut off."""
@@ -86,6 +99,15 @@ class Client:
         else:
             pending.append(frame)
         return True
+
+    def answered(self, frame: bytes | None) -> None:
+        """Deliver the one answer to an ``Answered`` command of this client."""
+        if frame is not None:
+            self.deliver(frame)
+        self.in_flight -= 1
+        if self.answers_wanted is not None:
+            self.answers_wanted.set()
+            self.answers_wanted = None
 
     def flush(self) -> None:
         """Write the frames delivered since the last flush, in one write."""

@@ -36,7 +36,7 @@ from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from chatd.client import Client, Flusher
-from chatd.events import Command, Leave, Request
+from chatd.events import Answered, Command, Leave, Request
 from chatd.protocols.base import Close, Context, Output, Protocol, Send, Stream
 from chatd.router import Router
 from chatd.transport import Transport, text_frame
@@ -49,6 +49,9 @@ log = logging.getLogger("chatd.connection")
 
 #: Frames of a ``Stream`` answer written before waiting for the socket to drain.
 _STREAM_STEP = 32
+#: Most ``Answered`` commands of one client waiting for their answer (a
+#: pipelining GradAgenda client): beyond it, its next frame is read later.
+_IN_FLIGHT = 128
 
 
 class _PeerGone(Exception):
@@ -97,18 +100,21 @@ class Connection(Client):
                 await self._finish()
 
     async def _serve(self) -> None:
-        proto = self.proto
-        await self._carry_out(proto.greeting())
+        await self._carry_out(self.proto.greeting())
         self.flush()
-        if not proto.authenticated:
-            with trio.move_on_after(self.config.auth_timeout) as auth_scope:
-                while not proto.authenticated:
-                    await self._handle(await self._next_message())
-            if auth_scope.cancelled_caught:
-                log.info("%s auth stage timed out", self.peer)
-                await self._carry_out(proto.auth_timeout())
+        if not self.proto.authenticated:
+            await self._auth_stage()
         while True:
             await self._handle(await self._next_message())
+
+    async def _auth_stage(self) -> None:
+        proto = self.proto
+        with trio.move_on_after(self.config.auth_timeout) as auth_scope:
+            while not proto.authenticated:
+                await self._handle(await self._next_message())
+        if auth_scope.cancelled_caught:
+            log.info("%s auth stage timed out", self.peer)
+            await self._carry_out(proto.auth_timeout())
 
     async def _handle(self, text: str) -> None:
         proto = self.proto
@@ -118,11 +124,15 @@ class Connection(Client):
             self.tokens -= len(outputs) - 1
         await self._carry_out(outputs)
         self.flush()
+        # Answers to this client wait for its socket, or for the store: read
+        # its next request only once it has taken them (TCP pushes back on a
+        # client that asks faster than it reads; it is not cut off).
         if self.transport.waiting_frames:
-            # Answers to this client wait for its socket: read its next
-            # request only once it has taken them (TCP pushes back on a
-            # client that asks faster than it reads; it is not cut off).
             await self.transport.drain()
+        window = max(1, min(_IN_FLIGHT, self.outbox_size // 2))
+        while self.in_flight >= window:
+            self.answers_wanted = trio.Event()
+            await self.answers_wanted.wait()
         if proto.authenticated and not was_authenticated:
             log.info("%s authenticated on %s as %s", self.peer, self.path,
                      self.user_id or self.name, extra={"peer": self.peer, "path": self.path})
@@ -210,7 +220,15 @@ class Connection(Client):
                 await self._carry_out(await self.router.call(out))
             else:
                 out.client = self
-                await self.router.send(out)
+                if isinstance(out, Answered):
+                    self.in_flight += 1
+                try:
+                    # No yield per command: the frames of one read reach the
+                    # router together, so one router pass (and one write per
+                    # recipient) carries them all.
+                    self.router.post(out)
+                except trio.WouldBlock:
+                    await self.router.send(out)
 
     async def _stream(self, frames: Any) -> None:
         """Write an answer frame by frame as the socket drains: a few frames

@@ -143,18 +143,25 @@ class DirectSessionInfo(Request, kw_only=True):
     peer: str
 
 
-class CreateSession(Command, kw_only=True):
+class Answered(Command, kw_only=True):
+    """A command answered later (after a store commit) with exactly one
+    frame to its asker, through ``Client.answered``. The connection counts
+    those in flight and reads no further while too many are (a client that
+    pipelines faster than it reads is slowed, not cut off)."""
+
+
+class CreateSession(Answered, kw_only=True):
     cdid: str
     members: list[str]
 
 
-class ModifySession(Command, kw_only=True):
+class ModifySession(Answered, kw_only=True):
     cdid: str
     session_id: str
     members: list[str]
 
 
-class DeleteSession(Command, kw_only=True):
+class DeleteSession(Answered, kw_only=True):
     cdid: str
     session_id: str
 
@@ -165,7 +172,7 @@ class ListSessions(Request, kw_only=True):
     cdid: str
 
 
-class SendMessage(Command, kw_only=True):
+class SendMessage(Answered, kw_only=True):
     """``message`` is the validated message object as JSON (``msgspec.Raw``)."""
 
     cdid: str

@@ -20,6 +20,7 @@ server keeps serving.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import ssl
@@ -44,7 +45,7 @@ from chatd.proxy import Address, ProxyHeaderError, forwarded_address, in_network
 from chatd.proxy import parse_proxy_header, proxy_header_length
 from chatd.router import Router
 from chatd.sessions import Sessions
-from chatd.store import Store
+from chatd.store import Store, StoreError, open_store
 from chatd.transport import Transport
 
 log = logging.getLogger("chatd")
@@ -121,15 +122,18 @@ class Server:
             self.admin_ports = _ports(admin_listeners)
         self.ports = _ports(listeners)
         try:
-            self.store = Store(config.store)
-        except Exception as exc:
+            # Blocking: connecting to PostgreSQL, or waiting out a locked file.
+            self.store = await trio.to_thread.run_sync(functools.partial(
+                open_store, config.store, busy_timeout=config.store_busy_timeout))
+        except StoreError as exc:
             for listener in listeners + admin_listeners:
                 await listener.aclose()
-            raise StartupError(f"cannot open store {config.store}: {exc}") from None
+            raise StartupError(str(exc)) from None
         if any(e.protocol == "gradagenda" for e in config.mounted()):
-            self.services.append(Sessions(self.store))
+            self.services.append(Sessions(self.store,
+                                          max_sessions_per_user=config.max_sessions_per_user))
         try:
-            self._resolve_secrets()
+            await self._resolve_secrets()
             self._mount()
             async with trio.open_nursery() as nursery:
                 for service in self.services:
@@ -228,7 +232,27 @@ class Server:
         _keepalive_socket(stream)
         transport = Transport(stream, self._spawn)
         try:
-            counted = await self._handle_transport(transport, peer, trusted, refusal, counted)
+            accepted, counted = await self._handshake(transport, peer, trusted, refusal, counted)
+            if accepted is not None:
+                # The handshake's objects (request, parser, scopes) are gone
+                # now: an idle connection keeps only what it needs.
+                mount, trailing, client, path = accepted
+                connection = Connection(transport, trailing, mount.protocol, mount.ctx,
+                                        mount.room, client, path, self.router, self.config,
+                                        self.flusher, self.metrics)
+                del accepted, trailing
+                name = mount.protocol.name
+                log.info("%s connected to %s (%s)", client, path, name,
+                         extra={"peer": client, "path": path})
+                self.connections.add(connection)
+                self.metrics.connections[name] += 1
+                if self._stopping.is_set():
+                    connection.kill(self.config.shutdown_close_code, "server shutdown")
+                try:
+                    await connection.run()
+                finally:
+                    self.connections.discard(connection)
+                    self.metrics.connections[name] -= 1
         except Exception:
             log.exception("%s connection failed", peer)
         finally:
@@ -238,10 +262,13 @@ class Server:
                 self.ledger.release_refusal(peer.ip)
             transport.close()
 
-    async def _handle_transport(self, transport: Transport, peer: Address, trusted: bool,
-                                refusal: Refusal | None, counted: str | None) -> str | None:
-        """Serve one TCP connection; returns the address its per-address
-        count was taken against (None if none), for the ledger."""
+    async def _handshake(self, transport: Transport, peer: Address, trusted: bool,
+                         refusal: Refusal | None, counted: str | None,
+                         ) -> tuple[tuple[Mount, bytes, str, str] | None, str | None]:
+        """Read the request and answer it. For an accepted WebSocket:
+        ((mount, bytes read after the request, client address, path),
+        counted); else (None, counted). ``counted`` is the address the
+        ledger counted the connection against (None if none), for release."""
         config = self.config
         timeout = config.handshake_timeout if refusal is None else min(
             config.handshake_timeout, _REFUSAL_WAIT)
@@ -264,15 +291,15 @@ class Server:
                     await self._refuse(transport, client, exc.refusal)
                 else:
                     log.info("%s closed before sending a request", client)
-                return counted
+                return None, counted
             except ProxyHeaderError as exc:
                 log.info("%s dropped: %s", peer, exc)
-                return counted
+                return None, counted
             finally:
                 self._handshakes.discard(handshake)
         if request is None:
             log.info("%s sent no request within %gs", client, timeout)
-            return counted
+            return None, counted
         if trusted:
             if client is peer:
                 forwarded = forwarded_address(request.headers.get("x-forwarded-for", []),
@@ -286,48 +313,29 @@ class Server:
         head = request.method == "HEAD"
         if refusal is not None:
             await self._refuse(transport, client, refusal, head)
-            return counted
+            return None, counted
+        mount = self._route(request.path)
         if not request.wants_websocket:
-            mount = self._route(request.path)
             if mount is not None:
                 await self._refuse(transport, client, Refusal(
                     426, f"{request.path} is a WebSocket endpoint ({mount.protocol.name})",
                     (("Upgrade", "websocket"),)), head)
-                return counted
+                return None, counted
             status, data = await self.routes.answer(request)
             log.debug("%s GET %s: %d", client, request.path, status)
             await _answer(transport, data)
-            return counted
-        mount = self._route(request.path)
+            return None, counted
         if mount is None:
-            await self._refuse(transport, client,
-                               Refusal(404, "no chat endpoint at this path"), head)
-            return counted
-        refusal = check_upgrade(request)
+            refusal = Refusal(404, "no chat endpoint at this path")
+        else:
+            refusal = check_upgrade(request)
         if refusal is None and not self._origin_allowed(request):
             refusal = Refusal(403, "origin not allowed")
         if refusal is not None:
             await self._refuse(transport, client, refusal, head)
-            return counted
+            return None, counted
         transport.write(accept_response(request))
-        await self._run_connection(transport, reader.trailing, mount, str(client), request.path)
-        return counted
-
-    async def _run_connection(self, transport: Transport, trailing: bytes, mount: Mount,
-                              peer: str, path: str) -> None:
-        connection = Connection(transport, trailing, mount.protocol, mount.ctx, mount.room, peer,
-                                path, self.router, self.config, self.flusher, self.metrics)
-        name = mount.protocol.name
-        log.info("%s connected to %s (%s)", peer, path, name, extra={"peer": peer, "path": path})
-        self.connections.add(connection)
-        self.metrics.connections[name] += 1
-        if self._stopping.is_set():
-            connection.kill(self.config.shutdown_close_code, "server shutdown")
-        try:
-            await connection.run()
-        finally:
-            self.connections.discard(connection)
-            self.metrics.connections[name] -= 1
+        return (mount, reader.trailing, str(client), request.path), counted
 
     async def _refuse(self, transport: Transport, client: Address, refusal: Refusal,
                       head: bool = False) -> None:
@@ -377,7 +385,7 @@ class Server:
 
     # --- set-up --------------------------------------------------------------
 
-    def _resolve_secrets(self) -> None:
+    async def _resolve_secrets(self) -> None:
         """Secrets the config leaves out are generated once and kept in the store."""
         config = self.config
         protocols = {e.protocol for e in config.mounted()}
@@ -386,9 +394,9 @@ class Server:
         for key, wanted in needed.items():
             value = getattr(config, key.replace("-", "_"))
             if value is None and wanted:
-                value, new = self.store.secret(key)
+                value, new = await trio.to_thread.run_sync(self.store.secret, key)
                 log.info("%s %s (kept in %s): %s", "generated" if new else "stored",
-                         key, config.store, value)
+                         key, self.store.name, value)
             if value is not None:
                 self.secrets[key] = value
 

@@ -2,20 +2,33 @@
 
 A router service (see ``chatd.router``): it knows which devices of which
 user are connected, the sessions and their members, and who may do what.
-Everything durable goes through the store's ``Writer``: the handler
-updates the in-memory state at once (so later commands see it, in router
-order), queues the store job, and only when the writer reports the commit
-does it answer — the asker's copy carrying its ``cdid`` — and fan out to
-every device of every member. A message is therefore never confirmed to
-anyone before it is on disk. The writer reports back through the router's
-own channel (``StoreDone``), so all state and fan-out stay in the router
-task, which never waits for the disk.
+Everything durable goes through the store's ``Writer`` (any backend:
+``chatd.store``): the handler updates the in-memory state at once (so
+later commands see it, in router order), queues the store job, and only
+when the writer reports the commit does it answer — the asker's copy
+carrying its ``cdid`` — and fan out to every device of every member. A
+message is therefore never confirmed to anyone before it is stored, and
+its ``seq`` is the one the store allocated in that transaction; batches
+are reported in commit order, so a session's messages go out in ``seq``
+order. The writer reports back through the router's own channel
+(``StoreDone``), so all state and fan-out stay in the router task, which
+never waits for the database.
+
+When a batch is not stored (the store stayed busy past
+``store-busy-timeout``, or failed for good), every job queued since is
+given back too: their in-memory changes are undone, newest first, and
+each asker is answered "storage busy" or "storage unavailable"
+(docs/storage.md). Memory then matches what is stored again.
 
 Authorisation: a group ("mutable") session is created with its creator as
 a member; only members may modify, delete, send into or read it. A direct
 session belongs to its two users, has an id derived from the sorted pair,
 and exists (durably) from the first time either of them asks for it; only
 then can messages be sent into it.
+
+Caps: one user may be a member of at most ``max-sessions-per-user``
+sessions (direct and group); a creation or modification that would put
+anyone over it is refused, naming them, and nothing is stored.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -35,7 +48,7 @@ from chatd.events import (
     ModifySession, ReadHistory, SendMessage, SessionInfo, Status, StoredMessage,
 )
 from chatd.router import DEFERRED, Router
-from chatd.store import Job, Store, Writer
+from chatd.store import Failure, Job, Store, Writer
 from chatd.transport import text_frame
 
 if TYPE_CHECKING:
@@ -43,7 +56,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("chatd.sessions")
 
+#: Answers when a write was not stored: the store failed for good (until
+#: a restart), stayed busy past store-busy-timeout, or the queue is full.
 STORE_FAILED = "storage unavailable: nothing was stored"
+STORE_RETRY = "storage busy: nothing was stored, try again"
 STORE_BUSY = "server busy: too many writes queued, try again"
 
 
@@ -62,14 +78,13 @@ def now_ms() -> int:
 
 
 class Session:
-    __slots__ = ("id", "kind", "members", "last_seq", "waiting")
+    __slots__ = ("id", "kind", "members", "waiting")
 
-    def __init__(self, session_id: str, kind: str, members: Iterable[str], last_seq: int = 0) -> None:
+    def __init__(self, session_id: str, kind: str, members: Iterable[str]) -> None:
         self.id = session_id
         self.kind = kind
         #: Replaced, never mutated: a queued message keeps the members it was sent to.
         self.members = frozenset(members)
-        self.last_seq = last_seq
         #: Requests for a direct session whose creation is not committed yet.
         self.waiting: list[DirectSessionInfo] | None = None
 
@@ -79,16 +94,21 @@ class Session:
 
 
 class StoreDone(Command, kw_only=True):
-    """The writer's report of one batch; ``results`` is None if it failed."""
+    """The writer's report of one batch: its ``results``, or why it failed."""
 
     jobs: list[Job]
     results: list[Any] | None
+    failure: Failure | None
 
 
 class Sessions:
-    def __init__(self, store: Store, max_pending: int = 10_000) -> None:
+    """``max_sessions_per_user``: config ``max-sessions-per-user``."""
+
+    def __init__(self, store: Store, max_pending: int = 10_000, *,
+                 max_sessions_per_user: int = 1000) -> None:
         self.store = store
         self.writer = Writer(store, self._report, max_pending=max_pending)
+        self.max_sessions_per_user = max_sessions_per_user
         self.router: Router | None = None
         self.sessions: dict[str, Session] = {}
         #: user -> their sessions, in the order they joined (for listing).
@@ -112,37 +132,42 @@ class Sessions:
         router.handle(StoreDone, self.store_done)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Load the stored sessions, then run the writer."""
-        for session_id, kind, members, last_seq in await trio.to_thread.run_sync(
-                self.store.load_sessions):
-            self._add(Session(session_id, kind, members, last_seq))
-        log.info("loaded %d sessions from %s", len(self.sessions), self.store.path)
+        """Take the store (one server per SQLite file: raises ``StoreError``
+        if another chatd has it), load the stored sessions, run the writer."""
+        self.store.lock()
+        for session_id, kind, members in await trio.to_thread.run_sync(self.store.load_sessions):
+            self._add(Session(session_id, kind, members))
+        log.info("loaded %d sessions from %s", len(self.sessions), self.store.name)
         await self.writer.run(task_status=task_status)
+
+    async def ready(self) -> str | None:
+        """None if the store takes writes now, else why not (for /readyz)."""
+        return await self.writer.ready()
 
     async def aclose(self) -> None:
         await self.writer.aclose()
 
-    async def ready(self) -> str | None:
-        """Why the store cannot take writes now (for /readyz), or None."""
-        if self.writer.failed:
-            return "store failed: writes are refused until restart (see the log)"
-        return None
-
-    async def _report(self, jobs: list[Job], results: list[Any] | None) -> None:
+    async def _report(self, jobs: list[Job], results: list[Any] | None,
+                      failure: Failure | None) -> None:
         try:
-            await self.router.send(StoreDone(jobs=jobs, results=results))
+            await self.router.send(StoreDone(jobs=jobs, results=results, failure=failure))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # shutting down: every client has gone already
 
     def store_done(self, cmd: StoreDone) -> None:
-        for index, job in enumerate(cmd.jobs):
-            try:
-                if cmd.results is None:
-                    job.failed()
-                else:
-                    job.done(cmd.results[index])
-            except Exception:
-                log.exception("answering a store job failed")
+        if cmd.failure is None:
+            for job, result in zip(cmd.jobs, cmd.results, strict=True):
+                _call(job.done, result)
+            return
+        # Jobs queued since were accepted against state that assumed this
+        # batch would be stored: they go too, and memory goes back to what
+        # is stored.
+        jobs = cmd.jobs + self.writer.resume()
+        for job in reversed(jobs):
+            if job.undo is not None:
+                _call(job.undo)
+        for job in jobs:
+            _call(job.failed, cmd.failure)
 
     # --- devices ---------------------------------------------------------------
 
@@ -176,21 +201,24 @@ class Sessions:
             return session.info("unchanged")
         session = Session(direct_session_id(me, cmd.peer), "direct", (me, cmd.peer))
         members = sorted(session.members)
+        over = self._over_cap(members)
+        if over:
+            return over
 
         def done(_: None) -> None:
             waiting, session.waiting = session.waiting or [], None
             for request in waiting:
                 Router.resolve(request, session.info("unchanged"))
 
-        def failed() -> None:
-            # Not on disk: forget it, so nobody is told it exists.
+        def failed(answer: str) -> None:
             waiting, session.waiting = session.waiting or [], None
-            self._remove(session)
             for request in waiting:
-                Router.resolve(request, STORE_FAILED)
+                Router.resolve(request, answer)
 
+        # Not stored: forget it, so nobody is told it exists.
         refused = self._write(lambda store: store.create_session(session.id, "direct", members,
-                                                                 now_ms()), done, failed)
+                                                                 now_ms()),
+                              done, failed, undo=lambda: self._remove(session))
         if refused:
             return refused
         session.waiting = [cmd]
@@ -201,10 +229,14 @@ class Sessions:
         client, me = cmd.client, cmd.client.user_id
         session = Session(new_session_id(), "mutable", {*cmd.members, me})
         info = session.info("created")
+        over = self._over_cap(session.members)
+        if over:
+            return self._fail(client, cmd.cdid, over)
         refused = self._write(
             lambda store: store.create_session(session.id, "mutable", info.members, now_ms()),
             lambda _: self._fanout(session.members, info, client, cmd.cdid),
-            lambda: self._fail(client, cmd.cdid, STORE_FAILED))
+            lambda answer: self._fail(client, cmd.cdid, answer),
+            undo=lambda: self._remove(session))
         if refused:
             return self._fail(client, cmd.cdid, refused)
         self._add(session)
@@ -217,11 +249,15 @@ class Sessions:
         if not cmd.members:
             return self._fail(client, cmd.cdid, "a session needs participants; delete it instead")
         old, new = session.members, frozenset(cmd.members)
+        over = self._over_cap(new - old)
+        if over:
+            return self._fail(client, cmd.cdid, over)
         members = sorted(new)
         info = SessionInfo(session_id=session.id, kind="mutable", status="modified", members=members)
         refused = self._write(lambda store: store.set_members(session.id, members),
                               lambda _: self._fanout(old | new, info, client, cmd.cdid),
-                              lambda: self._fail(client, cmd.cdid, STORE_FAILED))
+                              lambda answer: self._fail(client, cmd.cdid, answer),
+                              undo=lambda: self._set_members(session, old))
         if refused:
             return self._fail(client, cmd.cdid, refused)
         self._set_members(session, new)
@@ -234,7 +270,8 @@ class Sessions:
         info, members = session.info("deleted"), session.members
         refused = self._write(lambda store: store.delete_session(session.id),
                               lambda _: self._fanout(members, info, client, cmd.cdid),
-                              lambda: self._fail(client, cmd.cdid, STORE_FAILED))
+                              lambda answer: self._fail(client, cmd.cdid, answer),
+                              undo=lambda: self._add(session))
         if refused:
             return self._fail(client, cmd.cdid, refused)
         self._remove(session)
@@ -245,7 +282,7 @@ class Sessions:
         mine = self.joined.get(cmd.client.user_id, {}).values()
         listing = [session.info("unchanged") for session in mine if session.kind == "mutable"]
         refused = self._write(lambda store: None, lambda _: Router.resolve(cmd, listing),
-                              lambda: Router.resolve(cmd, STORE_FAILED))
+                              lambda answer: Router.resolve(cmd, answer))
         return refused or DEFERRED
 
     # --- messages --------------------------------------------------------------
@@ -255,19 +292,23 @@ class Sessions:
         session = self._usable(client, cmd.session_id)
         if isinstance(session, str):
             return self._fail(client, cmd.cdid, session)
-        if not self.writer.accepting:
-            return self._fail(client, cmd.cdid, STORE_FAILED if self.writer.failed else STORE_BUSY)
-        session.last_seq += 1
-        event = StoredMessage(session_id=session.id, seq=session.last_seq,
-                              sender_id=client.user_id, message=cmd.message,
-                              sender_timestamp=cmd.sender_timestamp, server_timestamp=now_ms())
+        session_id, sender_id, sent = session.id, client.user_id, cmd.sender_timestamp
+        stored, message = now_ms(), cmd.message
         members = session.members  # as sent: a later membership change does not apply
-        text = bytes(cmd.message).decode()
-        self.writer.submit(Job(
-            lambda store: store.append_message(event.session_id, event.seq, event.sender_id, text,
-                                               event.sender_timestamp, event.server_timestamp),
-            lambda _: self._fanout(members, event, client, cmd.cdid),
-            lambda: self._fail(client, cmd.cdid, STORE_FAILED)))
+        text = bytes(message).decode()
+
+        def done(seq: int | None) -> None:
+            if seq is None:  # deleted (by another node) before the message was stored
+                return self._fail(client, cmd.cdid, "no such session")
+            event = StoredMessage(session_id=session_id, seq=seq, sender_id=sender_id,
+                                  message=message, sender_timestamp=sent, server_timestamp=stored)
+            self._fanout(members, event, client, cmd.cdid)
+
+        refused = self._write(
+            lambda store: store.append_message(session_id, sender_id, text, sent, stored),
+            done, lambda answer: self._fail(client, cmd.cdid, answer))
+        if refused:
+            self._fail(client, cmd.cdid, refused)
 
     def history(self, cmd: ReadHistory) -> str | object:
         session = self._usable(cmd.client, cmd.session_id)
@@ -285,7 +326,7 @@ class Sessions:
         refused = self._write(
             lambda store: store.history(session_id, before=cmd.before, after=cmd.after,
                                         limit=cmd.limit),
-            done, lambda: Router.resolve(cmd, STORE_FAILED))
+            done, lambda answer: Router.resolve(cmd, answer))
         return refused or DEFERRED
 
     # --- helpers ---------------------------------------------------------------
@@ -303,11 +344,26 @@ class Sessions:
             return f"a direct session cannot be {change}"
         return session
 
-    def _write(self, run, done, failed) -> str | None:
-        """Queue a store job; the refusal text if the writer cannot take it."""
-        if self.writer.submit(Job(run, done, failed)):
+    def _write(self, run: Callable[[Store], Any], done: Callable[[Any], None],
+               failed: Callable[[str], None], undo: Callable[[], None] | None = None) -> str | None:
+        """Queue a store job (``failed`` gets the answer for the asker); the
+        refusal text if the writer cannot take it."""
+        def failed_with(failure: Failure) -> None:
+            failed(STORE_RETRY if failure.busy else STORE_FAILED)
+
+        if self.writer.submit(Job(run, done, failed_with, undo)):
             return None
         return STORE_FAILED if self.writer.failed else STORE_BUSY
+
+    def _over_cap(self, users: Iterable[str]) -> str | None:
+        """Why adding ``users`` to one more session is refused, if it is:
+        some are in ``max_sessions_per_user`` sessions already."""
+        cap = self.max_sessions_per_user
+        over = sorted(user for user in users if len(self.joined.get(user, ())) >= cap)
+        if not over:
+            return None
+        return (f"{', '.join(over)} {'is' if len(over) == 1 else 'are'} already in {cap} "
+                "sessions (max-sessions-per-user)")
 
     def _add(self, session: Session) -> None:
         self.sessions[session.id] = session
@@ -315,6 +371,8 @@ class Sessions:
             self.joined.setdefault(user, {})[session.id] = session
 
     def _remove(self, session: Session) -> None:
+        if self.sessions.get(session.id) is not session:
+            return
         del self.sessions[session.id]
         for user in session.members:
             self._leave(user, session.id)
@@ -336,8 +394,7 @@ class Sessions:
     @staticmethod
     def _fail(client: Client, cdid: Any, message: str) -> None:
         data = client.protocol.encode(Status(cdid=cdid, ok=False, message=message))
-        if data is not None:
-            client.deliver(text_frame(data))
+        client.answered(text_frame(data) if data is not None else None)
 
     def _fanout(self, users: Iterable[str], event: Event, asker: Client, cdid: Any) -> None:
         """Every device of every user gets ``event``, framed once per protocol;
@@ -355,5 +412,12 @@ class Sessions:
                 if frame is not None:
                     client.deliver(frame)
         data = asker.protocol.encode(msgspec.structs.replace(event, cdid=cdid))
-        if data is not None:
-            asker.deliver(text_frame(data))
+        asker.answered(text_frame(data) if data is not None else None)
+
+
+def _call(callback: Callable[..., None], *args: Any) -> None:
+    """Run one job's callback; a bug in one answer must not stop the others."""
+    try:
+        callback(*args)
+    except Exception:
+        log.exception("answering a store job failed")

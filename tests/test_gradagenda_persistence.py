@@ -1,21 +1,31 @@
-"""GradAgenda durability against a real chatd process: restarts and ``kill -9``."""
+"""GradAgenda durability against a real chatd process: restarts and
+``kill -9``, on a SQLite file and on PostgreSQL."""
 
 from __future__ import annotations
 
 import json
 import signal
 
+import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from tests.conftest import GUARD, JWT_SECRET, Peer
+from tests.pg import pg_run_database, pg_url  # noqa: F401 (fixtures)
 from tests.test_gradagenda import answers, auth, message, ok
 
 
-def config(tmp_path) -> str:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "chatd.db")
+    return request.getfixturevalue("pg_url")
+
+
+def config(tmp_path, store: str) -> str:
     path = tmp_path / "config.json"
     path.write_text(json.dumps({
-        "host": "127.0.0.1:0", "jwt-secret": JWT_SECRET, "store": str(tmp_path / "chatd.db"),
+        "host": "127.0.0.1:0", "jwt-secret": JWT_SECRET, "store": store,
         "message-burst": 10_000,  # the burst below is deliberate
         "endpoints": [{"path": "/gradagenda", "protocol": "gradagenda"}]}))
     return str(path)
@@ -24,8 +34,8 @@ def config(tmp_path) -> str:
 class Server:
     """A chatd process and clients for it, opened in the test's nursery."""
 
-    def __init__(self, process, tmp_path, nursery) -> None:
-        self.proc = process("serve", "--config", config(tmp_path))
+    def __init__(self, process, tmp_path, nursery, store: str) -> None:
+        self.proc = process("serve", "--config", config(tmp_path, store))
         self.nursery = nursery
 
     async def start(self) -> None:
@@ -61,8 +71,9 @@ async def all_history(peer: Peer, session_id: str) -> list[dict]:
         stored += page
 
 
-async def test_sessions_members_and_messages_survive_a_restart(process, tmp_path, nursery):
-    server = Server(process, tmp_path, nursery)
+async def test_sessions_members_and_messages_survive_a_restart(process, tmp_path, nursery,
+                                                              store):
+    server = Server(process, tmp_path, nursery, store)
     await server.start()
     alice = await server.login("alice")
     await alice.send({"type": "request-mutable-session-creation", "cdid": "c",
@@ -91,8 +102,9 @@ async def test_sessions_members_and_messages_survive_a_restart(process, tmp_path
     await server.stop()
 
 
-async def test_every_confirmed_message_survives_kill_9_in_order(process, tmp_path, nursery):
-    server = Server(process, tmp_path, nursery)
+async def test_every_confirmed_message_survives_kill_9_in_order(process, tmp_path, nursery,
+                                                               store):
+    server = Server(process, tmp_path, nursery, store)
     await server.start()
     alice = await server.login("alice")
     await alice.send({"type": "request-mutable-session-creation", "cdid": "c", "user-id": []})

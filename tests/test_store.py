@@ -1,23 +1,45 @@
-"""The SQLite store: schema migrations, session queries and the group-committing writer."""
+"""The store interface on both backends (a real SQLite file, a real
+PostgreSQL database), the SQLite schema, and the group-commit writer.
+
+PostgreSQL's own guarantees (several nodes, restarts) are in
+tests/test_store_postgres.py; failures (locks, busy, open errors) in
+tests/test_store_failures.py.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 
 import pytest
-import trio
 
-from chatd.store import MIGRATIONS, Job, Store, Writer
+from chatd.store import SQLiteStore, StoreError, Writer, open_store
+from chatd.store.sqlite import MIGRATIONS
+from tests.pg import pg_run_database, pg_url  # noqa: F401 (fixtures)
+from tests.store_helpers import Reports, add_messages, job
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store(str(tmp_path / "chatd.db"))
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    """A new store of each backend."""
+    if request.param == "sqlite":
+        url = str(tmp_path / "chatd.db")
+    else:
+        url = request.getfixturevalue("pg_url")
+    s = open_store(url)
     yield s
     s.close()
 
 
-def test_a_new_file_gets_the_latest_schema_in_wal_mode(store):
+@pytest.fixture
+def sqlite_store(tmp_path):
+    s = open_store(str(tmp_path / "chatd.db"))
+    yield s
+    s.close()
+
+
+def test_a_new_file_gets_the_latest_schema_in_wal_mode(sqlite_store):
+    store = sqlite_store
+    assert isinstance(store, SQLiteStore)
     assert store.schema_version == len(MIGRATIONS)
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
@@ -28,28 +50,25 @@ def test_an_old_file_is_migrated_and_keeps_its_data(tmp_path):
     db.executescript(MIGRATIONS[0] + "INSERT INTO settings VALUES ('jwt-secret', 'kept');"
                      "PRAGMA user_version=1;")
     db.close()
-    store = Store(path)
+    store = open_store(path)
     try:
         assert store.schema_version == len(MIGRATIONS)
         assert store.secret("jwt-secret") == ("kept", False)
         store.run_batch([lambda s: s.create_session("g", "mutable", ["a"], 1)])
-        assert store.load_sessions() == [("g", "mutable", ["a"], 0)]
+        assert store.load_sessions() == [("g", "mutable", ["a"])]
     finally:
         store.close()
 
 
-def test_a_file_from_a_newer_chatd_is_refused(tmp_path):
+def test_a_file_from_a_newer_chatd_is_refused_in_one_line(tmp_path):
     path = str(tmp_path / "new.db")
     db = sqlite3.connect(path)
     db.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
     db.close()
-    with pytest.raises(RuntimeError, match="newer"):
-        Store(path)
-
-
-def add_messages(store: Store, session_id: str, count: int) -> None:
-    store.run_batch([lambda s, n=n: s.append_message(session_id, n, "a", f'"{n}"', n, n)
-                     for n in range(1, count + 1)])
+    with pytest.raises(StoreError) as caught:
+        open_store(path)
+    assert str(caught.value) == (f"store {path}: schema version {len(MIGRATIONS) + 1} is newer "
+                                 f"than this chatd's ({len(MIGRATIONS)}): upgrade chatd")
 
 
 def test_history_pages_oldest_first(store):
@@ -57,50 +76,67 @@ def test_history_pages_oldest_first(store):
     add_messages(store, "g", 10)
 
     def seqs(**kw):
-        return [row[0] for row in store.history("g", **kw)]
+        return [row[0] for row in store.run_batch([lambda s: s.history("g", **kw)])[0]]
 
     assert seqs(limit=3) == [8, 9, 10]
     assert seqs(before=4) == [1, 2, 3]
     assert seqs(after=7) == [8, 9, 10]
     assert seqs(after=2, limit=2) == [3, 4]
     assert seqs(after=2, before=5) == [3, 4]
-    assert store.history("g", after=9) == [(10, "a", '"10"', 10, 10)]
+    assert store.run_batch([lambda s: s.history("g", after=9)]) == [[(10, "a", '"10"', 10, 10)]]
 
 
-def test_sessions_load_with_members_and_last_seq_and_deletion_cascades(store):
+def test_seq_is_allocated_per_session_in_the_transaction_without_gaps(store):
+    store.run_batch([lambda s: s.create_session("one", "mutable", ["a"], 1),
+                     lambda s: s.create_session("two", "mutable", ["a"], 1)])
+    interleaved = [lambda s, sid=sid: s.append_message(sid, "a", "{}", 0, 0)
+                   for sid in ("one", "two", "one", "one", "two")]
+    assert store.run_batch(interleaved) == [1, 1, 2, 3, 2]
+
+    def boom(_):
+        raise ValueError("a job fails after an append")
+
+    with pytest.raises(ValueError):
+        store.run_batch([lambda s: s.append_message("one", "a", "{}", 0, 0), boom])
+    # The rolled-back append left no gap behind.
+    assert store.run_batch([lambda s: s.append_message("one", "a", "{}", 0, 0)]) == [4]
+
+
+def test_an_append_to_a_deleted_session_stores_nothing_and_the_batch_commits(store):
+    store.run_batch([lambda s: s.create_session("g", "mutable", ["a"], 1)])
+    results = store.run_batch([lambda s: s.delete_session("g"),
+                               lambda s: s.append_message("g", "a", "{}", 0, 0),
+                               lambda s: s.set_members("g", ["a", "b"]),
+                               lambda s: s.create_session("h", "mutable", ["b"], 2)])
+    assert results == [None, None, None, None]
+    assert store.load_sessions() == [("h", "mutable", ["b"])]
+
+
+def test_creating_a_direct_session_twice_changes_nothing(store):
+    for _ in range(2):
+        store.run_batch([lambda s: s.create_session("direct-x", "direct", ["a", "b"], 1)])
+    assert store.load_sessions() == [("direct-x", "direct", ["a", "b"])]
+
+
+def test_sessions_load_with_members_and_deletion_cascades(store):
     store.run_batch([lambda s: s.create_session("one", "mutable", ["a", "b"], 1),
                      lambda s: s.create_session("two", "direct", ["a", "c"], 2)])
     add_messages(store, "one", 3)
     store.run_batch([lambda s: s.set_members("one", ["b", "d"])])
-    loaded = {sid: (kind, sorted(members), last) for sid, kind, members, last in
-              store.load_sessions()}
-    assert loaded == {"one": ("mutable", ["b", "d"], 3), "two": ("direct", ["a", "c"], 0)}
+    loaded = {sid: (kind, sorted(members)) for sid, kind, members in store.load_sessions()}
+    assert loaded == {"one": ("mutable", ["b", "d"]), "two": ("direct", ["a", "c"])}
     store.run_batch([lambda s: s.delete_session("one")])
     assert [row[0] for row in store.load_sessions()] == ["two"]
-    assert store.history("one") == []
-    assert store.db.execute("SELECT COUNT(*) FROM members WHERE session_id='one'").fetchone() == (0,)
+    assert store.run_batch([lambda s: s.history("one")]) == [[]]
+    # Its members went with it: the same id made again starts empty.
+    store.run_batch([lambda s: s.create_session("one", "mutable", [], 3)])
+    assert ("one", "mutable", []) in store.load_sessions()
 
 
-class Reports:
-    """Collects what the writer reports, and lets a test wait for it."""
-
-    def __init__(self) -> None:
-        self.batches: list[tuple[list[Job], list | None]] = []
-        self.changed = trio.Event()
-
-    async def __call__(self, jobs, results) -> None:
-        self.batches.append((jobs, results))
-        self.changed.set()
-        self.changed = trio.Event()
-
-    async def wait_for(self, count: int) -> None:
-        with trio.fail_after(10):
-            while sum(len(jobs) for jobs, _ in self.batches) < count:
-                await self.changed.wait()
-
-
-def job(run) -> Job:
-    return Job(run, done=lambda result: None, failed=lambda: None)
+def test_a_generated_secret_is_kept(store, tmp_path):
+    value, new = store.secret("jwt-secret")
+    assert new and len(value) >= 32
+    assert store.secret("jwt-secret") == (value, False)
 
 
 async def test_a_burst_is_committed_in_one_transaction_and_answered_in_order(store, nursery):
@@ -108,25 +144,27 @@ async def test_a_burst_is_committed_in_one_transaction_and_answered_in_order(sto
     writer = Writer(store, reports)
     store.run_batch([lambda s: s.create_session("g", "mutable", ["a"], 1)])
     for n in range(1, 101):
-        assert writer.submit(job(lambda s, n=n: s.append_message("g", n, "a", "{}", n, n) or n))
+        assert writer.submit(job(lambda s, n=n: s.append_message("g", "a", "{}", n, n)))
     await nursery.start(writer.run)
     await reports.wait_for(100)
     assert writer.commits == 1
-    [(jobs, results)] = reports.batches
-    assert results == list(range(1, 101))
-    assert [row[0] for row in store.history("g", after=0)] == list(range(1, 101))
+    [(jobs, results, failure)] = reports.batches
+    assert failure is None and results == list(range(1, 101))
 
 
-async def test_a_failed_commit_stores_nothing_and_stops_all_writes(store, nursery):
+async def test_a_persistent_failure_stores_nothing_and_stops_all_writes(store, nursery, caplog):
     reports = Reports()
     writer = Writer(store, reports)
     writer.submit(job(lambda s: s.create_session("g", "mutable", ["a"], 1)))
-    writer.submit(job(lambda s: s.create_session("g", "mutable", ["a"], 1)))  # duplicate id
+    writer.submit(job(lambda s: s.create_session("h", "bogus-kind", ["a"], 1)))  # CHECK fails
     await nursery.start(writer.run)
     await reports.wait_for(2)
-    assert reports.batches[0][1] is None
+    [(jobs, results, failure)] = reports.batches
+    assert results is None and not failure.busy and "check constraint" in failure.cause.lower()
     assert store.load_sessions() == []
     assert writer.failed and not writer.submit(job(lambda s: None))
+    assert (await writer.ready()).startswith("store failed: ")
+    assert [r.name for r in caplog.records if r.levelname == "ERROR"] == ["chatd.store"]
 
 
 async def test_closing_commits_everything_queued(store):
@@ -142,3 +180,12 @@ async def test_a_full_queue_refuses_instead_of_growing(store):
     writer = Writer(store, Reports(), max_pending=2)
     assert writer.submit(job(lambda s: None)) and writer.submit(job(lambda s: None))
     assert not writer.accepting and not writer.submit(job(lambda s: None))
+    assert "queue full" in await writer.ready()
+
+
+async def test_a_healthy_store_is_ready_after_a_probe_write(store, nursery):
+    reports = Reports()
+    writer = Writer(store, reports)
+    await nursery.start(writer.run)
+    assert await writer.ready() is None
+    assert store.setting("probed-at") is not None

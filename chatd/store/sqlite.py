@@ -1,0 +1,321 @@
+"""The SQLite backend: one file in WAL mode (or ``:memory:``).
+
+The schema carries a version number (``PRAGMA user_version``); each entry
+of ``MIGRATIONS`` moves it one step, inside the same write transaction
+that reads the version, so an old file is brought up to date on start-up
+and two processes starting at once cannot both migrate.
+
+One store, one server: a server holds an exclusive ``flock`` on
+``PATH.lock`` beside the file (with its PID in it) for as long as it runs,
+so a second chatd on the same file refuses to start and names the first.
+The kernel drops the lock when the process ends, ``kill -9`` included; a
+stale ``.lock`` file is harmless. Tools that only read (``chatd token``)
+open the file without the lock.
+
+Writes take the write lock at once (``BEGIN IMMEDIATE``), so a batch
+either gets it or fails before running anything; SQLite waits up to
+``BUSY_WAIT_MS`` for another process's lock, the writer retries after
+that. ``SQLITE_BUSY`` and ``SQLITE_LOCKED`` are transient; every other
+error is persistent (docs/storage.md).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from chatd.store.base import MESSAGE_COLUMNS, Store, StoreError
+
+log = logging.getLogger("chatd.store")
+
+MIGRATIONS: list[str] = [
+    # 1: server settings, e.g. the secrets generated for the embedded default.
+    """
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+    # 2: GradAgenda sessions, their members and their messages.
+    """
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('direct', 'mutable')),
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE members (
+        session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        user_id TEXT NOT NULL,
+        PRIMARY KEY (session_id, user_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE messages (
+        session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        sender_id TEXT NOT NULL,
+        message TEXT NOT NULL,
+        sender_timestamp INTEGER NOT NULL,
+        server_timestamp INTEGER NOT NULL,
+        PRIMARY KEY (session_id, seq)
+    ) WITHOUT ROWID;
+    """,
+]
+
+#: Milliseconds SQLite itself waits for another connection's lock before
+#: a statement fails with SQLITE_BUSY (then the writer retries).
+BUSY_WAIT_MS = 100
+_TRANSIENT = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+#: What an error code means to the operator (sqlite.org/rescode.html).
+_REASONS = {
+    sqlite3.SQLITE_NOTADB: "not a SQLite database",
+    sqlite3.SQLITE_CORRUPT: "the database file is corrupt",
+    sqlite3.SQLITE_CANTOPEN: "cannot open the file",
+    sqlite3.SQLITE_READONLY: "the database is read-only",
+    sqlite3.SQLITE_PERM: "permission denied",
+    sqlite3.SQLITE_FULL: "the disk is full",
+    sqlite3.SQLITE_BUSY: "locked by another process",
+    sqlite3.SQLITE_LOCKED: "locked by another process",
+}
+
+_NEXT_SEQ = "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE session_id=?"
+_INSERT_MESSAGE = f"INSERT INTO messages(session_id, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+
+
+class SQLiteStore(Store):
+    """A SQLite file (``path``) or ``:memory:``.
+
+    ``lock``: take the one-server lock, then create or migrate the schema
+    (a server). Without it nothing is locked (tests, the transitional
+    ``Store(path)``). ``migrate=False`` opens an existing file as it is,
+    for tools that only read a running server's store.
+
+    Raises ``StoreError`` (one line) if the file cannot be used: missing
+    directory, a directory, not SQLite, permission denied, locked by
+    another chatd, schema newer than this chatd.
+    """
+
+    def __init__(self, path: str, *, busy_timeout: float = 5.0, lock: bool = True,
+                 migrate: bool = True) -> None:
+        self.path = self.name = path
+        self.busy_timeout = busy_timeout
+        self._lock_fd: int | None = None
+        if path != ":memory:":
+            _check_path(path, create=migrate)
+        try:
+            if lock:
+                self.lock()
+            self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                      timeout=BUSY_WAIT_MS / 1000)
+        except sqlite3.Error as exc:
+            self._unlock()
+            raise self.error(exc) from None
+        try:
+            self._retry_busy(self._configure)
+            if migrate:
+                self._retry_busy(self.migrate)
+        except BaseException:
+            self.close()
+            raise
+
+    def _configure(self) -> None:
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as exc:
+            raise self.error(exc) from None
+
+    def error(self, exc: BaseException) -> StoreError:
+        """``exc`` as the one line an operator reads."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        reason = _REASONS.get(code & 0xFF if code is not None else None)
+        if reason is None or code == sqlite3.SQLITE_CANTOPEN:
+            reason = f"{reason}: {exc}" if reason else str(exc)
+        return StoreError(f"store {self.path}: {reason}")
+
+    def _retry_busy(self, step: Callable[[], None]) -> None:
+        """Run a start-up ``step``, retrying while the file is locked by
+        another process, for up to ``busy_timeout`` seconds."""
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                return step()
+            except StoreError as exc:
+                cause = exc.__context__
+                if not (self.is_transient(cause) and time.monotonic() < deadline):
+                    raise
+            time.sleep(0.05)  # another process holds the write lock
+
+    def lock(self) -> None:
+        if self._lock_fd is not None or self.path == ":memory:":
+            return
+        lock_path = self.path + ".lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"store {self.path}: cannot open its lock file {lock_path}: "
+                             f"{exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreError(f"store {self.path}: in use by another chatd (pid {holder}); "
+                             "one store serves one server") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def migrate(self) -> None:
+        while True:
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    version = self.db.execute("PRAGMA user_version").fetchone()[0]
+                    if version > len(MIGRATIONS):
+                        raise StoreError(f"store {self.path}: schema version {version} is newer "
+                                         f"than this chatd's ({len(MIGRATIONS)}): upgrade chatd")
+                    if version < len(MIGRATIONS):
+                        _run_script(self.db, MIGRATIONS[version])
+                        self.db.execute(f"PRAGMA user_version={version + 1}")
+                    self.db.execute("COMMIT")
+                finally:
+                    if self.db.in_transaction:
+                        self.db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                raise self.error(exc) from exc
+            if version == len(MIGRATIONS):
+                return
+            log.info("store %s migrated to schema version %d", self.path, version + 1)
+
+    @property
+    def schema_version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def setting(self, key: str) -> str | None:
+        try:
+            row = self.db.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
+        except sqlite3.Error as exc:
+            raise self.error(exc) from exc
+        return row[0] if row else None
+
+    def secret(self, key: str) -> tuple[str, bool]:
+        value = self.setting(key)
+        if value is not None:
+            return value, False
+
+        def insert() -> None:
+            try:
+                self.db.execute("INSERT OR IGNORE INTO settings(key, value) VALUES (?, ?)",
+                                (key, secrets.token_urlsafe(24)))
+            except sqlite3.Error as exc:
+                raise self.error(exc) from exc
+
+        self._retry_busy(insert)
+        return self.setting(key), True
+
+    def load_sessions(self) -> list[tuple[str, str, list[str]]]:
+        try:
+            members: dict[str, list[str]] = {}
+            for session_id, user in self.db.execute("SELECT session_id, user_id FROM members"):
+                members.setdefault(session_id, []).append(user)
+            rows = self.db.execute("SELECT id, kind FROM sessions ORDER BY rowid").fetchall()
+        except sqlite3.Error as exc:
+            raise self.error(exc) from exc
+        return [(sid, kind, members.get(sid, [])) for sid, kind in rows]
+
+    # --- inside run_batch ------------------------------------------------------
+
+    def create_session(self, session_id: str, kind: str, members: list[str],
+                       created_ms: int) -> None:
+        self.db.execute("INSERT INTO sessions(id, kind, created_ms) VALUES (?, ?, ?) "
+                        "ON CONFLICT(id) DO NOTHING", (session_id, kind, created_ms))
+        self._insert_members(session_id, members)
+
+    def set_members(self, session_id: str, members: list[str]) -> None:
+        self.db.execute("DELETE FROM members WHERE session_id=?", (session_id,))
+        self._insert_members(session_id, members)
+
+    def _insert_members(self, session_id: str, members: list[str]) -> None:
+        # Only while the session exists: a job may run after a deletion
+        # that another command made.
+        self.db.executemany("INSERT INTO members(session_id, user_id) "
+                            "SELECT id, ? FROM sessions WHERE id=? ON CONFLICT DO NOTHING",
+                            [(user, session_id) for user in members])
+
+    def delete_session(self, session_id: str) -> None:
+        self.db.execute("DELETE FROM sessions WHERE id=?", (session_id,))
+
+    def append_message(self, session_id: str, sender_id: str, message: str,
+                       sender_timestamp: int, server_timestamp: int) -> int | None:
+        # The write lock (BEGIN IMMEDIATE) is held: MAX(seq)+1 cannot race.
+        (seq,), = self.db.execute(_NEXT_SEQ, (session_id,))
+        try:
+            self.db.execute(_INSERT_MESSAGE, (session_id, seq, sender_id, message,
+                                              sender_timestamp, server_timestamp))
+        except sqlite3.IntegrityError as exc:
+            if "FOREIGN KEY" not in str(exc):
+                raise
+            return None  # the session is gone; only this statement was undone
+        return seq
+
+    mark = "?"
+
+    def _execute(self, query: str, args: Sequence[Any]) -> sqlite3.Cursor:
+        return self.db.execute(query, args)
+
+    def run_batch(self, jobs: list[Callable[[Store], Any]]) -> list[Any]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            results = [job(self) for job in jobs]
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+        return results
+
+    def is_transient(self, exc: BaseException | None) -> bool:
+        code = getattr(exc, "sqlite_errorcode", None)
+        return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF in _TRANSIENT
+
+    def close(self) -> None:
+        db = getattr(self, "db", None)
+        if db is not None:
+            db.close()
+        self._unlock()
+
+
+def _check_path(path: str, *, create: bool) -> None:
+    """Refuse at once, in words, what SQLite would call 'unable to open'."""
+    if os.path.isdir(path):
+        raise StoreError(f"store {path}: is a directory, not a SQLite file")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        what = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise StoreError(f"store {path}: directory {directory} {what}")
+    if not os.path.exists(path):
+        if not create:
+            raise StoreError(f"store {path}: no such file")
+    elif not os.access(path, os.R_OK | (os.W_OK if create else 0)):
+        raise StoreError(f"store {path}: permission denied (chatd must "
+                         f"{'read and write' if create else 'read'} it)")
+    if create and not os.access(directory, os.W_OK | os.X_OK):
+        # SQLite creates the file, and its -wal and -shm files, beside it.
+        raise StoreError(f"store {path}: permission denied on directory {directory} "
+                         "(chatd must create files in it)")
+
+
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    # executescript() would COMMIT the open transaction first; run the
+    # statements one by one so a migration and its version bump are atomic.
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)

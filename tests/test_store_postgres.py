@@ -1,0 +1,234 @@
+"""The PostgreSQL store against real servers: migrations, several nodes on
+one session, lost connections, a restarted server, an interrupted COMMIT.
+
+The interface tests shared with SQLite are in tests/test_store.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import psycopg
+import pytest
+import trio
+
+from chatd.sessions import STORE_RETRY, Sessions
+from chatd.store import StoreError, Writer, open_store, read_setting
+from chatd.store.postgres import MIGRATIONS, PostgresStore
+from tests.abuse import still_serving
+from tests.conftest import GUARD, free_port
+from tests.pg import pg_private, pg_private_server, pg_run_database, pg_url  # noqa: F401
+from tests.pg import with_database
+from tests.store_helpers import Reports, job, wait_until
+from tests.test_gradagenda import direct, failed, history, login, message
+
+
+def test_a_new_database_gets_the_latest_schema_and_a_newer_one_is_refused(pg_url):
+    store = open_store(pg_url)
+    assert isinstance(store, PostgresStore) and store.schema_version == len(MIGRATIONS)
+    store.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE chatd_schema SET version = %s", (len(MIGRATIONS) + 1,))
+    with pytest.raises(StoreError) as caught:
+        open_store(pg_url)
+    assert str(caught.value) == (
+        f"store {store.name}: schema version {len(MIGRATIONS) + 1} is newer than this "
+        f"chatd's ({len(MIGRATIONS)}): upgrade chatd")
+
+
+def test_nodes_starting_at_once_migrate_once(pg_url):
+    opened: list = []
+
+    def node() -> None:
+        opened.append(open_store(pg_url))
+
+    threads = [threading.Thread(target=node) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(GUARD)
+    assert len(opened) == 4 and all(s.schema_version == len(MIGRATIONS) for s in opened)
+    # Every node shares one generated secret.
+    assert len({s.secret("jwt-secret")[0] for s in opened}) == 1
+    for s in opened:
+        s.close()
+
+
+def test_seq_has_no_gaps_or_duplicates_while_several_nodes_append_to_one_session(pg_url):
+    nodes = [open_store(pg_url) for _ in range(4)]
+    nodes[0].run_batch([lambda s: s.create_session("g", "mutable", ["a"], 1)])
+    allocated: list[list[int]] = [[] for _ in nodes]
+
+    def append(index: int) -> None:
+        for _ in range(20):
+            allocated[index] += nodes[index].run_batch(
+                [lambda s: s.append_message("g", f"node{index}", "{}", 0, 0)] * 5)
+
+    threads = [threading.Thread(target=append, args=(i,)) for i in range(len(nodes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(GUARD)
+    every = sorted(seq for seqs in allocated for seq in seqs)
+    assert every == list(range(1, 401))
+    for seqs in allocated:  # each node's own appends are in its commit order
+        assert seqs == sorted(seqs)
+    rows = nodes[1].run_batch([lambda s: s.history("g", after=0, limit=1000)])[0]
+    assert [row[0] for row in rows] == every
+    for node in nodes:
+        node.close()
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda url: f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/test",
+     "cannot connect: connection to server at \"127.0.0.1\", port"),
+    (lambda url: with_database(url, "no_such_database_here"),
+     'database "no_such_database_here" does not exist'),
+    (lambda url: url.replace("postgres@", "nobody_at_all:hunter2@", 1),
+     'role "nobody_at_all" does not exist'),
+])
+def test_an_unusable_database_is_one_line_without_the_password(pg_url, make, reason):
+    url = make(pg_url)
+    with pytest.raises(StoreError) as caught:
+        open_store(url)
+    text = str(caught.value)
+    assert text.startswith("store postgresql://") and reason in text
+    assert "hunter2" not in text and "\n" not in text
+
+
+def test_postgres_urls_with_either_scheme_and_tools_read_without_migrating(pg_url):
+    store = open_store(pg_url.replace("postgresql://", "postgres://", 1))
+    value, _ = store.secret("jwt-secret")
+    store.close()
+    assert read_setting(pg_url, "jwt-secret") == value
+
+
+async def test_a_killed_connection_is_reopened_and_the_write_goes_through(pg_url, nursery):
+    store = open_store(pg_url, busy_timeout=GUARD)
+    reports = Reports()
+    writer = Writer(store, reports)
+    await nursery.start(writer.run)
+    store.run_batch([lambda s: s.create_session("g", "mutable", ["a"], 1)])
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE datname = current_database() AND application_name = "
+                               "'chatd'").fetchall()
+    assert killed == [(True,)]
+    writer.submit(job(lambda s: s.append_message("g", "a", "{}", 1, 1)))
+    await reports.wait_for(1)
+    assert reports.batches[0][1:] == ([1], None)
+    store.close()
+
+
+class CommitCutter:
+    """A TCP relay to PostgreSQL on 127.0.0.1 that, once ``armed``, lets the
+    client's COMMIT through and then cuts the connection before the answer
+    comes back: a COMMIT whose outcome the client cannot know."""
+
+    def __init__(self, port: int) -> None:
+        self.upstream = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.armed = threading.Event()
+        self.cut = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False),
+                             daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, to_server: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if not to_server and self.cut.is_set():
+                    break  # the COMMIT's answer: dropped
+                sink.sendall(data)
+                if to_server and self.armed.is_set() and b"COMMIT" in data:
+                    self.cut.set()
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+async def test_a_commit_cut_off_is_never_run_again_and_stops_writes(pg_url, nursery, caplog):
+    port = int(pg_url.rsplit(":", 1)[1].split("/")[0])
+    cutter = CommitCutter(port)
+    store = open_store(pg_url.replace(f":{port}/", f":{cutter.port}/"), busy_timeout=GUARD)
+    store.run_batch([lambda s: s.create_session("g", "mutable", ["a"], 1)])
+    reports = Reports()
+    writer = Writer(store, reports)
+    await nursery.start(writer.run)
+    cutter.armed.set()
+    writer.submit(job(lambda s: s.append_message("g", "a", '"once"', 1, 1)))
+    await reports.wait_for(1)
+    [(_, results, failure)] = reports.batches
+    assert results is None and not failure.busy
+    assert "may or may not be stored" in failure.cause and writer.failed
+    # The server did commit it, and it was not run a second time.
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT seq, message FROM messages").fetchall() == [(1, '"once"')]
+    store.close()
+    cutter.close()
+    caplog.clear()  # the logged cause is expected
+
+
+# --- chatd on PostgreSQL, end to end -----------------------------------------------------
+
+
+async def start(chat, url: str, busy_timeout: float = GUARD):
+    server = await chat.start(store=url, store_busy_timeout=busy_timeout)
+    # Until server.py opens the store with open_store(busy_timeout=...).
+    server.store.busy_timeout = busy_timeout
+    return server, next(s for s in server.services if isinstance(s, Sessions))
+
+
+async def test_gradagenda_on_postgres_stores_and_answers_with_the_committed_seq(chat, pg_url):
+    server, sessions = await start(chat, pg_url)
+    alice, bob = await login(chat, "alice"), await login(chat, "bob")
+    pair = (await direct(alice, "bob"))["session-id"]
+    for n in range(1, 4):
+        await alice.send(message(pair, f"#{n}", cdid=str(n)))
+        assert (await alice.recv())["seq"] == n
+        assert (await bob.recv())["message"]["body"] == f"#{n}"
+    assert [m["seq"] for m in await history(bob, pair)] == [1, 2, 3]
+    assert await sessions.ready() is None
+
+
+async def test_a_restarted_postgres_fails_writes_clearly_then_they_resume(chat, pg_private):
+    url = with_database(pg_private.url, "chatd")
+    server, sessions = await start(chat, url, busy_timeout=1.0)
+    alice, bob = await login(chat, "alice"), await login(chat, "bob")
+    pair = (await direct(alice, "bob"))["session-id"]
+    await alice.send(message(pair, "before", cdid="m1"))
+    assert (await alice.recv())["seq"] == 1
+    assert (await bob.recv())["message"]["body"] == "before"
+
+    await trio.to_thread.run_sync(pg_private.stop)
+    await alice.send(message(pair, "while down", cdid="m2"))
+    assert await failed(alice, "m2") == STORE_RETRY
+    assert (await sessions.ready()).startswith("store busy for ")
+    await still_serving(chat)  # the lobbies never needed the store
+
+    await trio.to_thread.run_sync(pg_private.start)
+    await alice.send(message(pair, "after", cdid="m3"))
+    confirmed = await alice.recv()
+    assert (confirmed["cdid"], confirmed["seq"]) == ("m3", 2)
+    assert (await bob.recv())["message"]["body"] == "after"
+    assert [m["message"]["body"] for m in await history(bob, pair)] == ["before", "after"]
+    await wait_until(lambda: sessions.writer.busy_since is None)
+    assert await sessions.ready() is None
