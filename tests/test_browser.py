@@ -137,7 +137,7 @@ async def test_two_pages_chat_with_each_other_and_with_wcp_and_multichat_clients
     await bob.click("#lobby-leave")
     await bob.expect("#lobby-name", "to_be_visible")
     await alice.expect("#lobby-log .notice >> nth=-1", "to_have_text", "bob left")
-    await alice.expect("#lobby-count", "to_have_text", "2")
+    await alice.expect("#lobby-roster", "not_to_contain_text", "bob")
     assert await until(wendy, lambda f: f["type"] == "user_left") == {"type": "user_left",
                                                                      "user_id": "bob"}
 

@@ -15,7 +15,7 @@ import { atBottom, byId, el, enterSubmits, name, showState, stamp, time } from "
 import { describeClose, Link, socketUrl } from "./link.js";
 
 const TAKEN = "user_id already in use";
-const ACCEPTED = /^already joined as /;
+const ACCEPTED = /^already joined as (.+)$/s;
 /** Oldest entries are dropped beyond this many, so a long-open tab stays light. */
 const KEEP = 1000;
 
@@ -117,7 +117,8 @@ export class Lobby {
     switch (frame.type) {
       case "error":
         if (this.phase === "joining") {
-          if (ACCEPTED.test(String(frame.message))) this.onJoined();
+          const accepted = ACCEPTED.exec(String(frame.message));
+          if (accepted) this.onJoined(accepted[1]);
           else this.onRefused(String(frame.message));
         } else {
           this.addNotice(`The server said: ${frame.message}`, "error");
@@ -148,8 +149,15 @@ export class Lobby {
     }
   }
 
-  onJoined() {
+  /** `bound`: the user_id the server bound, as it shows it to others. */
+  onJoined(bound) {
     const first = !this.accepted;
+    if (bound !== this.me) {
+      this.roster.delete(this.me);
+      this.me = bound;
+      this.roster.set(bound, bound);
+      this.renderRoster();
+    }
     this.phase = "in";
     this.accepted = true;
     this.link.established();
