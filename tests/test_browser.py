@@ -404,6 +404,18 @@ async def test_a_message_over_the_servers_size_limit_is_marked_and_not_resent(ch
     await ga.expect("#ga-log .pending", "to_have_count", 1)
 
 
+async def test_reconnect_delays_double_with_jitter_up_to_a_cap(chat, pages):
+    await chat.start()
+    tab = await pages.open(app_url(chat))
+    # link.js's own schedule, with the random draw at its two extremes.
+    bounds = await tab.do(lambda page: page.evaluate("""async () => {
+        const { backoff } = await import("./link.js");
+        return [0, 1, 2, 3, 4, 5, 10, 100].map((n) => [backoff(n, () => 0), backoff(n, () => 1)]);
+    }"""))
+    assert bounds == [[500, 1000], [1000, 2000], [2000, 4000], [4000, 8000], [8000, 16000],
+                      [15000, 30000], [15000, 30000], [15000, 30000]]
+
+
 # --- phones and keyboards --------------------------------------------------------
 
 

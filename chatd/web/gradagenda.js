@@ -10,7 +10,7 @@
 // waiting, each after checking that the server has not already stored it.
 
 import { atBottom, byId, el, enterSubmits, name, showState, time } from "./dom.js";
-import { describeClose, Link, socketUrl } from "./link.js";
+import { describeClose, describeState, Link, socketUrl } from "./link.js";
 
 /** Messages asked for per history page (chatd caps a page at 100). */
 export const PAGE = 50;
@@ -128,12 +128,7 @@ export class GradAgenda {
     this.device = device;
     this.formError.textContent = "";
     this.form.querySelector("button").disabled = true;
-    this.link = new Link(socketUrl(this.path), {
-      onOpen: () => this.onOpen(),
-      onFrame: (frame) => this.onFrame(frame),
-      onState: (state, detail) => this.onState(state, detail),
-      onClose: (close) => this.onClose(close),
-    });
+    this.link = new Link(socketUrl(this.path), this);
     this.link.start();
   }
 
@@ -230,25 +225,11 @@ export class GradAgenda {
 
   onState(state, detail) {
     this.retry.hidden = !(state === "reconnecting" || state === "offline");
-    switch (state) {
-      case "connecting":
-        showState(this.stateLine, "connecting", "Connecting…");
-        break;
-      case "connected":
-        showState(this.stateLine, "connecting", `Signing in as ${this.user}…`);
-        break;
-      case "authenticated":
-        showState(this.stateLine, "connected", `Connected as ${this.user} (${this.device})`);
-        break;
-      case "reconnecting":
-        showState(this.stateLine, "reconnecting", "Reconnecting", `in ${detail} s`);
-        break;
-      case "offline":
-        showState(this.stateLine, "offline", "Offline: waiting for the network");
-        break;
-      default:
-        showState(this.stateLine, "idle", "Signed out");
-    }
+    const shared = describeState(state, detail);
+    if (shared) showState(this.stateLine, ...shared);
+    else if (state === "connected") showState(this.stateLine, "connecting", `Signing in as ${this.user}…`);
+    else if (state === "authenticated") showState(this.stateLine, "connected", `Connected as ${this.user} (${this.device})`);
+    else showState(this.stateLine, "idle", "Signed out");
   }
 
   /** Send an action with a new cdid; resolves with its answer (the frame,

@@ -37,6 +37,21 @@ export function describeClose(code, reason) {
   return CLOSED[code] || `closed (${code}${reason ? `: ${reason}` : ""})`;
 }
 
+/** The status line for the states every view shares: [data-state, text,
+ * countdown], or null for a state the view words itself. */
+export function describeState(state, detail) {
+  switch (state) {
+    case "connecting":
+      return ["connecting", "Connecting…", ""];
+    case "reconnecting":
+      return ["reconnecting", "Reconnecting", `in ${detail} s`];
+    case "offline":
+      return ["offline", "Offline: waiting for the network", ""];
+    default:
+      return null;
+  }
+}
+
 /** Close codes after which trying again cannot help (RFC 6455 section 7.4.1;
  * 1008 is chatd's "policy": a refused sign-in or a client cut off for
  * flooding). 1000 is handled by the view (wcp ends a session with it). */
@@ -45,7 +60,7 @@ const FINAL = new Set([1002, 1003, 1007, 1008, 1010]);
 /**
  * One reconnecting WebSocket.
  *
- * `handlers`: onOpen() when a socket opens; onFrame(object) for each JSON
+ * `handlers` (the view that owns it): onOpen() when a socket opens; onFrame(object) for each JSON
  * frame (frames that are not JSON are skipped); onState(state, detail) with
  * state one of "connecting", "connected", "reconnecting" (detail: seconds
  * left), "offline", "stopped" (detail: {code, reason} of the last close);

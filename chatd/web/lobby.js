@@ -12,7 +12,7 @@
 // per member already in the room, which the roster is built from.
 
 import { atBottom, byId, el, enterSubmits, name, showState, stamp, time } from "./dom.js";
-import { describeClose, Link, socketUrl } from "./link.js";
+import { describeClose, describeState, Link, socketUrl } from "./link.js";
 
 const TAKEN = "user_id already in use";
 const ACCEPTED = /^already joined as (.+)$/s;
@@ -71,12 +71,7 @@ export class Lobby {
     this.accepted = false;
     this.phase = "joining";
     this.joinForm.querySelector("button").disabled = true;
-    this.link = new Link(socketUrl(this.path), {
-      onOpen: () => this.onOpen(),
-      onFrame: (frame) => this.onFrame(frame),
-      onState: (state, detail) => this.onState(state, detail),
-      onClose: (close) => this.onClose(close),
-    });
+    this.link = new Link(socketUrl(this.path), this);
     this.link.start();
   }
 
@@ -221,25 +216,11 @@ export class Lobby {
 
   onState(state, detail) {
     this.retry.hidden = !(state === "reconnecting" || state === "offline");
-    switch (state) {
-      case "connecting":
-        showState(this.stateLine, "connecting", "Connecting…");
-        break;
-      case "connected":
-        showState(this.stateLine, "connecting", `Joining as ${this.me}…`);
-        break;
-      case "joined":
-        showState(this.stateLine, "connected", `Connected as ${this.me}`);
-        break;
-      case "reconnecting":
-        showState(this.stateLine, "reconnecting", "Reconnecting", `in ${detail} s`);
-        break;
-      case "offline":
-        showState(this.stateLine, "offline", "Offline: waiting for the network");
-        break;
-      default:
-        showState(this.stateLine, "idle", "Not joined");
-    }
+    const shared = describeState(state, detail);
+    if (shared) showState(this.stateLine, ...shared);
+    else if (state === "connected") showState(this.stateLine, "connecting", `Joining as ${this.me}…`);
+    else if (state === "joined") showState(this.stateLine, "connected", `Connected as ${this.me}`);
+    else showState(this.stateLine, "idle", "Not joined");
   }
 
   // --- rendering -------------------------------------------------------------
