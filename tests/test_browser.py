@@ -108,6 +108,7 @@ async def test_two_pages_chat_with_each_other_and_with_wcp_and_multichat_clients
     bob = await join(pages, chat, "bob")
     await alice.expect("#lobby-roster", "to_contain_text", "bob")
     await alice.expect("#lobby-count", "to_have_text", "3")
+    await alice.expect("#lobby-roster li", "to_have_text", ["alice (you)", "bob", "Wendy (wendy)"])
     bridge = await chat.multichat("bridge")
 
     await alice.fill("#lobby-text", "hello from alice")
@@ -140,6 +141,19 @@ async def test_two_pages_chat_with_each_other_and_with_wcp_and_multichat_clients
     await alice.expect("#lobby-roster", "not_to_contain_text", "bob")
     assert await until(wendy, lambda f: f["type"] == "user_left") == {"type": "user_left",
                                                                      "user_id": "bob"}
+
+
+@pytest.mark.xfail(strict=True, reason="needs the names branch's wcp roster (one user_joined per "
+                                        "member already present); remove this mark when it is merged")
+async def test_a_page_that_joins_late_sees_who_is_already_in_the_room(chat, pages):
+    await chat.start()
+    await wcp(chat, "wendy")
+    await socialvp(chat, "sam")
+    tab = await join(pages, chat, "late")
+    await tab.expect("#lobby-roster li", "to_have_text", ["late (you)", "sam", "Wendy (wendy)"])
+    await tab.expect("#lobby-count", "to_have_text", "3")
+    # Those already there are listed, not announced as joining.
+    await tab.expect("#lobby-log .notice", "to_have_text", ["You joined as late."])
 
 
 @pytest.mark.parametrize("holder", ["page", "wcp", "socialvp"])

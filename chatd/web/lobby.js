@@ -255,7 +255,9 @@ export class Lobby {
   renderRoster() {
     const items = [...this.roster].sort(([a], [b]) => a.localeCompare(b)).map(([id, display]) =>
       el("li", {}, name(display),
+        display !== id ? " " : null,
         display !== id ? el("span", { class: "tag" }, "(", name(id), ")") : null,
+        id === this.me ? " " : null,
         id === this.me ? el("span", { class: "tag", text: "(you)" }) : null));
     this.rosterList.replaceChildren(...items);
     this.count.textContent = String(this.roster.size);
