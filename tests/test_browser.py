@@ -8,17 +8,22 @@ requests off its own origin and Content-Security-Policy violations.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
 import trio
 
+from chatd.config import Config
+from chatd.http import CONTENT_SECURITY_POLICY
 from chatd.tokens import mint
 from tests.browser import Browser, Context
-from tests.conftest import GUARD, JWT_SECRET, Peer, free_port
+from tests.conftest import GUARD, JWT_SECRET, SECRET, Peer, free_port
 from tests.lobby_peers import signed, socialvp, wcp, wschat
 from tests.test_gradagenda import login, message
+from tests.test_http import get, http
 
 XSS = "<img src=x onerror=alert(1)>"
 LAST = "#lobby-log .msg >> nth=-1"
@@ -78,6 +83,64 @@ async def sign_in(pages, chat, user: str, device: str = "browser", token: str | 
     await tab.fill("#ga-device", device)
     await tab.click("#ga-signin button[type=submit]")
     return tab
+
+
+# --- serving the page (plain HTTP; no browser needed) ------------------------------
+
+
+WEB = Path(__file__).parent.parent / "chatd" / "web"
+
+
+async def test_the_page_and_every_file_it_names_are_served_with_the_policy(chat):
+    await chat.start()
+    status, headers, body = await http(chat.server.port, get("/app/"))
+    assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
+    assert headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+    assert body == (WEB / "index.html").read_bytes()
+    # Everything index.html loads, and every module those import.
+    names = set(re.findall(r'(?:src|href)="([\w.-]+)"', body.decode()))
+    for script in WEB.glob("*.js"):
+        names |= set(re.findall(r'from "\./([\w.-]+)"', script.read_text()))
+    assert {"app.js", "style.css", "lobby.js", "gradagenda.js", "link.js", "dom.js"} <= names
+    for name in sorted(names):
+        status, headers, body = await http(chat.server.port, get(f"/app/{name}"))
+        assert status == 200, name
+        assert headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+        assert body == (WEB / name).read_bytes()
+    status, headers, _ = await http(chat.server.port, get("/app"))
+    assert (status, headers["location"]) == (301, "/app/")
+    for missing in ("/app/nothing.js", "/app/../http.py", "/app/%2e%2e/http.py"):
+        assert (await http(chat.server.port, get(missing)))[0] == 404
+
+
+@pytest.mark.parametrize("web_client, served, absent", [
+    ("/chat/", "/chat/", "/app/"),
+    (None, None, "/app/"),
+])
+async def test_web_client_moves_the_page_or_turns_it_off(chat, caplog, web_client, served,
+                                                         absent):
+    caplog.set_level(logging.INFO, "chatd")
+    await chat.start(web_client=web_client)
+    if served is not None:
+        assert (await http(chat.server.port, get(served)))[0] == 200
+        assert f"web client: http://127.0.0.1:{chat.server.port}{served}" in caplog.text
+    else:
+        assert "web client:" not in caplog.text
+    assert (await http(chat.server.port, get(absent)))[0] == 404
+
+
+async def test_the_start_up_log_names_the_page_and_a_config_without_endpoints_has_none(
+        chat, caplog):
+    caplog.set_level(logging.INFO, "chatd")
+    await chat.start()
+    assert f"web client: http://127.0.0.1:{chat.server.port}/app/" in caplog.text
+    caplog.clear()
+    # Written for the original multichat server: no endpoints, no page.
+    await chat.start(Config(secret_key=SECRET, store=":memory:"))
+    assert "web client:" not in caplog.text
+    # Its ws-path "/" matches every path, as the Go server's did: /app/ is
+    # the multichat endpoint there, not a page.
+    assert (await http(chat.server.port, get("/app/")))[0] == 426
 
 
 # --- the page itself -----------------------------------------------------------
