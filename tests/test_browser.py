@@ -337,6 +337,24 @@ async def test_sign_in_create_a_group_and_chat_with_members_and_other_devices(ch
     await tab.expect("#ga-sessions button:has-text('Group: bob, carol')", "to_contain_text", "1 new")
 
 
+async def test_a_reload_stays_signed_in_until_sign_out(chat, pages):
+    await chat.start()
+    tab = await sign_in(pages, chat, "alice")
+    await tab.click("text=New group")
+    await tab.fill("#ga-members", "bob")
+    await tab.press("#ga-members", "Enter")
+    await tab.expect("#ga-sessions button", "to_have_text", ["Group: bob"])
+    await tab.do(lambda page: page.reload())
+    await tab.expect("#ga-state", "to_have_text", "Connected as alice (browser)")
+    await tab.expect("#ga-sessions button", "to_have_text", ["Group: bob"])
+    await tab.click("#ga-signout")
+    await tab.expect("#ga-state", "to_have_text", "Signed out")
+    await tab.expect("#ga-user", "to_be_focused")
+    await tab.do(lambda page: page.reload())
+    await tab.expect("#ga-signin", "to_be_visible")
+    await tab.expect("#ga-token", "to_have_value", "")
+
+
 async def test_history_pages_back_as_one_scrolls_up(chat, pages):
     await chat.start()
     alice = await login(chat, "alice")
