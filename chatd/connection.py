@@ -37,7 +37,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 
 from chatd.client import Client, Flusher
 from chatd.events import Answered, Command, Leave, Request
-from chatd.protocols.base import Close, Context, Output, Protocol, Send, Stream
+from chatd.protocols.base import AuthFailed, Close, Context, Output, Protocol, Send, Stream
 from chatd.router import Router
 from chatd.transport import Transport, text_frame
 
@@ -215,6 +215,9 @@ class Connection(Client):
                 await trio.lowlevel.checkpoint()
             elif kind is Stream:
                 await self._stream(out.frames)
+            elif kind is AuthFailed:
+                log.info("%s authentication failed on %s: user %r: %s", self.peer, self.path,
+                         out.user, out.reason, extra={"peer": self.peer, "path": self.path})
             elif isinstance(out, Request):
                 out.client = self
                 await self._carry_out(await self.router.call(out))

@@ -39,21 +39,31 @@ class Join(Request, kw_only=True):
     """Enter the endpoint's lobby room and start receiving its events.
 
     ``name`` is the sender name used on this connection's messages.
-    ``register`` claims it in the room's name registry (socialvp, wcp):
-    the result is False when another client holds it. ``announce`` makes
+    ``register`` claims it in the room's name registry (every protocol's
+    sender names): the result is False when another client holds it. ``announce`` makes
     the join (and later the leave) visible to clients that track presence.
+
+    Names are compared as ``chatd.names`` says (look-alikes collide);
+    ``display_name`` is claimed with ``name``. Every protocol asks for its
+    claims to be announced, since every held name can appear on messages
+    (a wschat ``usr`` claimed by ``Publish`` is announced too). ``roster``
+    asks for a ``UserJoined`` for each name already held in the room,
+    delivered to this client alone before the result (wcp).
     """
 
     name: str | None = None
     display_name: str | None = None
     register: bool = False
     announce: bool = False
+    roster: bool = False
 
 
 class Publish(Command, kw_only=True):
     """A message to everyone in the sender's lobby room.
 
-    ``sender`` overrides the joined name (wschat names each message).
+    ``sender`` overrides the joined name (wschat names each message): the
+    lobby claims it for the connection first, and drops the message if
+    another connection holds it.
     ``client_timestamp`` is relayed where the protocol has a time field.
     """
 

@@ -33,7 +33,6 @@ from chatd.config import Config
 from chatd.connection import Connection
 from chatd.handshake import (
     BadRequest, HeadReader, Refusal, Request, accept_response, check_upgrade, refusal_response,
-    response,
 )
 from chatd.http import Routes
 from chatd.limits import ConnectionLedger
@@ -407,6 +406,7 @@ class Server:
                           secret_key=self.secrets.get("secret-key"),
                           jwt_secret=self.secrets.get("jwt-secret"),
                           jwt_configured=config.jwt_secret is not None,
+                          jwt_leeway=config.jwt_leeway,
                           max_frame_bytes=config.max_frame_bytes)
             self.mounts[endpoint.path] = Mount(endpoint.path, PROTOCOL_CLASSES[endpoint.protocol],
                                                endpoint.room, ctx)

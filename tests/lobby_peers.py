@@ -27,13 +27,18 @@ async def socialvp(chat: Harness, name: str, path: str = "/socialvp") -> Peer:
 
 async def wcp(chat: Harness, user_id: str, path: str = "/wcp",
               display_name: str | None = None) -> Peer:
+    """A joined wcp client; ``peer.roster`` holds the ``user_joined`` frames
+    it got for the names already in the room (chatd's roster extension)."""
     peer = await chat.connect(path)
     joined = {"type": "user_joined", "user_id": user_id,
               "display_name": display_name or user_id.title()}
     await peer.send(joined)
     # Frames are handled in order: this answer proves the join went through.
     await peer.send(joined)
-    assert await peer.recv() == {"type": "error", "message": f"already joined as {user_id}"}
+    peer.roster = []
+    while (frame := await peer.recv())["type"] == "user_joined":
+        peer.roster.append(frame)
+    assert frame == {"type": "error", "message": f"already joined as {user_id}"}
     return peer
 
 

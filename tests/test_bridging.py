@@ -15,6 +15,8 @@ async def one_of_each(chat):
     w = await wcp(chat, "wendy")
     mc = await chat.multichat("bridge")
     svp = await socialvp(chat, "sam")
+    # Every name a message can come from is held, and announced to wcp.
+    assert await w.recv() == {"type": "user_joined", "user_id": "bridge", "display_name": "bridge"}
     assert await w.recv() == {"type": "user_joined", "user_id": "sam", "display_name": "sam"}
     return mc, svp, ws, w
 
@@ -62,6 +64,8 @@ async def test_wschat_message_reaches_every_protocol_and_its_sender(chat):
     assert await mc.recv() == {"action": "forwarding-message", "source-client-name": "wes",
                                "content": "from wschat"}
     assert await svp.recv() == {"type": "broadcast", "from": "wes", "message": "from wschat"}
+    # Its first message claimed "wes" for the wschat connection.
+    assert await w.recv() == {"type": "user_joined", "user_id": "wes", "display_name": "wes"}
     assert wcp_view(await w.recv()) == {"type": "message", "user_id": "wes",
                                         "data": "from wschat"}
 
@@ -90,10 +94,11 @@ async def test_names_are_shared_between_socialvp_and_wcp(chat):
     await s.recv()
     await s.send({"command": "identify", "name": "bob"})
     assert (await s.recv())["code"] == 305
-    # multichat names are labels: a bridge called alice takes nothing from anyone.
-    await chat.multichat("alice")
+    # multichat names are held too: a bridge cannot register as alice.
+    bridge = await chat.connect("/multichat")
+    await bridge.send({"action": "register", "client-name": "alice", "secret-key": SECRET})
+    assert await bridge.closed() == 1008
     await socialvp(chat, "carol")
-    await chat.multichat("carol")
     assert (await bob.recv())["user_id"] == "carol"
 
 

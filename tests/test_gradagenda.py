@@ -97,7 +97,8 @@ async def test_bad_tokens_fail_and_the_third_failure_closes_1008(chat):
     assert "token" in await failed(peer, "1")
     await peer.send(auth("alice", cdid="2", token=mint(JWT_SECRET, "mallory")))
     assert "token" in await failed(peer, "2")
-    await peer.send(auth("alice", cdid="3", token=mint(JWT_SECRET, "alice", ttl=-10)))
+    # Expired by more than the clock-skew leeway (jwt-leeway, 30 s).
+    await peer.send(auth("alice", cdid="3", token=mint(JWT_SECRET, "alice", ttl=-3600)))
     await failed(peer, "3")
     assert await peer.closed() == 1008
 
@@ -117,7 +118,7 @@ async def test_names_unfit_to_show_are_refused_at_authentication(chat, user, dev
     await chat.start()
     peer = await chat.connect(PATH)
     await peer.send(auth(user, device))
-    assert "-id must be" in await failed(peer, "auth")
+    assert "-id " in await failed(peer, "auth")
 
 
 async def test_any_other_action_first_fails_then_authentication_still_works(chat):

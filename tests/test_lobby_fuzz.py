@@ -16,10 +16,11 @@ import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.strategies import draw, json_values
+from tests.strategies import draw, json_values, odd_frames
 
+from chatd.names import InvalidName, parse as parse_name
 from chatd.events import Command, Direct, Join, Leave, Message, Publish, Request, UserJoined, UserLeft
-from chatd.protocols.base import Close, Context, Send, valid_name
+from chatd.protocols.base import AuthFailed, Close, Context, NotJSON, Send, decode
 from chatd.protocols.socialvp import SocialVP
 from chatd.protocols.wcp import Wcp
 from chatd.protocols.wschat import WsChat
@@ -60,20 +61,51 @@ WCP_OBJECTS = shaped({
 })
 
 
-def frames(*objects: st.SearchStrategy[dict]) -> st.SearchStrategy[str]:
-    """Any text, any JSON, and protocol-shaped JSON, all within the frame limit."""
+#: Valid frames of each protocol, for odd JSON to be put into (``odd_frames``).
+SHAPES = {
+    "socialvp": [{"command": "broadcast", "message": 0}, {"command": "message", "to": "alice",
+                                                          "message": 0},
+                 {"command": "identify", "name": "x"}],
+    "wschat": [{"usr": "u", "msg": "m"}, {"usr": "u", "msg": "m", "jwt": "j"}],
+    "wcp": [{"type": "message", "data": "d", "timestamp": 1},
+            {"type": "user_joined", "user_id": "u", "display_name": "d"},
+            {"type": "user_left", "user_id": "u"}],
+}
+
+
+def frames(protocol: str, *objects: st.SearchStrategy[dict],
+           sendable: bool = True) -> st.SearchStrategy[str]:
+    """Any text, any JSON, protocol-shaped JSON, and odd JSON (deep, huge
+    numbers, surrogates: ``odd_frames``), all within the frame limit.
+    ``sendable``: only text a WebSocket can carry (for the server tests)."""
     shaped_texts = [o.map(lambda o: json.dumps(o, ensure_ascii=False)) for o in objects]
     texts = st.one_of(st.text(), json_values.map(json.dumps), *shaped_texts)
-    return texts.filter(lambda t: len(t.encode()) <= 4096)
+    odd = odd_frames(*SHAPES[protocol], sendable=sendable)
+    if sendable:
+        texts = texts.filter(lambda t: not any("\ud800" <= c <= "\udfff" for c in t))
+    return st.one_of(texts.filter(lambda t: len(t.encode("utf-8", "surrogatepass")) <= 4096), odd)
 
 
+
+
+def valid_name(text: str) -> bool:
+    try:
+        parse_name(text)
+    except InvalidName:
+        return False
+    return True
+
+
+def shown(text: str) -> str:
+    return parse_name(text).shown
 
 
 def parsed(text: str) -> Any:
-    """The frame as the server's JSON decoder reads it, or a marker when it cannot."""
+    """The frame as the server reads it (base.decode), or a marker when it
+    is not JSON chatd reads (bad syntax, too deep, a number out of range)."""
     try:
-        return msgspec.json.decode(text)
-    except msgspec.DecodeError:
+        return decode(msgspec.json.Decoder(), text)
+    except NotJSON:
         return NotImplemented
 
 
@@ -86,7 +118,7 @@ def run(protocol, text: str, results) -> list:
     pending = list(protocol.receive(text))
     while pending:
         out = pending.pop(0)
-        assert isinstance(out, (Send, Close, Command)), out
+        assert isinstance(out, (Send, Close, AuthFailed, Command)), out
         if isinstance(out, Send):
             msgspec.json.decode(out.data)  # always valid JSON
         outputs.append(out)
@@ -96,10 +128,12 @@ def run(protocol, text: str, results) -> list:
 
 
 def decoded(outputs: list) -> list:
-    return [msgspec.json.decode(o.data) if isinstance(o, Send) else o for o in outputs]
+    return [msgspec.json.decode(o.data) if isinstance(o, Send) else o for o in outputs
+            if not isinstance(o, AuthFailed)]
 
 
-@given(st.lists(frames(SOCIALVP_OBJECTS, SOCIALVP_SENDS), max_size=8), st.data())
+@given(st.lists(frames("socialvp", SOCIALVP_OBJECTS, SOCIALVP_SENDS, sendable=False), max_size=8),
+       st.data())
 def test_socialvp_answers_every_frame_before_identify(texts, results):
     protocol = SocialVP(Context())
     for text in texts:
@@ -120,7 +154,8 @@ def test_socialvp_answers_every_frame_before_identify(texts, results):
             assert all(r["code"] in (300, 305, 400, 404) for r in replies)
 
 
-@given(st.lists(frames(WSCHAT_OBJECTS, WSCHAT_MESSAGES), max_size=8), st.booleans())
+@given(st.lists(frames("wschat", WSCHAT_OBJECTS, WSCHAT_MESSAGES, sendable=False), max_size=8),
+       st.booleans())
 def test_wschat_publishes_only_well_formed_messages(texts, jwt_configured):
     protocol = WsChat(Context(jwt_secret="a fuzzing secret, long enough for HS256",
                               jwt_configured=jwt_configured))
@@ -129,14 +164,16 @@ def test_wschat_publishes_only_well_formed_messages(texts, jwt_configured):
         outputs = protocol.receive(text)
         frame = parsed(text)
         if jwt_configured:
-            assert outputs == []  # no fuzzed jwt verifies
+            # No fuzzed jwt verifies: a valid message is reported, never published.
+            assert outputs == ([AuthFailed(frame["usr"], outputs[0].reason)] if outputs else [])
+            assert bool(outputs) == wschat_valid(frame)
         elif outputs:
-            assert outputs == [Publish(payload=frame["msg"], sender=frame["usr"])]
+            assert outputs == [Publish(payload=frame["msg"], sender=shown(frame["usr"]))]
         else:
             assert not wschat_valid(frame)
 
 
-@given(st.lists(frames(WCP_OBJECTS, WCP_MESSAGES), max_size=8), st.data())
+@given(st.lists(frames("wcp", WCP_OBJECTS, WCP_MESSAGES, sendable=False), max_size=8), st.data())
 def test_wcp_answers_every_frame_with_one_error_or_action(texts, results):
     protocol = Wcp(Context())
     for text in texts:
@@ -198,9 +235,11 @@ def socialvp_expects(frame: Any, identified: bool) -> tuple[int | None, str | No
     if command == "broadcast":
         return None, "alice"
     to = frame.get("to")
-    if not isinstance(to, str):
+    if not isinstance(to, str) or not to:
         return 400, None
-    return (None, to) if to in ("alice", "bob") else (404, None)
+    # Names are addressed as RFC 8266 compares them: "Bob" reaches bob.
+    address = parse_name(to).address if valid_name(to) else None
+    return (None, address) if address in ("alice", "bob") else (404, None)
 
 
 def valid_identify(text: str) -> bool:
@@ -210,7 +249,7 @@ def valid_identify(text: str) -> bool:
 
 
 async def test_socialvp_server_answers_fuzzed_frames_and_keeps_serving(chat):
-    texts = [t for t in draw(frames(SOCIALVP_OBJECTS, SOCIALVP_SENDS), EXAMPLES) if not valid_identify(t)]
+    texts = [t for t in draw(frames("socialvp", SOCIALVP_OBJECTS, SOCIALVP_SENDS), EXAMPLES) if not valid_identify(t)]
     await chat.start()
     alice = await socialvp(chat, "alice")
     stranger = await chat.connect("/socialvp")
@@ -250,14 +289,14 @@ def wschat_valid(frame: Any) -> bool:
 
 
 async def test_wschat_server_relays_only_valid_fuzzed_frames(chat):
-    texts = draw(frames(WSCHAT_OBJECTS, WSCHAT_MESSAGES), EXAMPLES)
+    texts = draw(frames("wschat", WSCHAT_OBJECTS, WSCHAT_MESSAGES), EXAMPLES)
     await chat.start(jwt_secret=None)
     listener = await wschat(chat)
     talker = await wschat(chat)
     published = []
     for i, text in enumerate(texts):
         frame = parsed(text)
-        expected = [(frame["usr"], frame["msg"])] if wschat_valid(frame) else []
+        expected = [(shown(frame["usr"]), frame["msg"])] if wschat_valid(frame) else []
         expected.append(("probe", str(i)))
         await talker.send(text)
         await talker.send({"usr": "probe", "msg": str(i)})
@@ -289,11 +328,13 @@ def wcp_relayed(frame: Any) -> bool:
 
 def wcp_own_leave(text: str) -> bool:
     frame = parsed(text)
-    return isinstance(frame, dict) and frame.get("type") == "user_left" and frame.get("user_id") == "peer"
+    return (isinstance(frame, dict) and frame.get("type") == "user_left"
+            and isinstance(frame.get("user_id"), str) and valid_name(frame["user_id"])
+            and shown(frame["user_id"]) == "peer")
 
 
 async def test_wcp_server_answers_fuzzed_frames_and_keeps_serving(chat):
-    texts = [t for t in draw(frames(WCP_OBJECTS, WCP_MESSAGES), EXAMPLES)
+    texts = [t for t in draw(frames("wcp", WCP_OBJECTS, WCP_MESSAGES), EXAMPLES)
              if not wcp_valid_join(t) and not wcp_own_leave(t)]
     await chat.start()
     watcher = await wcp(chat, "watcher")

@@ -8,6 +8,7 @@ import pytest
 from trio_websocket import open_websocket_url
 
 from tests.conftest import SECRET
+from tests.lobby_peers import wcp
 
 
 async def test_register_gets_ack_and_messages_reach_others_not_sender(chat):
@@ -25,12 +26,24 @@ async def test_register_gets_ack_and_messages_reach_others_not_sender(chat):
                                   "source-client-name": "bob", "content": "hello alice"}
 
 
-async def test_duplicate_names_are_allowed(chat):
+@pytest.mark.parametrize("second", ["bridge", "Bridge", "BRIDGE", "\uff42\uff52\uff49\uff44\uff47\uff45",
+                                    "bridg\u0435"])
+async def test_a_name_another_bridge_holds_is_refused_1008(chat, second):
+    # A name is held by one connection (chatd's rule, not the original's):
+    # the same name, another case, full-width letters or a Cyrillic e look alike.
     await chat.start()
+    watcher = await wcp(chat, "watcher")
     one = await chat.multichat("bridge")
-    two = await chat.multichat("bridge")
-    await one.send({"action": "client-message", "content": "x"})
-    assert (await two.recv())["source-client-name"] == "bridge"
+    assert await watcher.recv() == {"type": "user_joined", "user_id": "bridge",
+                                    "display_name": "bridge"}
+    two = await chat.connect("/multichat")
+    await two.send({"action": "register", "client-name": second, "secret-key": SECRET})
+    assert await two.closed() == 1008
+    assert two.ws.closed.reason == "client-name already in use"
+    # Once the holder has gone (and the room heard it), the name is free again.
+    await one.close()
+    assert await watcher.recv() == {"type": "user_left", "user_id": "bridge"}
+    await chat.multichat(second)
 
 
 @pytest.mark.parametrize("first", [
@@ -117,14 +130,16 @@ async def test_unknown_path_is_rejected_404(chat):
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from chatd.events import Join, Publish  # noqa: E402
-from chatd.protocols.base import Close, Context  # noqa: E402
+from chatd.protocols.base import AuthFailed, Close, Context  # noqa: E402
 from chatd.protocols.multichat import Multichat  # noqa: E402
-from tests.strategies import json_values  # noqa: E402
+from tests.strategies import json_values, odd_frames  # noqa: E402
 
 frames = st.text(max_size=200) | json_values.map(json.dumps) | st.fixed_dictionaries(
     {"action": st.sampled_from(["register", "client-message", "forwarding-message", "x"])},
     optional={"client-name": json_values, "secret-key": st.just(SECRET) | json_values,
-              "content": json_values}).map(json.dumps)
+              "content": json_values}).map(json.dumps) | odd_frames(
+    {"action": "register", "client-name": "bridge", "secret-key": SECRET},
+    {"action": "client-message", "content": "c"}, sendable=False)
 
 
 @settings(max_examples=300, deadline=None)
@@ -134,12 +149,15 @@ def test_any_frame_sequence_gets_only_the_documented_outputs(texts):
     for text in texts:
         outputs = protocol.receive(text)
         if not protocol.authenticated:
-            # Before registering: a register becomes a Join, anything else closes 1008.
-            assert len(outputs) == 1
-            if isinstance(outputs[0], Join):
+            # Before registering: a register becomes a Join, anything else is
+            # reported and closes 1008.
+            if len(outputs) == 1 and isinstance(outputs[0], Join):
                 protocol.on_result(outputs[0], True)
             else:
-                assert isinstance(outputs[0], Close) and outputs[0].code == 1008
+                failed, close = outputs
+                assert isinstance(failed, AuthFailed) and failed.reason
+                assert isinstance(close, Close) and close.code == 1008
+                assert len(close.reason.encode()) <= 123
                 return
         else:
             # After: a non-empty client-message is published, the rest ignored.

@@ -87,9 +87,14 @@ async def test_bad_requests_get_400_and_keep_the_connection(chat, frame, answer,
     ({"command": "broadcast"}, outcome(400, "Missing 'message' field!")),
     ({"command": "message", "to": "bob"}, outcome(400, "Missing 'message' field!")),
     ({"command": "message", "message": "hi"}, outcome(400, "Missing 'to' field!")),
-    ({"command": "message", "to": ["bob"], "message": "hi"},
-     outcome(400, "Field 'to' must be a non-empty string!")),
+    # Issue #9 item 4: a 'to' that is not a non-empty string, of any kind.
+    *[({"command": "message", "to": to, "message": "hi"},
+       outcome(400, "Field 'to' must be a non-empty string!"))
+      for to in ("", ["bob"], None, 5, 1.5, True, {"name": "bob"}, [])],
     ({"command": "message", "to": "nobody", "message": "hi"}, NOBODY),
+    # A name nobody could hold is nobody's either.
+    ({"command": "message", "to": "bob\u200b", "message": "hi"}, NOBODY),
+    ({"command": "message", "to": " ", "message": "hi"}, NOBODY),
 ])
 async def test_send_errors_after_identifying(chat, frame, answer):
     await chat.start()
@@ -173,11 +178,19 @@ async def test_client_that_never_identifies_is_closed_1008(chat):
     assert await peer.closed() == 1008
 
 
-@pytest.mark.parametrize("name", ["bell\x07", "esc\x1b[31m", "x" * 257])
-async def test_names_with_control_characters_or_too_long_get_400(chat, name):
+@pytest.mark.parametrize("name, reason", [
+    ("bell\x07", "contains a control character (U+0007)"),
+    ("esc\x1b[31m", "contains a control character (U+001B)"),
+    ("x" * 257, "is longer than 256 characters"),
+    ("alice\u200b", "contains an invisible or formatting character (U+200B ZERO WIDTH SPACE)"),
+    ("\u202eecila", "contains an invisible or formatting character "
+                    "(U+202E RIGHT-TO-LEFT OVERRIDE)"),
+    ("\u0301alice", "starts with a combining mark (U+0301 COMBINING ACUTE ACCENT)"),
+])
+async def test_invalid_names_get_400_saying_why(chat, name, reason):
     await chat.start()
     peer = await chat.connect("/socialvp")
     await peer.recv()
     await peer.send({"command": "identify", "name": name})
-    assert await peer.recv() == outcome(
-        400, "Names are 1 to 256 characters, without control characters!")
+    assert await peer.recv() == outcome(400, f"Invalid name: it {reason}!")
+

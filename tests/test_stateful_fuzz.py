@@ -201,6 +201,10 @@ class Run:
             joined = json.dumps({"type": "user_joined", "user_id": name, "display_name": name})
             await raw.send_text(joined)
             await raw.send_text(joined)  # its answer proves the join went through
+            # First the roster: one user_joined per client already joined.
+            present = {self.slots[j].name for j in self.others(i)}
+            roster = {(await self.expect(i, {"type": "user_joined"}))["user_id"] for _ in present}
+            assert roster == present, (roster, present)
             await self.expect(i, {"type": "error", "message": f"already joined as {name}"})
             for j in self.others(i):
                 await self.expect(j, {"type": "user_joined", "user_id": name})

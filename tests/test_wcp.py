@@ -164,14 +164,23 @@ async def test_client_that_never_joins_is_closed_1008(chat):
     assert await peer.closed() == 1008
 
 
-@pytest.mark.parametrize("user_id, display_name", [
-    ("bell\x07", "Bell"), ("ok", "esc\x1b[31m"), ("x" * 257, "Long"), ("ok", ""),
+@pytest.mark.parametrize("user_id, display_name, message", [
+    ("bell\x07", "Bell", "user_id contains a control character (U+0007)"),
+    ("ok", "esc\x1b[31m", "display_name contains a control character (U+001B)"),
+    ("x" * 257, "Long", "user_id is longer than 256 characters"),
+    ("ok", "", "display_name is empty or only spaces"),
+    ("alice\u200b", "Alice", "user_id contains an invisible or formatting character "
+                             "(U+200B ZERO WIDTH SPACE)"),
+    ("ok", "Ok\u2066", "display_name contains an invisible or formatting character "
+                      "(U+2066 LEFT-TO-RIGHT ISOLATE)"),
 ])
-async def test_names_with_control_characters_or_too_long_are_refused(chat, user_id,
-                                                                     display_name):
+async def test_invalid_names_are_refused_saying_why(chat, user_id, display_name, message):
     await chat.start()
     peer = await chat.connect("/wcp")
     await peer.send({"type": "user_joined", "user_id": user_id, "display_name": display_name})
-    assert await peer.recv() == {
-        "type": "error",
-        "message": "user_id and display_name are 1 to 256 characters, without control characters"}
+    assert await peer.recv() == {"type": "error", "message": message}
+    # The client may try again with a valid name.
+    await peer.send({"type": "user_joined", "user_id": "ok", "display_name": "Ok"})
+    await peer.send({"type": "user_left", "user_id": "someone else"})
+    assert await peer.recv() == {"type": "error", "message": "user_left must carry your own user_id"}
+

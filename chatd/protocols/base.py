@@ -11,6 +11,7 @@ protocol, never once per recipient.
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 import msgspec
@@ -39,7 +40,17 @@ class Stream(msgspec.Struct, frozen=True):
     frames: Any
 
 
-Output = Send | Close | Stream | Command
+class AuthFailed(msgspec.Struct, frozen=True):
+    """An authentication attempt this connection made was refused: the
+    connection logs it at INFO with the peer and path (issue #9 item 10).
+    ``user`` is the name or user id the client claimed, if it gave one;
+    ``reason`` is what the client was told, or more. It sends nothing."""
+
+    user: str | None
+    reason: str
+
+
+Output = Send | Close | Stream | AuthFailed | Command
 
 
 class Context(msgspec.Struct, kw_only=True):
@@ -52,6 +63,9 @@ class Context(msgspec.Struct, kw_only=True):
     #: True when the operator set ``jwt-secret``/``JWT_SECRET`` (wschat then
     #: verifies every message; a generated secret does not switch that on).
     jwt_configured: bool = False
+    #: Seconds of clock skew allowed when checking a token's exp, iat and
+    #: nbf (config ``jwt-leeway``; the server fills it in).
+    jwt_leeway: float = 30.0
     max_frame_bytes: int = 4096
 
 
@@ -85,10 +99,6 @@ class Protocol:
         """Outputs when the auth stage ran out of time."""
         return [Close(1008, "authentication timeout")]
 
-    def rate_limited(self, text: str) -> list[Output]:
-        """Outputs for a frame (``text``) dropped by the message-rate limit."""
-        return []
-
     def on_disconnect(self) -> list[Command]:
         """Commands to send on the client's behalf when it goes away."""
         return []
@@ -101,17 +111,76 @@ class Protocol:
 
 encoder = msgspec.json.Encoder()
 
-#: Longest name (user id, nickname, display name) a client may claim.
-MAX_NAME_CHARS = 256
-_CONTROL = {chr(c) for c in range(32)} - {"\t", "\n"} | {chr(127)} | {chr(c) for c in range(0x80, 0xA0)}
-
-
-def valid_name(name: str) -> bool:
-    """Non-empty, at most MAX_NAME_CHARS, no control characters but tab and
-    newline: names are shown to other users, who must not be tricked by
-    invisible or terminal-control characters."""
-    return 0 < len(name) <= MAX_NAME_CHARS and _CONTROL.isdisjoint(name)
-
 
 def dumps(obj: Any) -> bytes:
     return encoder.encode(obj)
+
+
+# --- reading frames ------------------------------------------------------------------
+
+#: Deepest nesting of arrays and objects chatd reads in a frame. Deeper
+#: frames are answered as malformed JSON (RFC 8259 section 9 lets a parser
+#: limit nesting), so no decoder or encoder can run out of stack.
+MAX_JSON_DEPTH = 64
+
+
+class NotJSON(ValueError):
+    """The frame is not JSON chatd reads: bad syntax, nested deeper than
+    ``MAX_JSON_DEPTH``, a number beyond the 64-bit float range (RFC 8259
+    section 6 allows the limit), or text that is not valid Unicode."""
+
+
+class WrongShape(ValueError):
+    """The frame is JSON but not a message of the protocol; ``value`` is
+    the frame as plain JSON (dicts, lists, ...) for a precise answer."""
+
+    def __init__(self, message: str, value: Any) -> None:
+        super().__init__(message)
+        self.value = value
+
+
+_any_decoder = msgspec.json.Decoder()
+# A JSON string (skipped whole, so brackets inside it do not count) or a bracket.
+_STRUCTURE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def too_deep(text: str) -> bool:
+    """True if ``text`` nests arrays and objects deeper than MAX_JSON_DEPTH.
+    Frames with few brackets (all real chat) cost two ``str.count`` calls."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return False
+    depth = 0
+    for match in _STRUCTURE.finditer(text):
+        char = match.group()
+        if char in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
+def decode(decoder: msgspec.json.Decoder, data: str | bytes) -> Any:
+    """Decode one frame with a protocol's typed ``decoder``: the decode
+    boundary of every protocol, so that no input can raise anything else.
+
+    Raises ``NotJSON`` (the protocol's bad-JSON answer) or ``WrongShape``
+    (JSON, but not a valid message). Text is checked for depth first; bytes
+    are parts of a frame already checked (a GradAgenda batch's actions).
+    """
+    if isinstance(data, str) and too_deep(data):
+        raise NotJSON(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        error = exc
+    except (msgspec.DecodeError, RecursionError, UnicodeError) as exc:
+        raise NotJSON(str(exc)) from None
+    # The typed decoder may stop at the first wrong value, before a syntax
+    # error or an out-of-range number further on: only a full parse tells.
+    try:
+        value = _any_decoder.decode(data)
+    except (msgspec.MsgspecError, RecursionError, UnicodeError) as exc:
+        raise NotJSON(str(exc)) from None
+    raise WrongShape(str(error), value) from None

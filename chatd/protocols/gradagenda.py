@@ -1,11 +1,14 @@
 """gradagenda: accounts on several devices, direct and group sessions.
 
 The first action must be ``authenticate`` with a JWT (HS256) whose ``sub``
-is the ``user-id`` and whose ``exp`` has not passed; anything else first
-gets a failed ``status-response``, and three failures end the connection
-(1008), as does the auth timeout. Every answer echoes the action's
-``cdid``. Frames that are not JSON close the connection (1007); JSON that
-is not a valid action gets a failed ``status-response``.
+is the ``user-id`` and whose ``exp`` has not passed (``chatd.tokens``,
+with the configured clock-skew leeway); anything else first gets a failed
+``status-response``, and three failures end the connection (1008), as
+does the auth timeout. A refused ``authenticate`` says why (which claim,
+what is wrong) and is reported (``AuthFailed``). Every answer echoes the
+action's ``cdid``. Frames that are not JSON chatd reads (``base.decode``:
+syntax, too deep, numbers out of range) close the connection (1007); JSON
+that is not a valid action gets a failed ``status-response``.
 
 Actions whose answer goes to the asker alone (direct session info,
 listing, history) are router requests answered here: several answers are
@@ -28,13 +31,13 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from chatd import tokens
+from chatd import names, tokens
 from chatd.events import (
     Command, CreateSession, DeleteSession, DirectSessionInfo, Event, ListSessions, Login, Logout,
     ModifySession, ReadHistory, SendMessage, SessionInfo, Status, StoredMessage,
 )
 from chatd.protocols.base import (
-    MAX_NAME_CHARS, Close, Output, Protocol, Send, Stream, dumps, valid_name,
+    AuthFailed, Close, NotJSON, Output, Protocol, Send, Stream, WrongShape, decode, dumps,
 )
 
 log = logging.getLogger("chatd.gradagenda")
@@ -146,14 +149,8 @@ class MessageBroadcast(_Out, tag="message-broadcast"):
     server_timestamp: int
 
 
-RATE_LIMITED = "over the message rate limit: frame dropped"
+NOT_JSON = Close(1007, "frame is not valid JSON")
 
-
-class _CdidOnly(msgspec.Struct):
-    cdid: Any = None
-
-
-_cdid_decoder = msgspec.json.Decoder(_CdidOnly)
 
 # Placeholders as wide as the real values can get, for the frame-size checks.
 _WIDEST_SESSION_ID = "x" * 64
@@ -174,19 +171,21 @@ class GradAgenda(Protocol):
 
     def receive(self, text: str) -> list[Output]:
         try:
-            action = _decoder.decode(text)
-        except msgspec.ValidationError as exc:
-            return self._invalid(text, exc)
-        except msgspec.DecodeError:
-            return [Close(1007, "frame is not valid JSON")]
+            action = decode(_decoder, text)
+        except NotJSON:
+            return [NOT_JSON]
+        except WrongShape as exc:
+            return self._invalid(exc)
         if not isinstance(action, BatchModeAction):
             return self._act(action)
         outputs: list[Output] = []
         for raw in action.actions:
             try:
-                inner = _decoder.decode(raw)
-            except msgspec.ValidationError as exc:
-                outputs += self._invalid(raw, exc)
+                inner = decode(_decoder, raw)
+            except NotJSON:
+                return [*outputs, NOT_JSON]
+            except WrongShape as exc:
+                outputs += self._invalid(exc)
             else:
                 if isinstance(inner, BatchModeAction):
                     outputs += self._fail(inner.cdid, "batch-mode-action cannot be nested")
@@ -196,13 +195,8 @@ class GradAgenda(Protocol):
                 break
         return outputs
 
-    def _invalid(self, text: str | msgspec.Raw, exc: msgspec.ValidationError) -> list[Output]:
-        # The typed decoder may stop at the first wrong value, before
-        # reaching a syntax error further on: only a full parse tells.
-        try:
-            value = msgspec.json.decode(text)
-        except msgspec.DecodeError:
-            return [Close(1007, "frame is not valid JSON")]
+    def _invalid(self, exc: WrongShape) -> list[Output]:
+        value = exc.value
         if not isinstance(value, dict):
             return self._fail(None, "an action must be a JSON object")
         cdid, kind = value.get("cdid"), value.get("type")
@@ -230,8 +224,10 @@ class GradAgenda(Protocol):
             return self._fail(action.cdid, "authenticate first")
         bad = _bad_name(action)
         if bad:
-            return self._fail(action.cdid, f"{bad} must be 1 to {MAX_NAME_CHARS} characters "
-                                           "without control characters")
+            refused = self._fail(action.cdid, bad)
+            if isinstance(action, Authenticate):
+                refused.insert(0, AuthFailed(action.user_id, bad))
+            return refused
         if isinstance(action, Authenticate):
             return self._authenticate(action)
         cdid = action.cdid
@@ -260,13 +256,23 @@ class GradAgenda(Protocol):
         raise AssertionError(f"unhandled action {action!r}")
 
     def _authenticate(self, action: Authenticate) -> list[Output]:
-        secret = self.ctx.jwt_secret
-        claims = tokens.verify(secret, action.token, require_exp=True) if secret else None
-        if claims is None or claims.get("sub") != action.user_id:
-            return self._fail(action.cdid, "invalid or expired token for this user-id")
+        try:
+            self._check_token(action)
+        except tokens.TokenRefused as exc:
+            reason = f"token refused: {exc}"
+            return [AuthFailed(action.user_id, reason), *self._fail(action.cdid, reason)]
         self.authenticated = True
         self.user_id = action.user_id
         return [Login(cdid=action.cdid, user_id=action.user_id, device_id=action.device_id)]
+
+    def _check_token(self, action: Authenticate) -> None:
+        """Raises ``tokens.TokenRefused`` unless the token proves ``user-id``."""
+        if not self.ctx.jwt_secret:
+            raise tokens.TokenRefused("this server has no jwt-secret")
+        claims = tokens.verify(self.ctx.jwt_secret, action.token, require_exp=True,
+                               require_sub=True, leeway=self.ctx.jwt_leeway)
+        if claims["sub"] != action.user_id:
+            raise tokens.TokenRefused(f"its 'sub' {_short(claims['sub'])} is not this user-id")
 
     def _send_message(self, action: RequestSendingAMessage) -> list[Output]:
         cdid, message = action.cdid, action.message
@@ -305,15 +311,6 @@ class GradAgenda(Protocol):
         return [Stream(_answer_frames(cdid, (self.encode(event) for event in result),
                                       self.ctx.max_frame_bytes))]
 
-    def rate_limited(self, text: str) -> list[Output]:
-        # Only the cdid is read from a dropped frame, so the client can
-        # match the refusal to its request.
-        try:
-            cdid = _cdid_decoder.decode(text).cdid
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            cdid = None
-        return [Send(dumps(StatusResponse(cdid=cdid, status="failed", message=RATE_LIMITED)))]
-
     def on_disconnect(self) -> list[Command]:
         return [Logout()] if self.user_id is not None else []
 
@@ -337,14 +334,22 @@ class GradAgenda(Protocol):
 
 
 def _bad_name(action: _Action) -> str | None:
-    """The field holding a name other users would see that is not fit to show."""
-    if isinstance(action, Authenticate) and not valid_name(action.device_id):
-        return "device-id"
+    """What is wrong with a name other users would see, if anything.
+
+    GradAgenda ids are matched exactly (a token's ``sub``, stored session
+    members), so they are never rewritten: an id must already be in its
+    ``chatd.names`` form, and one that is not is refused with the reason."""
+    if isinstance(action, Authenticate):
+        reason = names.refusal(action.device_id)
+        if reason:
+            return f"device-id {_short(action.device_id)} {reason}"
     users = getattr(action, "user_id", None)
     if isinstance(users, str):
         users = [users]
-    if users is not None and not all(valid_name(user) for user in users):
-        return "user-id"
+    for user in users or ():
+        reason = names.refusal(user)
+        if reason:
+            return f"user-id {_short(user)} {reason}"
     return None
 
 

@@ -4,9 +4,15 @@ As the original Go server behaves: ``register`` must be the first frame,
 with a non-empty ``client-name`` and the right ``secret-key`` (compared in
 constant time), else close 1008. After ``register-ack``, each
 ``client-message`` becomes a ``forwarding-message`` to every *other*
-registered client (never echoed: bridges would loop). Names are labels,
-not identities. After registration, bad JSON, unknown actions and empty
-``content`` are ignored and logged.
+registered client (never echoed: bridges would loop). After registration,
+bad JSON, unknown actions and empty ``content`` are ignored and logged.
+
+chatd's rule for names (``chatd.names``): the ``client-name`` must be a
+valid name, and it is claimed in the room's registry like any other
+sender name, so no one else can speak as it; a name that is taken, or
+looks like one that is (``bridge`` / ``Bridge``), closes 1008 with the
+reason ``client-name already in use``. Every refused register is reported
+(``AuthFailed``).
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ from typing import Any
 
 import msgspec
 
+from chatd import names
 from chatd.events import Command, Event, Join, Message, Publish, payload_text
-from chatd.protocols.base import Close, Output, Protocol, Send, dumps, valid_name
+from chatd.protocols.base import (
+    AuthFailed, Close, NotJSON, Output, Protocol, Send, WrongShape, decode, dumps,
+)
 
 log = logging.getLogger("chatd.multichat")
 
@@ -48,10 +57,10 @@ class Multichat(Protocol):
 
     def receive(self, text: str) -> list[Output]:
         try:
-            frame = _decoder.decode(text)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            frame = decode(_decoder, text)
+        except (NotJSON, WrongShape) as exc:
             if not self.authenticated:
-                return [Close(1008, "first frame must be a valid register")]
+                return self._refuse(None, "first frame must be a valid register")
             log.info("ignored frame: %s", exc)
             return []
         if not self.authenticated:
@@ -66,19 +75,28 @@ class Multichat(Protocol):
 
     def _register(self, frame: Register | ClientMessage) -> list[Output]:
         if not isinstance(frame, Register):
-            return [Close(1008, "first frame must be register")]
-        if not frame.client_name or not frame.secret_key:
-            return [Close(1008, "client-name and secret-key must not be empty")]
-        if not valid_name(frame.client_name):
-            return [Close(1008, "client-name has control characters or is too long")]
+            return self._refuse(None, "first frame must be register")
+        claimed = frame.client_name
+        if not claimed or not frame.secret_key:
+            return self._refuse(claimed or None, "client-name and secret-key must not be empty")
         expected = (self.ctx.secret_key or "").encode()
         if not expected or not hmac.compare_digest(frame.secret_key.encode(), expected):
-            return [Close(1008, "wrong secret-key")]
-        self.client_name = frame.client_name
-        return [Join(name=frame.client_name)]
+            return self._refuse(claimed, "wrong secret-key")
+        try:
+            name = names.parse(claimed)
+        except names.InvalidName as exc:
+            return self._refuse(claimed, f"client-name {exc.reason}")
+        return [Join(name=name.shown, register=True, announce=True)]
+
+    def _refuse(self, user: str | None, reason: str) -> list[Output]:
+        # The close reason is at most 123 bytes (RFC 6455 section 5.5).
+        return [AuthFailed(user, reason), Close(1008, _cut(reason, 123))]
 
     def on_result(self, command: Command, result: Any) -> list[Output]:
         if isinstance(command, Join):
+            if not result:
+                return self._refuse(command.name, "client-name already in use")
+            self.client_name = command.name
             self.authenticated = True
             return [Send(REGISTER_ACK)]
         return []
@@ -92,3 +110,9 @@ class Multichat(Protocol):
                 "content": payload_text(event.payload),
             })
         return None
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, on a character boundary."""
+    data = text.encode()
+    return text if len(data) <= limit else data[:limit].decode(errors="ignore")

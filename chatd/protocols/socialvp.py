@@ -8,6 +8,13 @@ Every answer is an ``outcome`` carrying the document's codes and texts;
 named lobby clients arrive as ``quit``. Bad input never closes the
 connection; the only close is the auth stage running out (1008), since a
 client that never identifies could never receive anything.
+
+Names follow ``chatd.names``: an invalid name gets 400 with the reason, a
+name that is taken or looks like a taken one (``Alice``, ``аlice`` with a
+Cyrillic a) gets 305. A refused identify before the first success is
+reported (``AuthFailed``). Every frame is read through ``base.decode``:
+anything that is not JSON chatd reads (too deep, numbers out of range)
+gets the ``Malformed JSON request!`` outcome.
 """
 
 from __future__ import annotations
@@ -18,8 +25,11 @@ from typing import Any
 import msgspec
 from msgspec import UNSET, UnsetType
 
+from chatd import names
 from chatd.events import Command, Direct, Event, Join, Message, Publish, SendDirect, UserLeft
-from chatd.protocols.base import MAX_NAME_CHARS, Output, Protocol, Send, dumps, valid_name
+from chatd.protocols.base import (
+    AuthFailed, NotJSON, Output, Protocol, Send, WrongShape, decode, dumps,
+)
 
 log = logging.getLogger("chatd.socialvp")
 
@@ -39,7 +49,6 @@ class DirectMessage(msgspec.Struct, tag_field="command", tag="message"):
 
 Incoming = Identify | Broadcast | DirectMessage
 _decoder = msgspec.json.Decoder(Incoming)
-_any_decoder = msgspec.json.Decoder()
 _COMMANDS = {"identify", "broadcast", "message"}
 
 INIT = dumps({"type": "init", "message": "Please identify to receive messages."})
@@ -53,10 +62,6 @@ IDENTIFY_FIRST = outcome(False, 10, "Please identify yourself")
 IDENTIFIED = outcome(True, 300, "Identified successfully!")
 NAME_TAKEN = outcome(False, 305, "Client with that name already exists!")
 NOBODY = outcome(False, 404, "No client with that name is currently connected!")
-BAD_NAME = outcome(False, 400, f"Names are 1 to {MAX_NAME_CHARS} characters, "
-                               "without control characters!")
-# Not in the document: a frame over the connection's message rate.
-TOO_FAST = outcome(False, 429, "Too many requests, slow down!")
 BAD_JSON = outcome(False, 400, "Malformed JSON request!")
 NOT_OBJECT = outcome(False, 400, "Request must be a JSON object!")
 
@@ -69,6 +74,11 @@ def not_a_name(field: str) -> Send:
     return outcome(False, 400, f"Field '{field}' must be a non-empty string!")
 
 
+def bad_name(reason: str) -> Send:
+    """400 for a name ``chatd.names`` refuses, saying why."""
+    return outcome(False, 400, f"Invalid name: it {reason}!")
+
+
 class SocialVP(Protocol):
     name = "socialvp"
     # Unidentified sockets receive nothing, so they may not linger either.
@@ -79,17 +89,14 @@ class SocialVP(Protocol):
 
     def receive(self, text: str) -> list[Output]:
         try:
-            request = _decoder.decode(text)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return self._explain(text)
+            request = decode(_decoder, text)
+        except NotJSON as exc:
+            log.info("malformed JSON from a socialvp client: %s", exc)
+            return [BAD_JSON]
+        except WrongShape as exc:
+            return self._explain(exc.value)
         if isinstance(request, Identify):
-            if request.name is UNSET:
-                return [missing("name")]
-            if not request.name:
-                return [not_a_name("name")]
-            if not valid_name(request.name):
-                return [BAD_NAME]
-            return [Join(name=request.name, register=True, announce=True)]
+            return self._identify(request)
         if not self.authenticated:
             return [IDENTIFY_FIRST]
         if request.message is UNSET:
@@ -98,15 +105,29 @@ class SocialVP(Protocol):
             return [Publish(payload=request.message)]
         if request.to is UNSET:
             return [missing("to")]
+        if not request.to:
+            return [not_a_name("to")]
         return [SendDirect(to=request.to, payload=request.message)]
 
-    def _explain(self, text: str) -> list[Output]:
-        """The answer to a frame the typed decoder refused, as the original gives it."""
+    def _identify(self, request: Identify) -> list[Output]:
+        if request.name is UNSET:
+            return self._refused(None, missing("name"), "missing 'name'")
+        if not request.name:
+            return self._refused("", not_a_name("name"), "empty name")
         try:
-            frame = _any_decoder.decode(text)
-        except msgspec.DecodeError:
-            log.info("malformed JSON from a socialvp client")
-            return [BAD_JSON]
+            name = names.parse(request.name)
+        except names.InvalidName as exc:
+            return self._refused(request.name, bad_name(exc.reason), f"name {exc.reason}")
+        return [Join(name=name.shown, register=True, announce=True)]
+
+    def _refused(self, user: str | None, answer: Send, reason: str) -> list[Output]:
+        """``answer`` to a refused identify, reported while not yet identified."""
+        if self.authenticated:
+            return [answer]
+        return [AuthFailed(user, reason), answer]
+
+    def _explain(self, frame: Any) -> list[Output]:
+        """The answer to JSON the typed decoder refused, as the original gives it."""
         if not isinstance(frame, dict):
             return [NOT_OBJECT]
         if "command" not in frame:
@@ -120,15 +141,14 @@ class SocialVP(Protocol):
         if command != "identify" and not self.authenticated:
             return [IDENTIFY_FIRST]
         # A known command whose name field is not a string (message is any JSON).
-        return [not_a_name("name" if command == "identify" else "to")]
-
-    def rate_limited(self, text: str) -> list[Output]:
-        return [TOO_FAST]
+        if command == "identify":
+            return self._refused(None, not_a_name("name"), "'name' is not a string")
+        return [not_a_name("to")]
 
     def on_result(self, command: Command, result: Any) -> list[Output]:
         if isinstance(command, Join):
             if not result:
-                return [NAME_TAKEN]
+                return self._refused(command.name, NAME_TAKEN, "name already in use")
             self.authenticated = True
             return [IDENTIFIED]
         if isinstance(command, SendDirect) and not result:

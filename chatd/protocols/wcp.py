@@ -8,6 +8,14 @@ to the connection, so later frames cannot speak for anyone else: relayed
 1000; a client that just disconnects is announced the same way, by the
 lobby. Invalid input is answered with an ``error`` and the connection is
 kept.
+
+Names follow ``chatd.names``: ``user_id`` and ``display_name`` must be
+valid names, are shown in their normalised form, and both are held in
+the room's registry, so a name that is taken or looks like a taken one
+(``Alice``, ``аlice`` with a Cyrillic a) gets ``user_id already in use``.
+A refused ``user_joined`` before the first success is reported
+(``AuthFailed``). An accepted join is followed by one ``user_joined`` for
+every named client already in the room (chatd's extension: a roster).
 """
 
 from __future__ import annotations
@@ -17,8 +25,11 @@ from typing import Any
 
 import msgspec
 
+from chatd import names
 from chatd.events import Command, Direct, Event, Join, Leave, Message, Publish, UserJoined, UserLeft, payload_text
-from chatd.protocols.base import MAX_NAME_CHARS, Close, Output, Protocol, Send, dumps, valid_name
+from chatd.protocols.base import (
+    AuthFailed, Close, NotJSON, Output, Protocol, Send, WrongShape, decode, dumps,
+)
 
 log = logging.getLogger("chatd.wcp")
 
@@ -50,9 +61,6 @@ JOIN_FIRST = error("send user_joined first")
 ID_TAKEN = error("user_id already in use")
 EMPTY_ID = error("user_id must not be empty")
 NOT_YOURS = error("user_left must carry your own user_id")
-BAD_NAME = error(f"user_id and display_name are 1 to {MAX_NAME_CHARS} characters, "
-                 "without control characters")
-TOO_FAST = error("rate limit exceeded: message dropped")
 
 
 class Wcp(Protocol):
@@ -61,38 +69,59 @@ class Wcp(Protocol):
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
+        #: The user_id as shown to everyone (normalised), once joined.
         self.user_id: str | None = None
 
     def receive(self, text: str) -> list[Output]:
         try:
-            frame = _decoder.decode(text)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            frame = decode(_decoder, text)
+        except (NotJSON, WrongShape) as exc:
             log.info("invalid wcp frame: %s", exc)
             return [INVALID]
         if isinstance(frame, UserJoinedFrame):
             if self.user_id is not None:
                 return [error(f"already joined as {self.user_id}")]
-            if not frame.user_id:
-                return [EMPTY_ID]
-            if not (valid_name(frame.user_id) and valid_name(frame.display_name)):
-                return [BAD_NAME]
-            return [Join(name=frame.user_id, display_name=frame.display_name,
-                         register=True, announce=True)]
+            return self._join(frame)
         if self.user_id is None:
             return [JOIN_FIRST]
         if isinstance(frame, ChatMessage):
             return [Publish(payload=frame.data, client_timestamp=frame.timestamp)]
-        if frame.user_id != self.user_id:
+        if not self._own(frame.user_id):
             return [NOT_YOURS]
         return [Leave(), Close(1000, "user left")]
 
-    def rate_limited(self, text: str) -> list[Output]:
-        return [TOO_FAST]
+    def _join(self, frame: UserJoinedFrame) -> list[Output]:
+        if not frame.user_id:
+            return [AuthFailed("", "empty user_id"), EMPTY_ID]
+        try:
+            user_id = names.parse(frame.user_id)
+        except names.InvalidName as exc:
+            return self._refuse(frame.user_id, f"user_id {exc.reason}")
+        try:
+            display_name = names.parse(frame.display_name)
+        except names.InvalidName as exc:
+            return self._refuse(frame.user_id, f"display_name {exc.reason}")
+        return [Join(name=user_id.shown, display_name=display_name.shown,
+                     register=True, announce=True, roster=True)]
+
+    @staticmethod
+    def _refuse(user: str, reason: str) -> list[Output]:
+        return [AuthFailed(user, reason), error(reason)]
+
+    def _own(self, user_id: str) -> bool:
+        """True if ``user_id`` names this client: the id it joined with, as
+        sent or as shown (``ａｌｉｃｅ`` joined as ``alice``)."""
+        if user_id == self.user_id:
+            return True
+        try:
+            return names.parse(user_id).shown == self.user_id
+        except names.InvalidName:
+            return False
 
     def on_result(self, command: Command, result: Any) -> list[Output]:
         if isinstance(command, Join):
             if not result:
-                return [ID_TAKEN]
+                return [AuthFailed(command.name, "user_id already in use"), ID_TAKEN]
             self.user_id = command.name
             self.authenticated = True
         return []

@@ -5,10 +5,16 @@ connected receives every message (so the connection joins its lobby the
 moment it opens), each message is stamped with ``tim`` (RFC 3339 UTC,
 nanosecond digits) and sent to all, the sender included. When the
 operator configured a JWT secret, a message whose ``jwt`` does not verify
-(HS256; ``exp`` not required) is dropped. The original answers nothing to
+(HS256; ``exp`` not required; ``chatd.tokens``) is dropped and reported as
+a failed authentication (``AuthFailed``). The original answers nothing to
 a bad frame, so neither does chatd: it is dropped and logged; so is a
-``usr`` that is not a valid name (``base.valid_name``), and so are frames
+``usr`` that is not a valid name (``chatd.names``), and so are frames
 over the message rate.
+
+``usr`` is published in its normalised form, and the lobby claims it for
+this connection (one name at a time; a new ``usr`` renames): a message
+whose ``usr`` another connection holds, or looks like, is dropped there.
+The sender sees it by the missing echo.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ import time
 
 import msgspec
 
-from chatd import tokens
+from chatd import names, tokens
 from chatd.events import Event, Join, Message, Publish, payload_text
-from chatd.protocols.base import Output, Protocol, dumps, valid_name
+from chatd.protocols.base import (
+    AuthFailed, NotJSON, Output, Protocol, WrongShape, decode, dumps,
+)
 
 log = logging.getLogger("chatd.wschat")
 
@@ -50,22 +58,34 @@ class WsChat(Protocol):
 
     def receive(self, text: str) -> list[Output]:
         try:
-            message = _decoder.decode(text)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            message = decode(_decoder, text)
+        except (NotJSON, WrongShape) as exc:
             log.info("dropped wschat frame: %s", exc)
             return []
-        if not valid_name(message.usr):
-            log.info("dropped wschat message: usr is empty, too long or has control characters")
+        try:
+            usr = names.parse(message.usr)
+        except names.InvalidName as exc:
+            log.info("dropped wschat message: usr %s", exc.reason)
             return []
-        if self.ctx.jwt_configured and not self._verified(message.jwt):
-            log.info("dropped wschat message from %r: jwt missing or invalid", message.usr)
-            return []
-        return [Publish(payload=message.msg, sender=message.usr)]
+        if self.ctx.jwt_configured:
+            refusal = self._refusal(message.jwt)
+            if refusal is not None:
+                # Logged by the connection, with the peer.
+                return [AuthFailed(message.usr, f"jwt {refusal}: message dropped")]
+        return [Publish(payload=message.msg, sender=usr.shown)]
 
-    def _verified(self, token: str | None) -> bool:
-        if token is None or self.ctx.jwt_secret is None:
-            return False
-        return tokens.verify(self.ctx.jwt_secret, token, require_exp=False) is not None
+    def _refusal(self, token: str | None) -> str | None:
+        """Why the message's token does not verify, or None if it does."""
+        if token is None:
+            return "missing"
+        if self.ctx.jwt_secret is None:
+            return "cannot be checked: no secret"
+        try:
+            tokens.verify(self.ctx.jwt_secret, token, require_exp=False,
+                          leeway=self.ctx.jwt_leeway)
+        except tokens.TokenRefused as exc:
+            return f"refused: {exc}"
+        return None
 
     @classmethod
     def encode(cls, event: Event) -> bytes | None:

@@ -1,0 +1,175 @@
+"""Names users see: which are allowed, how they are shown, what they compare as.
+
+One rule for every name any protocol accepts (multichat ``client-name``,
+socialvp ``name``, wcp ``user_id`` and ``display_name``, wschat ``usr``,
+GradAgenda ``user-id`` and ``device-id``), built from two standards so
+that no name can pass for another on screen:
+
+- **PRECIS Nickname** (RFC 8266, on the PRECIS framework of RFC 8264, as
+  XMPP uses it), via the ``precis-i18n`` library. Enforcement maps
+  full-width and compatibility characters (NFKC: ``ａｌｉｃｅ`` -> ``alice``),
+  maps every space to ASCII space, trims and collapses spaces, and
+  refuses what the FreeformClass disallows: control characters, zero-width
+  and other default-ignorable characters (bidi overrides, joiners,
+  variation selectors), unassigned code points. The enforced form
+  (case preserved) is what everyone is shown: ``Name.shown``. Its
+  case-mapped form (RFC 8266 section 2.4) is what a name is addressed as:
+  ``Name.address``.
+- **Confusable skeletons** (Unicode UTS #39 section 4), via ICU's
+  ``SpoofChecker`` (the ``pyicu-wheels`` package, ICU with its own
+  confusables table). Two names whose skeletons match look alike
+  (``alice`` and ``аlice`` with a Cyrillic a, ``paypal`` and ``paypaI``,
+  ``m`` and ``rn``). As Ergo does, the skeleton is taken of the case-
+  preserved and of the case-mapped form and case-folded, so ``ALICE``,
+  ``Alice`` and ``aIice`` all collide with ``alice``: ``Name.keys``.
+
+chatd adds two rules of its own: at most ``MAX_CHARS`` characters (before
+and after enforcement), and no combining mark first (RFC 5891 section
+4.2.3.2 has the same rule for domain labels: it would combine with
+whatever a client prints before the name).
+
+Names are checked when they are claimed, and wschat's ``usr`` with every
+message, so results are cached (``parse``): a repeated name costs a
+dictionary look-up.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from functools import lru_cache
+from typing import Final
+
+import icu
+import precis_i18n
+
+__all__ = ["MAX_CHARS", "InvalidName", "Name", "parse", "refusal", "skeleton"]
+
+#: Longest name (in characters) a client may claim, before and after enforcement.
+MAX_CHARS: Final = 256
+
+_SHOWN = precis_i18n.get_profile("NicknameCasePreserved")
+_ADDRESS = precis_i18n.get_profile("NicknameCaseMapped")
+_SPOOF = icu.SpoofChecker()
+#: Skeleton and case folding feed each other (``M`` -> ``m`` -> ``rn``);
+#: three rounds reach the fixed point for every code point (tested).
+_SKELETON_ROUNDS = 8
+
+
+class InvalidName(ValueError):
+    """A name no client may use; ``reason`` says why, for the client."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Name:
+    """A valid name in its three forms.
+
+    ``shown``: what other users see (PRECIS NicknameCasePreserved).
+    ``address``: what the name is compared as when a client names a user
+    (PRECIS NicknameCaseMapped): ``Alice`` reaches ``alice``.
+    ``keys``: UTS #39 skeletons, case-folded; two names that share a key
+    look alike, so only one of them may be held in a room.
+    """
+
+    __slots__ = ("shown", "address", "keys")
+
+    def __init__(self, shown: str, address: str, keys: frozenset[str]) -> None:
+        self.shown = shown
+        self.address = address
+        self.keys = keys
+
+    def __repr__(self) -> str:
+        return f"Name({self.shown!r})"
+
+
+def skeleton(text: str) -> str:
+    """The UTS #39 skeleton of ``text`` (NFD, each character mapped to its
+    confusable prototype, NFD again), case-folded, repeated until it no
+    longer changes: ``skeleton("ALICE") == skeleton("aIice")`` is false but
+    ``skeleton("аlice") == skeleton("alice")`` (Cyrillic a) is true.
+    Meant for names that passed ``parse``; any string is accepted."""
+    for _ in range(_SKELETON_ROUNDS):
+        folded = unicodedata.normalize("NFD", _SPOOF.getSkeleton(0, text).casefold())
+        if folded == text:
+            break
+        text = folded
+    return text
+
+
+def parse(raw: str) -> Name:
+    """The name ``raw`` as chatd shows and compares it.
+
+    Raises ``InvalidName`` (with a reason naming the offending character)
+    for an empty or all-space name, one over ``MAX_CHARS`` characters, one
+    that starts with a combining mark, or one the PRECIS Nickname profile
+    refuses (RFC 8266 section 2.3; RFC 8264 section 9 for the classes).
+    """
+    result = _parse(raw)
+    if isinstance(result, str):
+        raise InvalidName(result)
+    return result
+
+
+def refusal(raw: str) -> str | None:
+    """Why ``raw`` cannot be used as it is, or None when it can.
+
+    For identifiers that are matched exactly elsewhere (GradAgenda
+    ``user-id`` is a token's ``sub`` and a session member), so chatd must
+    not rewrite them: on top of ``parse``'s rule, the name must already be
+    in its shown form (``ａｌｉｃｅ`` is refused: it would be shown as
+    ``alice``)."""
+    result = _parse(raw)
+    if isinstance(result, str):
+        return result
+    if result.shown != raw:
+        return f"is not in its normalised form (it would be shown as {result.shown!r})"
+    return None
+
+
+@lru_cache(maxsize=4096)
+def _parse(raw: str) -> Name | str:
+    """A ``Name``, or the reason ``raw`` is not one (cached either way;
+    exceptions are not cached, so a fresh one is raised each time)."""
+    if len(raw) > MAX_CHARS:
+        return f"is longer than {MAX_CHARS} characters"
+    try:
+        shown = _SHOWN.enforce(raw)
+        address = _ADDRESS.enforce(raw)
+    except UnicodeEncodeError as exc:
+        return _explain(exc)
+    if len(shown) > MAX_CHARS or len(address) > MAX_CHARS:
+        return f"is longer than {MAX_CHARS} characters once normalised"
+    if unicodedata.category(shown[0]).startswith("M"):
+        return f"starts with a combining mark ({_describe(shown[0])})"
+    return Name(shown, address, frozenset((skeleton(shown), skeleton(address))))
+
+
+# precis-i18n reports what it refused as "DISALLOWED/<kind>".
+_KINDS = {
+    "controls": "contains a control character",
+    "precis_ignorable_properties": "contains an invisible or formatting character",
+    "zero_width_joiner": "contains an invisible or formatting character",
+    "zero_width_nonjoiner": "contains an invisible or formatting character",
+    "unassigned": "contains an unassigned character",
+}
+
+
+def _explain(exc: UnicodeEncodeError) -> str:
+    kind = exc.reason.rpartition("/")[2]
+    if kind == "empty":
+        return "is empty or only spaces"
+    if kind == "not_idempotent":
+        return "changes each time it is normalised"
+    if exc.end - exc.start != 1:
+        return "is not allowed"
+    char = exc.object[exc.start]
+    what = _KINDS.get(kind, "contains a character not allowed in names")
+    return f"{what} ({_describe(char)})"
+
+
+def _describe(char: str) -> str:
+    """``U+200B ZERO WIDTH SPACE``; code point alone when it has no name."""
+    name = unicodedata.name(char, "")
+    return f"U+{ord(char):04X}" + (f" {name}" if name else "")
