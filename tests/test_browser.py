@@ -206,8 +206,6 @@ async def test_two_pages_chat_with_each_other_and_with_wcp_and_multichat_clients
                                                                      "user_id": "bob"}
 
 
-@pytest.mark.xfail(strict=True, reason="needs the names branch's wcp roster (one user_joined per "
-                                        "member already present); remove this mark when it is merged")
 async def test_a_page_that_joins_late_sees_who_is_already_in_the_room(chat, pages):
     await chat.start()
     await wcp(chat, "wendy")
@@ -219,7 +217,7 @@ async def test_a_page_that_joins_late_sees_who_is_already_in_the_room(chat, page
     await tab.expect("#lobby-log .notice", "to_have_text", ["You joined as late."])
 
 
-@pytest.mark.parametrize("holder", ["page", "wcp", "socialvp"])
+@pytest.mark.parametrize("holder", ["page", "wcp", "socialvp", "multichat", "look-alike"])
 async def test_a_taken_name_is_refused_with_the_servers_message_and_another_works(
         chat, pages, holder):
     await chat.start()
@@ -227,8 +225,12 @@ async def test_a_taken_name_is_refused_with_the_servers_message_and_another_work
         await join(pages, chat, "carol")
     elif holder == "wcp":
         await wcp(chat, "carol")
-    else:
+    elif holder == "socialvp":
         await socialvp(chat, "carol")
+    elif holder == "multichat":
+        await chat.multichat("carol")
+    else:  # a name that looks the same is the same name (chatd.names)
+        await wcp(chat, "CAROL")
     tab = await pages.open(app_url(chat))
     await tab.fill("#lobby-name", "carol")
     await tab.click("#lobby-join button")
@@ -574,7 +576,8 @@ async def test_screenshots_of_the_two_main_views(chat, pages, tmp_path):
     wendy = await wcp(chat, "wendy", display_name="Wendy Wu")
     sam = await socialvp(chat, "sam")
     bridge = await chat.multichat("irc-bridge")
-    await alice.expect("#lobby-count", "to_have_text", "3")
+    await alice.expect("#lobby-roster li", "to_have_text",
+                       ["alice (you)", "irc-bridge", "sam", "Wendy Wu (wendy)"])
     await wendy.send({"type": "message", "data": "Morning all! Build is green again."})
     await shows(alice, "wendy", "Morning all! Build is green again.")
     await bridge.send({"action": "client-message", "content": "<dave> forwarded from #ops on IRC"})
