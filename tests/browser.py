@@ -89,6 +89,7 @@ class Browser:
     def close_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join()
+        self.loop.close()  # its self-pipe sockets too
 
 
 class Tab:
