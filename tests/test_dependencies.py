@@ -1,0 +1,90 @@
+"""chatd uses its libraries through their public API only, so an upgrade
+of any of them is a version bump, not a hunt through patched internals
+(issue #14 item 5: chatd once called trio-websocket's ``_reader_task``,
+``_get_request``, its stream lock and patched its close paths; the
+server now speaks RFC 6455 itself, on a sans-IO library's public API).
+
+These tests read chatd's source: they fail loudly, naming the file and
+line, when someone reaches into a library's private parts again."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parent.parent / "chatd"
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+
+
+def _third_party(module: str) -> bool:
+    top = module.split(".")[0]
+    return top != "chatd" and top not in sys.stdlib_module_names and top != "__future__"
+
+
+def _imports(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node, alias.name, alias.asname or alias.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                yield node, f"{node.module}.{alias.name}", alias.asname or alias.name
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_private_module_or_attribute_of_a_library_is_used(path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    library_names: set[str] = set()
+    problems = []
+    for node, module, bound in _imports(tree):
+        if not _third_party(module):
+            continue
+        library_names.add(bound)
+        private = [part for part in module.split(".") if part.startswith("_")]
+        if private:
+            problems.append(f"{path.name}:{node.lineno} imports private {module}")
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                and not node.attr.startswith("__") and isinstance(node.value, ast.Name)
+                and node.value.id in library_names):
+            problems.append(f"{path.name}:{node.lineno} uses {node.value.id}.{node.attr}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_private_attribute_of_another_object_is_used(path):
+    # ``ws._wsproto``, ``stream._send_conflict_detector``: whatever the object
+    # (a library's, or another chatd class's), its private parts are its own.
+    tree = ast.parse(path.read_text(), filename=str(path))
+    problems = [f"{path.name}:{node.lineno} uses .{node.attr}" for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_server_does_not_depend_on_trio_websocket():
+    # trio-websocket is the test suite's client; the server must not need it.
+    for path in SOURCES:
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node, module, _ in _imports(tree):
+            assert not module.startswith("trio_websocket"), f"{path.name}:{node.lineno}"
+
+
+def test_no_library_method_is_patched():
+    # Assigning to a library's class or module attribute (monkey-patching)
+    # is how the old transport worked around trio-websocket's bugs.
+    for path in SOURCES:
+        tree = ast.parse(path.read_text(), filename=str(path))
+        names = {bound for _, module, bound in _imports(tree) if _third_party(module)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign):
+                for target in node.targets:
+                    root = target
+                    while isinstance(root, ast.Attribute):
+                        root = root.value
+                    assert not (isinstance(target, ast.Attribute) and isinstance(root, ast.Name)
+                                and root.id in names), f"{path.name}:{node.lineno} patches {root.id}"
