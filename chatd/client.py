@@ -39,15 +39,6 @@ class Flusher:
         self.dirty: list[Client] = []
         self.deliveries: Counter[str] = deliveries if deliveries is not None else Counter()
 
-    def answered(self, frame: bytes | None) -> None:
-        """Deliver the one answer to an ``Answered`` command of this client."""
-        if frame is not None:
-            self.deliver(frame)
-        self.in_flight -= 1
-        if self.answers_wanted is not None:
-            self.answers_wanted.set()
-            self.answers_wanted = None
-
     def flush(self) -> None:
         """Write every waiting connection's frames, one write each."""
         dirty, self.dirty = self.dirty, []
