@@ -107,13 +107,13 @@ async def conversation(port: int, seconds: float) -> list[float]:
         assert json.loads((await alice.next()).data)["content"] == f"pong {i}"
         rtts.append(time.perf_counter() - start)
         i += 1
-        await trio.sleep(0.005)  # a person's pace, not a benchmark's
+        await trio.sleep(0.02)  # a lively chat, well under the default message-rate
     await alice.stream.aclose()
     await bob.stream.aclose()
     return rtts
 
 
-async def flooder(port: int, kind: str, stop: trio.Event, result: dict) -> None:
+async def flooder(port: int, kind: str, index: int, stop: trio.Event, result: dict) -> None:
     """Flood until ``stop``: messages, or empty fragments after one open frame."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(b"GET /flood HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -121,7 +121,7 @@ async def flooder(port: int, kind: str, stop: trio.Event, result: dict) -> None:
     head = b""
     while b"\r\n\r\n" not in head:
         head += sock.recv(4096)
-    sock.sendall(frame(1, json.dumps({"action": "register", "client-name": f"flood-{kind}",
+    sock.sendall(frame(1, json.dumps({"action": "register", "client-name": f"flood-{kind}-{index}",
                                       "secret-key": SECRET}).encode()))
     sock.setblocking(False)
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
@@ -143,7 +143,7 @@ async def flooder(port: int, kind: str, stop: trio.Event, result: dict) -> None:
         while True:
             for event in ws.events():
                 if isinstance(event, CloseConnection):
-                    closed = f"close {event.code}"
+                    closed = f"close {event.code} {event.reason}"
             try:
                 data = await stream.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -215,8 +215,8 @@ async def run(args: argparse.Namespace) -> dict:
             stop = trio.Event()
             rss_before = rss_kib(proc.pid)
             async with trio.open_nursery() as nursery:
-                for _ in range(args.flooders):
-                    nursery.start_soon(flooder, port, kind, stop, result)
+                for index in range(args.flooders):
+                    nursery.start_soon(flooder, port, kind, index, stop, result)
                 await trio.sleep(0.5)  # let the flood build up before measuring
                 rtts = await conversation(port, args.seconds)
                 stop.set()
