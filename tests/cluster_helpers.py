@@ -217,9 +217,10 @@ async def multichat(cluster: Cluster, node: Node, name: str) -> Peer:
     return peer
 
 
-async def until(peer: Peer, predicate) -> dict:
-    """Frames until one matches ``predicate``; that frame."""
-    while True:
-        frame = await peer.recv()
-        if predicate(frame):
-            return frame
+async def until(peer: Peer, predicate, guard: float = GUARD) -> dict:
+    """Frames until one matches ``predicate`` (within ``guard`` seconds); that frame."""
+    with trio.fail_after(guard):
+        while True:
+            frame = json.loads(await peer.ws.get_message())
+            if predicate(frame):
+                return frame

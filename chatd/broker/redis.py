@@ -269,13 +269,26 @@ class RedisBroker(Broker):
                   task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self._router = router
         self._versions = versions
-        with self._scope:
-            async with self._client:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._publisher)
-                    nursery.start_soon(self._subscriber)
-                    nursery.start_soon(self._ticker)
-                    task_status.started()
+        try:
+            with self._scope:
+                async with self._client:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._publisher)
+                        nursery.start_soon(self._subscriber)
+                        nursery.start_soon(self._ticker)
+                        task_status.started()
+        except Exception as exc:
+            # coredis may fail while its connections are torn down by our
+            # cancellation (a closed stream): that is the end, not an error.
+            if not self._scope.cancel_called:
+                raise
+            log.debug("broker tasks ended while stopping: %s", _describe(exc))
+        except BaseExceptionGroup as group:
+            cancelled, rest = group.split(trio.Cancelled)
+            if cancelled is None or rest is None:
+                raise
+            log.debug("broker tasks ended while stopping: %s", _describe(rest))
+            raise cancelled from None
 
     async def aclose(self) -> None:
         """Send what is queued (the names released at shutdown, the last
@@ -561,6 +574,10 @@ class RedisBroker(Broker):
     async def _down(self, reason: str) -> None:
         self._reason = f"broker {reason}"
         self._up = False
+        # Whichever task noticed, the publisher starts over too: it claims
+        # this node's names again once Redis answers (a restart lost them).
+        self._pub_ok = False
+        self._wake.set()
         if not self._reported:
             self._reported = True
             self.counters["outages"] += 1
