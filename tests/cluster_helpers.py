@@ -224,3 +224,55 @@ async def until(peer: Peer, predicate, guard: float = GUARD) -> dict:
             frame = json.loads(await peer.ws.get_message())
             if predicate(frame):
                 return frame
+
+
+class FreezingRelay:
+    """A TCP relay to Redis on a free port, which can make the subscriptions
+    open now deliver nothing while their connections stay open: a
+    subscription that silently stops (as after a failover that left it
+    behind). Connections made after ``freeze`` work."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._subscribers: list[list[bool]] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+        task_status.started()
+        await trio.serve_listeners(self._relay, listeners)
+
+    def freeze(self) -> int:
+        """Silence every subscription open now; how many there were."""
+        for state in self._subscribers:
+            state[0] = True
+        return len(self._subscribers)
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        state = [False]  # frozen
+        try:
+            upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+        except OSError:
+            await client.aclose()
+            return
+        async with client, upstream, trio.open_nursery() as nursery:
+
+            async def up() -> None:
+                while data := await client.receive_some():
+                    if b"SUBSCRIBE" in data and all(s is not state for s in self._subscribers):
+                        self._subscribers.append(state)
+                    await upstream.send_all(data)
+                nursery.cancel_scope.cancel()
+
+            async def down() -> None:
+                while data := await upstream.receive_some():
+                    if not state[0]:
+                        await client.send_all(data)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(up)
+            nursery.start_soon(down)

@@ -11,7 +11,7 @@ import sys
 import trio
 
 from tests.cluster_helpers import (  # noqa: F401
-    Cluster, cluster, multichat, redis_server, socialvp, until, wcp,
+    Cluster, FreezingRelay, cluster, multichat, redis_server, socialvp, until, wcp,
 )
 from tests.conftest import GUARD
 from tests.pg import pg_private, pg_private_server, pg_run_database, pg_url  # noqa: F401
@@ -193,3 +193,24 @@ def test_check_config_refuses_a_broker_with_a_sqlite_store_and_bad_node_ids(tmp_
     result = check_config(tmp_path, {"broker": "redis://127.0.0.1:6379/0", "node-id": "n-1.a_b",
                                      "store": "postgresql://chatd@db:5432/chatd"})
     assert result.returncode == 0, result.stderr
+
+
+async def test_a_subscription_that_silently_stops_is_noticed_and_made_again(
+        tmp_path, nursery, redis_server, pg_url):
+    relay = FreezingRelay(redis_server.port)
+    await nursery.start(relay.serve)
+    cluster = Cluster(tmp_path, nursery, relay.url, pg_url)
+    try:
+        n1, n2 = await cluster.nodes_up("n1", "n2")
+        a = await socialvp(cluster, n1, "a")
+        b = await socialvp(cluster, n2, "b")
+        assert relay.freeze() == 2  # both nodes' subscriptions deliver nothing now
+        # Each node's own heartbeat no longer comes back: not ready...
+        assert "no heartbeat came back" in await cluster.ready(n1, want=False)
+        # ... until it has subscribed again, on a new connection.
+        await cluster.ready(n1)
+        await cluster.ready(n2)
+        await a.send({"command": "broadcast", "message": "through again"})
+        assert (await until(b, lambda f: f["type"] == "broadcast"))["message"] == "through again"
+    finally:
+        cluster.stop_all()

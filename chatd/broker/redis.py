@@ -578,6 +578,13 @@ class RedisBroker(Broker):
         # this node's names again once Redis answers (a restart lost them).
         self._pub_ok = False
         self._wake.set()
+        # No connection of before is trusted again (a silent subscription
+        # would be handed back by the pool; after a failover they all point
+        # at the old server): every command and subscription starts afresh.
+        try:
+            self._client.connection_pool.disconnect()
+        except Exception as exc:
+            log.debug("broker %s: dropping connections: %s", self.shown, _describe(exc))
         if not self._reported:
             self._reported = True
             self.counters["outages"] += 1
