@@ -612,11 +612,12 @@ class Sessions:
         if refused:
             done(None, refused)
 
-    def _fill(self, session_id: str, force: bool = False) -> None:
+    def _fill(self, session_id: str, force: bool = False, attempt: int = 0) -> None:
         """Read from the store what this node's users of the session miss:
         after the lowest ``last`` among feeds that hold messages past a gap
         (or among all, with ``force``). A gap the store cannot fill (the
-        store failed, or the session was deleted) is skipped and logged."""
+        store failed, or the session was deleted: ``attempt`` counts reads
+        that found nothing) is skipped and logged."""
         if session_id in self._filling:
             return
         lasts = [feed.last for feed in self._feeds_of(session_id)
@@ -643,8 +644,14 @@ class Sessions:
                      and feeds[session_id].last is not None]
             if not stuck:
                 return
-            if rows is not None and len(rows) == FILL_PAGE:
+            # The read saw everything committed up to ``seen`` (a full page:
+            # maybe more). A gap above it opened after the read: read again.
+            seen = rows[-1][0] if rows else after
+            if rows and (len(rows) == FILL_PAGE or any(feed.last + 1 > seen for _, feed in stuck)):
                 self._fill(session_id)
+                return
+            if rows is not None and not rows and attempt < 2:
+                self._fill(session_id, attempt=attempt + 1)
                 return
             for user, feed in stuck:
                 self.skipped += 1

@@ -56,7 +56,7 @@ from coredis.retry import NoRetryPolicy
 from chatd.broker import wire
 from chatd.broker.base import (
     CLUSTER, Broker, BrokerDown, BrokerUp, ClaimDone, NamesLost, Remote, Subscribed, Tick,
-    node_channel,
+    node_channel, user_channel,
 )
 from chatd.broker.wire import Heartbeat, Item
 
@@ -69,6 +69,9 @@ MAX_ITEMS = 256
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 2.0
 #: Most keys refreshed by one script call.
 REFRESH_CHUNK = 500
+#: GradAgenda user channels: each carries one user's messages, in order,
+#: and nothing on another channel depends on them (batched by channel).
+USER_PREFIX = user_channel("")
 #: Seconds between two log lines about dropped items.
 DROP_LOG_INTERVAL = 10.0
 
@@ -361,14 +364,26 @@ class RedisBroker(Broker):
                 op = ops[index]
                 kind = type(op)
                 if kind is _Publish:
-                    items = [op.item]
-                    index += 1
-                    while (index < len(ops) and len(items) < MAX_ITEMS
-                           and type(ops[index]) is _Publish and ops[index].channel == op.channel):
-                        items.append(ops[index].item)
+                    # A run of publishes: consecutive items for one channel
+                    # travel together; within a run of GradAgenda user
+                    # channels, whose streams are independent of each other,
+                    # each channel's items travel together (in their order).
+                    independent = op.channel.startswith(USER_PREFIX)
+                    groups: dict[str, list[Item]] = {}
+                    while index < len(ops) and type(ops[index]) is _Publish:
+                        channel = ops[index].channel
+                        if independent:
+                            if not channel.startswith(USER_PREFIX):
+                                break
+                        elif channel != op.channel:
+                            break
+                        groups.setdefault(channel, []).append(ops[index].item)
                         index += 1
-                    pipe.publish(op.channel, wire.encode(self.node, self.boot, items))
-                    published += len(items)
+                    for channel, items in groups.items():
+                        for start in range(0, len(items), MAX_ITEMS):
+                            chunk = items[start:start + MAX_ITEMS]
+                            pipe.publish(channel, wire.encode(self.node, self.boot, chunk))
+                        published += len(items)
                     continue
                 index += 1
                 if kind is _Claim:
