@@ -18,9 +18,10 @@ router never awaits the network. It also keeps the cluster's membership:
   pub/sub message) asks for that node's whole ``Presence`` again. When the
   broker (re)connects, this node publishes its own presence in each room
   and asks every node for theirs, so the wcp roster is complete.
-- **Outages.** ``BrokerUp(resumed=True)`` after an outage: presence is
-  exchanged again, the GradAgenda sessions reload and every feed catches
-  up from the store (``Sessions.resumed``).
+- **Outages.** Each ``BrokerUp`` (the first, and every one after an
+  outage): presence is exchanged again, the GradAgenda sessions reload
+  from the store (changes made elsewhere meanwhile are applied and told)
+  and every feed catches up (``Sessions.resumed``).
 
 With ``LocalBroker`` the server installs no ``Cluster`` at all.
 """
@@ -188,7 +189,9 @@ class Cluster:
         for room in sorted(self.rooms):
             self.broker.publish(room_channel(room), self.lobby.presence(room))
         self.broker.publish(CLUSTER, SyncRequest(rooms=sorted(self.rooms)))
-        if cmd.resumed and self.sessions is not None:
+        # Also the first time: sessions changed elsewhere between loading
+        # them at start and subscribing were not heard of.
+        if self.sessions is not None:
             self.sessions.resumed()
 
     def broker_down(self, _: BrokerDown) -> None:

@@ -147,12 +147,13 @@ class Cluster:
     async def nodes_up(self, *names: str, **extra: Any) -> list[Node]:
         return [await self.start(name, **extra) for name in names]
 
-    async def readyz(self, node: Node) -> tuple[int, str]:
-        """GET /readyz: (status, body)."""
+    async def readyz(self, node: Node, path: str = "/readyz") -> tuple[int, str]:
+        """GET ``path`` (/readyz): (status, body)."""
         with trio.fail_after(GUARD):
             stream = await trio.open_tcp_stream("127.0.0.1", node.port)
             async with stream:
-                await stream.send_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n"
+                                      "Connection: close\r\n\r\n".encode())
                 data = b""
                 while chunk := await stream.receive_some():
                     data += chunk

@@ -72,11 +72,14 @@ async def test_redis_killed_paused_and_restarted_mid_stream(cluster, redis_serve
     local_b = await socialvp(cluster, n1, "local-b")
     remote = await socialvp(cluster, n2, "remote")
     confirmed: list[int] = []
+    outages_over = trio.Event()
 
-    async def stream(peer, sender: str, rounds: int) -> None:
-        for i in range(rounds):
+    async def stream(peer, sender: str) -> None:
+        i = 0
+        while not outages_over.is_set():  # a steady stream across every outage
             confirmed.extend(await send_all(peer, session_id, f"{sender}{i}", 10, window=4))
-            await trio.sleep(0.05)  # a steady stream across the outage, not a sync stand-in
+            i += 1
+            await trio.sleep(0.05)  # pacing the stream, not a sync stand-in
 
     async def outages() -> None:
         redis_server.kill()
@@ -94,11 +97,12 @@ async def test_redis_killed_paused_and_restarted_mid_stream(cluster, redis_serve
         redis_server.resume()
         await cluster.ready(n1)
         await cluster.ready(n2)
+        outages_over.set()
 
     with trio.fail_after(12 * GUARD):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(stream, bob, "bob", 12)
-            nursery.start_soon(stream, carol, "carol", 12)
+            nursery.start_soon(stream, bob, "bob")
+            nursery.start_soon(stream, carol, "carol")
             nursery.start_soon(outages)
     rows = stored(pg_url, session_id)
     total = len(rows)
@@ -171,6 +175,10 @@ async def test_garbage_on_a_channel_is_dropped_and_nodes_keep_serving(cluster, r
     await a.send({"command": "broadcast", "message": "still here"})
     assert (await until(b, lambda f: f["type"] == "broadcast"))["message"] == "still here"
     assert await cluster.readyz(n2) == (200, "ready\n")
+    status, metrics = await cluster.readyz(n2, "/metrics")
+    assert status == 200
+    assert 'chatd_cluster_events_total{outcome="malformed"} 4.0' in metrics
+    assert "chatd_cluster_broker_up 1.0" in metrics and "chatd_cluster_nodes 1.0" in metrics
 
 
 def check_config(tmp_path, config: dict) -> subprocess.CompletedProcess:
