@@ -139,3 +139,35 @@ async def test_a_direct_session_asked_for_on_one_node_is_usable_on_another(clust
     await bob.send(message(info["session-id"], "hi alice", cdid="b1"))
     assert (await bob.recv())["seq"] == 2
     assert (await alice.recv())["seq"] == 2
+
+
+async def test_a_device_logging_in_mid_stream_gets_everything_after_without_gaps(cluster, pg_url):
+    n1, n2 = await cluster.nodes_up("n1", "n2")
+    bob = await login(cluster, n1, "bob")
+    carol = await login(cluster, n2, "carol")
+    session_id = (await create(bob, "alice", "carol"))["session-id"]
+    await carol.recv()
+    late: list[Peer] = []
+
+    async def stream(peer: Peer, sender: str) -> None:
+        await send_all(peer, session_id, sender, 150, window=8)
+
+    async def log_in_meanwhile() -> None:
+        while len(stored(pg_url, session_id)) < 40:
+            await trio.sleep(0.02)  # waiting for the stream to be under way
+        late.append(await login(cluster, n2, "alice", "late-phone"))
+        late.append(await login(cluster, n1, "alice", "late-laptop"))
+
+    with trio.fail_after(6 * GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream, bob, "bob")
+            nursery.start_soon(stream, carol, "carol")
+            nursery.start_soon(log_in_meanwhile)
+    for device in late:
+        got: list[int] = []
+        with trio.fail_after(3 * GUARD):
+            while not got or got[-1] < 300:
+                frame = await device.recv()
+                if frame["type"] == "message-broadcast":
+                    got.append(frame["seq"])
+        assert got == list(range(got[0], 301)), got[:20]  # from its login on, every one

@@ -168,3 +168,25 @@ async def test_presence_roster_and_direct_messages_cross_nodes(cluster):
     # ... and a name given up is free again, on any node.
     again = await socialvp(cluster, n2, "sam")
     await again.close()
+
+
+async def test_a_rename_on_one_node_is_announced_everywhere_and_frees_the_old_name(cluster):
+    n1, n2 = await cluster.nodes_up("n1", "n2")
+    sam = await socialvp(cluster, n1, "sam")
+    wally = await wcp(cluster, n2, "wally")
+    assert (await wally.recv())["user_id"] == "sam"
+    await sam.send({"command": "identify", "name": "samuel"})
+    assert (await sam.recv())["code"] == 300
+    assert await wally.recv() == {"type": "user_left", "user_id": "sam"}
+    assert await wally.recv() == {"type": "user_joined", "user_id": "samuel",
+                                  "display_name": "samuel"}
+    again = await socialvp(cluster, n2, "Sam")  # the old name is free, on every node
+    listener = await cluster.connect(n1, "wschat")
+    await listener.send(wschat("samuel", "not me"))  # held on n1 by another connection
+    await listener.send(wschat("wes", "me"))
+    assert (await listener.recv())["usr"] == "wes"
+    await listener.send(wschat("wesley", "renamed"))
+    assert (await listener.recv())["usr"] == "wesley"
+    assert await until(wally, joined("wesley")) == {"type": "user_joined", "user_id": "wesley",
+                                                    "display_name": "wesley"}
+    await again.close()
