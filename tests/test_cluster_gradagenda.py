@@ -171,3 +171,28 @@ async def test_a_device_logging_in_mid_stream_gets_everything_after_without_gaps
                 if frame["type"] == "message-broadcast":
                     got.append(frame["seq"])
         assert got == list(range(got[0], 301)), got[:20]  # from its login on, every one
+
+
+async def test_a_message_whose_publish_was_lost_is_filled_from_the_store(cluster, pg_url):
+    # A node that committed a message and died before publishing it: no
+    # other node ever hears of it, until the next message shows the gap.
+    n1, n2 = await cluster.nodes_up("n1", "n2")
+    alice = await login(cluster, n1, "alice")
+    carol = await login(cluster, n2, "carol")
+    session_id = (await create(alice, "carol"))["session-id"]
+    await carol.recv()
+    await carol.send(message(session_id, "one", cdid="c1"))
+    assert (await carol.recv())["seq"] == 1
+    assert (await alice.recv())["seq"] == 1
+    with psycopg.connect(pg_url) as conn:  # committed elsewhere, never published
+        conn.execute(
+            "WITH s AS (UPDATE sessions SET last_seq = last_seq + 1 WHERE id = %s "
+            "RETURNING id, last_seq) INSERT INTO messages (session_id, seq, sender_id, message, "
+            "sender_timestamp, server_timestamp) SELECT id, last_seq, 'carol', %s, 1, 2 FROM s",
+            (session_id, json.dumps({"type": "text", "body": "lost in transit"})))
+    await carol.send(message(session_id, "three", cdid="c3"))
+    for device in (carol, alice):  # the sender's node too: its own answer waits for seq 2
+        got = [await device.recv() for _ in range(2)]
+        assert [(f["seq"], f["message"]["body"]) for f in got] == [(2, "lost in transit"),
+                                                                   (3, "three")]
+    assert got[1].get("cdid") is None and "cdid" not in got[0]
