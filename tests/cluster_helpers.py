@@ -237,6 +237,18 @@ class FreezingRelay:
         self.target_port = target_port
         self.port = free_port()
         self._subscribers: list[list[bool]] = []
+        #: While set, the relay is a dead network: connections dropped, new ones closed.
+        self.blocked = False
+        self._scopes: set[trio.CancelScope] = set()
+
+    def block(self) -> None:
+        """Cut every connection through the relay, and refuse new ones."""
+        self.blocked = True
+        for scope in self._scopes:
+            scope.cancel()
+
+    def unblock(self) -> None:
+        self.blocked = False
 
     @property
     def url(self) -> str:
@@ -254,6 +266,18 @@ class FreezingRelay:
         return len(self._subscribers)
 
     async def _relay(self, client: trio.SocketStream) -> None:
+        if self.blocked:
+            await client.aclose()
+            return
+        with trio.CancelScope() as scope:
+            self._scopes.add(scope)
+            try:
+                await self._forward(client)
+            finally:
+                self._scopes.discard(scope)
+        await trio.aclose_forcefully(client)
+
+    async def _forward(self, client: trio.SocketStream) -> None:
         state = [False]  # frozen
         try:
             upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)

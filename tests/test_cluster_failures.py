@@ -222,3 +222,38 @@ async def test_a_subscription_that_silently_stops_is_noticed_and_made_again(
         assert (await until(b, lambda f: f["type"] == "broadcast"))["message"] == "through again"
     finally:
         cluster.stop_all()
+
+
+async def test_a_name_taken_while_its_node_was_cut_off_disconnects_the_old_holder(
+        tmp_path, nursery, redis_server, pg_url):
+    relay = FreezingRelay(redis_server.port)
+    await nursery.start(relay.serve)
+    cut = Cluster(tmp_path / "cut", nursery, relay.url, pg_url)
+    direct = Cluster(tmp_path, nursery, redis_server.url, pg_url)
+    (tmp_path / "cut").mkdir()
+    try:
+        n1 = await cut.start("n1")
+        n2 = await direct.start("n2")
+        sam = await socialvp(cut, n1, "sam")
+        watcher = await socialvp(direct, n2, "watcher")
+        relay.block()  # n1 loses Redis; n2 does not
+        await cut.ready(n1, want=False)
+        # n2 takes n1 for dead and, once the name expired, gives it away.
+        await until(watcher, lambda f: f == {"type": "quit", "who": "sam"}, DEAD_NODE_BOUND)
+        with trio.fail_after(DEAD_NODE_BOUND):
+            while True:
+                other = await direct.connect(n2, "socialvp")
+                await other.recv()
+                await other.send({"command": "identify", "name": "sam"})
+                if (await other.recv())["code"] == 300:
+                    break
+                await other.close()
+                await trio.sleep(0.5)  # retrying as a client would
+        relay.unblock()
+        # Back, n1 finds its name taken: its holder is told to reconnect.
+        assert await sam.closed() == 1012
+        await cut.ready(n1)
+        assert "name lost" in n1.output()
+    finally:
+        cut.stop_all()
+        direct.stop_all()
