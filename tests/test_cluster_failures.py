@@ -257,3 +257,22 @@ async def test_a_name_taken_while_its_node_was_cut_off_disconnects_the_old_holde
     finally:
         cut.stop_all()
         direct.stop_all()
+
+
+async def test_a_node_starts_while_redis_is_down_and_joins_once_it_is_up(cluster, redis_server):
+    redis_server.kill()
+    n1 = await cluster.start("n1", ready=False)
+    assert "broker" in await cluster.ready(n1, want=False)
+    # No name can be proven free without Redis: a claim waits, then is
+    # refused (never two holders), and the node says it is not ready.
+    early = await cluster.connect(n1, "socialvp")
+    await early.recv()
+    await early.send({"command": "identify", "name": "a"})
+    assert (await early.recv())["code"] == 305
+    redis_server.start()
+    await cluster.ready(n1)
+    a = await socialvp(cluster, n1, "a")
+    n2 = await cluster.start("n2")
+    c = await socialvp(cluster, n2, "c")
+    await a.send({"command": "broadcast", "message": "across"})
+    assert (await until(c, lambda f: f["type"] == "broadcast"))["message"] == "across"
