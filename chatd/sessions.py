@@ -81,6 +81,8 @@ STORE_RETRY = "storage busy: nothing was stored, try again"
 STORE_BUSY = "server busy: too many writes queued, try again"
 #: Messages read from the store at once to fill a gap (cluster).
 FILL_PAGE = 100
+#: Deleted sessions remembered, so that their late messages are dropped.
+GONE_KEPT = 10_000
 
 
 def direct_session_id(a: str, b: str) -> str:
@@ -116,14 +118,17 @@ class Session:
 class Feed:
     """One local user's messages of one session (cluster): ``last``, the
     ``seq`` their devices here got last (None until the baseline is read,
-    -1 when the first message to come sets it), and the messages ``held``
-    until those before them arrive: seq -> (event, asker, cdid)."""
+    -1 when the first message to come sets it), the messages ``held``
+    until those before them arrive: seq -> (event, asker, cdid), and
+    ``until``: once the user was removed, the last ``seq`` still theirs
+    (messages sent before the removal may still be on their way)."""
 
-    __slots__ = ("last", "held")
+    __slots__ = ("last", "held", "until")
 
     def __init__(self, last: int | None) -> None:
         self.last = last
         self.held: dict[int, tuple[StoredMessage, Client | None, Any]] = {}
+        self.until: int | None = None
 
 
 def newest_seq(store: Store, session_id: str) -> int:
@@ -163,6 +168,8 @@ class Sessions:
         #: sessions with a gap-filling read in flight.
         self._filling: set[str] = set()
         self._reloading = False
+        #: Sessions deleted lately (oldest first), whose late messages are dropped.
+        self._gone: dict[str, None] = {}
         #: Users whose channel delivers (acknowledged since their first login here).
         self._acked: set[str] = set()
         #: Gaps that could not be filled from the store (logged, for /metrics).
@@ -451,17 +458,39 @@ class Sessions:
 
     def _follow(self, session_id: str, status: str, members: Iterable[str],
                 old: Iterable[str], seq: int) -> None:
+        """Start the feeds of users who joined at ``seq``; those who left get
+        what was sent up to ``seq`` (a deleted session: nothing more)."""
         members = set(members)
-        gone = members if status == "deleted" else set(old) - members
-        for user in gone:
-            feed = self.feeds.get(user, {}).pop(session_id, None)
-            if feed is not None:
-                _answer_held(feed)
-        if status != "deleted":
+        if status == "deleted":
+            self._gone[session_id] = None
+            while len(self._gone) > GONE_KEPT:
+                del self._gone[next(iter(self._gone))]
             for user in members:
-                feeds = self.feeds.get(user)
-                if feeds is not None and session_id not in feeds:
-                    feeds[session_id] = Feed(seq)
+                self._close(user, session_id)
+            return
+        for user in set(old) - members:
+            feed = self.feeds.get(user, {}).get(session_id)
+            if feed is not None:
+                feed.until = seq
+                if seq < 0 or (feed.last is not None and feed.last >= seq):
+                    self._close(user, session_id)
+                else:
+                    self._fill(session_id, force=True)
+        for user in members:
+            feeds = self.feeds.get(user)
+            if feeds is None:
+                continue
+            feed = feeds.get(session_id)
+            if feed is not None and feed.until is not None:  # back before it closed
+                self._close(user, session_id)
+                feed = None
+            if feed is None:
+                feeds[session_id] = Feed(seq)
+
+    def _close(self, user: str, session_id: str) -> None:
+        feed = self.feeds.get(user, {}).pop(session_id, None)
+        if feed is not None:
+            _answer_held(feed)
 
     def remote_changed(self, item: SessionChanged) -> None:
         """A change another node committed: the same here, and every local
@@ -524,13 +553,18 @@ class Sessions:
         session_id, seq = event.session_id, event.seq
         feed = feeds.get(session_id)
         if feed is None:
+            if session_id in self._gone:  # sent just before it was deleted
+                if asker is not None:
+                    _answer(asker, event, cdid)
+                return
             # A session this node did not know the user was in (its change was
             # lost): start from here, and reload the sessions.
             feed = feeds[session_id] = Feed(-1)
             self.reload()
         if feed.last == -1:
             feed.last = seq - 1
-        if feed.last is not None and seq <= feed.last:
+        if (feed.last is not None and seq <= feed.last) or (
+                feed.until is not None and seq > feed.until):
             if asker is not None:
                 _answer(asker, event, cdid)
             return
@@ -546,7 +580,9 @@ class Sessions:
         if feed.last is None:
             return
         self._drain(user, feed, frames)
-        if feed.held and fill:
+        if feed.until is not None and feed.last >= feed.until:
+            self._close(user, session_id)
+        elif feed.held and fill:
             self._fill(session_id)
 
     def _drain(self, user: str, feed: Feed, frames: dict | None = None) -> None:
@@ -660,6 +696,8 @@ class Sessions:
                             failure or "deleted?")
                 feed.last = min(feed.held) - 1
                 self._drain(user, feed)
+                if feed.until is not None and feed.last >= feed.until:
+                    self._close(user, session_id)
 
         refused = self._write(lambda store: store.history(session_id, after=after,
                                                           limit=FILL_PAGE),
@@ -668,10 +706,8 @@ class Sessions:
             done(None, refused)
 
     def _feeds_of(self, session_id: str) -> list[Feed]:
-        session = self.sessions.get(session_id)
-        users = session.members if session is not None else self.feeds.keys()
-        return [feeds[session_id] for user in users
-                if (feeds := self.feeds.get(user)) is not None and session_id in feeds]
+        """Every local feed of the session (members', and those closing)."""
+        return [feeds[session_id] for feeds in self.feeds.values() if session_id in feeds]
 
     def reload(self) -> None:
         """Reload the sessions from the store and apply what changed while

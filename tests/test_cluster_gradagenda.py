@@ -118,6 +118,12 @@ async def test_session_changes_reach_every_device_on_every_node(cluster):
     await carol.send(message(session_id, "hello from n3", cdid="c1"))
     assert (await carol.recv())["seq"] == 2
     assert (await bob.recv())["message"]["body"] == "hello from n3"
+    # alice, on n1, no longer gets the session's messages: her next frame is
+    # one of another session.
+    pair = await direct(bob, "alice")
+    await bob.send(message(pair["session-id"], "just us", cdid="b9"))
+    assert (await bob.recv())["cdid"] == "b9"
+    assert (await alice.recv())["message"]["body"] == "just us"
     # Deleted on n3: everyone hears it, and nobody can use it on any node.
     await carol.send({"type": "request-mutable-session-deletion", "cdid": "del",
                       "session-id": session_id})
