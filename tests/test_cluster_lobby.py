@@ -14,6 +14,8 @@ from tests.cluster_helpers import (  # noqa: F401
 )
 from tests.conftest import GUARD, JWT_SECRET
 from tests.pg import pg_run_database, pg_url  # noqa: F401
+from tests.test_cluster_gradagenda import login
+from tests.test_gradagenda import direct, message
 
 
 def wschat(usr: str, msg: str) -> dict:
@@ -24,7 +26,7 @@ def joined(name: str):
     return lambda f: f.get("type") == "user_joined" and f["user_id"] == name
 
 
-async def test_a_message_from_any_node_reaches_every_protocol_on_every_node(cluster):
+async def test_a_message_from_any_node_reaches_all_five_protocols_on_every_node(cluster):
     n1, n2, n3 = await cluster.nodes_up("n1", "n2", "n3")
     wendy = await wcp(cluster, n3, "wendy", "Wendy W.")
     bridge = await multichat(cluster, n1, "bridge")
@@ -71,6 +73,15 @@ async def test_a_message_from_any_node_reaches_every_protocol_on_every_node(clus
     assert (await wendy.recv())["data"] == "end"
     await wendy.send({"type": "message", "data": "end too"})
     assert (await sam.recv())["message"] == "end too"
+    # The fifth protocol: GradAgenda users on two other nodes.
+    alice = await login(cluster, n1, "alice")
+    bob = await login(cluster, n3, "bob")
+    pair = (await direct(alice, "bob"))["session-id"]
+    await alice.send(message(pair, "hello from n1", cdid="a1"))
+    assert (await alice.recv())["seq"] == 1
+    got = await bob.recv()
+    assert (got["type"], got["sender-id"], got["message"]["body"]) == (
+        "message-broadcast", "alice", "hello from n1")
 
 
 async def test_one_senders_messages_arrive_on_other_nodes_in_the_order_sent(cluster):
