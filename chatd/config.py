@@ -200,6 +200,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
             raise ValueError("max-sessions-per-user must be at least 1")
         if self.store_busy_timeout < 0:
             raise ValueError("store-busy-timeout must not be negative")
+        check_cluster(self)
         if isinstance(self.web_client, str) and not (
                 self.web_client.startswith("/") and self.web_client.endswith("/")):
             raise ValueError("web-client must be a path that starts and ends with '/'")
@@ -235,6 +236,29 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
         if self.endpoints is not None:
             return list(self.endpoints)
         return [EndpointConfig(path=self.ws_path, protocol="multichat")]
+
+
+#: A node id: what other nodes, Redis keys and logs call this node.
+_NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def check_cluster(config: Config) -> None:
+    """The cluster keys (docs/cluster.md): ``broker`` is a Redis URL and
+    comes with a shared store, ``node-id`` is 1 to 64 of ``A-Z a-z 0-9 . _ -``.
+    Raises ValueError naming the key; also run at start-up, after
+    ``chatd serve --store`` may have changed the store."""
+    if config.node_id is not None and not _NODE_ID.fullmatch(config.node_id):
+        raise ValueError(f"node-id {config.node_id!r} must be 1 to 64 letters, digits, "
+                         "'.', '_' or '-' (it names Redis channels and keys)")
+    if config.broker is None:
+        return
+    if not config.broker.startswith(("redis://", "rediss://")):
+        raise ValueError(f"broker {config.broker!r} must be a redis://HOST:PORT/DB URL "
+                         "(rediss:// for TLS)")
+    if not config.store.startswith(("postgresql://", "postgres://")):
+        raise ValueError(f"broker needs a store every node shares: store {config.store!r} is a "
+                         "SQLite file, which one node alone can use (two nodes cannot share one "
+                         "file); set store to postgresql://USER@HOST:PORT/DB")
 
 
 def parse_host(host: str) -> tuple[str | None, int]:

@@ -14,24 +14,50 @@ A claim that fails is refused with the protocol's answer (``Join``'s
 result), or, for a wschat message, the message is dropped and logged.
 Claims and releases are announced (``UserJoined``/``UserLeft``): every
 protocol asks for it, since every held name can appear on messages.
+
+**Several nodes** (``chatd.broker``; docs/cluster.md). The lobby checks a
+claim against this node's names first (a name held here is refused at
+once), then asks the broker, whose registry spans the cluster
+(``Broker.claim``). When that answer comes later (Redis), the name is
+reserved here meanwhile, the ``Join`` is answered once it comes
+(``DEFERRED``), and every later lobby command of that connection (a
+wschat message, its ``Leave``) waits behind it, so each connection's
+commands still take effect in the order sent. Messages, and every claim
+and release, are published to the room's channel; what other nodes
+publish arrives through ``chatd.cluster`` (the ``remote_*`` methods) and
+is delivered here like local events, encoded once per protocol. The
+lobby keeps a view of the names held on other nodes (for the wcp roster,
+direct messages and announcements), numbered per node and room so that a
+missed change is noticed and the whole view of that node asked for again.
+With ``LocalBroker`` (one node) all of this reduces to the local registry.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections import deque
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 from chatd import names
+from chatd.broker import Broker, LocalBroker
+from chatd.broker.base import ClaimDone, NamesLost, node_channel, room_channel
+from chatd.broker.wire import Joined, Left, Member, Presence, Said, Whisper
 from chatd.events import Direct, Event, Join, Leave, Message, Publish, SendDirect, UserJoined, UserLeft
+from chatd.router import DEFERRED, Router
 from chatd.transport import text_frame
 
 if TYPE_CHECKING:
     from chatd.client import Client
     from chatd.protocols.base import Protocol
-    from chatd.router import Router
 
 log = logging.getLogger("chatd.lobby")
+
+#: The close code and reason for a holder whose name another node took
+#: while this node could not renew it (docs/cluster.md): reconnect.
+NAME_LOST = (1012, "name lost while this node was cut off from the cluster: reconnect")
 
 
 class Claim:
@@ -54,71 +80,151 @@ class Claim:
 
 
 class Room:
-    __slots__ = ("name", "receivers", "names", "holders", "claims")
+    __slots__ = ("name", "receivers", "names", "holders", "claims", "reserved")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.receivers: dict[type[Protocol], dict[int, Client]] = {}
         #: Held names by their address form (RFC 8266 comparison), for ``SendDirect``.
         self.names: dict[str, Client] = {}
-        #: Every look-alike key of every held name -> its holder.
+        #: Every look-alike key of every held (or reserved) name -> its holder.
         self.holders: dict[str, Client] = {}
         #: client id -> what it holds.
         self.claims: dict[int, Claim] = {}
+        #: client id -> the claim the broker is asked for (cluster).
+        self.reserved: dict[int, Claim] = {}
 
     def __len__(self) -> int:
         return sum(len(m) for m in self.receivers.values())
 
 
-class Lobby:
+class RemoteMember:
+    """A name held on another node: ``key`` is (node, client id there)."""
+
+    __slots__ = ("key", "claim", "protocol")
+
+    def __init__(self, key: tuple[str, int], claim: Claim, protocol: str) -> None:
+        self.key = key
+        self.claim = claim
+        self.protocol = protocol
+
+
+class RemoteRoom:
+    """What this node knows of a room's names on other nodes."""
+
+    __slots__ = ("members", "addresses", "holders", "versions")
+
     def __init__(self) -> None:
+        self.members: dict[tuple[str, int], RemoteMember] = {}
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self.holders: dict[str, tuple[str, int]] = {}
+        #: node -> the last presence version applied from it.
+        self.versions: dict[str, int] = {}
+
+
+class _Pending:
+    """A claim the broker has not answered yet, and the command behind it."""
+
+    __slots__ = ("command", "room", "client", "claim", "keys")
+
+    def __init__(self, command: Any, room: Room, client: Client, claim: Claim,
+                 keys: frozenset[str]) -> None:
+        self.command = command
+        self.room = room
+        self.client = client
+        self.claim = claim
+        self.keys = keys
+
+
+class Lobby:
+    def __init__(self, broker: Broker | None = None) -> None:
+        self.broker: Broker = broker if broker is not None else LocalBroker()
         self.rooms: dict[str, Room] = {}
+        #: Other nodes' names, by room (cluster).
+        self.remote: dict[str, RemoteRoom] = {}
+        #: This node's presence version per room: claims and releases so far.
+        self.versions: dict[str, int] = {}
+        #: client id -> lobby commands waiting behind its claim in flight.
+        self.waiting: dict[int, deque[Any]] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._tokens = itertools.count(1)
+        self._handlers = {Join: self.join, Publish: self.publish, SendDirect: self.send_direct,
+                          Leave: self.leave}
 
     def install(self, router: Router) -> None:
-        router.handle(Join, self.join)
-        router.handle(Publish, self.publish)
-        router.handle(SendDirect, self.send_direct)
-        router.handle(Leave, self.leave)
+        for command_type, handler in self._handlers.items():
+            router.handle(command_type, handler)
+        router.handle(ClaimDone, self.claim_done)
+        router.handle(NamesLost, self.names_lost)
 
     # --- handlers ----------------------------------------------------------
 
-    def join(self, cmd: Join) -> bool:
+    def join(self, cmd: Join) -> bool | object:
         """Enter the room (claiming ``cmd.name`` if ``register``); False if
         the name, or one that looks like it, is held by another client."""
+        if self._queued(cmd):
+            return DEFERRED
         client = cmd.client
         room = self.rooms.get(client.room)
         if room is None:
             room = self.rooms[client.room] = Room(client.room)
         if cmd.register and cmd.name is not None:
-            if not self._claim(room, client, cmd.name, cmd.display_name, cmd.announce):
+            ok = self._claim(room, client, cmd.name, cmd.display_name, cmd.announce, cmd)
+            if ok is None:
+                return DEFERRED
+            if not ok:
+                self._forget_if_empty(room)
                 return False
         else:
             client.name = cmd.name
             client.display_name = cmd.display_name
+        return self._enter(room, cmd)
+
+    def _enter(self, room: Room, cmd: Join) -> bool:
+        client = cmd.client
         room.receivers.setdefault(client.protocol, {})[client.id] = client
         if cmd.roster:
             self._send_roster(room, client)
         return True
 
     def publish(self, cmd: Publish) -> None:
+        if self._queued(cmd):
+            return
         client = cmd.client
         room = self.rooms.get(client.room)
         if room is None or client.id not in room.receivers.get(client.protocol, ()):
             log.debug("publish from %r, which has not joined", client)
             return
         if cmd.sender is not None and cmd.sender != client.name:
-            if not self._claim(room, client, cmd.sender, None, announce=True):
-                log.info("%s message as %r dropped: the name (or one like it) is held by "
-                         "another connection in room %s", client.peer, cmd.sender, room.name)
+            ok = self._claim(room, client, cmd.sender, None, True, cmd)
+            if ok is None:
                 return
+            if not ok:
+                self._refused_sender(room, client, cmd)
+                return
+        self._say(room, client, cmd)
+
+    def _say(self, room: Room, client: Client, cmd: Publish) -> None:
         event = Message(room=room.name, sender=client.name, payload=cmd.payload,
                         time_ns=time.time_ns(), client_timestamp=cmd.client_timestamp)
         self.fanout(room, event, exclude=client)
+        if self.broker.shared:
+            self.broker.publish(room_channel(room.name), Said(
+                room=room.name, sender=event.sender, payload=event.payload, time_ns=event.time_ns,
+                client_timestamp=event.client_timestamp))
 
-    def send_direct(self, cmd: SendDirect) -> bool:
+    @staticmethod
+    def _refused_sender(room: Room, client: Client, cmd: Publish) -> None:
+        log.info("%s message as %r dropped: the name (or one like it) is held by "
+                 "another connection in room %s", client.peer, cmd.sender, room.name)
+
+    def send_direct(self, cmd: SendDirect) -> bool | object:
         """Deliver to the holder of ``cmd.to`` (compared as RFC 8266 says:
-        ``Wendy`` reaches ``wendy``); False if nobody holds it or the
-        holder's protocol has no direct messages (multichat, wschat)."""
+        ``Wendy`` reaches ``wendy``), here or on another node; False if
+        nobody holds it or the holder's protocol has no direct messages
+        (multichat, wschat)."""
+        if self._queued(cmd):
+            return DEFERRED
         client = cmd.client
         room = self.rooms.get(client.room)
         if room is None:
@@ -129,7 +235,7 @@ class Lobby:
             return False
         target = room.names.get(address)
         if target is None:
-            return False
+            return self._send_remote(room, client, address, cmd)
         data = target.protocol.encode(Direct(sender=client.name or "", to=target.name or cmd.to,
                                              payload=cmd.payload, time_ns=time.time_ns()))
         if data is None:
@@ -137,7 +243,22 @@ class Lobby:
         target.deliver(text_frame(data))
         return True
 
+    def _send_remote(self, room: Room, client: Client, address: str, cmd: SendDirect) -> bool:
+        remote = self.remote.get(room.name)
+        key = remote.addresses.get(address) if remote is not None else None
+        if key is None:
+            return False
+        member = remote.members[key]
+        if not _takes_direct(member.protocol):
+            return False
+        self.broker.publish(node_channel(key[0]), Whisper(
+            room=room.name, client=key[1], sender=client.name or "", to=member.claim.name.shown,
+            payload=cmd.payload, time_ns=time.time_ns()))
+        return True
+
     def leave(self, cmd: Leave) -> None:
+        if self._queued(cmd):
+            return
         client = cmd.client
         room = self.rooms.get(client.room)
         if room is None:
@@ -150,29 +271,79 @@ class Lobby:
         claim = self._release(room, client)
         if claim is not None and claim.announced:
             self.fanout(room, UserLeft(name=claim.name.shown), exclude=client)
-        if not room.receivers:
+        self._forget_if_empty(room)
+
+    def _forget_if_empty(self, room: Room) -> None:
+        if not room.receivers and not room.reserved and self.rooms.get(room.name) is room:
             del self.rooms[room.name]
 
-    @staticmethod
-    def _send_roster(room: Room, client: Client) -> None:
+    def _send_roster(self, room: Room, client: Client) -> None:
         """A ``UserJoined`` for every name held in ``room`` by others, to
-        ``client`` alone, in the order they were claimed. The frames go as
-        one outbox item, so a big room cannot make the joiner look like a
-        slow consumer (the outbox counts items, not bytes)."""
+        ``client`` alone: names held on this node in the order they were
+        claimed, then those held on other nodes, in the order this node
+        learnt of them. The frames go as one outbox item, so a big room
+        cannot make the joiner look like a slow consumer (the outbox counts
+        items, not bytes)."""
         encode = client.protocol.encode
-        frames = [text_frame(data) for other_id, claim in room.claims.items()
-                  if other_id != client.id and (data := encode(claim.announcement())) is not None]
+        claims = [claim for other_id, claim in room.claims.items() if other_id != client.id]
+        remote = self.remote.get(room.name)
+        if remote is not None:
+            claims += [member.claim for member in remote.members.values()]
+        frames = [text_frame(data) for claim in claims
+                  if (data := encode(claim.announcement())) is not None]
         if frames:
             client.deliver(b"".join(frames))
+
+    # --- commands behind a claim in flight ---------------------------------------
+
+    def _queued(self, cmd: Any) -> bool:
+        """Keep ``cmd`` for later if its client waits for a claim's answer."""
+        waiting = self.waiting.get(cmd.client.id)
+        if waiting is None:
+            return False
+        waiting.append(cmd)
+        return True
+
+    def claim_done(self, done: ClaimDone) -> None:
+        """The broker's answer to a claim: finish the command behind it, then
+        run the commands its client sent meanwhile, in order."""
+        pending = self._pending.pop(done.token, None)
+        if pending is None:
+            return
+        room, client, claim, cmd = pending.room, pending.client, pending.claim, pending.command
+        room.reserved.pop(client.id, None)
+        for key in pending.keys:
+            if room.holders.get(key) is client:
+                del room.holders[key]
+        if done.ok:
+            self._take(room, client, claim)
+        if isinstance(cmd, Join):
+            Router.resolve(cmd, self._enter(room, cmd) if done.ok else False)
+        elif done.ok:
+            self._say(room, client, cmd)
+        else:
+            self._refused_sender(room, client, cmd)
+        if not done.ok:
+            self._forget_if_empty(room)
+        waiting = self.waiting.pop(client.id, None)
+        while waiting:
+            command = waiting.popleft()
+            result = self._handlers[type(command)](command)
+            if result is not DEFERRED:
+                Router.resolve(command, result)
+            if client.id in self.waiting:  # another claim began: the rest waits for it
+                self.waiting[client.id].extend(waiting)
+                break
 
     # --- the name registry -------------------------------------------------------
 
     def _claim(self, room: Room, client: Client, name: str, display_name: str | None,
-               announce: bool) -> bool:
+               announce: bool, cmd: Any) -> bool | None:
         """Hold ``name`` (and ``display_name``) for ``client`` in ``room``,
         giving up what it held before (a rename: announced as a leave and a
-        join, if ``announce``); False, changing nothing, if another client
-        holds a look-alike."""
+        join, if ``announce``). False, changing nothing, if another client
+        holds a look-alike; None if the broker answers later
+        (``claim_done`` then finishes ``cmd``)."""
         try:
             parsed = names.parse(name)
             display = names.parse(display_name) if display_name is not None else None
@@ -187,32 +358,246 @@ class Lobby:
             holder = room.holders.get(key)
             if holder is not None and holder is not client:
                 return False
-        old = self._release(room, client)
-        room.claims[client.id] = claim
-        room.names[parsed.address] = client
-        for key in claim.keys:
-            room.holders[key] = client
-        client.name = parsed.shown
-        client.display_name = display.shown if display is not None else None
-        if old is not None and old.announced and old.announcement() != claim.announcement():
-            self.fanout(room, UserLeft(name=old.name.shown), exclude=client)
-        if announce and (old is None or not old.announced
-                         or old.announcement() != claim.announcement()):
-            self.fanout(room, claim.announcement(), exclude=client)
+        old = room.claims.get(client.id)
+        new_keys = claim.keys - old.keys if old is not None else claim.keys
+        if new_keys:
+            token = next(self._tokens)
+            ok = self.broker.claim(room.name, new_keys, self._owner(client), token)
+            if ok is None:
+                self._pending[token] = _Pending(cmd, room, client, claim, new_keys)
+                self.waiting[client.id] = deque()
+                room.reserved[client.id] = claim
+                for key in new_keys:
+                    room.holders[key] = client
+                return None
+            if not ok:
+                return False
+        self._take(room, client, claim)
         return True
 
-    @staticmethod
-    def _release(room: Room, client: Client) -> Claim | None:
-        """Give up what ``client`` holds in ``room``; what it held, if anything."""
+    def _take(self, room: Room, client: Client, claim: Claim) -> None:
+        """Make ``claim`` the client's, announcing what changed."""
+        self._supersede(room, claim.keys)
+        old = self._release(room, client, keep=claim.keys)
+        room.claims[client.id] = claim
+        room.names[claim.name.address] = client
+        for key in claim.keys:
+            room.holders[key] = client
+        client.name = claim.name.shown
+        client.display_name = claim.display_name.shown if claim.display_name is not None else None
+        if old is not None and old.announced and old.announcement() != claim.announcement():
+            self.fanout(room, UserLeft(name=old.name.shown), exclude=client)
+        if claim.announced and (old is None or not old.announced
+                                or old.announcement() != claim.announcement()):
+            self.fanout(room, claim.announcement(), exclude=client)
+        if self.broker.shared:
+            self._tell(room.name, Joined(room=room.name, member=Member(
+                client.id, claim.name.shown, client.display_name, client.protocol.name,
+                claim.announced), version=0))
+
+    def _release(self, room: Room, client: Client,
+                 keep: frozenset[str] = frozenset()) -> Claim | None:
+        """Give up what ``client`` holds in ``room`` (but ``keep``, the keys
+        of its new claim); what it held, if anything."""
         claim = room.claims.pop(client.id, None)
         if claim is None:
             return None
         if room.names.get(claim.name.address) is client:
             del room.names[claim.name.address]
         for key in claim.keys:
-            if room.holders.get(key) is client:
+            if key not in keep and room.holders.get(key) is client:
                 del room.holders[key]
+        if self.broker.shared:
+            self.broker.release(room.name, claim.keys - keep, self._owner(client))
+            if not keep:
+                self._tell(room.name, Left(room=room.name, client=client.id, version=0))
         return claim
+
+    def _owner(self, client: Client) -> str:
+        return f"{self.broker.node}:{self.broker.boot}:{client.id}"
+
+    def names_lost(self, lost: NamesLost) -> None:
+        """Names another node took while this one could not renew them: their
+        holders here are disconnected (``NAME_LOST``), since the name is
+        someone else's now."""
+        prefix = f"{self.broker.node}:{self.broker.boot}:"
+        ids = {int(owner[len(prefix):]) for owner in lost.owners
+               if owner.startswith(prefix) and owner[len(prefix):].isdigit()}
+        for room in list(self.rooms.values()):
+            for client_id in ids & room.claims.keys():
+                self._lose(room, room.names[room.claims[client_id].name.address])
+
+    def _lose(self, room: Room, client: Client) -> None:
+        log.warning("%r lost its name %r in room %s to another node: disconnecting it",
+                    client, client.name, room.name)
+        claim = self._release(room, client)
+        if claim is not None and claim.announced:
+            self.fanout(room, UserLeft(name=claim.name.shown), exclude=client)
+        client.kill(*NAME_LOST)
+
+    # --- other nodes (chatd.cluster calls these) ------------------------------------
+
+    def _tell(self, room: str, item: Joined | Left) -> None:
+        """Publish a presence change of this node, numbered."""
+        version = self.versions[room] = self.versions.get(room, 0) + 1
+        item.version = version
+        self.broker.publish(room_channel(room), item)
+
+    def presence(self, room: str) -> Presence:
+        """Every name this node holds in ``room``, for another node."""
+        local = self.rooms.get(room)
+        members = []
+        if local is not None:
+            for client_id, claim in local.claims.items():
+                client = local.names[claim.name.address]
+                members.append(Member(client_id, claim.name.shown, client.display_name,
+                                      client.protocol.name, claim.announced))
+        return Presence(room=room, version=self.versions.get(room, 0), members=members)
+
+    def remote_said(self, item: Said) -> None:
+        room = self.rooms.get(item.room)
+        if room is not None:
+            self.fanout(room, Message(room=item.room, sender=item.sender, payload=item.payload,
+                                      time_ns=item.time_ns,
+                                      client_timestamp=item.client_timestamp))
+
+    def remote_whisper(self, item: Whisper) -> None:
+        room = self.rooms.get(item.room)
+        if room is None:
+            return
+        try:
+            target = room.names.get(names.parse(item.to).address)
+        except names.InvalidName:
+            return
+        if target is None or target.id != item.client:
+            log.info("a direct message from another node for %r in room %s is lost: its holder "
+                     "left", item.to, item.room)
+            return
+        data = target.protocol.encode(Direct(sender=item.sender, to=item.to, payload=item.payload,
+                                             time_ns=item.time_ns))
+        if data is not None:
+            target.deliver(text_frame(data))
+
+    def remote_joined(self, node: str, item: Joined) -> bool:
+        """Apply another node's claim; False if a change of that node was
+        missed (ask it for its ``presence``)."""
+        missed = self._count(node, item.room, item.version)
+        self._add_remote(node, item.room, item.member)
+        return not missed
+
+    def remote_left(self, node: str, item: Left) -> bool:
+        missed = self._count(node, item.room, item.version)
+        remote = self.remote.get(item.room)
+        if remote is not None:
+            self._drop_remote(item.room, remote, (node, item.client))
+        return not missed
+
+    def remote_presence(self, node: str, item: Presence) -> None:
+        """Replace what this node knew of ``node``'s names in the room."""
+        remote = self.remote.setdefault(item.room, RemoteRoom())
+        remote.versions[node] = item.version
+        now = {(node, member.client) for member in item.members}
+        for key in [key for key in remote.members if key[0] == node and key not in now]:
+            self._drop_remote(item.room, remote, key)
+        for member in item.members:
+            self._add_remote(node, item.room, member)
+
+    def node_gone(self, node: str) -> None:
+        """``node`` died or restarted: its names are gone (announced)."""
+        for room, remote in self.remote.items():
+            remote.versions.pop(node, None)
+            for key in [key for key in remote.members if key[0] == node]:
+                self._drop_remote(room, remote, key)
+
+    def stale_rooms(self, node: str, versions: dict[str, int], served: set[str]) -> list[str]:
+        """The rooms of ``served`` whose view of ``node`` is behind the
+        ``versions`` its heartbeat gives (or was never had)."""
+        stale = []
+        for room in served:
+            version = versions.get(room, 0)
+            remote = self.remote.get(room)
+            applied = remote.versions.get(node) if remote is not None else None
+            if applied != version and (applied is not None or version):
+                stale.append(room)
+        return stale
+
+    def _count(self, node: str, room: str, version: int) -> bool:
+        """Note ``version`` of ``node``'s presence in ``room``: True if one
+        before it was missed."""
+        remote = self.remote.setdefault(room, RemoteRoom())
+        applied = remote.versions.get(node, 0)
+        remote.versions[node] = max(applied, version)
+        return version != applied + 1
+
+    def _add_remote(self, node: str, room_name: str, member: Member) -> None:
+        try:
+            name = names.parse(member.name)
+            display = names.parse(member.display_name) if member.display_name is not None else None
+        except names.InvalidName as exc:
+            log.warning("node %s holds the invalid name %r in room %s: %s", node, member.name,
+                        room_name, exc.reason)
+            return
+        if display is not None and display.shown == name.shown:
+            display = None
+        key = (node, member.client)
+        claim = Claim(name, display, member.announce)
+        remote = self.remote.setdefault(room_name, RemoteRoom())
+        room = self.rooms.get(room_name)
+        old = remote.members.get(key)
+        if old is not None and old.claim.announcement() == claim.announcement():
+            return
+        # The broker gave these names to ``node``: whoever else shows them
+        # here lost them (a departure not heard of yet, or a name that
+        # expired while this node was cut off).
+        for look in claim.keys:
+            other = remote.holders.get(look)
+            if other is not None and other != key:
+                self._drop_remote(room_name, remote, other)
+            if room is not None:
+                holder = room.holders.get(look)
+                if holder is not None and holder.id in room.claims:
+                    self._lose(room, holder)
+        if old is not None:
+            self._unindex(remote, old)
+        remote.members[key] = RemoteMember(key, claim, member.protocol)
+        remote.addresses[name.address] = key
+        for look in claim.keys:
+            remote.holders[look] = key
+        if room is not None:
+            if old is not None and old.claim.announced and (
+                    old.claim.announcement() != claim.announcement()):
+                self.fanout(room, UserLeft(name=old.claim.name.shown))
+            if claim.announced:
+                self.fanout(room, claim.announcement())
+
+    def _drop_remote(self, room_name: str, remote: RemoteRoom, key: tuple[str, int]) -> None:
+        member = remote.members.pop(key, None)
+        if member is None:
+            return
+        self._unindex(remote, member)
+        room = self.rooms.get(room_name)
+        if room is not None and member.claim.announced:
+            self.fanout(room, UserLeft(name=member.claim.name.shown))
+
+    @staticmethod
+    def _unindex(remote: RemoteRoom, member: RemoteMember) -> None:
+        if remote.addresses.get(member.claim.name.address) == member.key:
+            del remote.addresses[member.claim.name.address]
+        for look in member.claim.keys:
+            if remote.holders.get(look) == member.key:
+                del remote.holders[look]
+
+    def _supersede(self, room: Room, keys: frozenset[str]) -> None:
+        """A claim the broker granted here: any other node's holder of these
+        keys in the view has gone (its leave is on its way): drop it now, so
+        its late leave cannot be announced after this join."""
+        remote = self.remote.get(room.name)
+        if remote is None:
+            return
+        for look in keys:
+            other = remote.holders.get(look)
+            if other is not None:
+                self._drop_remote(room.name, remote, other)
 
     # --- fan-out -------------------------------------------------------------
 
@@ -228,3 +613,12 @@ class Lobby:
             for client in members.values():
                 if client is not skip:
                     client.deliver(frame)
+
+
+@cache
+def _takes_direct(protocol: str) -> bool:
+    """Whether clients of ``protocol`` can receive a direct message."""
+    from chatd.protocols import PROTOCOL_CLASSES
+
+    cls = PROTOCOL_CLASSES.get(protocol)
+    return cls is not None and cls.encode(Direct(sender="", to="", payload="", time_ns=0)) is not None

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 
 import trio
 
+from chatd.broker import Broker, LocalBroker, generated_node_id, open_broker
 from chatd.client import Flusher
-from chatd.config import Config, ConfigError, tls_context
+from chatd.cluster import Cluster
+from chatd.config import Config, ConfigError, check_cluster, tls_context
 from chatd.connection import Connection
 from chatd.handshake import (
     BadRequest, HeadReader, Refusal, Request, accept_response, check_upgrade, refusal_response,
@@ -74,6 +76,10 @@ class Server:
         self.metrics.queue_depth = lambda: self.router.queued
         self.lobby = Lobby()
         self.lobby.install(self.router)
+        #: Cross-node traffic (``chatd.broker``): in-process until ``run``
+        #: opens the configured one; ``cluster`` is its router service.
+        self.broker: Broker = LocalBroker()
+        self.cluster: Cluster | None = None
         #: Router services beside the lobby. Each has ``install(router)``;
         #: one with ``async run(task_status=...)`` gets a task in the server's
         #: nursery before the listener opens (cancelled last, after the
@@ -120,6 +126,15 @@ class Server:
             self.admin_ports = _ports(admin_listeners)
         self.ports = _ports(listeners)
         try:
+            check_cluster(config)
+            node = config.node_id or generated_node_id()
+            self.broker = open_broker(config.broker, node)
+        except (ValueError, RuntimeError) as exc:
+            for listener in listeners + admin_listeners:
+                await listener.aclose()
+            raise StartupError(str(exc)) from None
+        self.lobby.broker = self.broker
+        try:
             # Blocking: connecting to PostgreSQL, or waiting out a locked file.
             self.store = await trio.to_thread.run_sync(functools.partial(
                 open_store, config.store, busy_timeout=config.store_busy_timeout))
@@ -127,9 +142,16 @@ class Server:
             for listener in listeners + admin_listeners:
                 await listener.aclose()
             raise StartupError(str(exc)) from None
+        sessions = None
         if any(e.protocol == "gradagenda" for e in config.mounted()):
-            self.services.append(Sessions(self.store,
-                                          max_sessions_per_user=config.max_sessions_per_user))
+            sessions = Sessions(self.store, max_sessions_per_user=config.max_sessions_per_user,
+                                broker=self.broker)
+            self.services.append(sessions)
+        if self.broker.shared:
+            rooms = {e.room for e in config.mounted() if e.protocol != "gradagenda"}
+            self.cluster = Cluster(self.broker, self.lobby, sessions, rooms)
+            self.services.append(self.cluster)
+            self.metrics.registry.register(self.cluster)
         try:
             await self._resolve_secrets()
             self._mount()
@@ -440,6 +462,10 @@ class Server:
         mounts = ", ".join(f"{m.path} {m.protocol.name}"
                            + ("" if m.protocol.name == "gradagenda" else f" (room {m.room})")
                            for m in self.mounts.values())
+        if self.cluster is not None:
+            log.info("cluster node %s (boot %s), broker %s, store %s", self.broker.node,
+                     self.broker.boot, getattr(self.broker, "shown", config.broker),
+                     self.store.name)
         log.info("chatd listening on %s://%s; endpoints: %s", scheme, base, mounts)
         http = "https" if config.wss else "http"
         if config.web_client_path:

@@ -29,6 +29,21 @@ then can messages be sent into it.
 Caps: one user may be a member of at most ``max-sessions-per-user``
 sessions (direct and group); a creation or modification that would put
 anyone over it is refused, naming them, and nothing is stored.
+
+**Several nodes** (a shared broker; docs/cluster.md). Every committed
+change of a session is published on ``chatd:cluster``, so every node's
+sessions stay the same (``remote_changed``), and each committed message
+on the channel of each member (``chatd:user:USER``), which a node
+subscribes to while that user has a device connected there. Pub/sub may
+lose or reorder messages, so for each local user and session the node
+keeps a ``Feed``: the last ``seq`` that user's devices here got. A
+message at or below it is a duplicate and dropped; one past a gap is
+held, and the gap filled by reading the store (a writer job, never in
+the router), so each device gets every message of its sessions once, in
+``seq`` order. A user's first device on a node reads where each of their
+sessions stands (its baseline) before its login is answered; a new
+subscription, and every broker reconnect, is followed by a read of what
+may have been missed, and a reconnect reloads the sessions themselves.
 """
 
 from __future__ import annotations
@@ -43,6 +58,9 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
+from chatd.broker import Broker, LocalBroker
+from chatd.broker.base import CLUSTER, user_channel
+from chatd.broker.wire import SessionChanged, Stored
 from chatd.events import (
     Command, CreateSession, DeleteSession, DirectSessionInfo, Event, ListSessions, Login, Logout,
     ModifySession, ReadHistory, SendMessage, SessionInfo, Status, StoredMessage,
@@ -61,6 +79,10 @@ log = logging.getLogger("chatd.sessions")
 STORE_FAILED = "storage unavailable: nothing was stored"
 STORE_RETRY = "storage busy: nothing was stored, try again"
 STORE_BUSY = "server busy: too many writes queued, try again"
+#: Messages read from the store at once to fill a gap (cluster).
+FILL_PAGE = 100
+#: Deleted sessions remembered, so that their late messages are dropped.
+GONE_KEPT = 10_000
 
 
 def direct_session_id(a: str, b: str) -> str:
@@ -93,6 +115,28 @@ class Session:
                            members=sorted(self.members))
 
 
+class Feed:
+    """One local user's messages of one session (cluster): ``last``, the
+    ``seq`` their devices here got last (None until the baseline is read,
+    -1 when the first message to come sets it), the messages ``held``
+    until those before them arrive: seq -> (event, asker, cdid), and
+    ``until``: once the user was removed, the last ``seq`` still theirs
+    (messages sent before the removal may still be on their way)."""
+
+    __slots__ = ("last", "held", "until")
+
+    def __init__(self, last: int | None) -> None:
+        self.last = last
+        self.held: dict[int, tuple[StoredMessage, Client | None, Any]] = {}
+        self.until: int | None = None
+
+
+def newest_seq(store: Store, session_id: str) -> int:
+    """The session's last message ``seq`` (0 if none), inside a writer job."""
+    rows = store.history(session_id, limit=1)
+    return rows[0][0] if rows else 0
+
+
 class StoreDone(Command, kw_only=True):
     """The writer's report of one batch: its ``results``, or why it failed."""
 
@@ -105,8 +149,9 @@ class Sessions:
     """``max_sessions_per_user``: config ``max-sessions-per-user``."""
 
     def __init__(self, store: Store, max_pending: int = 10_000, *,
-                 max_sessions_per_user: int = 1000) -> None:
+                 max_sessions_per_user: int = 1000, broker: Broker | None = None) -> None:
         self.store = store
+        self.broker: Broker = broker if broker is not None else LocalBroker()
         self.writer = Writer(store, self._report, max_pending=max_pending)
         self.max_sessions_per_user = max_sessions_per_user
         self.router: Router | None = None
@@ -115,6 +160,20 @@ class Sessions:
         self.joined: dict[str, dict[str, Session]] = {}
         #: user -> their connected devices (connections), by client id.
         self.devices: dict[str, dict[int, Client]] = {}
+        # --- cluster only (broker.shared) ---
+        #: local user -> session -> Feed.
+        self.feeds: dict[str, dict[str, Feed]] = {}
+        #: user -> logins waiting for the user's baseline read.
+        self.logins: dict[str, list[Login]] = {}
+        #: sessions with a gap-filling read in flight.
+        self._filling: set[str] = set()
+        self._reloading = False
+        #: Sessions deleted lately (oldest first), whose late messages are dropped.
+        self._gone: dict[str, None] = {}
+        #: Users whose channel delivers (acknowledged since their first login here).
+        self._acked: set[str] = set()
+        #: Gaps that could not be filled from the store (logged, for /metrics).
+        self.skipped = 0
 
     # --- service life ----------------------------------------------------------
 
@@ -171,19 +230,42 @@ class Sessions:
 
     # --- devices ---------------------------------------------------------------
 
-    def login(self, cmd: Login) -> None:
+    def login(self, cmd: Login) -> object | None:
+        """Answered at once on one node. In a cluster, a user's first device
+        here waits for the baseline of the user's sessions (``_baseline``)."""
         client = cmd.client
         client.user_id = cmd.user_id
         client.device_id = cmd.device_id
-        self.devices.setdefault(cmd.user_id, {})[client.id] = client
+        user = cmd.user_id
+        if self.broker.shared:
+            if user in self.logins:
+                self.logins[user].append(cmd)
+                return DEFERRED
+            if user not in self.feeds:
+                self.logins[user] = [cmd]
+                self.broker.subscribe([user_channel(user)])
+                self._baseline(user, list(self.joined.get(user, {})))
+                return DEFERRED
+        self.devices.setdefault(user, {})[client.id] = client
+        return None
 
     def logout(self, cmd: Logout) -> None:
         client = cmd.client
-        devices = self.devices.get(client.user_id)
+        user = client.user_id
+        waiting = self.logins.get(user)
+        if waiting is not None:
+            waiting[:] = [login for login in waiting if login.client is not client]
+        devices = self.devices.get(user)
         if devices is not None:
             devices.pop(client.id, None)
             if not devices:
-                del self.devices[client.user_id]
+                del self.devices[user]
+        if user in self.feeds and user not in self.devices and not waiting:
+            self.logins.pop(user, None)
+            self._acked.discard(user)
+            self.broker.unsubscribe([user_channel(user)])
+            for feed in self.feeds.pop(user).values():
+                _answer_held(feed)
 
     # --- sessions --------------------------------------------------------------
 
@@ -205,8 +287,9 @@ class Sessions:
         if over:
             return over
 
-        def done(_: None) -> None:
+        def done(seq: int) -> None:
             waiting, session.waiting = session.waiting or [], None
+            self._changed(session, "created", members, (), seq)
             for request in waiting:
                 Router.resolve(request, session.info("unchanged"))
 
@@ -216,9 +299,11 @@ class Sessions:
                 Router.resolve(request, answer)
 
         # Not stored: forget it, so nobody is told it exists.
-        refused = self._write(lambda store: store.create_session(session.id, "direct", members,
-                                                                 now_ms()),
-                              done, failed, undo=lambda: self._remove(session))
+        def create(store: Store) -> int:
+            store.create_session(session.id, "direct", members, now_ms())
+            return newest_seq(store, session.id) if self.broker.shared else 0
+
+        refused = self._write(create, done, failed, undo=lambda: self._remove(session))
         if refused:
             return refused
         session.waiting = [cmd]
@@ -232,9 +317,13 @@ class Sessions:
         over = self._over_cap(session.members)
         if over:
             return self._fail(client, cmd.cdid, over)
+        def done(_: None) -> None:
+            self._fanout(session.members, info, client, cmd.cdid)
+            self._changed(session, "created", info.members, (), 0)
+
         refused = self._write(
             lambda store: store.create_session(session.id, "mutable", info.members, now_ms()),
-            lambda _: self._fanout(session.members, info, client, cmd.cdid),
+            done,
             lambda answer: self._fail(client, cmd.cdid, answer),
             undo=lambda: self._remove(session))
         if refused:
@@ -254,8 +343,15 @@ class Sessions:
             return self._fail(client, cmd.cdid, over)
         members = sorted(new)
         info = SessionInfo(session_id=session.id, kind="mutable", status="modified", members=members)
-        refused = self._write(lambda store: store.set_members(session.id, members),
-                              lambda _: self._fanout(old | new, info, client, cmd.cdid),
+        def change(store: Store) -> int:
+            store.set_members(session.id, members)
+            return newest_seq(store, session.id) if self.broker.shared else 0
+
+        def done(seq: int) -> None:
+            self._fanout(old | new, info, client, cmd.cdid)
+            self._changed(session, "modified", members, old, seq)
+
+        refused = self._write(change, done,
                               lambda answer: self._fail(client, cmd.cdid, answer),
                               undo=lambda: self._set_members(session, old))
         if refused:
@@ -268,8 +364,11 @@ class Sessions:
         if isinstance(session, str):
             return self._fail(client, cmd.cdid, session)
         info, members = session.info("deleted"), session.members
-        refused = self._write(lambda store: store.delete_session(session.id),
-                              lambda _: self._fanout(members, info, client, cmd.cdid),
+        def done(_: None) -> None:
+            self._fanout(members, info, client, cmd.cdid)
+            self._changed(session, "deleted", info.members, (), 0)
+
+        refused = self._write(lambda store: store.delete_session(session.id), done,
                               lambda answer: self._fail(client, cmd.cdid, answer),
                               undo=lambda: self._add(session))
         if refused:
@@ -302,7 +401,20 @@ class Sessions:
                 return self._fail(client, cmd.cdid, "no such session")
             event = StoredMessage(session_id=session_id, seq=seq, sender_id=sender_id,
                                   message=message, sender_timestamp=sent, server_timestamp=stored)
-            self._fanout(members, event, client, cmd.cdid)
+            if not self.broker.shared:
+                return self._fanout(members, event, client, cmd.cdid)
+            item = Stored(session_id=session_id, seq=seq, sender_id=sender_id, message=message,
+                          sender_timestamp=sent, server_timestamp=stored)
+            for user in members:
+                self.broker.publish(user_channel(user), item)
+            frames: dict[type, bytes | None] = {}
+            for user in members:
+                if user in self.feeds and user != sender_id:
+                    self._offer(user, event, frames=frames)
+            if sender_id in self.feeds:
+                self._offer(sender_id, event, client, cmd.cdid, frames)
+            else:
+                _answer(client, event, cmd.cdid)
 
         refused = self._write(
             lambda store: store.append_message(session_id, sender_id, text, sent, stored),
@@ -328,6 +440,335 @@ class Sessions:
                                         limit=cmd.limit),
             done, lambda answer: Router.resolve(cmd, answer))
         return refused or DEFERRED
+
+    # --- several nodes (broker.shared) ---------------------------------------------
+
+    def _changed(self, session: Session, status: str, members: Iterable[str],
+                 old: Iterable[str], seq: int) -> None:
+        """A change of ``session`` committed here: tell every node, and start
+        or stop the feeds of this node's users. ``seq``: the session's last
+        message when the change committed."""
+        if not self.broker.shared:
+            return
+        members, old = sorted(members), sorted(old)
+        self.broker.publish(CLUSTER, SessionChanged(
+            session_id=session.id, kind=session.kind, status=status, members=members,
+            old_members=old, seq=seq))
+        self._follow(session.id, status, members, old, seq)
+
+    def _follow(self, session_id: str, status: str, members: Iterable[str],
+                old: Iterable[str], seq: int) -> None:
+        """Start the feeds of users who joined at ``seq``; those who left get
+        what was sent up to ``seq`` (a deleted session: nothing more)."""
+        members = set(members)
+        if status == "deleted":
+            self._gone[session_id] = None
+            while len(self._gone) > GONE_KEPT:
+                del self._gone[next(iter(self._gone))]
+            for user in members:
+                self._close(user, session_id)
+            return
+        for user in set(old) - members:
+            feed = self.feeds.get(user, {}).get(session_id)
+            if feed is not None:
+                feed.until = seq
+                if seq < 0 or (feed.last is not None and feed.last >= seq):
+                    self._close(user, session_id)
+                else:
+                    self._fill(session_id, force=True)
+        for user in members:
+            feeds = self.feeds.get(user)
+            if feeds is None:
+                continue
+            feed = feeds.get(session_id)
+            if feed is not None and feed.until is not None:  # back before it closed
+                self._close(user, session_id)
+                feed = None
+            if feed is None:
+                feeds[session_id] = Feed(seq)
+
+    def _close(self, user: str, session_id: str) -> None:
+        feed = self.feeds.get(user, {}).pop(session_id, None)
+        if feed is not None:
+            _answer_held(feed)
+
+    def remote_changed(self, item: SessionChanged) -> None:
+        """A change another node committed: the same here, and every local
+        device of every user concerned is told (a direct session's creation
+        is not announced, as on one node)."""
+        session = self.sessions.get(item.session_id)
+        members = frozenset(item.members)
+        if item.status == "deleted":
+            if session is not None:
+                self._remove(session)
+        elif session is None:
+            self._add(Session(item.session_id, item.kind, members))
+        elif session.members != members:
+            self._set_members(session, members)
+        if item.kind == "mutable":
+            self._deliver(members | set(item.old_members), SessionInfo(
+                session_id=item.session_id, kind=item.kind, status=item.status,
+                members=sorted(members)))
+        self._follow(item.session_id, item.status, item.members, item.old_members, item.seq)
+
+    def remote_stored(self, user: str, item: Stored) -> None:
+        """A message another node committed, for ``user``."""
+        if user in self.feeds:
+            self._offer(user, StoredMessage(
+                session_id=item.session_id, seq=item.seq, sender_id=item.sender_id,
+                message=item.message, sender_timestamp=item.sender_timestamp,
+                server_timestamp=item.server_timestamp))
+
+    def subscribed(self, channels: list[str]) -> None:
+        """Users' channels deliver now: read what they may have missed before."""
+        for channel in channels:
+            user = channel.removeprefix(user_channel(""))
+            if channel != user and user in self.feeds:
+                self._acked.add(user)
+                if user not in self.logins:
+                    self._catch_up(self.feeds[user])
+
+    def broker_down(self) -> None:
+        self._acked.clear()
+
+    def resumed(self) -> None:
+        """The broker is back after an outage: sessions changed elsewhere
+        meanwhile are reloaded from the store (``reload``)."""
+        self.reload()
+
+    def _catch_up(self, feeds: Iterable[str]) -> None:
+        for session_id in list(feeds):
+            self._fill(session_id, force=True)
+
+    def _offer(self, user: str, event: StoredMessage, asker: Client | None = None,
+               cdid: Any = None, frames: dict | None = None, fill: bool = True) -> None:
+        """Deliver ``event`` to ``user``'s devices here in ``seq`` order, once:
+        a duplicate is dropped (its asker still answered), a message after a
+        gap is held and the gap filled from the store."""
+        feeds = self.feeds.get(user)
+        if feeds is None:
+            if asker is not None:
+                _answer(asker, event, cdid)
+            return
+        session_id, seq = event.session_id, event.seq
+        feed = feeds.get(session_id)
+        if feed is None:
+            if session_id in self._gone:  # sent just before it was deleted
+                if asker is not None:
+                    _answer(asker, event, cdid)
+                return
+            # A session this node did not know the user was in (its change was
+            # lost): start from here, and reload the sessions.
+            feed = feeds[session_id] = Feed(-1)
+            self.reload()
+        if feed.last == -1:
+            feed.last = seq - 1
+        if (feed.last is not None and seq <= feed.last) or (
+                feed.until is not None and seq > feed.until):
+            if asker is not None:
+                _answer(asker, event, cdid)
+            return
+        held = feed.held.get(seq)
+        if held is not None:
+            if asker is not None:
+                if held[1] is None:
+                    feed.held[seq] = (event, asker, cdid)
+                else:
+                    _answer(asker, event, cdid)
+            return
+        feed.held[seq] = (event, asker, cdid)
+        if feed.last is None:
+            return
+        self._drain(user, feed, frames)
+        if feed.until is not None and feed.last >= feed.until:
+            self._close(user, session_id)
+        elif feed.held and fill:
+            self._fill(session_id)
+
+    def _drain(self, user: str, feed: Feed, frames: dict | None = None) -> None:
+        """Deliver the held messages that follow ``feed.last``."""
+        if frames is None:
+            frames = {}
+        while (held := feed.held.pop(feed.last + 1, None)) is not None:
+            event, asker, cdid = held
+            for client in self.devices.get(user, {}).values():
+                if client is asker:
+                    continue
+                key = (event.seq, client.protocol)
+                if key not in frames:
+                    data = client.protocol.encode(event)
+                    frames[key] = text_frame(data) if data is not None else None
+                if frames[key] is not None:
+                    client.deliver(frames[key])
+            if asker is not None:
+                _answer(asker, event, cdid)
+            feed.last = event.seq
+
+    def _start(self, user: str, feed: Feed, seq: int) -> None:
+        """The baseline of a pending feed is known: ``seq`` (-1: unknown)."""
+        if seq == -1 and feed.held:
+            seq = min(feed.held) - 1
+        feed.last = seq
+        if seq == -1:
+            return
+        for old in [s for s in feed.held if s <= seq]:
+            event, asker, cdid = feed.held.pop(old)
+            if asker is not None:
+                _answer(asker, event, cdid)
+        self._drain(user, feed)
+
+    def _baseline(self, user: str, session_ids: list[str]) -> None:
+        """Read where each of the sessions stands for ``user``'s first device
+        here, then answer the logins waiting for it."""
+        feeds = self.feeds.setdefault(user, {})
+        for session_id in session_ids:
+            feeds.setdefault(session_id, Feed(None))
+
+        def done(newest: dict[str, int] | None, failure: str | None = None) -> None:
+            feeds = self.feeds.get(user)
+            if failure is not None:
+                log.warning("could not read where %s's sessions stand (%s): their devices here "
+                            "get messages from the next one on", user, failure)
+            if feeds is not None:
+                for session_id in session_ids:
+                    feed = feeds.get(session_id)
+                    if feed is not None and feed.last is None:
+                        self._start(user, feed, newest.get(session_id, -1) if newest else -1)
+                for session_id, feed in feeds.items():
+                    if feed.held:
+                        self._fill(session_id)
+            for login in self.logins.pop(user, ()):
+                self.devices.setdefault(user, {})[login.client.id] = login.client
+                Router.resolve(login, None)
+            if user in self._acked and feeds is not None:
+                self._catch_up(feeds)
+
+        refused = self._write(lambda store: {s: newest_seq(store, s) for s in session_ids}, done,
+                              lambda answer: done(None, answer))
+        if refused:
+            done(None, refused)
+
+    def _fill(self, session_id: str, force: bool = False, attempt: int = 0) -> None:
+        """Read from the store what this node's users of the session miss:
+        after the lowest ``last`` among feeds that hold messages past a gap
+        (or among all, with ``force``). A gap the store cannot fill (the
+        store failed, or the session was deleted: ``attempt`` counts reads
+        that found nothing) is skipped and logged."""
+        if session_id in self._filling:
+            return
+        lasts = [feed.last for feed in self._feeds_of(session_id)
+                 if feed.last is not None and feed.last >= 0 and (force or feed.held)]
+        if not lasts:
+            return
+        after = min(lasts)
+        self._filling.add(session_id)
+
+        def done(rows: list[tuple] | None, failure: str | None = None) -> None:
+            self._filling.discard(session_id)
+            events = [StoredMessage(session_id=session_id, seq=seq, sender_id=sender,
+                                    message=msgspec.Raw(message.encode()), sender_timestamp=sent,
+                                    server_timestamp=stored)
+                      for seq, sender, message, sent, stored in rows or ()]
+            for user, feeds in self.feeds.items():
+                feed = feeds.get(session_id)
+                if feed is None:
+                    continue
+                for event in events:
+                    self._offer(user, event, fill=False)
+            stuck = [(user, feeds[session_id]) for user, feeds in self.feeds.items()
+                     if session_id in feeds and feeds[session_id].held
+                     and feeds[session_id].last is not None]
+            if not stuck:
+                return
+            # The read saw everything committed up to ``seen`` (a full page:
+            # maybe more). A gap above it opened after the read: read again.
+            seen = rows[-1][0] if rows else after
+            if rows and (len(rows) == FILL_PAGE or any(feed.last + 1 > seen for _, feed in stuck)):
+                self._fill(session_id)
+                return
+            if rows is not None and not rows and attempt < 2:
+                self._fill(session_id, attempt=attempt + 1)
+                return
+            for user, feed in stuck:
+                self.skipped += 1
+                log.warning("session %s: messages %d to %d for %s are not in the store (%s): "
+                            "skipped", session_id, feed.last + 1, min(feed.held) - 1, user,
+                            failure or "deleted?")
+                feed.last = min(feed.held) - 1
+                self._drain(user, feed)
+                if feed.until is not None and feed.last >= feed.until:
+                    self._close(user, session_id)
+
+        refused = self._write(lambda store: store.history(session_id, after=after,
+                                                          limit=FILL_PAGE),
+                              done, lambda answer: done(None, answer))
+        if refused:
+            done(None, refused)
+
+    def _feeds_of(self, session_id: str) -> list[Feed]:
+        """Every local feed of the session (members', and those closing)."""
+        return [feeds[session_id] for feeds in self.feeds.values() if session_id in feeds]
+
+    def reload(self) -> None:
+        """Reload the sessions from the store and apply what changed while
+        this node did not hear of it (announced to local devices), then
+        catch every local feed up. Sessions changed here since the reload
+        was asked for are left as they are."""
+        if self._reloading:
+            return
+        self._reloading = True
+        before = {session_id: session.members for session_id, session in self.sessions.items()}
+
+        def done(rows: list[tuple[str, str, list[str]]] | None, failure: str | None = None) -> None:
+            self._reloading = False
+            if rows is None:
+                log.warning("could not reload the sessions after a broker outage: %s", failure)
+                return
+            stored = {session_id: (kind, frozenset(members)) for session_id, kind, members in rows}
+            for session_id, (kind, members) in stored.items():
+                session = self.sessions.get(session_id)
+                if session_id not in before:
+                    if session is None:
+                        self._apply(SessionChanged(session_id=session_id, kind=kind,
+                                                   status="created", members=sorted(members)))
+                elif session is not None and session.members is before[session_id] \
+                        and session.members != members:
+                    self._apply(SessionChanged(session_id=session_id, kind=kind, status="modified",
+                                               members=sorted(members),
+                                               old_members=sorted(session.members)))
+            for session_id, members in before.items():
+                session = self.sessions.get(session_id)
+                if session_id not in stored and session is not None and session.members is members:
+                    self._apply(SessionChanged(session_id=session_id, kind=session.kind,
+                                               status="deleted", members=sorted(members)))
+            for user, feeds in list(self.feeds.items()):
+                missing = [s for s in self.joined.get(user, {}) if s not in feeds]
+                if missing and user not in self.logins:
+                    self._baseline(user, missing)
+                self._catch_up(feeds)
+
+        refused = self._write(lambda store: store.load_sessions(), done,
+                              lambda answer: done(None, answer))
+        if refused:
+            done(None, refused)
+
+    def _apply(self, change: SessionChanged) -> None:
+        """A change found by ``reload``: applied as if another node said it;
+        feeds of users who joined start once their baseline is read."""
+        change.seq = -1
+        self.remote_changed(change)
+
+    def _deliver(self, users: Iterable[str], event: Event) -> None:
+        """Every local device of ``users`` gets ``event``, framed once per protocol."""
+        frames: dict[type, bytes | None] = {}
+        for user in users:
+            for client in self.devices.get(user, {}).values():
+                protocol = client.protocol
+                if protocol not in frames:
+                    data = protocol.encode(event)
+                    frames[protocol] = text_frame(data) if data is not None else None
+                if frames[protocol] is not None:
+                    client.deliver(frames[protocol])
 
     # --- helpers ---------------------------------------------------------------
 
@@ -413,6 +854,20 @@ class Sessions:
                     client.deliver(frame)
         data = asker.protocol.encode(msgspec.structs.replace(event, cdid=cdid))
         asker.answered(text_frame(data) if data is not None else None)
+
+
+def _answer(asker: Client, event: Event, cdid: Any) -> None:
+    """The asker's one answer: ``event`` carrying its ``cdid``."""
+    data = asker.protocol.encode(msgspec.structs.replace(event, cdid=cdid))
+    asker.answered(text_frame(data) if data is not None else None)
+
+
+def _answer_held(feed: Feed) -> None:
+    """A feed is dropped: the askers of messages it held still get their answer."""
+    for event, asker, cdid in feed.held.values():
+        if asker is not None:
+            _answer(asker, event, cdid)
+    feed.held.clear()
 
 
 def _call(callback: Callable[..., None], *args: Any) -> None:

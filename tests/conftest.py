@@ -217,17 +217,16 @@ class ServerProcess:
         self.cwd = cwd
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
-        self._log_file = None
         self.port: int | None = None
         self.log = cwd / "server.log"
 
     def start(self) -> "ServerProcess":
         """Start chatd and wait for its 'listening on' line; sets ``port``."""
         offset = self.log.stat().st_size if self.log.exists() else 0
-        self.close_log()
-        self._log_file = open(self.log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "chatd", *self.args], cwd=self.cwd,
-                                     env=self.env, stdout=self._log_file, stderr=subprocess.STDOUT)
+        with open(self.log, "ab") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen([sys.executable, "-m", "chatd", *self.args],
+                                         cwd=self.cwd, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT)
         deadline = time.monotonic() + GUARD
         while time.monotonic() < deadline:
             new = self.log.read_bytes()[offset:].decode(errors="replace")
@@ -245,14 +244,7 @@ class ServerProcess:
         """Signal chatd (SIGTERM by default) and return its exit code."""
         import signal as _signal
         self.proc.send_signal(sig or _signal.SIGTERM)
-        code = self.proc.wait(GUARD)
-        self.close_log()
-        return code
-
-    def close_log(self) -> None:
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+        return self.proc.wait(GUARD)
 
     def output(self) -> str:
         return self.log.read_text()
@@ -272,4 +264,3 @@ def process(tmp_path):
         if p.proc and p.proc.poll() is None:
             p.proc.kill()
             p.proc.wait()
-        p.close_log()

@@ -202,7 +202,11 @@ class Writer:
         otherwise queues a probe (one tiny write, shared by concurrent
         callers) and waits up to ``timeout`` seconds for its commit."""
         reason = self._not_ready()
-        if reason is not None:
+        # Busy with nothing queued: only a write can tell whether the store
+        # is back, so probe it (else /readyz would say busy until a client
+        # wrote, and a load balancer sends no client to a node not ready).
+        retest = self.busy_since is not None and self.failure is None and not self.pending
+        if reason is not None and not retest:
             return reason
         if self._probe is None:
             probe = self._probe = _Probe()
@@ -219,7 +223,7 @@ class Writer:
         probe = self._probe
         with trio.move_on_after(timeout):
             await probe.answered.wait()
-            return probe.result
+            return None if probe.result is None else self._not_ready() or probe.result
         return self._not_ready() or f"store {self.store.name} did not commit within {timeout:g} s"
 
     def _not_ready(self) -> str | None:

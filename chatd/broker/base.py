@@ -1,0 +1,149 @@
+"""The broker interface: what crosses nodes, and how the router hears of it.
+
+A broker carries events between the chatd nodes of a cluster and keeps
+the cluster's name registry. Two backends implement it, one file each:
+``LocalBroker`` (one node: nothing crosses, every claim is decided by the
+lobby alone; today's behaviour) and ``RedisBroker`` (several nodes, on
+Redis). ``chatd.broker.open_broker`` picks one by the ``broker`` config
+value; the router never knows which is behind.
+
+The router never awaits the network, so every method the router's
+services call is synchronous and never blocks: it queues work for the
+broker's own tasks, and answers come back into the router as commands
+(below), handled like any other. One publisher task per node sends what
+was queued in order (FIFO), so a node's events reach each other node in
+the order it queued them; one subscriber task posts what other nodes sent.
+
+Channels (names built here, so every backend agrees; docs/cluster.md):
+
+- ``chatd:cluster``: every node (heartbeats, GradAgenda session changes);
+- ``chatd:node:NODE``: one node (direct messages, presence replies);
+- ``chatd:room:ROOM``: a lobby room (messages, joins and leaves);
+- ``chatd:user:USER``: one GradAgenda user's stored messages.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from chatd.broker.wire import Item
+from chatd.events import Command
+
+CLUSTER = "chatd:cluster"
+
+
+def node_channel(node: str) -> str:
+    return f"chatd:node:{node}"
+
+
+def room_channel(room: str) -> str:
+    return f"chatd:room:{room}"
+
+
+def user_channel(user: str) -> str:
+    return f"chatd:user:{user}"
+
+
+# --- what a broker posts to the router ---------------------------------------------
+
+
+class Remote(Command, kw_only=True):
+    """Items another node (``origin``, process ``boot``) published on ``channel``."""
+
+    origin: str
+    boot: str
+    channel: str
+    items: list[Any]
+
+
+class ClaimDone(Command, kw_only=True):
+    """The answer to ``Broker.claim``: ``ok`` if the names are this node's now."""
+
+    token: Any
+    ok: bool
+
+
+class NamesLost(Command, kw_only=True):
+    """Names this node held that another node holds now (they expired while
+    this node could not refresh them): ``owners`` are the ``claim`` owners."""
+
+    owners: list[str]
+
+
+class Subscribed(Command, kw_only=True):
+    """``channels`` asked for with ``Broker.subscribe`` now deliver."""
+
+    channels: list[str]
+
+
+class BrokerUp(Command, kw_only=True):
+    """The broker delivers (again). ``resumed``: after an outage, during
+    which events may have been lost (every subscription is active again)."""
+
+    resumed: bool
+
+
+class BrokerDown(Command, kw_only=True):
+    """The broker stopped delivering; ``reason`` says why."""
+
+    reason: str
+
+
+class Tick(Command, kw_only=True):
+    """Once a heartbeat interval: time to look for nodes gone silent."""
+
+
+class Broker(abc.ABC):
+    """``node``: this node's id; ``boot``: this process's incarnation;
+    ``shared``: whether other nodes may exist (False for ``LocalBroker``:
+    services then skip all cross-node work)."""
+
+    node: str
+    boot: str
+    shared: bool
+    #: Seconds after its last heartbeat that a silent node is taken for dead.
+    node_timeout: float = 10.0
+
+    @abc.abstractmethod
+    async def run(self, router: Any, versions: Callable[[], dict[str, int]], *,
+                  task_status: Any) -> None:
+        """Run the broker's tasks, posting commands to ``router``, until
+        cancelled. ``versions()`` gives the presence version per lobby room
+        for heartbeats. Never raises for a broker that is down: it retries."""
+
+    @abc.abstractmethod
+    def publish(self, channel: str, item: Item) -> None:
+        """Queue ``item`` for every node subscribed to ``channel`` (not this
+        one). Dropped, and counted, if the broker is down or its queue full."""
+
+    @abc.abstractmethod
+    def claim(self, room: str, keys: Iterable[str], owner: str, token: Any) -> bool | None:
+        """Hold the look-alike ``keys`` of a name in ``room`` for ``owner``
+        (``NODE:BOOT:CLIENT``), atomically, cluster-wide. True or False if
+        known at once; None when ``ClaimDone(token, ok)`` will tell."""
+
+    @abc.abstractmethod
+    def release(self, room: str, keys: Iterable[str], owner: str) -> None:
+        """Give up ``keys`` in ``room``, where ``owner`` still holds them."""
+
+    @abc.abstractmethod
+    def subscribe(self, channels: Iterable[str]) -> bool:
+        """Receive ``channels``; True if they deliver now, else
+        ``Subscribed`` tells when they do."""
+
+    @abc.abstractmethod
+    def unsubscribe(self, channels: Iterable[str]) -> None:
+        """Stop receiving ``channels``."""
+
+    @abc.abstractmethod
+    def ready(self) -> str | None:
+        """None when events cross nodes now, else why not (for /readyz)."""
+
+    async def aclose(self) -> None:
+        """Send what is queued (bounded in time), then stop."""
+
+    def stats(self) -> dict[str, int]:
+        """Counters for /metrics (items published, received, dropped ...)."""
+        return {}

@@ -1,0 +1,278 @@
+#!/usr/bin/env python3
+"""Throughput of 1, 2 and 3 chatd nodes as one cluster, with the load spread.
+
+Starts its own ``redis-server`` (a free loopback port) and uses a fresh
+PostgreSQL database (created on ``--pg-admin``, dropped at the end), then
+for each node count starts that many chatd nodes (``broker`` and ``store``
+shared, abuse limits lifted) and drives them with ``scripts/loadgen`` (the
+load client of ``scripts/loadtest.py``), its worker processes dealt over
+the nodes, so subscribers and publishers are spread across them:
+
+1. lobby fan-out, as fast as a window of unacknowledged messages allows
+   (peak): deliveries/s and latency percentiles;
+2. the same at ``--fraction`` (default 80%) of that peak's publish rate,
+   paced: every message must reach every subscriber (no loss);
+3. GradAgenda groups (``--rooms`` of ``--room-size``): stored messages/s
+   (a message counts once its sender has its confirmed broadcast).
+
+Each node's CPU is read from /proc. Everything runs on loopback and stops
+by itself; a run takes about ``3 x --duration`` seconds per node count.
+
+    python scripts/cluster_bench.py
+    python scripts/cluster_bench.py --nodes 1,2 --subscribers 200 --duration 8 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import trio
+
+SCRIPTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS))
+sys.path.insert(1, str(SCRIPTS.parent))
+
+from loadgen.cli import parse_args  # noqa: E402
+from loadgen.plan import make_plans  # noqa: E402
+from loadgen.process import raise_fd_limit, read_cpu_seconds  # noqa: E402
+from loadgen.run import Run  # noqa: E402
+from loadgen.scenarios import SCENARIOS  # noqa: E402
+from loadgen.target import resolve_target  # noqa: E402
+
+SECRET = "cluster-bench-secret"
+JWT_SECRET = "cluster-bench-jwt-secret-of-32-bytes"
+PROTOCOLS = ("multichat", "gradagenda")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Redis:
+    def __init__(self, workdir: Path) -> None:
+        if shutil.which("redis-server") is None:
+            raise SystemExit("cluster_bench: redis-server is not on PATH")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(workdir)], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit("cluster_bench: redis-server did not start")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class Database:
+    """A fresh PostgreSQL database on the server ``admin`` names."""
+
+    def __init__(self, admin: str) -> None:
+        import psycopg
+
+        self.admin = admin
+        self.name = f"chatd_bench_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {self.name}")
+        self.url = admin.rsplit("/", 1)[0] + "/" + self.name
+
+    def drop(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
+
+
+class Node:
+    def __init__(self, name: str, workdir: Path, broker: str, store: str) -> None:
+        self.dir = workdir / name
+        self.dir.mkdir(exist_ok=True)
+        config = {
+            "host": "127.0.0.1:0", "broker": broker, "store": store, "node-id": name,
+            "secret-key": SECRET, "jwt-secret": JWT_SECRET, "log-level": "warning",
+            "endpoints": [{"path": f"/{p}", "protocol": p} for p in PROTOCOLS],
+            "max-connections": 1_000_000, "max-connections-per-ip": 1_000_000,
+            "connect-rate-per-ip": 1e9, "connect-burst-per-ip": 1_000_000,
+            "message-rate": 1e9, "message-burst": 1_000_000,
+        }
+        (self.dir / "config.json").write_text(json.dumps(config))
+        self.log = open(self.dir / "chatd.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "chatd", "serve", "--config", str(self.dir / "config.json"),
+             "--log-level", "info"], cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT)
+        self.port = self._port()
+
+    def _port(self) -> int:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            for line in (self.dir / "chatd.log").read_text(errors="replace").splitlines():
+                if "listening on" in line:
+                    return int(line.split("listening on ")[1].split(";")[0].rsplit(":", 1)[1])
+            if self.proc.poll() is not None:
+                raise SystemExit(f"cluster_bench: chatd exited:\n{(self.dir / 'chatd.log').read_text()}")
+            time.sleep(0.05)
+        raise SystemExit("cluster_bench: chatd did not start")
+
+    def ready(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+                sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                return sock.recv(64).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def load(argv: list[str], ports: list[int]) -> dict[str, Any]:
+    """One loadgen run with its workers dealt over ``ports`` (one per node)."""
+    args = parse_args(argv)
+    scenario = SCENARIOS[args.scenario]
+    layout = scenario.layout(args, args.path or f"/{args.protocol}", f"cb{os.getpid() % 100000}")
+    target = resolve_target(args, {})
+    plans = make_plans(args, layout, target, {"secret-key": SECRET, "jwt-secret": JWT_SECRET}, {})
+    for index, plan in enumerate(plans):
+        plan.port = ports[index % len(ports)]
+        plan.host_header = f"127.0.0.1:{plan.port}"
+    run = Run(args, plans, layout, None)
+    run.start_workers()
+    wait = 0.0
+    try:
+        result = trio.run(run.main)
+        wait = 10.0
+    finally:
+        run.stop_workers(wait)
+    return result
+
+
+def measure(nodes: list[Node], argv: list[str]) -> dict[str, Any]:
+    before = [read_cpu_seconds(n.proc.pid) or 0.0 for n in nodes]
+    started = time.monotonic()
+    result = load(argv, [n.port for n in nodes])
+    seconds = time.monotonic() - started
+    after = [read_cpu_seconds(n.proc.pid) or 0.0 for n in nodes]
+    latency = result["latency_ms"] or {}
+    return {
+        "deliveries_per_s": result["deliveries_per_s"], "publish_rate": result["publish_rate"],
+        "delivered_ratio": result["delivered_ratio"], "errors": result["error_count"],
+        "p50_ms": latency.get("p50"), "p99_ms": latency.get("p99"), "max_ms": latency.get("max"),
+        "node_cpu_pct": [round(100 * (b - a) / seconds) for a, b in zip(before, after)],
+        "client_cpu_pct": result["client"]["cpu_pct"],
+    }
+
+
+def bench(count: int, workdir: Path, redis: Redis, admin: str, args: argparse.Namespace,
+          ) -> dict[str, Any]:
+    database = Database(admin)
+    nodes = [Node(f"n{i + 1}", workdir, redis.url, database.url) for i in range(count)]
+    try:
+        deadline = time.monotonic() + 30
+        while not all(node.ready() for node in nodes):
+            if time.monotonic() > deadline:
+                raise SystemExit("cluster_bench: the nodes did not become ready")
+            time.sleep(0.1)
+        workers = str(max(count, args.workers))
+        common = ["--duration", str(args.duration), "--workers", workers, "--port",
+                  str(nodes[0].port), "--size", "100", "--json"]
+        fanout = ["fanout", "--protocol", "multichat", "--subscribers", str(args.subscribers),
+                  "--publishers", str(args.publishers), "--secret-key", SECRET, *common]
+        peak = measure(nodes, [*fanout, "--window", str(args.window)])
+        paced_rate = round(peak["publish_rate"] * args.fraction, 1)
+        paced = measure(nodes, [*fanout, "--rate", str(paced_rate)])
+        paced["rate"] = paced_rate
+        grad = measure(nodes, ["gradagenda", "--rooms", str(args.rooms), "--room-size",
+                               str(args.room_size), "--window", "16", "--jwt-secret",
+                               JWT_SECRET, *common])
+        return {"nodes": count, "fanout_peak": peak, "fanout_paced": paced, "gradagenda": grad}
+    finally:
+        for node in nodes:
+            node.stop()
+        database.drop()
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = ["nodes  fan-out peak deliveries/s  p99 ms  | at {f}: rate  delivered  p99 ms  "
+             "| GradAgenda stored/s  deliveries/s  p99 ms | node CPU % (peak)"]
+    for r in results:
+        peak, paced, grad = r["fanout_peak"], r["fanout_paced"], r["gradagenda"]
+        lines.append(
+            f"{r['nodes']:>5}  {peak['deliveries_per_s']:>25,.0f}  {peak['p99_ms'] or 0:>6.1f}  "
+            f"| {paced['rate']:>12,.0f}  {paced['delivered_ratio'] or 0:>9.4f}  "
+            f"{paced['p99_ms'] or 0:>6.1f}  | {grad['publish_rate']:>19,.0f}  "
+            f"{grad['deliveries_per_s']:>12,.0f}  {grad['p99_ms'] or 0:>6.1f} | "
+            f"{'/'.join(str(c) for c in peak['node_cpu_pct'])}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nodes", default="1,2,3", help="node counts to run (default 1,2,3)")
+    p.add_argument("--subscribers", type=int, default=300, help="fan-out subscribers (default 300)")
+    p.add_argument("--publishers", type=int, default=3, help="fan-out publishers (default 3)")
+    p.add_argument("--window", type=int, default=32,
+                   help="unacknowledged messages per publisher at peak (default 32)")
+    p.add_argument("--fraction", type=float, default=0.8,
+                   help="paced run's share of the peak publish rate (default 0.8)")
+    p.add_argument("--rooms", type=int, default=10, help="GradAgenda groups (default 10)")
+    p.add_argument("--room-size", type=int, default=10, help="members per group (default 10)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per run (default 10)")
+    p.add_argument("--workers", type=int, default=3,
+                   help="load client processes, dealt over the nodes (default 3)")
+    p.add_argument("--pg-admin", default=os.environ.get(
+        "CHATD_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        help="a PostgreSQL URL allowed to create databases")
+    p.add_argument("--json", action="store_true", help="print the results as JSON too")
+    args = p.parse_args()
+    raise_fd_limit()
+    counts = [int(c) for c in args.nodes.split(",")]
+    workdir = Path(tempfile.mkdtemp(prefix="chatd-cluster-bench-"))
+    redis = Redis(workdir)
+    results = []
+    try:
+        for count in counts:
+            results.append(bench(count, workdir, redis, args.pg_admin, args))
+            print(f"{count} node(s) done", file=sys.stderr)
+    finally:
+        redis.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(table(results).replace("{f}", f"{args.fraction:.0%}"))
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
