@@ -9,8 +9,14 @@ message counts once its sender has received its broadcast, which chatd
 sends only after the message's transaction has committed. Every client
 also reads everyone else's broadcasts, as a real member would.
 
+Each run prints one JSON line: the rate, chatd's CPU and the clients' CPU
+(seconds over the run: near the run's length means that side was the
+bottleneck), messages per commit, and the load average before the run
+(the machine may be shared). With --repeat N, N runs (a fresh server and
+store each) and then a line with the medians.
+
     python scripts/gradagenda_bench.py --clients 10
-    python scripts/gradagenda_bench.py --clients 1
+    python scripts/gradagenda_bench.py --clients 1 --messages 40000 --repeat 5
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import struct
 import subprocess
 import sys
@@ -201,25 +208,25 @@ async def run_clients(port: int, clients: int, messages: int, window: int) -> di
             "deliveries_per_second": round(total * clients / elapsed)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--messages", type=int, default=2000, help="per client")
-    parser.add_argument("--window", type=int, default=32, help="unconfirmed messages per client")
-    parser.add_argument("--store", help="SQLite file (default: a fresh one in a temp dir)")
-    args = parser.parse_args()
+def run_once(args: argparse.Namespace) -> dict:
+    """One run against a fresh server (and, unless --store, a fresh store)."""
     with tempfile.TemporaryDirectory(prefix="chatd-bench-") as tmp:
         workdir = Path(tmp)
         store = args.store or str(workdir / "bench.db")
+        load = os.getloadavg()[0]
         proc, port = start_server(workdir, store)
         try:
             cpu_before = process_cpu_seconds(proc.pid)
+            own_before = sum(os.times()[:2])
             result = trio.run(run_clients, port, args.clients, args.messages, args.window)
-            # Server CPU over the run: near 1.0 per second means chatd was the bottleneck.
+            # CPU over the run: near "seconds" means that side was the bottleneck.
+            result["client_cpu_seconds"] = round(sum(os.times()[:2]) - own_before, 2)
             result["server_cpu_seconds"] = round(process_cpu_seconds(proc.pid) - cpu_before, 2)
         finally:
             proc.terminate()
             proc.wait(10)
+        result["server_cpu_us_per_message"] = round(
+            result["server_cpu_seconds"] / result["messages"] * 1e6, 1)
         # The writer logs its totals at shutdown: messages per transaction.
         for line in (workdir / "server.log").read_text().splitlines():
             if "store writer:" in line:
@@ -227,7 +234,30 @@ def main() -> None:
                 result["messages_per_commit"] = round(jobs / max(commits, 1), 1)
         result["store"] = "file (WAL, synchronous=FULL)" if store != ":memory:" else store
         result["cpus"] = os.cpu_count()
-        print(json.dumps(result))
+        result["load_average"] = round(load, 2)
+        return result
+
+
+#: Figures whose median the --repeat summary gives.
+MEDIANS = ("stored_per_second", "deliveries_per_second", "server_cpu_us_per_message",
+           "client_cpu_seconds", "messages_per_commit", "load_average")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--messages", type=int, default=2000, help="per client")
+    parser.add_argument("--window", type=int, default=32, help="unconfirmed messages per client")
+    parser.add_argument("--store", help="SQLite file (default: a fresh one in a temp dir)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs, then their medians")
+    args = parser.parse_args()
+    results = []
+    for _ in range(args.repeat):
+        results.append(run_once(args))
+        print(json.dumps(results[-1]), flush=True)
+    if args.repeat > 1:
+        print(json.dumps({"median_of": len(results), **{
+            key: statistics.median(r[key] for r in results if key in r) for key in MEDIANS}}))
 
 
 if __name__ == "__main__":
