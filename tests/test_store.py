@@ -9,13 +9,15 @@ tests/test_store_failures.py.
 from __future__ import annotations
 
 import sqlite3
+import threading
 
 import pytest
+import trio
 
 from chatd.store import SQLiteStore, StoreError, Writer, open_store
 from chatd.store.sqlite import MIGRATIONS
 from tests.pg import pg_run_database, pg_url  # noqa: F401 (fixtures)
-from tests.store_helpers import Reports, add_messages, job
+from tests.store_helpers import Reports, add_messages, job, wait_until
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -189,3 +191,23 @@ async def test_a_healthy_store_is_ready_after_a_probe_write(store, nursery):
     await nursery.start(writer.run)
     assert await writer.ready() is None
     assert store.setting("probed-at") is not None
+
+
+def store_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("chatd-store-")]
+
+
+@pytest.mark.parametrize("end", ["cancelled", "closed"])
+async def test_the_writer_has_one_thread_for_its_life_and_none_after(store, end):
+    reports = Reports()
+    writer = Writer(store, reports)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        for n in range(3):  # three batches, one after the other
+            writer.submit(job(lambda s: None))
+            await reports.wait_for(n + 1)
+        assert len(reports.batches) == 3 and len(store_threads()) == 1
+        if end == "closed":
+            await writer.aclose()
+        nursery.cancel_scope.cancel()
+    await wait_until(lambda: not store_threads())

@@ -1,9 +1,15 @@
 """The group-commit writer, shared by every backend.
 
-One task takes every queued job, runs them in one transaction in a worker
-thread (``Store.run_batch``), then reports them all at once: a burst of
-messages pays one commit (one fsync) per batch, not one per message, and
-the router never waits for the database.
+One task takes every queued job, runs them in one transaction in the
+store's own worker thread (``Store.run_batch``), then reports them all at
+once: a burst of messages pays one commit (one fsync) per batch, not one
+per message, and the router never waits for the database.
+
+The thread lives as long as the writer runs (started by the first commit,
+stopped when ``run`` ends or by ``aclose``): a batch is handed to it on a
+queue and its result comes back through trio's token, with none of the
+per-call set-up of ``trio.to_thread`` (a thread from the cache, naming it,
+a capacity limiter, a copied context).
 
 Failures (docs/storage.md):
 
@@ -32,6 +38,8 @@ starts writing again.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -98,6 +106,7 @@ class Writer:
         self._paused = False
         self._resumed = trio.Event()
         self._probe: _Probe | None = None
+        self._thread: _StoreThread | None = None
 
     @property
     def failed(self) -> bool:
@@ -130,11 +139,14 @@ class Writer:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        while True:
-            await self._wakeup.wait()
-            if self._paused:
-                await self._resumed.wait()
-            await self.flush()
+        try:
+            while True:
+                await self._wakeup.wait()
+                if self._paused:
+                    await self._resumed.wait()
+                await self.flush()
+        finally:
+            self._stop_thread()
 
     async def flush(self) -> None:
         """Commit everything queued so far (and wait for a commit under way)."""
@@ -161,9 +173,9 @@ class Writer:
         while True:
             self._in_flight = len(jobs)
             try:
-                # Not abandoned on cancel: a started commit always finishes.
-                results = await trio.to_thread.run_sync(self.store.run_batch,
-                                                        [job.run for job in jobs])
+                if self._thread is None:
+                    self._thread = _StoreThread(f"chatd-store-{name}")
+                results = await self._thread.call(self.store.run_batch, [job.run for job in jobs])
             except Exception as exc:
                 now = trio.current_time()
                 if not self.store.is_transient(exc):
@@ -237,8 +249,68 @@ class Writer:
         """Refuse new work and commit everything already queued."""
         self.closed = True
         self._resumed.set()
-        await self.flush()
+        try:
+            await self.flush()
+        finally:
+            self._stop_thread()
         log.info("store writer: %d jobs in %d transactions", self.committed_jobs, self.commits)
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            self._thread.stop()
+            self._thread = None
+
+
+class _StoreThread:
+    """One thread that runs a store's calls one at a time, in order.
+
+    ``call`` hands a function to the thread and waits, shielded from
+    cancellation (a started commit always finishes and is reported), for
+    its result or exception, which the thread passes back with
+    ``TrioToken.run_sync_soon``. ``stop`` lets the thread end once the
+    calls before it are done. Daemonic, so a writer never closed cannot
+    keep the process alive.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._token = trio.lowlevel.current_trio_token()
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    async def call(self, fn: Callable[[Any], Any], arg: Any) -> Any:
+        """``fn(arg)`` in the thread: its result, or its exception raised here."""
+        call = _Call(fn, arg)
+        self._calls.put(call)
+        with trio.CancelScope(shield=True):
+            await call.done.wait()
+        if call.error is not None:
+            error, call.error = call.error, None
+            raise error
+        return call.result
+
+    def stop(self) -> None:
+        self._calls.put(None)
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            try:
+                call.result = call.fn(call.arg)
+            except BaseException as exc:  # reported to the caller, whatever it is
+                call.error = exc
+            try:
+                self._token.run_sync_soon(call.done.set)
+            except trio.RunFinishedError:
+                return  # trio is gone: nobody waits
+
+
+class _Call:
+    __slots__ = ("fn", "arg", "done", "result", "error")
+
+    def __init__(self, fn: Callable[[Any], Any], arg: Any) -> None:
+        self.fn, self.arg = fn, arg
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
 
 
 class _Probe:
