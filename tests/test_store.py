@@ -104,6 +104,29 @@ def test_seq_is_allocated_per_session_in_the_transaction_without_gaps(store):
     assert store.run_batch([lambda s: s.append_message("one", "a", "{}", 0, 0)]) == [4]
 
 
+def test_one_batch_sees_its_own_messages_in_order_whatever_comes_between(store):
+    store.run_batch([lambda s: s.create_session("one", "mutable", ["a"], 1),
+                     lambda s: s.create_session("two", "mutable", ["a"], 1)])
+
+    def append(sid, n):
+        return lambda s: s.append_message(sid, "a", f'"{n}"', n, n)
+
+    jobs = [append("one", n) for n in range(1, 151)]          # more than one INSERT holds
+    jobs.append(lambda s: [row[0] for row in s.history("one", after=148)])
+    jobs += [append("two", 1), lambda s: s.delete_session("two"),
+             lambda s: s.create_session("two", "mutable", ["a"], 2), append("two", 2),
+             append("one", 151)]
+    results = store.run_batch(jobs)
+    assert results[:150] == list(range(1, 151))
+    assert results[150] == [149, 150]                          # read mid-batch: all before it
+    assert results[151:] == [1, None, None, 1, 151]            # made again: counts from 1
+    history = store.run_batch([lambda s: s.history("one", limit=100),
+                               lambda s: s.history("two")])
+    assert [(seq, text) for seq, _, text, _, _ in history[0]] == \
+        [(n, f'"{n}"') for n in range(52, 152)]
+    assert [(seq, text) for seq, _, text, _, _ in history[1]] == [(1, '"2"')]
+
+
 def test_an_append_to_a_deleted_session_stores_nothing_and_the_batch_commits(store):
     store.run_batch([lambda s: s.create_session("g", "mutable", ["a"], 1)])
     results = store.run_batch([lambda s: s.delete_session("g"),
