@@ -35,6 +35,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -121,6 +122,9 @@ class SQLiteStore(Store):
         self.path = self.name = path
         self.busy_timeout = busy_timeout
         self._lock_fd: int | None = None
+        #: Held by a batch, and by close(): closing waits for the batch (the
+        #: writer's thread may be running one), never pulls the file from under it.
+        self._in_use = threading.Lock()
         #: In a batch: each session's next seq, and the messages not inserted yet.
         self._next_seq: dict[str, int] = {}
         self._messages: list[tuple[str, int, str, str, int, int]] = []
@@ -314,18 +318,19 @@ class SQLiteStore(Store):
         return self.db.execute(query, args)
 
     def run_batch(self, jobs: list[Callable[[Store], Any]]) -> list[Any]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            results = [job(self) for job in jobs]
-            self._insert_pending()
-            self.db.execute("COMMIT")
-        except BaseException:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-            raise
-        finally:
-            self._next_seq.clear()
-            self._messages.clear()
+        with self._in_use:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                results = [job(self) for job in jobs]
+                self._insert_pending()
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+            finally:
+                self._next_seq.clear()
+                self._messages.clear()
         return results
 
     def is_transient(self, exc: BaseException | None) -> bool:
@@ -335,7 +340,8 @@ class SQLiteStore(Store):
     def close(self) -> None:
         db = getattr(self, "db", None)
         if db is not None:
-            db.close()
+            with self._in_use:
+                db.close()
         self._unlock()
 
 
