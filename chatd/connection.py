@@ -186,7 +186,8 @@ class Connection(Client):
             for frame in self.frames:
                 kind = frame.opcode
                 if kind is _TEXT or kind is _CONT:  # a CONT of a binary message never comes
-                    await self._pay()
+                    if self._spend():
+                        await self._repay()
                     data = frame.data
                     size += len(data)
                     if size > limit:
@@ -205,7 +206,8 @@ class Connection(Client):
                         self.metrics.received[self.protocol.name] += 1
                         return text if decoder is None else "".join(parts)
                 elif kind is _PING:
-                    await self._pay()
+                    if self._spend():
+                        await self._repay()
                     self.deliver(Frame(_PONG, frame.data).serialize(mask=False))
                     self.flush()
                 elif kind is _PONG:
@@ -251,19 +253,23 @@ class Connection(Client):
             self.kill(1011, "internal error")
         await trio.lowlevel.checkpoint()
 
-    async def _pay(self) -> None:
-        """Take a frame's token; in debt, wait (unread) until it is paid."""
+    def _spend(self) -> bool:
+        """Take a frame's token; True if that left the bucket in debt."""
         now = trio.current_time()
-        rate = self.config.message_rate
-        tokens = min(self.config.message_burst, self.tokens + (now - self.stamp) * rate) - 1
+        config = self.config
+        tokens = min(config.message_burst,
+                     self.tokens + (now - self.stamp) * config.message_rate) - 1
         self.stamp = now
         self.tokens = tokens
-        if tokens < 0:
-            if not self.throttled:
-                self.throttled = True
-                log.info("%s over the message rate: reading it more slowly", self.peer,
-                         extra={"peer": self.peer, "path": self.path})
-            await trio.sleep(-tokens / rate)
+        return tokens < 0
+
+    async def _repay(self) -> None:
+        """In debt: wait (unread) until the debt is paid."""
+        if not self.throttled:
+            self.throttled = True
+            log.info("%s over the message rate: reading it more slowly", self.peer,
+                     extra={"peer": self.peer, "path": self.path})
+        await trio.sleep(-self.tokens / self.config.message_rate)
 
     # --- outputs ---------------------------------------------------------------
 
