@@ -127,6 +127,37 @@ def test_one_batch_sees_its_own_messages_in_order_whatever_comes_between(store):
     assert [(seq, text) for seq, _, text, _, _ in history[1]] == [(1, '"2"')]
 
 
+def test_a_batch_of_messages_refused_by_a_lock_is_retried_without_a_gap(sqlite_store):
+    store = sqlite_store
+    store.run_batch([lambda s: s.create_session("g", "mutable", ["a"], 1)])
+    add_messages(store, "g", 2)
+    other = sqlite3.connect(store.path, isolation_level=None, timeout=0)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    with pytest.raises(sqlite3.OperationalError) as refused:
+        store.run_batch([lambda s: s.append_message("g", "a", '"x"', 3, 3)])
+    assert store.is_transient(refused.value)
+    other.execute("ROLLBACK")
+    other.close()
+    assert store.run_batch([lambda s: s.append_message("g", "a", '"y"', 4, 4)]) == [3]
+    assert [row[:3] for row in store.run_batch([lambda s: s.history("g")])[0]] == \
+        [(1, "a", '"1"'), (2, "a", '"2"'), (3, "a", '"y"')]
+
+
+def test_stores_that_do_not_hold_the_lock_count_seq_afresh_each_batch(tmp_path):
+    # Two connections without the one-server lock (as tools open the file):
+    # neither may trust a seq it counted in an earlier batch.
+    path = str(tmp_path / "shared.db")
+    one, two = (SQLiteStore(path, lock=False) for _ in range(2))
+    try:
+        one.run_batch([lambda s: s.create_session("g", "mutable", ["a"], 1)])
+        seqs = [store.run_batch([lambda s: s.append_message("g", "a", "{}", 0, 0)])[0]
+                for store in (one, two, one, two)]
+        assert seqs == [1, 2, 3, 4]
+    finally:
+        one.close()
+        two.close()
+
+
 def test_an_append_to_a_deleted_session_stores_nothing_and_the_batch_commits(store):
     store.run_batch([lambda s: s.create_session("g", "mutable", ["a"], 1)])
     results = store.run_batch([lambda s: s.delete_session("g"),
