@@ -232,7 +232,12 @@ def run_once(args: argparse.Namespace) -> dict:
             cpu_before = process_cpu_seconds(proc.pid)
             own_before = sum(os.times()[:2])
             host_before = read_host_seconds()[0]
-            result = trio.run(run_clients, port, args.clients, args.messages, args.window)
+            try:
+                result = trio.run(run_clients, port, args.clients, args.messages, args.window)
+            except BaseException:
+                print("chatd's log:\n" + (workdir / "server.log").read_text()[-4000:],
+                      file=sys.stderr)
+                raise
             # CPU over the run: near "seconds" means that side was the bottleneck.
             client = sum(os.times()[:2]) - own_before
             server = process_cpu_seconds(proc.pid) - cpu_before
