@@ -159,7 +159,9 @@ class Connection(Client):
         outputs = proto.receive(text)
         if len(outputs) > 1:  # one token per action asked for, beyond the frame's own
             self.tokens -= len(outputs) - 1
-        await self._carry_out(outputs)
+        done = self._carry_out_now(outputs)
+        if done < len(outputs):
+            await self._carry_out(outputs[done:])
         self.flush()
         # Answers to this client wait for its socket, or for the store: read
         # its next request only once it has taken them (TCP pushes back on a
@@ -254,14 +256,17 @@ class Connection(Client):
         await trio.lowlevel.checkpoint()
 
     def _spend(self) -> bool:
-        """Take a frame's token; True if that left the bucket in debt."""
-        now = trio.current_time()
+        """Take a frame's token; True if that left the bucket in debt.
+
+        Frames read together arrived together: the bucket refills up to
+        the time of their read (``last_heard``), or of the last payment."""
         config = self.config
-        tokens = min(config.message_burst,
-                     self.tokens + (now - self.stamp) * config.message_rate) - 1
-        self.stamp = now
-        self.tokens = tokens
-        return tokens < 0
+        elapsed = self.last_heard - self.stamp
+        if elapsed > 0:
+            self.stamp = self.last_heard
+            self.tokens = min(config.message_burst, self.tokens + elapsed * config.message_rate)
+        self.tokens -= 1
+        return self.tokens < 0
 
     async def _repay(self) -> None:
         """In debt: wait (unread) until the debt is paid."""
@@ -270,36 +275,64 @@ class Connection(Client):
             log.info("%s over the message rate: reading it more slowly", self.peer,
                      extra={"peer": self.peer, "path": self.path})
         await trio.sleep(-self.tokens / self.config.message_rate)
+        self.stamp, self.tokens = trio.current_time(), 0.0
 
     # --- outputs ---------------------------------------------------------------
 
-    async def _carry_out(self, outputs: list[Output]) -> None:
-        for out in outputs:
+    def _carry_out_now(self, outputs: list[Output]) -> int:
+        """Carry out, in order, the outputs that need no waiting (frames for
+        this client, what is only logged, commands the router's queue takes
+        at once); the index of the first one that must wait for something."""
+        for index, out in enumerate(outputs):
             kind = type(out)
             if kind is Send:
                 self.deliver(text_frame(out.data))
-            elif kind is Close:
-                self.kill(out.code, out.reason)
-                await trio.lowlevel.checkpoint()
-            elif kind is Stream:
-                await self._stream(out.frames)
             elif kind is AuthFailed:
-                log.info("%s authentication failed on %s: user %r: %s", self.peer, self.path,
-                         out.user, out.reason, extra={"peer": self.peer, "path": self.path})
-            elif isinstance(out, Request):
-                out.client = self
-                await self._carry_out(await self.router.call(out))
+                self._log_auth_failed(out)
+            elif kind is Close or kind is Stream or isinstance(out, Request):
+                return index
             else:
                 out.client = self
-                if isinstance(out, Answered):
-                    self.in_flight += 1
                 try:
                     # No yield per command: the frames of one read reach the
                     # router together, so one router pass (and one write per
                     # recipient) carries them all.
                     self.router.post(out)
                 except trio.WouldBlock:
-                    await self.router.send(out)
+                    return index
+                if isinstance(out, Answered):
+                    self.in_flight += 1
+        return len(outputs)
+
+    def _log_auth_failed(self, out: AuthFailed) -> None:
+        log.info("%s authentication failed on %s: user %r: %s", self.peer, self.path,
+                 out.user, out.reason, extra={"peer": self.peer, "path": self.path})
+
+    async def _carry_out(self, outputs: list[Output]) -> None:
+        done = 0
+        while True:
+            done += self._carry_out_now(outputs[done:])
+            if done == len(outputs):
+                return
+            await self._carry_out_waiting(outputs[done])
+            done += 1
+
+    async def _carry_out_waiting(self, out: Output) -> None:
+        """An output ``_carry_out_now`` stopped at."""
+        kind = type(out)
+        if kind is Close:
+            self.kill(out.code, out.reason)
+            await trio.lowlevel.checkpoint()
+        elif kind is Stream:
+            await self._stream(out.frames)
+        elif isinstance(out, Request):
+            out.client = self
+            await self._carry_out(await self.router.call(out))
+        else:  # a command the router's queue could not take at once
+            out.client = self
+            if isinstance(out, Answered):
+                self.in_flight += 1
+            await self.router.send(out)
 
     async def _stream(self, frames: Any) -> None:
         """Write an answer frame by frame as the socket drains: a few frames
