@@ -195,8 +195,8 @@ class Writer:
                     self.busy_since = None
                 self.commits += 1
                 self.committed_jobs += len(jobs)
-            elif not self.closed:
-                self._paused = True
+            else:
+                self._paused = True  # until resume(), or flush() when closing
         finally:
             self._pending -= len(jobs)  # reported, or abandoned by a cancellation
         await self.report(jobs, results, failure)
