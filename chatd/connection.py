@@ -1,15 +1,29 @@
 """One task per WebSocket connection: frames in, protocol outputs out.
 
 After the handshake (chatd.server), the connection task reads the socket,
-feeds wsproto (RFC 6455 framing, UTF-8 checks), and handles each event:
+feeds the ``websockets`` library's sans-IO parser (RFC 6455 framing, its
+C-accelerated unmasking; no I/O of its own), and handles each frame in
+order:
 
 - a text message (its fragments joined, at most ``max-frame-bytes`` UTF-8
-  bytes in all, else close 1009) goes to the endpoint's protocol
-  (sans-IO); its outputs are carried out: frames for this client, router
-  commands, a close;
+  bytes in all, else close 1009; invalid UTF-8, even split between
+  fragments, closes 1007) goes to the endpoint's protocol (sans-IO); its
+  outputs are carried out: frames for this client, router commands, a
+  close;
 - a ping is answered with a pong; a pong ends a keepalive wait;
-- a binary message closes 1003; a framing violation 1002, bad UTF-8 1007
-  (wsproto finds them); the peer's close is answered and ends the task.
+- a binary message closes 1003; a framing violation 1002 (the parser
+  finds them: RFC 6455 sections 5.2-5.5); a single frame longer than the
+  limit 1009 before its payload is read; the peer's close is echoed and
+  ends the task, also in the middle of a fragmented message (section 5.4
+  lets control frames interleave).
+
+The parser reads everything buffered at once, but its frames are handled
+one by one: after chatd decides to close (a violation, a limit, the
+protocol), no later frame is handled, and a violation is acted on only
+after the frames before it. chatd writes every frame itself: data frames
+pre-built (``chatd.transport.text_frame``), pongs and close frames with
+the library's serializer; the library's own automatic replies are
+discarded.
 
 Flood control throttles instead of dropping (as Ergo's "fakelag" does):
 every frame — data, fragment or control — costs one token of the
@@ -21,19 +35,24 @@ sent is still handled in order, and nobody else waits.
 Cancel scopes enforce the auth stage (``auth-timeout``) and every way a
 connection ends: ``Client.kill`` cancels the connection's scope from
 anywhere, and ``_finish`` sends the close frame after the frames already
-queued, waits ``close-timeout`` for the peer's close, and closes the
-socket. After that decision no buffered frame of the client is handled.
+queued, waits ``close-timeout`` for the peer's close (after a framing
+violation, whose frames cannot be trusted, for the end of the stream),
+and closes the socket.
 """
 
 from __future__ import annotations
 
+import codecs
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
-from wsproto.connection import Connection as WSConnection
-from wsproto.connection import ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+from websockets.exceptions import PayloadTooBig, ProtocolError
+from websockets.frames import Close as CloseFrame
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Protocol as WSProtocol
+from websockets.protocol import Side, State
 
 from chatd.client import Client, Flusher
 from chatd.events import Answered, Command, Leave, Request
@@ -46,6 +65,15 @@ if TYPE_CHECKING:
     from chatd.metrics import Metrics
 
 log = logging.getLogger("chatd.connection")
+#: The parser's own logger: its errors only. At DEBUG it would log every
+#: frame with its payload (users' messages), so it never goes below INFO.
+_frames_log = logging.getLogger("chatd.connection.frames")
+_frames_log.setLevel(logging.INFO)
+
+_TEXT, _CONT, _BINARY = Opcode.TEXT, Opcode.CONT, Opcode.BINARY
+_PING, _PONG, _CLOSE = Opcode.PING, Opcode.PONG, Opcode.CLOSE
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+_NO_FRAMES: Iterator[Frame] = iter(())
 
 #: Frames of a ``Stream`` answer written before waiting for the socket to drain.
 _STREAM_STEP = 32
@@ -59,14 +87,21 @@ class _PeerGone(Exception):
 
 
 class Connection(Client):
-    __slots__ = ("ws", "proto", "router", "config", "metrics", "tokens", "stamp", "last_heard",
-                 "ping_sent", "peer_close", "throttled")
+    __slots__ = ("ws", "frames", "proto", "router", "config", "metrics", "tokens", "stamp",
+                 "last_heard", "ping_sent", "peer_close", "ended", "throttled")
 
     def __init__(self, transport: Transport, trailing: bytes, protocol_cls: type[Protocol],
                  ctx: Context, room: str, peer: str, path: str, router: Router, config: Config,
                  flusher: Flusher, metrics: Metrics) -> None:
         super().__init__(protocol_cls, room, peer, path, config.outbox_size, transport, flusher)
-        self.ws = WSConnection(ConnectionType.SERVER, None, trailing)
+        # One frame may be as long as a whole message; the parser refuses a
+        # longer one from its header. A message's total is counted here.
+        self.ws = WSProtocol(Side.SERVER, state=State.OPEN,
+                             max_size=(None, config.max_frame_bytes), logger=_frames_log)
+        #: Frames parsed and not handled yet, in order.
+        self.frames: Iterator[Frame] = _NO_FRAMES
+        if trailing:
+            self._feed(trailing)
         self.proto = protocol_cls(ctx)
         self.router = router
         self.config = config
@@ -78,8 +113,10 @@ class Connection(Client):
         #: When bytes last arrived, and when an unanswered keepalive ping went out.
         self.last_heard = now
         self.ping_sent: float | None = None
-        #: The peer's close frame, once received.
-        self.peer_close: CloseConnection | None = None
+        #: The peer's close (code and reason), once received.
+        self.peer_close: CloseFrame | None = None
+        #: True once the peer ended the stream without a close frame.
+        self.ended = False
         self.throttled = False
 
     # --- the task ------------------------------------------------------------
@@ -122,7 +159,9 @@ class Connection(Client):
         outputs = proto.receive(text)
         if len(outputs) > 1:  # one token per action asked for, beyond the frame's own
             self.tokens -= len(outputs) - 1
-        await self._carry_out(outputs)
+        done = self._carry_out_now(outputs)
+        if done < len(outputs):
+            await self._carry_out(outputs[done:])
         self.flush()
         # Answers to this client wait for its socket, or for the store: read
         # its next request only once it has taken them (TCP pushes back on a
@@ -141,97 +180,159 @@ class Connection(Client):
 
     async def _next_message(self) -> str:
         """The next complete text message; raises _PeerGone when there is none."""
-        ws = self.ws
         limit = self.config.max_frame_bytes
         parts: list[str] = []
+        decoder = None  # for a fragmented message: UTF-8 checked fragment by fragment
         size = 0
         while True:
-            for event in ws.events():
-                kind = type(event)
-                if kind is TextMessage:
-                    if event.frame_finished:
-                        await self._pay()
-                    data = event.data
-                    if data:
-                        # wsproto counts characters; the limit is in UTF-8 bytes.
-                        size += len(data) if data.isascii() else len(data.encode())
-                        if size > limit:
-                            self.kill(1009, f"message exceeds {limit} bytes")
-                            await trio.lowlevel.checkpoint()
-                    if event.message_finished:
-                        self.metrics.received[self.protocol.name] += 1
-                        if not parts:
-                            return data
-                        parts.append(data)
-                        return "".join(parts)
-                    if data:
-                        parts.append(data)
-                elif kind is Ping:
-                    await self._pay()
-                    self.deliver(ws.send(event.response()))
-                    self.flush()
-                elif kind is Pong:
-                    self.ping_sent = None
-                elif kind is CloseConnection:
-                    if ws.state is ConnectionState.OPEN:
-                        # wsproto found a violation (1002 framing, 1007 UTF-8).
-                        self.kill(event.code, event.reason or "protocol error")
+            for frame in self.frames:
+                kind = frame.opcode
+                if kind is _TEXT or kind is _CONT:  # a CONT of a binary message never comes
+                    if self._spend():
+                        await self._repay()
+                    data = frame.data
+                    size += len(data)
+                    if size > limit:
+                        self.kill(1009, f"message exceeds {limit} bytes")
                         await trio.lowlevel.checkpoint()
-                    self.peer_close = event
+                    try:
+                        if frame.fin and decoder is None:
+                            text = data.decode()
+                        else:
+                            decoder = decoder or _utf8_decoder()
+                            parts.append(decoder.decode(data, frame.fin))
+                    except UnicodeDecodeError as exc:
+                        self.kill(1007, f"invalid UTF-8: {exc.reason}")
+                        await trio.lowlevel.checkpoint()
+                    if frame.fin:
+                        self.metrics.received[self.protocol.name] += 1
+                        return text if decoder is None else "".join(parts)
+                elif kind is _PING:
+                    if self._spend():
+                        await self._repay()
+                    self.deliver(Frame(_PONG, frame.data).serialize(mask=False))
+                    self.flush()
+                elif kind is _PONG:
+                    self.ping_sent = None
+                elif kind is _CLOSE:
+                    self.peer_close = self.ws.close_rcvd
                     raise _PeerGone
-                elif kind is BytesMessage:
+                else:  # _BINARY
                     self.kill(1003, "binary frames are not supported")
                     await trio.lowlevel.checkpoint()
+            if self.ws.parser_exc is not None:
+                await self._parser_failed()
             data = await self.transport.receive()
             if not data:
-                ws.receive_data(None)
+                self.ended = True
                 raise _PeerGone
             self.last_heard = trio.current_time()
-            ws.receive_data(data)
+            self._feed(data)
 
-    async def _pay(self) -> None:
-        """Take a frame's token; in debt, wait (unread) until it is paid."""
-        now = trio.current_time()
-        rate = self.config.message_rate
-        tokens = min(self.config.message_burst, self.tokens + (now - self.stamp) * rate) - 1
-        self.stamp = now
-        self.tokens = tokens
-        if tokens < 0:
-            if not self.throttled:
-                self.throttled = True
-                log.info("%s over the message rate: reading it more slowly", self.peer,
-                         extra={"peer": self.peer, "path": self.path})
-            await trio.sleep(-tokens / rate)
+    def _feed(self, data: bytes) -> None:
+        """Parse ``data``; its frames wait in ``frames``."""
+        ws = self.ws
+        ws.receive_data(data)
+        self.frames = iter(ws.events_received())
+        ws.data_to_send()  # the library's automatic replies: chatd writes its own
+
+    async def _parser_failed(self) -> None:
+        """Act on what stopped the parser, once the frames before it are handled."""
+        ws = self.ws
+        exc = ws.parser_exc
+        if ws.close_rcvd is not None:
+            # The peer closed in the middle of a fragmented message: RFC 6455
+            # section 5.4 allows it, the library calls it a violation.
+            self.peer_close = ws.close_rcvd
+            raise _PeerGone
+        if isinstance(exc, PayloadTooBig):
+            self.kill(1009, f"message exceeds {self.config.max_frame_bytes} bytes")
+        elif isinstance(exc, ProtocolError):
+            self.kill(1002, str(exc) or "protocol error")
+        elif isinstance(exc, UnicodeDecodeError):  # a close frame's reason
+            self.kill(1007, f"invalid UTF-8: {exc.reason}")
+        else:
+            self.kill(1011, "internal error")
+        await trio.lowlevel.checkpoint()
+
+    def _spend(self) -> bool:
+        """Take a frame's token; True if that left the bucket in debt.
+
+        Frames read together arrived together: the bucket refills up to
+        the time of their read (``last_heard``), or of the last payment."""
+        config = self.config
+        elapsed = self.last_heard - self.stamp
+        if elapsed > 0:
+            self.stamp = self.last_heard
+            self.tokens = min(config.message_burst, self.tokens + elapsed * config.message_rate)
+        self.tokens -= 1
+        return self.tokens < 0
+
+    async def _repay(self) -> None:
+        """In debt: wait (unread) until the debt is paid."""
+        if not self.throttled:
+            self.throttled = True
+            log.info("%s over the message rate: reading it more slowly", self.peer,
+                     extra={"peer": self.peer, "path": self.path})
+        await trio.sleep(-self.tokens / self.config.message_rate)
+        self.stamp, self.tokens = trio.current_time(), 0.0
 
     # --- outputs ---------------------------------------------------------------
 
-    async def _carry_out(self, outputs: list[Output]) -> None:
-        for out in outputs:
+    def _carry_out_now(self, outputs: list[Output]) -> int:
+        """Carry out, in order, the outputs that need no waiting (frames for
+        this client, what is only logged, commands the router's queue takes
+        at once); the index of the first one that must wait for something."""
+        for index, out in enumerate(outputs):
             kind = type(out)
             if kind is Send:
                 self.deliver(text_frame(out.data))
-            elif kind is Close:
-                self.kill(out.code, out.reason)
-                await trio.lowlevel.checkpoint()
-            elif kind is Stream:
-                await self._stream(out.frames)
             elif kind is AuthFailed:
-                log.info("%s authentication failed on %s: user %r: %s", self.peer, self.path,
-                         out.user, out.reason, extra={"peer": self.peer, "path": self.path})
-            elif isinstance(out, Request):
-                out.client = self
-                await self._carry_out(await self.router.call(out))
+                self._log_auth_failed(out)
+            elif kind is Close or kind is Stream or isinstance(out, Request):
+                return index
             else:
                 out.client = self
-                if isinstance(out, Answered):
-                    self.in_flight += 1
                 try:
                     # No yield per command: the frames of one read reach the
                     # router together, so one router pass (and one write per
                     # recipient) carries them all.
                     self.router.post(out)
                 except trio.WouldBlock:
-                    await self.router.send(out)
+                    return index
+                if isinstance(out, Answered):
+                    self.in_flight += 1
+        return len(outputs)
+
+    def _log_auth_failed(self, out: AuthFailed) -> None:
+        log.info("%s authentication failed on %s: user %r: %s", self.peer, self.path,
+                 out.user, out.reason, extra={"peer": self.peer, "path": self.path})
+
+    async def _carry_out(self, outputs: list[Output]) -> None:
+        done = 0
+        while True:
+            done += self._carry_out_now(outputs[done:])
+            if done == len(outputs):
+                return
+            await self._carry_out_waiting(outputs[done])
+            done += 1
+
+    async def _carry_out_waiting(self, out: Output) -> None:
+        """An output ``_carry_out_now`` stopped at."""
+        kind = type(out)
+        if kind is Close:
+            self.kill(out.code, out.reason)
+            await trio.lowlevel.checkpoint()
+        elif kind is Stream:
+            await self._stream(out.frames)
+        elif isinstance(out, Request):
+            out.client = self
+            await self._carry_out(await self.router.call(out))
+        else:  # a command the router's queue could not take at once
+            out.client = self
+            if isinstance(out, Answered):
+                self.in_flight += 1
+            await self.router.send(out)
 
     async def _stream(self, frames: Any) -> None:
         """Write an answer frame by frame as the socket drains: a few frames
@@ -260,9 +361,9 @@ class Connection(Client):
 
     def ping(self, now: float) -> None:
         """Send a keepalive ping (the server's sweep calls this)."""
-        if self.ws.state is ConnectionState.OPEN and not self.sealed:
+        if self.peer_close is None and self.close_code is None and not self.sealed:
             self.ping_sent = now
-            self.deliver(self.ws.send(Ping(b"chatd")))
+            self.deliver(_KEEPALIVE_PING)
 
     # --- the end ---------------------------------------------------------------
 
@@ -274,18 +375,18 @@ class Connection(Client):
                 await self.router.send(command)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the router is gone: the server is stopping
-        ws, transport = self.ws, self.transport
+        transport, peer_close = self.transport, self.peer_close
         code = self.close_code
-        if self.peer_close is not None and code is None:
-            code = self.peer_close.code
+        if peer_close is not None and code is None:
+            code = peer_close.code
         if code is None:
             code = 1006
         frame = b""
-        if not transport.broken:
-            if ws.state is ConnectionState.REMOTE_CLOSING:
-                frame = ws.send(self.peer_close.response())  # echo the peer's close
-            elif ws.state is ConnectionState.OPEN:
-                frame = ws.send(CloseConnection(code, self.close_reason or None))
+        if not (transport.broken or self.ended):
+            if peer_close is not None:
+                frame = close_frame(peer_close.code, peer_close.reason)  # echo the peer's close
+            else:
+                frame = close_frame(code, self.close_reason)
         if frame:
             self.deliver(frame)
         self.sealed = True
@@ -293,7 +394,7 @@ class Connection(Client):
         if frame:
             with trio.move_on_after(self.config.close_timeout):
                 await transport.drain()
-                if ws.state is ConnectionState.LOCAL_CLOSING and not transport.broken:
+                if peer_close is None and not transport.broken:
                     await self._await_peer_close()
         transport.close()
         self.metrics.closed(code)
@@ -304,12 +405,26 @@ class Connection(Client):
     async def _await_peer_close(self) -> None:
         """Read (and ignore) until the peer's close frame: no frame that
         arrives after chatd decided to close is handled."""
-        ws = self.ws
         while True:
-            for event in ws.events():
-                if type(event) is CloseConnection:
+            for frame in self.frames:
+                if frame.opcode is _CLOSE:
                     return
+            # After a framing violation the parser discards what comes:
+            # then this waits for the end of the stream (or close-timeout).
             data = await self.transport.receive()
             if not data:
                 return
-            ws.receive_data(data)
+            self._feed(data)
+
+
+_KEEPALIVE_PING = Frame(_PING, b"chatd").serialize(mask=False)
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    """A close frame (RFC 6455 section 5.5.1): ``code`` and ``reason`` cut
+    to the 123 bytes a control frame has room for; no payload at all for a
+    code that may not be sent (1005: the peer's close had none)."""
+    if code in (1005, 1006, 1015):
+        return Frame(_CLOSE, b"").serialize(mask=False)
+    reason = reason.encode()[:123].decode(errors="ignore")
+    return Frame(_CLOSE, CloseFrame(code, reason).serialize()).serialize(mask=False)

@@ -9,8 +9,17 @@ message counts once its sender has received its broadcast, which chatd
 sends only after the message's transaction has committed. Every client
 also reads everyone else's broadcasts, as a real member would.
 
+Each run prints one JSON line: the rate, chatd's CPU and the clients' CPU
+(seconds over the run: near the run's length means that side was the
+bottleneck), messages per commit, the load average before the run, and
+the share of a core other processes took during it (``others``: the
+machine may be shared). A run in which others took more than
+--max-others of a core is run again, up to --attempts times, and the
+quietest kept. With --repeat N, N such runs (a fresh server and store
+each) and then a line with the medians.
+
     python scripts/gradagenda_bench.py --clients 10
-    python scripts/gradagenda_bench.py --clients 1
+    python scripts/gradagenda_bench.py --clients 1 --messages 40000 --repeat 5
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import struct
 import subprocess
 import sys
@@ -31,6 +41,7 @@ from wsproto.events import Request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from chatd.tokens import mint  # noqa: E402
+from scripts.loadgen.process import read_host_seconds  # noqa: E402
 
 SECRET = "gradagenda-bench-secret-of-32-bytes!"
 
@@ -70,10 +81,13 @@ def process_cpu_seconds(pid: int) -> float:
 class BenchSocket:
     """A lean WebSocket client, so the clients cost less CPU than the server:
     wsproto for the handshake only, then frames built and parsed by hand
-    (client frames masked with a zero key, which is valid and free)."""
+    (client frames masked with a zero key, which is valid and free), and
+    each write made at once when the kernel takes it, as chatd's own
+    transport does (``send``), rather than through trio's ``send_all``."""
 
     def __init__(self, stream: trio.SocketStream, buffered: bytes) -> None:
         self.stream = stream
+        self.fd = stream.socket.fileno()
         self.buffer = bytearray(buffered)
 
     @classmethod
@@ -103,8 +117,15 @@ class BenchSocket:
             header = struct.pack("!BBQ", 0x81, 0x80 | 127, n)
         return header + b"\0\0\0\0" + payload
 
-    async def send(self, *payloads: bytes) -> None:
-        await self.stream.send_all(b"".join(self.frame(p) for p in payloads))
+    async def send(self, payload: bytes) -> None:
+        """One text frame, in one write; waits only if the kernel cannot take it."""
+        data = self.frame(payload)
+        try:
+            sent = os.write(self.fd, data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            await self.stream.send_all(data[sent:])
 
     async def messages(self):
         """Text payloads from the server, as they come (unmasked, unfragmented)."""
@@ -162,29 +183,28 @@ async def run_clients(port: int, clients: int, messages: int, window: int) -> di
         if joined == clients:
             ready.set()
         await go.wait()
-        credit = trio.Semaphore(window)
         expected = messages * clients  # broadcasts this member will see
         template = json.dumps({
             "type": "request-sending-a-message", "cdid": "CDID", "session-id": session["id"],
             "message": {"type": "text", "body": f"{user} message CDID"},
             "sender-timestamp": int(time.time() * 1000)}).encode()
-
-        async def send() -> None:
-            for n in range(messages):
-                await credit.acquire()
-                await ws.send(template.replace(b"CDID", str(n).encode()))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send)
-            seen = 0
-            async for payload in incoming:
-                if b'"message-broadcast"' not in payload:
-                    raise RuntimeError(f"unexpected answer: {payload[:200]!r}")
-                if b'"cdid"' in payload:  # only the sender's own copy has one
-                    credit.release()
-                seen += 1
-                if seen == expected:
-                    break
+        # Up to `window` unconfirmed: the first ones at once, then one more
+        # each time a message of this client's is confirmed. One write each.
+        sent = 0
+        while sent < min(window, messages):
+            await ws.send(template.replace(b"CDID", str(sent).encode()))
+            sent += 1
+        seen = 0
+        async for payload in incoming:
+            if b'"message-broadcast"' not in payload:
+                raise RuntimeError(f"unexpected answer: {payload[:200]!r}")
+            # Only the sender's own copy has a cdid: a confirmation.
+            if sent < messages and b'"cdid"' in payload:
+                await ws.send(template.replace(b"CDID", str(sent).encode()))
+                sent += 1
+            seen += 1
+            if seen == expected:
+                break
         done_at.append(time.perf_counter())
         await ws.stream.aclose()
 
@@ -201,25 +221,35 @@ async def run_clients(port: int, clients: int, messages: int, window: int) -> di
             "deliveries_per_second": round(total * clients / elapsed)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--messages", type=int, default=2000, help="per client")
-    parser.add_argument("--window", type=int, default=32, help="unconfirmed messages per client")
-    parser.add_argument("--store", help="SQLite file (default: a fresh one in a temp dir)")
-    args = parser.parse_args()
+def run_once(args: argparse.Namespace) -> dict:
+    """One run against a fresh server (and, unless --store, a fresh store)."""
     with tempfile.TemporaryDirectory(prefix="chatd-bench-") as tmp:
         workdir = Path(tmp)
         store = args.store or str(workdir / "bench.db")
+        load = os.getloadavg()[0]
         proc, port = start_server(workdir, store)
         try:
             cpu_before = process_cpu_seconds(proc.pid)
-            result = trio.run(run_clients, port, args.clients, args.messages, args.window)
-            # Server CPU over the run: near 1.0 per second means chatd was the bottleneck.
-            result["server_cpu_seconds"] = round(process_cpu_seconds(proc.pid) - cpu_before, 2)
+            own_before = sum(os.times()[:2])
+            host_before = read_host_seconds()[0]
+            try:
+                result = trio.run(run_clients, port, args.clients, args.messages, args.window)
+            except BaseException:
+                print("chatd's log:\n" + (workdir / "server.log").read_text()[-4000:],
+                      file=sys.stderr)
+                raise
+            # CPU over the run: near "seconds" means that side was the bottleneck.
+            client = sum(os.times()[:2]) - own_before
+            server = process_cpu_seconds(proc.pid) - cpu_before
+            others = read_host_seconds()[0] - host_before - client - server
+            result["client_cpu_seconds"] = round(client, 2)
+            result["server_cpu_seconds"] = round(server, 2)
+            result["others_core_share"] = round(max(0.0, others) / result["seconds"], 2)
         finally:
             proc.terminate()
             proc.wait(10)
+        result["server_cpu_us_per_message"] = round(
+            result["server_cpu_seconds"] / result["messages"] * 1e6, 1)
         # The writer logs its totals at shutdown: messages per transaction.
         for line in (workdir / "server.log").read_text().splitlines():
             if "store writer:" in line:
@@ -227,7 +257,48 @@ def main() -> None:
                 result["messages_per_commit"] = round(jobs / max(commits, 1), 1)
         result["store"] = "file (WAL, synchronous=FULL)" if store != ":memory:" else store
         result["cpus"] = os.cpu_count()
-        print(json.dumps(result))
+        result["load_average"] = round(load, 2)
+        return result
+
+
+#: Figures whose median the --repeat summary gives.
+MEDIANS = ("stored_per_second", "deliveries_per_second", "server_cpu_us_per_message",
+           "client_cpu_seconds", "messages_per_commit", "load_average", "others_core_share")
+
+
+def quiet_run(args: argparse.Namespace) -> dict:
+    """A run, repeated while other processes took more than --max-others
+    of a core during it; the quietest try."""
+    tries = []
+    for _ in range(args.attempts):
+        tries.append(run_once(args))
+        if tries[-1]["others_core_share"] <= args.max_others:
+            break
+    best = min(tries, key=lambda r: r["others_core_share"])
+    best["attempts"] = len(tries)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--messages", type=int, default=2000, help="per client")
+    parser.add_argument("--window", type=int, default=32, help="unconfirmed messages per client")
+    parser.add_argument("--store", help="SQLite file (default: a fresh one in a temp dir)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs, then their medians")
+    parser.add_argument("--max-others", type=float, default=0.3,
+                        help="share of a core other processes may take before a run is "
+                             "tried again (default 0.3)")
+    parser.add_argument("--attempts", type=int, default=3, help="tries per run (default 3)")
+    args = parser.parse_args()
+    results = []
+    for _ in range(args.repeat):
+        results.append(quiet_run(args))
+        print(json.dumps(results[-1]), flush=True)
+    if args.repeat > 1:
+        print(json.dumps({"median_of": len(results), **{
+            key: round(statistics.median(r[key] for r in results if key in r), 2)
+            for key in MEDIANS}}))
 
 
 if __name__ == "__main__":

@@ -167,3 +167,33 @@ async def test_a_framing_violation_closes_1002(chat, violation):
     code = await close_code(raw)
     await still_serving(chat)
     assert code == 1002
+
+
+# --- closing ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("payload, echoed", [
+    (struct.pack("!H", 1000) + "bye".encode(), (1000, "bye")),
+    (struct.pack("!H", 4321) + "adiós".encode(), (4321, "adiós")),
+    (b"", (1005, "")),
+], ids=["1000", "private-code", "no-code"])
+async def test_a_close_in_the_middle_of_a_fragmented_message_is_echoed(chat, payload, echoed):
+    # RFC 6455 section 5.4: control frames may come between fragments; the
+    # close ends the connection, the half message is dropped, not relayed.
+    server = await chat.start()
+    sender = await raw_multichat(server.port, "leaver")
+    receiver = await chat.multichat("receiver")
+    await sender.send_bytes(text(chat_message("half")[:12].encode(), fin=False)
+                            + frame(CLOSE, payload))
+    close = await sender.until_close()
+    assert (close.code, close.reason) == echoed
+    await still_serving(chat)
+    assert (await receiver.recv())["content"].startswith("still here")
+
+
+async def test_a_close_reason_that_is_not_utf8_closes_1007(chat):
+    server = await chat.start()
+    raw = await raw_multichat(server.port, "garbler")
+    await raw.send_bytes(frame(CLOSE, struct.pack("!H", 1000) + b"\xff"))
+    assert await close_code(raw) == 1007
+    await still_serving(chat)

@@ -275,3 +275,40 @@ async def test_fuzzed_frames_against_the_server(chat):
     own = (await create(carol, cdid="carol"))["session-id"]
     await carol.send(message(own, "still fine", cdid="fine"))
     assert (await carol.recv())["message"]["body"] == "still fine"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40), st.text(max_size=80), st.text(max_size=40), st.text(max_size=200),
+       st.integers(-(2**63), 2**63 - 1))
+def test_a_messages_answer_size_is_counted_exactly_from_its_parts(cdid, session_id, sender,
+                                                                  body, sent):
+    # The frame-size check counts the widest message-broadcast from its
+    # parts; it must be the length of the broadcast itself, whatever the
+    # strings hold (quotes, escapes, control and non-ASCII characters).
+    from chatd.protocols.gradagenda import (
+        _WIDEST_MS, _WIDEST_SEQ, MessageBroadcast, TextMessage, broadcast_size,
+    )
+    stored = msgspec.json.encode(TextMessage(type="text", body=body))
+    widest = msgspec.json.encode(MessageBroadcast(
+        cdid=cdid, session_id=session_id, sender_id=sender, message=msgspec.Raw(stored),
+        sender_timestamp=sent, seq=_WIDEST_SEQ, server_timestamp=_WIDEST_MS))
+    assert broadcast_size(cdid, session_id, sender, stored, sent) == len(widest)
+
+
+def test_a_message_whose_answer_would_not_fit_is_refused_and_one_that_just_fits_is_sent():
+    p = logged_in(limit=400)
+
+    def send(body: str) -> list:
+        return p.receive(json.dumps({"type": "request-sending-a-message", "cdid": "m",
+                                     "session-id": "s", "sender-timestamp": 5,
+                                     "message": {"type": "text", "body": body}}))
+
+    fits = next(n for n in range(400, 0, -1) if isinstance(send("x" * n)[0], SendMessage))
+    [refused] = frames(send("x" * (fits + 1)))
+    assert refused["status"] == "failed" and "400-byte frame limit" in refused["message"]
+    # The widest answer it can get (seq and server-timestamp at their widest) fits exactly.
+    from chatd.protocols.gradagenda import _WIDEST_MS, _WIDEST_SEQ
+    answer = p.encode(StoredMessage(session_id="s", seq=_WIDEST_SEQ, sender_id="alice",
+                                    message=send("x" * fits)[0].message, sender_timestamp=5,
+                                    server_timestamp=_WIDEST_MS, cdid="m"))
+    assert len(answer) == 400

@@ -9,13 +9,15 @@ tests/test_store_failures.py.
 from __future__ import annotations
 
 import sqlite3
+import threading
 
 import pytest
+import trio
 
 from chatd.store import SQLiteStore, StoreError, Writer, open_store
 from chatd.store.sqlite import MIGRATIONS
 from tests.pg import pg_run_database, pg_url  # noqa: F401 (fixtures)
-from tests.store_helpers import Reports, add_messages, job
+from tests.store_helpers import Reports, add_messages, job, wait_until
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -100,6 +102,60 @@ def test_seq_is_allocated_per_session_in_the_transaction_without_gaps(store):
         store.run_batch([lambda s: s.append_message("one", "a", "{}", 0, 0), boom])
     # The rolled-back append left no gap behind.
     assert store.run_batch([lambda s: s.append_message("one", "a", "{}", 0, 0)]) == [4]
+
+
+def test_one_batch_sees_its_own_messages_in_order_whatever_comes_between(store):
+    store.run_batch([lambda s: s.create_session("one", "mutable", ["a"], 1),
+                     lambda s: s.create_session("two", "mutable", ["a"], 1)])
+
+    def append(sid, n):
+        return lambda s: s.append_message(sid, "a", f'"{n}"', n, n)
+
+    jobs = [append("one", n) for n in range(1, 151)]          # more than one INSERT holds
+    jobs.append(lambda s: [row[0] for row in s.history("one", after=148)])
+    jobs += [append("two", 1), lambda s: s.delete_session("two"),
+             lambda s: s.create_session("two", "mutable", ["a"], 2), append("two", 2),
+             append("one", 151)]
+    results = store.run_batch(jobs)
+    assert results[:150] == list(range(1, 151))
+    assert results[150] == [149, 150]                          # read mid-batch: all before it
+    assert results[151:] == [1, None, None, 1, 151]            # made again: counts from 1
+    history = store.run_batch([lambda s: s.history("one", limit=100),
+                               lambda s: s.history("two")])
+    assert [(seq, text) for seq, _, text, _, _ in history[0]] == \
+        [(n, f'"{n}"') for n in range(52, 152)]
+    assert [(seq, text) for seq, _, text, _, _ in history[1]] == [(1, '"2"')]
+
+
+def test_a_batch_of_messages_refused_by_a_lock_is_retried_without_a_gap(sqlite_store):
+    store = sqlite_store
+    store.run_batch([lambda s: s.create_session("g", "mutable", ["a"], 1)])
+    add_messages(store, "g", 2)
+    other = sqlite3.connect(store.path, isolation_level=None, timeout=0)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    with pytest.raises(sqlite3.OperationalError) as refused:
+        store.run_batch([lambda s: s.append_message("g", "a", '"x"', 3, 3)])
+    assert store.is_transient(refused.value)
+    other.execute("ROLLBACK")
+    other.close()
+    assert store.run_batch([lambda s: s.append_message("g", "a", '"y"', 4, 4)]) == [3]
+    assert [row[:3] for row in store.run_batch([lambda s: s.history("g")])[0]] == \
+        [(1, "a", '"1"'), (2, "a", '"2"'), (3, "a", '"y"')]
+
+
+def test_stores_that_do_not_hold_the_lock_count_seq_afresh_each_batch(tmp_path):
+    # Two connections without the one-server lock (as tools open the file):
+    # neither may trust a seq it counted in an earlier batch.
+    path = str(tmp_path / "shared.db")
+    one, two = (SQLiteStore(path, lock=False) for _ in range(2))
+    try:
+        one.run_batch([lambda s: s.create_session("g", "mutable", ["a"], 1)])
+        seqs = [store.run_batch([lambda s: s.append_message("g", "a", "{}", 0, 0)])[0]
+                for store in (one, two, one, two)]
+        assert seqs == [1, 2, 3, 4]
+    finally:
+        one.close()
+        two.close()
 
 
 def test_an_append_to_a_deleted_session_stores_nothing_and_the_batch_commits(store):
@@ -189,3 +245,23 @@ async def test_a_healthy_store_is_ready_after_a_probe_write(store, nursery):
     await nursery.start(writer.run)
     assert await writer.ready() is None
     assert store.setting("probed-at") is not None
+
+
+def store_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("chatd-store-")]
+
+
+@pytest.mark.parametrize("end", ["cancelled", "closed"])
+async def test_the_writer_has_one_thread_for_its_life_and_none_after(store, end):
+    reports = Reports()
+    writer = Writer(store, reports)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        for n in range(3):  # three batches, one after the other
+            writer.submit(job(lambda s: None))
+            await reports.wait_for(n + 1)
+        assert len(reports.batches) == 3 and len(store_threads()) == 1
+        if end == "closed":
+            await writer.aclose()
+        nursery.cancel_scope.cancel()
+    await wait_until(lambda: not store_threads())

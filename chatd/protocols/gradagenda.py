@@ -156,6 +156,11 @@ NOT_JSON = Close(1007, "frame is not valid JSON")
 _WIDEST_SESSION_ID = "x" * 64
 _WIDEST_SEQ = 2**63 - 1
 _WIDEST_MS = 10**14
+#: A ``message-broadcast``'s bytes besides its cdid, session-id, sender-id,
+#: message and sender-timestamp, with the widest seq and server-timestamp.
+_BROADCAST_KEYS = len(dumps(MessageBroadcast(
+    cdid="", session_id="", sender_id="", message=msgspec.Raw(b""), sender_timestamp=0,
+    seq=_WIDEST_SEQ, server_timestamp=_WIDEST_MS))) - 3 * len(b'""') - len(b"0")
 
 
 class GradAgenda(Protocol):
@@ -218,42 +223,47 @@ class GradAgenda(Protocol):
         return outputs
 
     def _act(self, action: _Action) -> list[Output]:
-        if isinstance(action, Authenticate) and self.authenticated:
-            return self._fail(action.cdid, "already authenticated")
-        if not self.authenticated and not isinstance(action, Authenticate):
+        kind = type(action)
+        if kind is Authenticate:
+            if self.authenticated:
+                return self._fail(action.cdid, "already authenticated")
+        elif not self.authenticated:
             return self._fail(action.cdid, "authenticate first")
-        bad = _bad_name(action)
-        if bad:
-            refused = self._fail(action.cdid, bad)
-            if isinstance(action, Authenticate):
-                refused.insert(0, AuthFailed(action.user_id, bad))
-            return refused
-        if isinstance(action, Authenticate):
-            return self._authenticate(action)
+        if kind in _NAMED:
+            bad = _bad_name(action)
+            if bad:
+                refused = self._fail(action.cdid, bad)
+                if kind is Authenticate:
+                    refused.insert(0, AuthFailed(action.user_id, bad))
+                return refused
+        return _HANDLERS[kind](self, action)
+
+    def _direct_info(self, action: RequestDirectSessionInfo) -> list[Output]:
+        return [DirectSessionInfo(cdid=action.cdid, peer=action.user_id)]
+
+    def _create(self, action: RequestMutableSessionCreation) -> list[Output]:
+        cdid, members = action.cdid, sorted({*action.user_id, self.user_id})
+        return self._if_fits(cdid, len(dumps(_session_answer(cdid, members))),
+                             CreateSession(cdid=cdid, members=members))
+
+    def _modify(self, action: RequestMutableSessionModification) -> list[Output]:
         cdid = action.cdid
-        if isinstance(action, RequestDirectSessionInfo):
-            return [DirectSessionInfo(cdid=cdid, peer=action.user_id)]
-        if isinstance(action, RequestMutableSessionCreation):
-            members = sorted({*action.user_id, self.user_id})
-            return self._if_fits(cdid, _session_answer(cdid, members),
-                                 CreateSession(cdid=cdid, members=members))
-        if isinstance(action, RequestMutableSessionModification):
-            if not action.user_id:
-                return self._fail(cdid, "a session needs participants; delete it instead")
-            members = sorted(set(action.user_id))
-            return self._if_fits(cdid, _session_answer(cdid, members, action.session_id),
-                                 ModifySession(cdid=cdid, session_id=action.session_id,
-                                               members=members))
-        if isinstance(action, RequestMutableSessionDeletion):
-            return [DeleteSession(cdid=cdid, session_id=action.session_id)]
-        if isinstance(action, RequestMutableSessionListing):
-            return [ListSessions(cdid=cdid)]
-        if isinstance(action, RequestSendingAMessage):
-            return self._send_message(action)
-        if isinstance(action, RequestMessageHistory):
-            return [ReadHistory(cdid=cdid, session_id=action.session_id, before=action.before,
-                                after=action.after, limit=min(action.limit, HISTORY_LIMIT))]
-        raise AssertionError(f"unhandled action {action!r}")
+        if not action.user_id:
+            return self._fail(cdid, "a session needs participants; delete it instead")
+        members = sorted(set(action.user_id))
+        return self._if_fits(cdid, len(dumps(_session_answer(cdid, members, action.session_id))),
+                             ModifySession(cdid=cdid, session_id=action.session_id,
+                                           members=members))
+
+    def _delete(self, action: RequestMutableSessionDeletion) -> list[Output]:
+        return [DeleteSession(cdid=action.cdid, session_id=action.session_id)]
+
+    def _list(self, action: RequestMutableSessionListing) -> list[Output]:
+        return [ListSessions(cdid=action.cdid)]
+
+    def _history(self, action: RequestMessageHistory) -> list[Output]:
+        return [ReadHistory(cdid=action.cdid, session_id=action.session_id, before=action.before,
+                            after=action.after, limit=min(action.limit, HISTORY_LIMIT))]
 
     def _authenticate(self, action: Authenticate) -> list[Output]:
         try:
@@ -280,18 +290,18 @@ class GradAgenda(Protocol):
             return self._fail(cdid, f"unsupported message type {message.type!r}: only 'text'")
         if not isinstance(message.body, str):
             return self._fail(cdid, "a text message's body must be a string")
-        stored = msgspec.Raw(dumps(TextMessage(type="text", body=message.body)))
-        widest = MessageBroadcast(cdid=cdid, session_id=action.session_id, sender_id=self.user_id,
-                                  message=stored, sender_timestamp=action.sender_timestamp,
-                                  seq=_WIDEST_SEQ, server_timestamp=_WIDEST_MS)
-        return self._if_fits(cdid, widest, SendMessage(
-            cdid=cdid, session_id=action.session_id, message=stored,
-            sender_timestamp=action.sender_timestamp))
+        stored = dumps(TextMessage(type="text", body=message.body))
+        return self._if_fits(cdid, broadcast_size(cdid, action.session_id, self.user_id, stored,
+                                                  action.sender_timestamp),
+                             SendMessage(cdid=cdid, session_id=action.session_id,
+                                         message=msgspec.Raw(stored),
+                                         sender_timestamp=action.sender_timestamp))
 
-    def _if_fits(self, cdid: str, answer: _Out, command: Command) -> list[Output]:
-        """``command``, unless its answer would exceed the frame limit."""
+    def _if_fits(self, cdid: str, answer_size: int, command: Command) -> list[Output]:
+        """``command``, unless its answer (``answer_size`` bytes) would
+        exceed the frame limit."""
         limit = self.ctx.max_frame_bytes
-        if len(dumps(answer)) > limit:
+        if answer_size > limit:
             return self._fail(cdid, f"too large: the answer would exceed the {limit}-byte "
                                     "frame limit")
         return [command]
@@ -331,6 +341,33 @@ class GradAgenda(Protocol):
             return dumps(StatusResponse(cdid=event.cdid, status="succeeded" if event.ok
                                         else "failed", message=event.message))
         return None
+
+
+#: Each action's handler (``_act`` has checked authentication first).
+_HANDLERS = {
+    Authenticate: GradAgenda._authenticate,
+    RequestDirectSessionInfo: GradAgenda._direct_info,
+    RequestMutableSessionCreation: GradAgenda._create,
+    RequestMutableSessionModification: GradAgenda._modify,
+    RequestMutableSessionDeletion: GradAgenda._delete,
+    RequestMutableSessionListing: GradAgenda._list,
+    RequestSendingAMessage: GradAgenda._send_message,
+    RequestMessageHistory: GradAgenda._history,
+}
+#: Actions carrying names other users see (``_bad_name`` checks them).
+_NAMED = {Authenticate, RequestDirectSessionInfo, RequestMutableSessionCreation,
+          RequestMutableSessionModification}
+
+
+def broadcast_size(cdid: str, session_id: str, sender_id: str, stored: bytes,
+                   sender_timestamp: int) -> int:
+    """Bytes of the widest ``message-broadcast`` this message can become
+    (``seq`` and ``server-timestamp`` as wide as they get), from its parts:
+    the JSON of the three strings, the stored message and the timestamp's
+    digits, plus the fixed keys (``_BROADCAST_KEYS``). Equal to encoding
+    that whole broadcast (tested), without building it."""
+    strings = len(dumps((cdid, session_id, sender_id))) - 4  # without '[', ']' and two ','
+    return _BROADCAST_KEYS + strings + len(stored) + len(str(sender_timestamp))
 
 
 def _bad_name(action: _Action) -> str | None:

@@ -12,20 +12,34 @@ The kernel drops the lock when the process ends, ``kill -9`` included; a
 stale ``.lock`` file is harmless. Tools that only read (``chatd token``)
 open the file without the lock.
 
-Writes take the write lock at once (``BEGIN IMMEDIATE``), so a batch
-either gets it or fails before running anything; SQLite waits up to
-``BUSY_WAIT_MS`` for another process's lock, the writer retries after
-that. ``SQLITE_BUSY`` and ``SQLITE_LOCKED`` are transient; every other
-error is persistent (docs/storage.md).
+A batch takes the write lock before its first statement (``BEGIN
+IMMEDIATE``), so it either gets it or fails before running anything;
+SQLite waits up to ``BUSY_WAIT_MS`` for another process's lock, the writer
+retries after that. ``SQLITE_BUSY`` and ``SQLITE_LOCKED`` are transient;
+every other error is persistent (docs/storage.md).
+
+Messages are the hot path, and each statement the writer's thread runs
+releases and takes back the GIL, which it must win from the event loop. So
+a batch of messages is one statement: a session's next ``seq`` is read
+once (``MAX(seq) + 1`` in the write transaction, with a check that the
+session exists), then counted, and kept from batch to batch while this
+server holds the one-server lock (nobody else writes the file; a failed
+batch or a deletion forgets it); the rows wait and are inserted together
+in a multi-row ``INSERT``. A batch with nothing else in it is that one
+``INSERT``, a transaction of its own (autocommit, ``synchronous=FULL``
+like any COMMIT); otherwise the rows are inserted before the batch's next
+statement of another kind and before COMMIT.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -79,8 +93,19 @@ _REASONS = {
     sqlite3.SQLITE_LOCKED: "locked by another process",
 }
 
-_NEXT_SEQ = "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE session_id=?"
-_INSERT_MESSAGE = f"INSERT INTO messages(session_id, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+#: The session's next seq; no row if the session does not exist.
+_NEXT_SEQ = ("SELECT (SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE session_id=?) "
+             "FROM sessions WHERE id=?")
+#: Most rows in one INSERT (6 parameters each: well under SQLite's 999,
+#: and as many statements as the connection's cache of prepared ones keeps).
+_ROWS_PER_INSERT = 64
+
+
+@functools.cache
+def _insert_messages(rows: int) -> str:
+    """An INSERT of ``rows`` messages."""
+    values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * rows)
+    return f"INSERT INTO messages(session_id, {MESSAGE_COLUMNS}) VALUES {values}"
 
 
 class SQLiteStore(Store):
@@ -101,6 +126,14 @@ class SQLiteStore(Store):
         self.path = self.name = path
         self.busy_timeout = busy_timeout
         self._lock_fd: int | None = None
+        #: Held by a batch, and by close(): closing waits for the batch (the
+        #: writer's thread may be running one), never pulls the file from under it.
+        self._in_use = threading.Lock()
+        #: Each session's next seq, once known (kept between batches only
+        #: while this server is the store's only writer); and in a batch,
+        #: the messages not inserted yet.
+        self._next_seq: dict[str, int] = {}
+        self._messages: list[tuple[str, int, str, str, int, int]] = []
         if path != ":memory:":
             _check_path(path, create=migrate)
         try:
@@ -235,11 +268,13 @@ class SQLiteStore(Store):
 
     def create_session(self, session_id: str, kind: str, members: list[str],
                        created_ms: int) -> None:
+        self._transaction()
         self.db.execute("INSERT INTO sessions(id, kind, created_ms) VALUES (?, ?, ?) "
                         "ON CONFLICT(id) DO NOTHING", (session_id, kind, created_ms))
         self._insert_members(session_id, members)
 
     def set_members(self, session_id: str, members: list[str]) -> None:
+        self._transaction()
         self.db.execute("DELETE FROM members WHERE session_id=?", (session_id,))
         self._insert_members(session_id, members)
 
@@ -251,36 +286,72 @@ class SQLiteStore(Store):
                             [(user, session_id) for user in members])
 
     def delete_session(self, session_id: str) -> None:
+        self._transaction()
+        self._next_seq.pop(session_id, None)  # made again, it starts from 1
         self.db.execute("DELETE FROM sessions WHERE id=?", (session_id,))
 
     def append_message(self, session_id: str, sender_id: str, message: str,
                        sender_timestamp: int, server_timestamp: int) -> int | None:
-        # The write lock (BEGIN IMMEDIATE) is held: MAX(seq)+1 cannot race.
-        (seq,), = self.db.execute(_NEXT_SEQ, (session_id,))
-        try:
-            self.db.execute(_INSERT_MESSAGE, (session_id, seq, sender_id, message,
-                                              sender_timestamp, server_timestamp))
-        except sqlite3.IntegrityError as exc:
-            if "FOREIGN KEY" not in str(exc):
-                raise
-            return None  # the session is gone; only this statement was undone
+        # A known next seq is right: this server alone writes the file (or
+        # this batch holds the write lock), and only delete_session, which
+        # forgets it, removes a session.
+        seq = self._next_seq.get(session_id)
+        if seq is None:
+            self._transaction()
+            row = self.db.execute(_NEXT_SEQ, (session_id, session_id)).fetchone()
+            if row is None:
+                return None  # the session is gone
+            seq = row[0]
+        self._next_seq[session_id] = seq + 1
+        self._messages.append((session_id, seq, sender_id, message, sender_timestamp,
+                               server_timestamp))
         return seq
+
+    def _transaction(self) -> None:
+        """Before any statement but a batch's lone INSERT of its messages:
+        take the write lock (BEGIN IMMEDIATE), insert the messages waiting."""
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN IMMEDIATE")
+        self._insert_pending()
+
+    def _insert_pending(self) -> None:
+        """Insert the messages waiting, up to ``_ROWS_PER_INSERT`` per INSERT."""
+        pending, self._messages = self._messages, []
+        for start in range(0, len(pending), _ROWS_PER_INSERT):
+            rows = pending[start:start + _ROWS_PER_INSERT]
+            self.db.execute(_insert_messages(len(rows)), [value for row in rows for value in row])
 
     mark = "?"
 
     def _execute(self, query: str, args: Sequence[Any]) -> sqlite3.Cursor:
+        self._transaction()
         return self.db.execute(query, args)
 
     def run_batch(self, jobs: list[Callable[[Store], Any]]) -> list[Any]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            results = [job(self) for job in jobs]
-            self.db.execute("COMMIT")
-        except BaseException:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-            raise
+        with self._in_use:
+            try:
+                results = [job(self) for job in jobs]
+                if self.db.in_transaction or not 0 < len(self._messages) <= _ROWS_PER_INSERT:
+                    self._transaction()
+                    self.db.execute("COMMIT")
+                else:
+                    self._insert_pending()  # messages alone: one INSERT, its own transaction
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                self._next_seq.clear()  # counted for rows that were not stored
+                raise
+            finally:
+                self._messages.clear()
+                if not self._only_writer:
+                    self._next_seq.clear()
         return results
+
+    @property
+    def _only_writer(self) -> bool:
+        """Whether nobody else can write the store: it holds the one-server
+        lock, or lives in this connection's memory."""
+        return self._lock_fd is not None or self.path == ":memory:"
 
     def is_transient(self, exc: BaseException | None) -> bool:
         code = getattr(exc, "sqlite_errorcode", None)
@@ -289,7 +360,8 @@ class SQLiteStore(Store):
     def close(self) -> None:
         db = getattr(self, "db", None)
         if db is not None:
-            db.close()
+            with self._in_use:
+                db.close()
         self._unlock()
 
 

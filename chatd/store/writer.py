@@ -1,11 +1,20 @@
 """The group-commit writer, shared by every backend.
 
-One task takes every queued job, runs them in one transaction in a worker
-thread (``Store.run_batch``), then reports them all at once: a burst of
-messages pays one commit (one fsync) per batch, not one per message, and
-the router never waits for the database.
+The store's own thread takes every queued job, runs them in one
+transaction (``Store.run_batch``), hands the outcome back to trio and
+goes straight on with the jobs queued meanwhile: a burst of messages pays
+one commit (one fsync) per batch, not one per message, the next batch
+starts as soon as the last has committed, without waiting for the event
+loop, and the router never waits for the database. In trio, the writer
+task reports each batch (``report``), in commit order.
 
-Failures (docs/storage.md):
+Jobs reach the thread through a thread-safe queue at once (``submit``);
+the outcomes come back through the trio token. The thread lives as long
+as ``run`` (and ``aclose``, which commits what is left), without the
+per-call set-up of ``trio.to_thread``.
+
+Failures (docs/storage.md) stop the thread until the writer task has
+decided what next:
 
 - *transient* (``Store.is_transient``: locked, busy, connection lost
   before COMMIT, serialization failure, deadlock, server shutting down):
@@ -32,6 +41,10 @@ starts writing again.
 from __future__ import annotations
 
 import logging
+import math
+import queue
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -83,21 +96,25 @@ class Writer:
         #: Set by a persistent failure: every later job is refused.
         self.failure: Failure | None = None
         self.closed = False
-        #: trio time of the first transient failure not yet followed by a
-        #: commit, and its cause.
+        #: ``time.monotonic()`` of the first transient failure not yet
+        #: followed by a commit, and its cause.
         self.busy_since: float | None = None
         self.busy_cause = ""
         #: Transactions committed and the jobs in them (logged at shutdown).
         self.commits = 0
         self.committed_jobs = 0
-        self._queue: list[Job] = []
-        #: Jobs in the batch being committed (or retried) now.
-        self._in_flight = 0
-        self._wakeup = trio.Event()
+        #: Jobs submitted and not reported yet.
+        self._pending = 0
+        #: Jobs for the thread, in order (and a thread's own stop token).
+        self._jobs: queue.SimpleQueue[Job | _WriterThread] = queue.SimpleQueue()
+        self._outcomes_in, self._outcomes = trio.open_memory_channel[_Outcome](math.inf)
+        #: Held while an outcome is taken and handled, so that they are
+        #: reported in order whoever handles them (``run`` or ``aclose``).
         self._lock = trio.Lock()
+        #: After a failure: the thread waits for ``resume``.
         self._paused = False
-        self._resumed = trio.Event()
         self._probe: _Probe | None = None
+        self._thread: _WriterThread | None = None
 
     @property
     def failed(self) -> bool:
@@ -105,95 +122,126 @@ class Writer:
 
     @property
     def accepting(self) -> bool:
-        return not (self.failed or self.closed) and self.pending < self.max_pending
+        return not (self.failed or self.closed) and self._pending < self.max_pending
 
     @property
     def pending(self) -> int:
         """Jobs queued or being committed."""
-        return len(self._queue) + self._in_flight
+        return self._pending
 
     def submit(self, job: Job) -> bool:
         """Queue a job without waiting; False if the writer cannot take it."""
         if not self.accepting:
             return False
-        self._queue.append(job)
-        self._wakeup.set()
+        self._pending += 1
+        self._jobs.put(job)
         return True
 
     def resume(self) -> list[Job]:
         """After a reported failure: take back the jobs queued since, and
         write again. Call it from the same task that handles reports."""
-        rest, self._queue = self._queue, []
-        self._paused = False
-        self._resumed.set()
+        rest = self._take_queued()
+        self._pending -= len(rest)
+        if self._paused:
+            self._paused = False
+            if self._thread is not None:
+                self._thread.go()
         return rest
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Report every batch the thread commits (or fails), in order."""
+        self._running_thread()
         task_status.started()
-        while True:
-            await self._wakeup.wait()
-            if self._paused:
-                await self._resumed.wait()
-            await self.flush()
+        try:
+            while True:
+                async with self._lock:
+                    await self._settle(await self._outcomes.receive())
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._stop_thread()
 
     async def flush(self) -> None:
-        """Commit everything queued so far (and wait for a commit under way)."""
-        async with self._lock:
-            self._wakeup = trio.Event()
-            jobs, self._queue = self._queue, []
-            if not jobs:
-                return
-            if self.failure is not None:
-                results, failure = None, self.failure
-            else:
-                try:
-                    results, failure = await self._commit(jobs)
-                finally:
-                    self._in_flight = 0
-            if failure is not None and not self.closed:
-                self._paused, self._resumed = True, trio.Event()
-            await self.report(jobs, results, failure)
+        """Wait until everything queued so far is committed and reported
+        (or failed)."""
+        while self._pending:
+            if self._paused:
+                # A failure the service has not dealt with: what waits is
+                # tried again, or refused after a persistent failure.
+                self._paused = False
+                if self.failure is not None:
+                    jobs = self._take_queued()
+                    self._pending -= len(jobs)
+                    await self.report(jobs, None, self.failure)
+                    continue
+                if self._thread is not None:
+                    self._thread.go()
+            async with self._lock:
+                if self._pending and not self._paused:
+                    self._running_thread()
+                    await self._settle(await self._outcomes.receive())
 
-    async def _commit(self, jobs: list[Job]) -> tuple[list[Any] | None, Failure | None]:
-        """Run ``jobs`` (extended in place by jobs that join while it is
-        retried) in one transaction: (results, None) or (None, why not)."""
+    async def _settle(self, outcome: _Outcome) -> None:
+        """Handle one batch's outcome: report it, after retrying it while
+        the store is busy; on a failure, pause the thread."""
+        jobs, results, error = outcome
+        try:
+            failure = None
+            if error is not None:
+                results, failure = await self._retry(jobs, error)
+            if failure is None:
+                if self.busy_since is not None:
+                    log.warning("store %s takes writes again after %.1f s", self.store.name,
+                                time.monotonic() - self.busy_since)
+                    self.busy_since = None
+                self.commits += 1
+                self.committed_jobs += len(jobs)
+            else:
+                self._paused = True  # until resume(), or flush() when closing
+        finally:
+            self._pending -= len(jobs)  # reported, or abandoned by a cancellation
+        await self.report(jobs, results, failure)
+
+    async def _retry(self, jobs: list[Job], error: BaseException
+                     ) -> tuple[list[Any] | None, Failure | None]:
+        """The thread waits: run the batch again, extended in place by jobs
+        queued meanwhile, while it fails transiently, within the busy
+        timeout. (results, None) once it commits, else (None, why not)."""
         name, deadline, pause = self.store.name, None, RETRY_FIRST
+        while error is not None:
+            now = time.monotonic()
+            if not self.store.is_transient(error):
+                log.error("store %s: commit of %d jobs failed; refusing further writes "
+                          "until restart", name, len(jobs), exc_info=error)
+                self.failure = Failure(busy=False, cause=_one_line(error))
+                return None, self.failure
+            self.busy_cause = _one_line(error)
+            if self.busy_since is None:
+                self.busy_since = now
+                log.warning("store %s busy (%s): retrying for up to %g s", name,
+                            self.busy_cause, self.store.busy_timeout)
+            if deadline is None:
+                deadline = now + self.store.busy_timeout
+            if now >= deadline:
+                log.warning("store %s still busy after %g s (%s): %d writes answered busy",
+                            name, self.store.busy_timeout, self.busy_cause, len(jobs))
+                return None, Failure(busy=True, cause=self.busy_cause)
+            await trio.sleep(min(pause, deadline - now))
+            pause = min(pause * 2, RETRY_MAX)
+            jobs += self._take_queued()
+            self._running_thread().retry(jobs)
+            _, results, error = await self._outcomes.receive()
+        return results, None
+
+    def _take_queued(self) -> list[Job]:
+        """The jobs the thread has not taken (it waits after a failure)."""
+        jobs = []
         while True:
-            self._in_flight = len(jobs)
             try:
-                # Not abandoned on cancel: a started commit always finishes.
-                results = await trio.to_thread.run_sync(self.store.run_batch,
-                                                        [job.run for job in jobs])
-            except Exception as exc:
-                now = trio.current_time()
-                if not self.store.is_transient(exc):
-                    log.exception("store %s: commit of %d jobs failed; refusing further writes "
-                                  "until restart", name, len(jobs))
-                    self.failure = Failure(busy=False, cause=_one_line(exc))
-                    return None, self.failure
-                self.busy_cause = _one_line(exc)
-                if self.busy_since is None:
-                    self.busy_since = now
-                    log.warning("store %s busy (%s): retrying for up to %g s", name,
-                                self.busy_cause, self.store.busy_timeout)
-                if deadline is None:
-                    deadline = now + self.store.busy_timeout
-                if now >= deadline:
-                    log.warning("store %s still busy after %g s (%s): %d writes answered busy",
-                                name, self.store.busy_timeout, self.busy_cause, len(jobs))
-                    return None, Failure(busy=True, cause=self.busy_cause)
-                await trio.sleep(min(pause, deadline - now))
-                pause = min(pause * 2, RETRY_MAX)
-                jobs += self._queue
-                self._queue = []
-                continue
-            if self.busy_since is not None:
-                log.warning("store %s takes writes again after %.1f s", name,
-                            trio.current_time() - self.busy_since)
-                self.busy_since = None
-            self.commits += 1
-            self.committed_jobs += len(jobs)
-            return results, None
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return jobs
+            if isinstance(job, Job):
+                jobs.append(job)
 
     async def ready(self, timeout: float = 2.0) -> str | None:
         """None if the store takes writes now, else why not (for /readyz).
@@ -230,19 +278,128 @@ class Writer:
         if self.failure is not None:
             return _describe(self.failure)
         if self.busy_since is not None:
-            return f"store busy for {trio.current_time() - self.busy_since:.1f} s: {self.busy_cause}"
+            return f"store busy for {time.monotonic() - self.busy_since:.1f} s: {self.busy_cause}"
         if self.closed:
             return "store writer closed"
-        if self.pending >= self.max_pending:
+        if self._pending >= self.max_pending:
             return f"store write queue full ({self.max_pending} jobs)"
         return None
 
     async def aclose(self) -> None:
         """Refuse new work and commit everything already queued."""
         self.closed = True
-        self._resumed.set()
-        await self.flush()
+        try:
+            await self.flush()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._stop_thread()
         log.info("store writer: %d jobs in %d transactions", self.committed_jobs, self.commits)
+
+    def _running_thread(self) -> _WriterThread:
+        if self._thread is None:
+            self._thread = _WriterThread(self.store, self._jobs, self._outcomes_in,
+                                         f"chatd-store-{self.store.name}")
+        return self._thread
+
+    async def _stop_thread(self) -> None:
+        """End the thread once the jobs queued before are committed. What
+        nobody reported (the writer task was cancelled) is abandoned, as a
+        cancelled report is: stored or not, never answered."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            await thread.stop()
+        while True:
+            try:
+                jobs, _, _ = self._outcomes.receive_nowait()
+            except trio.WouldBlock:
+                return
+            self._pending -= len(jobs)
+
+
+#: What the thread reports of one batch: (jobs, results, None) if it
+#: committed, (jobs, None, the exception) if not.
+_Outcome = tuple[list[Job], list[Any] | None, BaseException | None]
+
+
+class _WriterThread:
+    """The thread that runs batches: every job queued, in one transaction,
+    again and again, with no wait between batches.
+
+    After a failed batch it waits for the writer task's word: ``retry``
+    (run these jobs now) or ``go`` (take queued jobs again). ``stop`` ends
+    it once the jobs queued before are committed (or at once if it waits
+    after a failure). Daemonic, so a writer never closed cannot keep the
+    process alive.
+    """
+
+    def __init__(self, store: Store, jobs: queue.SimpleQueue,
+                 outcomes: trio.MemorySendChannel[_Outcome], name: str) -> None:
+        self._store = store
+        self._jobs = jobs
+        self._outcomes = outcomes
+        self._orders: queue.SimpleQueue[list[Job] | bool] = queue.SimpleQueue()
+        self._token = trio.lowlevel.current_trio_token()
+        self._stopped = trio.Event()
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    def retry(self, jobs: list[Job]) -> None:
+        self._orders.put(jobs)
+
+    def go(self) -> None:
+        self._orders.put(True)
+
+    async def stop(self) -> None:
+        self._jobs.put(self)      # taken after the jobs queued before it
+        self._orders.put(False)   # if it waits after a failure
+        await self._stopped.wait()
+
+    def _serve(self) -> None:
+        try:
+            while (batch := self._take()) is not None:
+                while batch:
+                    if self._run(batch):
+                        break
+                    order = self._orders.get()  # failed: wait for the writer task
+                    if order is False:
+                        return
+                    batch = order if order is not True else None
+        finally:
+            self._report(self._stopped.set)
+
+    def _take(self) -> list[Job] | None:
+        """Every job queued (waiting for the first); None at its stop token."""
+        batch: list[Job] = []
+        job = self._jobs.get()
+        while True:
+            if job is self:
+                if not batch:
+                    return None
+                self._jobs.put(self)  # after this batch
+                return batch
+            if isinstance(job, Job):  # not an earlier thread's stop token
+                batch.append(job)
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                if batch:
+                    return batch
+                job = self._jobs.get()
+
+    def _run(self, batch: list[Job]) -> bool:
+        """Run ``batch`` in one transaction and report it; whether it committed."""
+        try:
+            results = self._store.run_batch([job.run for job in batch])
+        except BaseException as exc:  # the writer task decides what it means
+            self._report(self._outcomes.send_nowait, (batch, None, exc))
+            return False
+        self._report(self._outcomes.send_nowait, (batch, results, None))
+        return True
+
+    def _report(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            self._token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            pass  # trio is gone: nobody waits
 
 
 class _Probe:
