@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -170,15 +171,55 @@ def test_check_config_accepts_a_matching_pair_and_a_combined_file(run, tmp_path,
         assert json.loads(out)["wss"]["keyfile"] in (str(pems["key.pem"]), str(combined))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file whatever its mode")
-def test_check_config_names_an_unreadable_key(run, tmp_path, pems):
-    locked = tmp_path / "locked.pem"
-    shutil.copy(pems["key.pem"], locked)
-    locked.chmod(0)
-    path = write_config(tmp_path / "c.json", _wss(pems, str(locked), "cert.pem"))
-    code, _, err = run("check-config", str(path))
+def test_check_config_names_an_unreadable_key(tmp_path, pems):
+    # Root reads every file whatever its mode, so the check runs as nobody
+    # (uid 65534) in a forked child when the suite runs as root (CI does).
+    shared = Path(tempfile.mkdtemp())
+    try:
+        shared.chmod(0o755)
+        cert = shared / "cert.pem"
+        shutil.copy(pems["cert.pem"], cert)
+        cert.chmod(0o644)
+        locked = shared / "locked.pem"
+        shutil.copy(pems["key.pem"], locked)
+        locked.chmod(0)
+        config = write_config(shared / "c.json", {"wss": {"keyfile": str(locked),
+                                                          "certfile": str(cert)}})
+        config.chmod(0o644)
+        code, err = _check_config_as_another_user(str(config))
+    finally:
+        shutil.rmtree(shared)
     assert code == 1
     one_line(err, "wss.keyfile", str(locked), "Permission denied")
+
+
+def _check_config_as_another_user(path: str) -> tuple[int, str]:
+    """``chatd check-config PATH``'s exit code and stderr, run without root's
+    privileges: in a forked child that drops to ``nobody`` if this process
+    is root (the interpreter itself may sit where nobody can read it)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to nobody, run, report, leave
+        code = 70
+        try:
+            os.close(read)
+            os.dup2(write, 2)
+            sys.stderr = os.fdopen(2, "w", closefd=False)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            with open(os.devnull, "w") as quiet:
+                sys.stdout = quiet
+                code = main(["check-config", path])
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        err = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), err
 
 
 def test_check_config_warns_about_a_key_every_user_can_read(run, tmp_path, pems):
