@@ -43,7 +43,14 @@ class Request:
 
     @property
     def path(self) -> str:
-        return self.target.partition("?")[0]
+        """The target's path: origin-form as sent, absolute-form
+        (``http://host/path``, RFC 9112 section 3.2.2) reduced to its path."""
+        target = self.target
+        if "://" in target.partition("?")[0]:
+            rest = target.partition("://")[2]
+            slash = rest.find("/")
+            target = rest[slash:] if slash >= 0 else "/"
+        return target.partition("?")[0]
 
     def header(self, name: str) -> str | None:
         """The header's values joined with ", " (RFC 9110 section 5.3), or None."""
@@ -88,9 +95,14 @@ def check_upgrade(request: Request) -> Refusal | None:
         return Refusal(400, "Upgrade: websocket is missing")
     if "upgrade" not in request.tokens("connection"):
         return Refusal(400, "Connection: Upgrade is missing")
+    if "transfer-encoding" in request.headers or request.header("content-length") not in (None, "0"):
+        # A GET handshake has no body: bytes after the head are frames.
+        return Refusal(400, "a WebSocket handshake has no body")
     key = request.headers.get("sec-websocket-key", [])
     if len(key) != 1 or not _valid_key(key[0]):
         return Refusal(400, "Sec-WebSocket-Key must be 16 bytes in base64")
+    if len(request.headers.get("sec-websocket-version", [])) > 1:
+        return Refusal(400, "Sec-WebSocket-Version must be sent once")
     if request.header("sec-websocket-version") != "13":
         return Refusal(426, "only WebSocket version 13 is supported",
                        (("Sec-WebSocket-Version", "13"),))
