@@ -22,7 +22,6 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from proxyprotocol import ProxyProtocolIncompleteError, ProxyProtocolSyntaxError
 from proxyprotocol.result import ProxyResultLocal
 from proxyprotocol.v1 import ProxyProtocolV1
 from proxyprotocol.v2 import ProxyProtocolV2
@@ -34,6 +33,9 @@ _V1_SIGNATURE = b"PROXY "
 _V1_MAX = 107  # the longest v1 line, CRLF included (the PROXY protocol spec, 2.1)
 _v1 = ProxyProtocolV1()
 _v2 = ProxyProtocolV2()
+#: v2 address family and protocol bytes the spec defines (section 2.2):
+#: UNSPEC, and TCP or UDP over INET, INET6 and UNIX.
+_V2_FAMILIES = {0x00, 0x11, 0x12, 0x21, 0x22, 0x31, 0x32}
 
 
 class ProxyHeaderError(ValueError):
@@ -92,17 +94,20 @@ def proxy_header_length(data: bytes) -> int | None:
 def parse_proxy_header(header: bytes) -> Address | None:
     """The client address a complete PROXY header names; None for v2 LOCAL
     or v1 UNKNOWN (a health check by the proxy itself: use the peer)."""
-    version = _v2 if header.startswith(_V2_SIGNATURE) else _v1
+    v2 = header.startswith(_V2_SIGNATURE)
+    if v2 and len(header) > 13 and header[13] not in _V2_FAMILIES:
+        raise ProxyHeaderError(f"bad PROXY header: unknown address family {header[13]:#04x}")
     try:
-        result = version.unpack(header)
-    except (ProxyProtocolSyntaxError, ProxyProtocolIncompleteError, ValueError) as exc:
+        result = (_v2 if v2 else _v1).unpack(header)
+    except Exception as exc:  # the library's errors, and struct's on short blocks
         raise ProxyHeaderError(f"bad PROXY header: {exc}") from None
     if isinstance(result, ProxyResultLocal) or not result.proxied:
         return None
     peer = result.peername
     if not isinstance(peer, tuple) or len(peer) < 2:
         return None  # UNKNOWN or a unix socket: nothing to say
-    return Address(str(peer[0]), int(peer[1]))
+    ip = _plain_ip(str(peer[0]))
+    return Address(ip, int(peer[1])) if ip is not None else None
 
 
 def forwarded_address(forwarded_for: list[str], real_ip: str | None,
@@ -135,7 +140,17 @@ def _plain_ip(text: str) -> str | None:
         text = text[1:].partition("]")[0]
     elif text.count(":") == 1:
         text = text.partition(":")[0]
+    return normal_ip(text)
+
+
+def normal_ip(text: str) -> str | None:
+    """One spelling per address, so a client counts once whatever its proxy
+    wrote: IPv4-mapped IPv6 as IPv4, no IPv6 zone (``fe80::1%0``); None if
+    ``text`` is not an address."""
     try:
-        return str(ipaddress.ip_address(text))
+        address = ipaddress.ip_address(text.partition("%")[0])
     except ValueError:
         return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address)
