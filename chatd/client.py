@@ -9,9 +9,9 @@ one write. So a burst of events bound for one connection costs one
 ``send`` instead of one per frame, and a single event on a quiet server
 still leaves at once (its pass is one command long).
 
-A connection with more than ``outbox-size`` frames that the kernel would
-not take is a slow consumer and is cut off with 1008, without anyone else
-noticing.
+A connection with more than ``outbox-size`` frames (or ``outbox-size`` x
+512 bytes) that the kernel would not take is a slow consumer and is cut
+off with 1008, without anyone else noticing.
 """
 
 from __future__ import annotations
@@ -27,6 +27,12 @@ if TYPE_CHECKING:
     from chatd.transport import Transport
 
 _ids = itertools.count(1)
+
+#: A slow consumer is also cut off past ``outbox-size`` x this many bytes
+#: waiting (256 KiB by default): frames may be up to ``max-frame-bytes``
+#: each, and a count alone would let one reader that never reads hold
+#: megabytes.
+OUTBOX_BYTES_PER_FRAME = 512
 
 
 class Flusher:
@@ -111,7 +117,8 @@ class Client:
         transport = self.transport
         if not transport.write(data, len(pending)):
             self.kill(1006, "connection lost")
-        elif transport.waiting_frames > self.outbox_size:
+        elif (transport.waiting_frames > self.outbox_size
+              or transport.waiting_bytes > self.outbox_size * OUTBOX_BYTES_PER_FRAME):
             self.kill(1008, "slow consumer")
 
     def answer(self, command: Any, result: Any) -> list[Output]:

@@ -75,8 +75,6 @@ _PING, _PONG, _CLOSE = Opcode.PING, Opcode.PONG, Opcode.CLOSE
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 _NO_FRAMES: Iterator[Frame] = iter(())
 
-#: Frames of a ``Stream`` answer written before waiting for the socket to drain.
-_STREAM_STEP = 32
 #: Most ``Answered`` commands of one client waiting for their answer (a
 #: pipelining GradAgenda client): beyond it, its next frame is read later.
 _IN_FLIGHT = 128
@@ -349,17 +347,16 @@ class Connection(Client):
             await self.router.send(out)
 
     async def _stream(self, frames: Any) -> None:
-        """Write an answer frame by frame as the socket drains: a few frames
-        at a time, then wait until the kernel has taken them."""
-        step = max(1, min(_STREAM_STEP, self.outbox_size // 4))
-        for count, data in enumerate(frames, 1):
+        """Write an answer frame by frame as the socket drains: each frame
+        goes to the kernel before the next is made, so the answer never
+        waits in chatd's backlog (its frames are large: up to a whole
+        frame limit each)."""
+        for data in frames:
             if not self.deliver(text_frame(data)):
                 return
-            if count % step == 0:
-                self.flush()
-                if self.transport.waiting_frames:
-                    await self.transport.drain()
-        self.flush()
+            self.flush()
+            if self.transport.waiting_frames:
+                await self.transport.drain()
 
     def answer(self, command: Command, result: Any) -> list[Output]:
         """Run the protocol's ``on_result`` in the router task: leading
@@ -390,6 +387,14 @@ class Connection(Client):
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the router is gone: the server is stopping
         transport, peer_close = self.transport, self.peer_close
+        if self.close_code is None and self.in_flight and not transport.broken:
+            # The peer closed (or half-closed) with requests in flight: the
+            # answers to what chatd accepted go out before the close echo
+            # (RFC 6455 section 5.5.1 lets the server finish sending first).
+            with trio.move_on_after(self.config.close_timeout):
+                while self.in_flight:
+                    self.answers_wanted = trio.Event()
+                    await self.answers_wanted.wait()
         code = self.close_code
         if peer_close is not None and code is None:
             code = peer_close.code

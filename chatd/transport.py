@@ -56,7 +56,7 @@ class Transport:
     gone to the kernel. ``close()`` ends the stream, abandoning what waits.
     """
 
-    __slots__ = ("_stream", "_fd", "_backlog", "waiting_frames", "broken", "_spawn",
+    __slots__ = ("_stream", "_fd", "_backlog", "waiting_frames", "waiting_bytes", "broken", "_spawn",
                  "_writer", "_drained")
 
     def __init__(self, stream: trio.abc.Stream, spawn: Spawn) -> None:
@@ -66,6 +66,8 @@ class Transport:
         #: (bytes, frames) not yet written, oldest first; None when empty.
         self._backlog: deque[tuple[memoryview | bytes, int]] | None = None
         self.waiting_frames = 0
+        #: Bytes not yet taken by the kernel (the slow-consumer byte bound).
+        self.waiting_bytes = 0
         self.broken = False
         self._spawn = spawn
         self._writer: trio.CancelScope | None = None
@@ -111,6 +113,7 @@ class Transport:
         if self._backlog is not None:
             self._backlog.append((data, frames))
             self.waiting_frames += frames
+            self.waiting_bytes += len(data)
             return True
         sent = 0
         if self._fd >= 0:
@@ -125,6 +128,7 @@ class Transport:
                 return True
         self._backlog = deque(((memoryview(data)[sent:] if sent else data, frames),))
         self.waiting_frames = frames
+        self.waiting_bytes = len(data) - sent
         self._spawn(self._write_backlog)
         return True
 
@@ -151,6 +155,7 @@ class Transport:
             self._writer = None
             self._backlog = None
             self.waiting_frames = 0
+            self.waiting_bytes = 0
             if self._drained is not None:
                 self._drained.set()
                 self._drained = None
@@ -166,6 +171,7 @@ class Transport:
         return b"".join(parts)
 
     def _consume(self, backlog: deque, sent: int) -> None:
+        self.waiting_bytes -= sent
         while sent:
             data, frames = backlog[0]
             if sent >= len(data):

@@ -89,6 +89,7 @@ def test_the_decoder_names_what_is_wrong():
 
 class _Transport:
     waiting_frames = 0
+    waiting_bytes = 0
 
     def __init__(self) -> None:
         self.frames: list[bytes] = []
