@@ -29,6 +29,33 @@ class _UTCJsonFormatter(JsonFormatter):
             f".{int(record.msecs):03d}Z"
 
 
+class _OutOfFiles(logging.Filter):
+    """trio's accept loop logs every failed accept (EMFILE: out of file
+    descriptors) at ERROR with a traceback, ten times a second: one plain
+    WARNING every ``every`` seconds says the same."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        super().__init__()
+        self.every = every
+        self.last = float("-inf")
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            self.dropped += 1
+            return False
+        self.last = now
+        original = record.getMessage()
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+        record.msg = ("%s (out of file descriptors? raise the open-file limit above "
+                      "max-connections; %d such lines left out)")
+        record.args = (original, self.dropped)
+        self.dropped = 0
+        return True
+
+
 def configure(level: str = "info", log_format: str = "text", stream=None) -> None:
     """Send chatd's logs to ``stream`` (stderr) at ``level`` in ``log_format``."""
     handler = logging.StreamHandler(stream or sys.stderr)
@@ -44,3 +71,6 @@ def configure(level: str = "info", log_format: str = "text", stream=None) -> Non
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    accept_log = logging.getLogger("trio.serve_listeners")
+    if not any(isinstance(f, _OutOfFiles) for f in accept_log.filters):
+        accept_log.addFilter(_OutOfFiles())

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import resource
 import socket
 from dataclasses import dataclass
 
@@ -108,6 +109,7 @@ class Server:
         #: Handshakes under way, cancelled at shutdown.
         self._handshakes: set[trio.CancelScope] = set()
         self._spawn = None
+        self._shutdown_deadline = float("inf")
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -174,7 +176,8 @@ class Server:
                     await self._stopping.wait()
                     self._close_all(connections)
                 self.router.close()
-                with trio.move_on_after(config.shutdown_timeout):
+                # One deadline for the whole shutdown, set when it began.
+                with trio.move_on_at(self._shutdown_deadline):
                     await self.router.closed.wait()
                     for service in self.services:
                         if hasattr(service, "aclose"):
@@ -196,7 +199,8 @@ class Server:
             handshake.cancel()
         for connection in list(self.connections):
             connection.kill(code, reason)
-        connections.cancel_scope.deadline = trio.current_time() + self.config.shutdown_timeout
+        self._shutdown_deadline = trio.current_time() + self.config.shutdown_timeout
+        connections.cancel_scope.deadline = self._shutdown_deadline
 
     async def ready(self) -> str | None:
         """Why chatd cannot do its work now (for /readyz), or None."""
@@ -326,7 +330,9 @@ class Server:
                                               request.header("x-real-ip"), self.trusted)
                 if forwarded is not None:
                     client = Address(forwarded)
-            if refusal is None and client is not peer:
+            if refusal is None:
+                # The client's address if a header named one, else the
+                # proxy's own (docs/deployment.md): always counted.
                 refusal = self.ledger.admit_address(client.ip, trio.current_time())
                 if refusal is None:
                     counted = client.ip
@@ -337,9 +343,14 @@ class Server:
         mount = self._route(request.path)
         if not request.wants_websocket:
             if mount is not None:
-                await self._refuse(transport, client, Refusal(
-                    426, f"{request.path} is a WebSocket endpoint ({mount.protocol.name})",
-                    (("Upgrade", "websocket"),)), head)
+                if request.method not in ("GET", "HEAD"):
+                    refusal = Refusal(405, f"{request.path} is a WebSocket endpoint: GET only",
+                                      (("Allow", "GET"),))
+                else:
+                    refusal = Refusal(
+                        426, f"{request.path} is a WebSocket endpoint ({mount.protocol.name})",
+                        (("Upgrade", "websocket"),))
+                await self._refuse(transport, client, refusal, head)
                 return None, counted
             status, data = await self.routes.answer(request)
             log.debug("%s GET %s: %d", client, request.path, status)
@@ -477,6 +488,11 @@ class Server:
         if config.allowed_origins is None:
             log.warning("allowed-origins is not set: any web page can open a WebSocket "
                         "to chatd (docs/security.md)")
+        files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if files != resource.RLIM_INFINITY and files < config.max_connections + 64:
+            log.warning("open-file limit %d is below max-connections %d: connections past "
+                        "about %d will fail to be accepted (raise LimitNOFILE=, "
+                        "docs/operations.md)", files, config.max_connections, files - 64)
 
 
 async def _read_proxy_header(transport: Transport, peer: Address) -> tuple[Address, bytes]:
