@@ -27,6 +27,8 @@ from tests.conftest import GUARD, free_port, open_websocket_url
     ('{"endpoints": [{"path": "/a", "protocol": "wcp"}, {"path": "/a", "protocol": "wschat"}]}',
      "mounted twice"),
     ('{"secret-key": "x",}', "JSON"),
+    # A shutdown waits for closing handshakes (RFC 6455 section 7.1.1).
+    ('{"close-timeout": 20, "shutdown-timeout": 5}', "close-timeout must not exceed"),
 ])
 def test_config_errors_name_the_key(text, named):
     with pytest.raises(ConfigError) as info:

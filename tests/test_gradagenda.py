@@ -555,3 +555,46 @@ async def test_a_malformed_batch_fails_with_its_cdid(chat):
     alice = await login(chat, "alice")
     await alice.send({"type": "batch-mode-action", "cdid": "b", "actions": "nope"})
     await failed(alice, "b")
+
+
+# --- closing with requests in flight -------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["close frame", "half-close"])
+async def test_a_client_that_closes_right_after_its_requests_gets_every_answer(chat, how):
+    # A client flushing its offline queue may send its messages and its close
+    # in one write. Each message chatd accepted is stored and answered before
+    # the close echo (RFC 6455 section 5.5.1 lets the server finish sending).
+    from tests.rawws import RawClient, close_frame, text
+    from wsproto.events import CloseConnection, TextMessage
+
+    await chat.start()
+    alice = await login(chat, "alice")
+    session = (await create(alice, "bob"))["session-id"]
+    raw = await RawClient.connect(chat.server.port, PATH)
+    count = 60
+    burst = text(json.dumps(auth("alice", "laptop"))) + b"".join(
+        text(json.dumps(message(session, f"queued {i}", cdid=f"q{i}"))) for i in range(count))
+    if how == "close frame":
+        burst += close_frame(1000, "bye")
+    await raw.send_bytes(burst)
+    if how == "half-close":
+        await raw.stream.send_eof()
+    answered, close = [], None
+    while (event := await raw.next_event()) is not None:
+        if isinstance(event, CloseConnection):
+            close = event
+            break
+        assert isinstance(event, TextMessage)
+        frame = json.loads(event.data)
+        assert frame.get("status", "succeeded") == "succeeded", frame
+        answered.append(frame["cdid"])  # the status-response or, to the sender, the broadcast
+    assert answered == ["auth"] + [f"q{i}" for i in range(count)]
+    if how == "close frame":
+        assert (close.code, close.reason) == (1000, "bye")  # the echo, after the answers
+    await raw.aclose()
+    # Stored, and delivered to the user's other device, in order.
+    assert [(await alice.recv())["message"]["body"] for _ in range(count)] == \
+        [f"queued {i}" for i in range(count)]
+    bodies = [m["message"]["body"] for m in await history(alice, session, limit=count)]
+    assert sorted(bodies) == sorted(f"queued {i}" for i in range(count))

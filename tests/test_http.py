@@ -70,6 +70,14 @@ def get(path: str, extra: str = "") -> str:
     ("\x16\x03\x01\x02\x00garbage\r\n\r\n", 400, "malformed HTTP request"),
     ("GET /multichat HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400, "malformed HTTP request"),
     ("GET / HTTP/1.1\r\nHost: x\r\n" + "X-Long: " + "a" * 40_000 + "\r\n\r\n", 431, "malformed"),
+    # A GET handshake has no body (RFC 6455 section 4.1): bytes after the
+    # head would be read as frames.
+    (upgrade(extra="Content-Length: 5\r\n") + "hello", 400, "has no body"),
+    (upgrade(extra="Transfer-Encoding: chunked\r\n") + "5\r\nhello\r\n0\r\n\r\n", 400,
+     "has no body"),
+    (upgrade(extra="Sec-WebSocket-Version: 13\r\n"), 400, "Sec-WebSocket-Version must be sent once"),
+    # Not an upgrade, but a method an endpoint does not take.
+    ("POST /wcp HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405, "GET only"),
 ])
 async def test_a_malformed_handshake_gets_a_4xx_with_a_reason_and_one_info_line(
         chat, caplog, request_, status, reason):
@@ -108,6 +116,24 @@ async def test_a_plain_get_on_a_websocket_endpoint_says_upgrade_required(chat):
     status, headers, body = await http(server.port, get("/wcp"))
     assert status == 426 and headers["upgrade"] == "websocket"
     assert b"WebSocket endpoint" in body
+
+
+@pytest.mark.parametrize("target", ["http://127.0.0.1/multichat", "http://chat.example:8080/multichat?x=1"])
+async def test_an_absolute_form_target_is_routed_by_its_path(chat, target):
+    # RFC 9112 section 3.2.2: a server must accept the absolute form, which
+    # some forward proxies send on.
+    server = await chat.start()
+    status, _, _ = await http(server.port, upgrade(target))
+    assert status == 101
+    status, _, body = await http(server.port, get("http://127.0.0.1/healthz"))
+    assert status == 200
+
+
+async def test_a_post_to_a_websocket_endpoint_says_which_method(chat):
+    server = await chat.start()
+    status, headers, body = await http(
+        server.port, "POST /multichat HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    assert status == 405 and headers["allow"] == "GET"
 
 
 async def test_an_unknown_path_gets_404_for_plain_get_and_for_upgrade(chat):
@@ -269,6 +295,36 @@ def proxy_v2(src: str, sport: int) -> bytes:
         + addresses
 
 
+@pytest.mark.parametrize("spellings", [
+    # One client, however its proxy writes the address (RFC 4291 section
+    # 2.5.5.2's IPv4-mapped form, RFC 6874's zone), counts once.
+    ["203.0.113.7", "::ffff:203.0.113.7"],
+    ["203.0.113.7", "[::ffff:203.0.113.7]:5555"],
+    ["2001:db8::7", "2001:DB8:0:0::7"],
+    ["fe80::1", "fe80::1%eth0"],
+])
+async def test_one_client_counts_once_whatever_the_spelling(chat, spellings):
+    server = await chat.start(trusted_proxies=["127.0.0.1"], max_connections_per_ip=1)
+    first = await register_raw(server.port, f"X-Forwarded-For: {spellings[0]}\r\n", "a")
+    status, _, body = await http(server.port,
+                                 upgrade(extra=f"X-Forwarded-For: {spellings[1]}\r\n"))
+    assert status == 429 and b"too many connections" in body
+    await first.aclose()
+
+
+@pytest.mark.parametrize("extra", ["", "X-Forwarded-For: not-an-address\r\n",
+                                   "X-Real-IP: 999.1.1.1\r\n"])
+async def test_a_proxied_request_naming_nobody_counts_against_the_proxy(chat, extra):
+    # Otherwise a client behind a trusted proxy could escape every
+    # per-address limit by sending garbage where its address goes.
+    server = await chat.start(trusted_proxies=["127.0.0.1"], limits_exempt=[],
+                              max_connections_per_ip=1)
+    first = await register_raw(server.port, "", "a")
+    status, _, body = await http(server.port, upgrade(extra=extra))
+    assert status == 429 and b"too many connections" in body
+    await first.aclose()
+
+
 @pytest.mark.parametrize("header, seen", [
     (b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 8765\r\n", "203.0.113.7:40000"),
     (b"PROXY TCP6 2001:db8::7 ::1 40001 8765\r\n", "[2001:db8::7]:40001"),
@@ -286,7 +342,21 @@ async def test_the_proxy_protocol_names_the_client(chat, caplog, header, seen):
     assert (await peer_of(caplog, "hap")).startswith(seen)
 
 
-@pytest.mark.parametrize("header", [b"", b"PROXY TCP4 1.2.3.4\r\n", b"PROXY " + b"x" * 200])
+def proxy_v2_block(family: int, block: bytes) -> bytes:
+    import struct
+    return b"\r\n\r\n\x00\r\nQUIT\n" + bytes((0x21, family)) + struct.pack("!H", len(block)) \
+        + block
+
+
+@pytest.mark.parametrize("header", [
+    b"", b"PROXY TCP4 1.2.3.4\r\n", b"PROXY " + b"x" * 200,
+    # v2 whose address block is shorter than its family needs, or whose
+    # family the spec does not define (section 2.2).
+    proxy_v2_block(0x11, b"\x01\x02\x03"),
+    proxy_v2_block(0x21, bytes(12)),
+    proxy_v2_block(0x41, bytes(12)),
+    proxy_v2_block(0xF1, bytes(36)),
+])
 async def test_a_missing_or_bad_proxy_header_drops_the_connection(chat, caplog, header):
     caplog.set_level(logging.INFO)
     server = await chat.start(trusted_proxies=["127.0.0.1"], proxy_protocol=True)

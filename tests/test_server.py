@@ -91,6 +91,30 @@ async def test_a_slow_consumer_is_cut_off_and_the_others_keep_receiving(chat):
     assert close is None or (close.code, close.reason) == (1008, "slow consumer")
 
 
+async def test_a_slow_consumer_of_large_frames_is_cut_off_by_bytes_not_only_frames(chat):
+    # 200 frames of ~3.9 KB stay under the outbox's 256 frames but hold
+    # ~780 KB for one client that never reads: the byte bound (outbox-size
+    # x 512 bytes, here 128 KiB) cuts it off before it costs the server more.
+    server = await chat.start(outbox_size=256, message_rate=1e6, message_burst=10**6)
+    slow = await RawClient.connect(server.port, "/multichat", rcvbuf=4096)
+    await slow.send(TextMessage(json.dumps({"action": "register", "client-name": "slow",
+                                            "secret-key": SECRET})))
+    fast = await chat.multichat("fast")
+    sender = await chat.multichat("sender")
+    payload = "y" * 3900
+
+    async def read_all():
+        for i in range(200):
+            assert (await fast.recv())["content"] == f"{i} {payload}"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all)
+        for i in range(200):
+            await sender.send(chat_message(f"{i} {payload}"))
+    close = await slow.until_close()
+    assert close is None or (close.code, close.reason) == (1008, "slow consumer")
+
+
 async def test_shutdown_closes_every_client_with_1012_so_they_reconnect(chat):
     # 1012 "Service Restart" (RFC 6455 registry): clients built on the
     # websockets library treat 1000/1001 as final and never come back.
