@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import resource
 import socket
 from dataclasses import dataclass
 
@@ -488,11 +487,6 @@ class Server:
         if config.allowed_origins is None:
             log.warning("allowed-origins is not set: any web page can open a WebSocket "
                         "to chatd (docs/security.md)")
-        files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if files != resource.RLIM_INFINITY and files < config.max_connections + 64:
-            log.warning("open-file limit %d is below max-connections %d: connections past "
-                        "about %d will fail to be accepted (raise LimitNOFILE=, "
-                        "docs/operations.md)", files, config.max_connections, files - 64)
 
 
 async def _read_proxy_header(transport: Transport, peer: Address) -> tuple[Address, bytes]:

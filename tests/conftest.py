@@ -212,8 +212,11 @@ def free_port() -> int:
 class ServerProcess:
     """chatd as a real process, for restarts, signals and ``kill -9``."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict | None = None) -> None:
+    def __init__(self, args: list[str], cwd: Path, env: dict | None = None,
+                 nofile: tuple[int, int] | None = None) -> None:
         self.args = args
+        #: (soft, hard) RLIMIT_NOFILE to start chatd with, as a unit file would.
+        self.nofile = nofile
         self.cwd = cwd
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
@@ -226,7 +229,7 @@ class ServerProcess:
         with open(self.log, "ab") as log:  # the child keeps its own copy
             self.proc = subprocess.Popen([sys.executable, "-m", "chatd", *self.args],
                                          cwd=self.cwd, env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=subprocess.STDOUT, preexec_fn=self._limits)
         deadline = time.monotonic() + GUARD
         while time.monotonic() < deadline:
             new = self.log.read_bytes()[offset:].decode(errors="replace")
@@ -239,6 +242,11 @@ class ServerProcess:
                 raise RuntimeError(f"chatd exited {self.proc.returncode}:\n{new}")
             time.sleep(0.02)  # polling a log file for start-up, not a sync stand-in
         raise RuntimeError("chatd did not start:\n" + self.log.read_text())
+
+    def _limits(self) -> None:
+        if self.nofile is not None:
+            import resource
+            resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
 
     def stop(self, sig: int | None = None) -> int:
         """Signal chatd (SIGTERM by default) and return its exit code."""
@@ -254,8 +262,9 @@ class ServerProcess:
 def process(tmp_path):
     procs: list[ServerProcess] = []
 
-    def make(*args: str, env: dict | None = None) -> ServerProcess:
-        p = ServerProcess(list(args), tmp_path, env)
+    def make(*args: str, env: dict | None = None,
+             nofile: tuple[int, int] | None = None) -> ServerProcess:
+        p = ServerProcess(list(args), tmp_path, env, nofile)
         procs.append(p)
         return p
 

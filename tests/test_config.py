@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import trio
@@ -160,6 +161,35 @@ async def test_embedded_default_prints_and_keeps_generated_secrets(process, tmp_
     assert f"stored secret-key (kept in chatd.db): {secret}" in server.output()
     with trio.fail_after(GUARD):
         assert await _chat_once(server.port, "/multichat", secret) == "hi"
+
+
+def _open_file_limit(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-file limit in /proc")
+
+
+async def test_serve_raises_the_soft_open_file_limit_to_the_hard_one(process, tmp_path):
+    # systemd starts services with a soft limit of 1,024 whatever the hard
+    # one: without this the 1,000th client would not be accepted.
+    import resource
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    (tmp_path / "config.json").write_text(json.dumps({"host": "127.0.0.1:0",
+                                                      "max-connections": 100}))
+    server = process("serve", nofile=(256, hard)).start()
+    assert _open_file_limit(server.proc.pid) == (hard, hard)
+    assert "open-file limit" not in server.output()
+    assert server.stop() == 0
+
+
+async def test_serve_warns_when_even_the_hard_open_file_limit_is_too_low(process, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"host": "127.0.0.1:0",
+                                                      "max-connections": 1000}))
+    server = process("serve", nofile=(512, 512)).start()
+    assert "open-file limit 512 is below max-connections 1000" in server.output()
+    assert server.stop() == 0
 
 
 def test_the_example_config_is_valid_and_names_every_key():
