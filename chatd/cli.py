@@ -217,7 +217,7 @@ def _raise_open_file_limit(max_connections: int) -> None:
         log.warning("open-file limit %d is below max-connections %d + %d: connections past "
                     "about %d will wait to be accepted (raise LimitNOFILE=, "
                     "docs/operations.md)", soft, max_connections, _SPARE_FILES,
-                    soft - _SPARE_FILES)
+                    max(soft - _SPARE_FILES, 0))
 
 
 def _tune_gc() -> None:

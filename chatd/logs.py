@@ -49,9 +49,9 @@ class _OutOfFiles(logging.Filter):
         original = record.getMessage()
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.exc_info = record.exc_text = None
-        record.msg = ("%s (out of file descriptors? raise the open-file limit above "
-                      "max-connections; %d such lines left out)")
-        record.args = (original, self.dropped)
+        record.msg = "%s (out of file descriptors? raise the open-file limit above max-connections"
+        record.msg += "; %d such lines left out since the last)" if self.dropped else ")"
+        record.args = (original, self.dropped) if self.dropped else (original,)
         self.dropped = 0
         return True
 

@@ -192,6 +192,29 @@ async def test_serve_warns_when_even_the_hard_open_file_limit_is_too_low(process
     assert server.stop() == 0
 
 
+async def test_running_out_of_descriptors_is_one_warning_and_clients_are_served_after(
+        process, tmp_path):
+    # trio's accept loop logs each failed accept (EMFILE) at ERROR with a
+    # traceback, ten times a second; an operator needs one line saying why.
+    from tests.rawws import open_stream
+    (tmp_path / "config.json").write_text(json.dumps({
+        "host": "127.0.0.1:0", "secret-key": "s", "store": str(tmp_path / "c.db"),
+        "endpoints": [{"path": "/multichat", "protocol": "multichat"}]}))
+    server = process("serve", nofile=(48, 48)).start()
+    streams = []
+    with trio.fail_after(GUARD):
+        while "out of file descriptors" not in server.output():
+            streams.append(await open_stream(server.port))  # held in the backlog past the limit
+        for stream in streams:
+            await stream.aclose()
+        # Descriptors freed: the next client is served.
+        assert await _chat_once(server.port, "/multichat", "s") == "hi"
+    assert server.stop() == 0
+    output = server.output()
+    assert "Traceback" not in output and " ERROR " not in output
+    assert output.count("out of file descriptors") == 1, output
+
+
 def test_the_example_config_is_valid_and_names_every_key():
     from pathlib import Path
 
