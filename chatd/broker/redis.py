@@ -611,8 +611,10 @@ class RedisBroker(Broker):
             self._up = True
             self._reported = False
             resumed, self._was_up = self._was_up, True
-            log.warning("broker %s: %s", self.shown,
-                        "connected again: repairing what was missed" if resumed else "connected")
+            if resumed:  # the end of an outage an operator was warned of
+                log.warning("broker %s: connected again: repairing what was missed", self.shown)
+            else:
+                log.info("broker %s: connected", self.shown)
             await self._post(BrokerUp(resumed=resumed))
 
 
