@@ -177,7 +177,7 @@ def serve_forever(config: Config) -> int:
     configure(config.log_level, config.log_format)
     for warning in config_warnings(config):
         logging.getLogger("chatd").warning("%s", warning)
-    _raise_open_file_limit(config.max_connections)
+    _raise_open_file_limit()
     try:
         trio.run(_serve_until_signal, config)
     except BaseExceptionGroup as group:
@@ -193,31 +193,18 @@ def serve_forever(config: Config) -> int:
     return 0
 
 
-#: Descriptors chatd holds besides connections: listeners, the store, the
-#: broker, logs, worker threads' files.
-_SPARE_FILES = 64
-
-
-def _raise_open_file_limit(max_connections: int) -> None:
+def _raise_open_file_limit() -> None:
     """Raise the soft ``RLIMIT_NOFILE`` to the hard one, as Go's runtime
-    does at start (systemd's default soft limit, 1,024, would refuse the
-    1,000th client), and warn if even the hard limit is below
-    ``max_connections`` + a few spare descriptors. Each connection holds
-    one descriptor; past the limit ``accept`` fails with EMFILE."""
-    log = logging.getLogger("chatd")
+    does at start: systemd's default soft limit, 1,024, would keep the
+    1,000th client waiting. Each connection holds one descriptor; the
+    server warns once listening if even the hard limit is too low."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
         except (ValueError, OSError) as exc:  # e.g. macOS caps below RLIM_INFINITY
-            log.debug("could not raise the open-file limit to %s: %s", hard, exc)
-    needed = max_connections + _SPARE_FILES
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        log.warning("open-file limit %d is below max-connections %d + %d: connections past "
-                    "about %d will wait to be accepted (raise LimitNOFILE=, "
-                    "docs/operations.md)", soft, max_connections, _SPARE_FILES,
-                    max(soft - _SPARE_FILES, 0))
+            logging.getLogger("chatd").debug("could not raise the open-file limit to %s: %s",
+                                             hard, exc)
 
 
 def _tune_gc() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import resource
 import socket
 from dataclasses import dataclass
 
@@ -49,6 +50,9 @@ from chatd.store import Store, StoreError, open_store
 from chatd.transport import Transport
 
 log = logging.getLogger("chatd")
+#: Descriptors chatd holds besides connections: listeners, the store, the
+#: broker, logs, worker threads' files (for the open-file limit warning).
+_SPARE_FILES = 64
 
 #: Seconds a refused client gets to send its request: it only earns a 4xx.
 _REFUSAL_WAIT = 1.0
@@ -487,6 +491,12 @@ class Server:
         if config.allowed_origins is None:
             log.warning("allowed-origins is not set: any web page can open a WebSocket "
                         "to chatd (docs/security.md)")
+        files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if files != resource.RLIM_INFINITY and files < config.max_connections + _SPARE_FILES:
+            log.warning("open-file limit %d is below max-connections %d + %d: connections past "
+                        "about %d wait to be accepted (raise LimitNOFILE=, docs/operations.md)",
+                        files, config.max_connections, _SPARE_FILES,
+                        max(files - _SPARE_FILES, 0))
 
 
 async def _read_proxy_header(transport: Transport, peer: Address) -> tuple[Address, bytes]:
