@@ -21,6 +21,7 @@ import re
 import ssl
 import stat
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Literal
 
 import msgspec
@@ -245,6 +246,30 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
+def _check_redis_url(url: str) -> None:
+    """``redis://[USER:PASSWORD@]HOST[:PORT][/DB]`` (``rediss://`` for TLS),
+    the form coredis reads; DB a number (default 0). Raises ValueError
+    saying what is wrong: a DB that is not a number would silently be 0."""
+    form = "must be a redis://HOST:PORT/DB URL (rediss:// for TLS)"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"broker {url!r} {form}: {exc}") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"broker {url!r} {form}")
+    if not parts.hostname:
+        raise ValueError(f"broker {url!r} {form}: it names no host")
+    if port == 0:
+        raise ValueError(f"broker {url!r} {form}: port 0")
+    db = parts.path.strip("/")
+    if db and not (db.isascii() and db.isdigit()):
+        raise ValueError(f"broker {url!r} {form}: the database {db!r} is not a number")
+    if parts.query:
+        raise ValueError(f"broker {url!r} {form}: options after '?' are not read; "
+                         "put the database in the path")
+
+
 def check_cluster(config: Config) -> None:
     """The cluster keys (docs/cluster.md): ``broker`` is a Redis URL and
     comes with a shared store, ``node-id`` is 1 to 64 of ``A-Z a-z 0-9 . _ -``.
@@ -255,9 +280,7 @@ def check_cluster(config: Config) -> None:
                          "'.', '_' or '-' (it names Redis channels and keys)")
     if config.broker is None:
         return
-    if not config.broker.startswith(("redis://", "rediss://")):
-        raise ValueError(f"broker {config.broker!r} must be a redis://HOST:PORT/DB URL "
-                         "(rediss:// for TLS)")
+    _check_redis_url(config.broker)
     if not config.store.startswith(("postgresql://", "postgres://")):
         raise ValueError(f"broker needs a store every node shares: store {config.store!r} is a "
                          "SQLite file, which one node alone can use (two nodes cannot share one "

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import trio
 
 from tests.cluster_helpers import (  # noqa: F401
@@ -198,6 +199,29 @@ def test_check_config_refuses_a_broker_with_a_sqlite_store_and_bad_node_ids(tmp_
         assert result.returncode == 1 and "node-id" in result.stderr, node_id
     result = check_config(tmp_path, {"broker": "http://x", "store": "postgresql://u@h:5432/d"})
     assert result.returncode == 1 and "redis://HOST:PORT/DB" in result.stderr
+
+
+@pytest.mark.parametrize("broker, why", [
+    # A database that is not a number would silently be database 0, which
+    # another cluster may use.
+    ("redis://127.0.0.1:6379/abc", "the database 'abc' is not a number"),
+    ("redis:///9", "names no host"),
+    ("redis://127.0.0.1:99999/9", "out of range"),
+    ("redis://127.0.0.1:port/9", "redis://HOST:PORT/DB"),
+    ("redis://127.0.0.1:6379/9?db=3", "options after '?'"),
+    ("redis://HOST:PORT/9", "redis://HOST:PORT/DB"),
+])
+def test_check_config_refuses_a_broker_url_it_cannot_read_as_written(tmp_path, broker, why):
+    result = check_config(tmp_path, {"broker": broker, "store": "postgresql://u@h:5432/d"})
+    assert result.returncode == 1 and why in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_takes_the_broker_url_forms_coredis_reads(tmp_path):
+    for broker in ("redis://127.0.0.1:6379/9", "redis://127.0.0.1", "rediss://u:p@[::1]:6380/0",
+                   "redis://redis.internal/15"):
+        result = check_config(tmp_path, {"broker": broker, "store": "postgresql://u@h:5432/d"})
+        assert result.returncode == 0, (broker, result.stderr)
     result = check_config(tmp_path, {"broker": "redis://127.0.0.1:6379/0", "node-id": "n-1.a_b",
                                      "store": "postgresql://chatd@db:5432/chatd"})
     assert result.returncode == 0, result.stderr
