@@ -67,6 +67,7 @@ from chatd.events import (
 )
 from chatd.router import DEFERRED, Router
 from chatd.store import Failure, Job, Store, Writer
+from chatd.store.base import StoredSession
 from chatd.transport import text_frame
 
 if TYPE_CHECKING:
@@ -100,13 +101,18 @@ def now_ms() -> int:
 
 
 class Session:
-    __slots__ = ("id", "kind", "members", "waiting")
+    __slots__ = ("id", "kind", "members", "version", "waiting")
 
-    def __init__(self, session_id: str, kind: str, members: Iterable[str]) -> None:
+    def __init__(self, session_id: str, kind: str, members: Iterable[str],
+                 version: int = 0) -> None:
         self.id = session_id
         self.kind = kind
         #: Replaced, never mutated: a queued message keeps the members it was sent to.
         self.members = frozenset(members)
+        #: The store's count of membership changes, as far as this node has
+        #: heard (several nodes: a message stored under a newer one is sent
+        #: to the members the store has then).
+        self.version = version
         #: Requests for a direct session whose creation is not committed yet.
         self.waiting: list[DirectSessionInfo] | None = None
 
@@ -168,6 +174,9 @@ class Sessions:
         #: sessions with a gap-filling read in flight.
         self._filling: set[str] = set()
         self._reloading = False
+        #: (user, session) feeds holding messages of a session this node did
+        #: not know the user was in, until a reload says when they joined.
+        self._unplaced: set[tuple[str, str]] = set()
         #: Sessions deleted lately (oldest first), whose late messages are dropped.
         self._gone: dict[str, None] = {}
         #: Users whose channel delivers (acknowledged since their first login here).
@@ -194,8 +203,8 @@ class Sessions:
         """Take the store (one server per SQLite file: raises ``StoreError``
         if another chatd has it), load the stored sessions, run the writer."""
         self.store.lock()
-        for session_id, kind, members in await trio.to_thread.run_sync(self.store.load_sessions):
-            self._add(Session(session_id, kind, members))
+        for row in await trio.to_thread.run_sync(self.store.load_sessions):
+            self._add(Session(row.id, row.kind, row.members, row.version))
         log.info("loaded %d sessions from %s", len(self.sessions), self.store.name)
         await self.writer.run(task_status=task_status)
 
@@ -343,11 +352,11 @@ class Sessions:
             return self._fail(client, cmd.cdid, over)
         members = sorted(new)
         info = SessionInfo(session_id=session.id, kind="mutable", status="modified", members=members)
-        def change(store: Store) -> int:
-            store.set_members(session.id, members)
-            return newest_seq(store, session.id) if self.broker.shared else 0
+        def change(store: Store) -> tuple[int, int]:
+            return store.set_members(session.id, members) or (0, session.version)
 
-        def done(seq: int) -> None:
+        def done(result: tuple[int, int]) -> None:
+            seq, session.version = result
             self._fanout(old | new, info, client, cmd.cdid)
             self._changed(session, "modified", members, old, seq)
 
@@ -394,9 +403,17 @@ class Sessions:
         session_id, sender_id, sent = session.id, client.user_id, cmd.sender_timestamp
         stored, message = now_ms(), cmd.message
         members = session.members  # as sent: a later membership change does not apply
+        version = session.version
         text = bytes(message).decode()
+        shared = self.broker.shared
 
-        def done(seq: int | None) -> None:
+        def append(store: Store) -> tuple[int | None, list[str] | None]:
+            if shared:
+                return store.append_checked(session_id, sender_id, text, sent, stored, version)
+            return store.append_message(session_id, sender_id, text, sent, stored), None
+
+        def done(result: tuple[int | None, list[str] | None]) -> None:
+            seq, current = result
             if seq is None:  # deleted (by another node) before the message was stored
                 return self._fail(client, cmd.cdid, "no such session")
             event = StoredMessage(session_id=session_id, seq=seq, sender_id=sender_id,
@@ -405,20 +422,25 @@ class Sessions:
                 return self._fanout(members, event, client, cmd.cdid)
             item = Stored(session_id=session_id, seq=seq, sender_id=sender_id, message=message,
                           sender_timestamp=sent, server_timestamp=stored)
-            for user in members:
+            # Stored after a change this node had not heard of: to the
+            # members the store had then (docs/cluster.md).
+            targets = members if current is None else frozenset(current)
+            for user in targets:
                 self.broker.publish(user_channel(user), item)
             frames: dict[type, bytes | None] = {}
-            for user in members:
-                if user in self.feeds and user != sender_id:
+            for user in targets:
+                feeds = self.feeds.get(user)
+                # A member this node does not know of yet gets it when the
+                # change arrives (its feed starts with a read of the store).
+                if feeds is not None and user != sender_id and (
+                        user in members or session_id in feeds):
                     self._offer(user, event, frames=frames)
             if sender_id in self.feeds:
                 self._offer(sender_id, event, client, cmd.cdid, frames)
             else:
                 _answer(client, event, cmd.cdid)
 
-        refused = self._write(
-            lambda store: store.append_message(session_id, sender_id, text, sent, stored),
-            done, lambda answer: self._fail(client, cmd.cdid, answer))
+        refused = self._write(append, done, lambda answer: self._fail(client, cmd.cdid, answer))
         if refused:
             self._fail(client, cmd.cdid, refused)
 
@@ -453,13 +475,16 @@ class Sessions:
         members, old = sorted(members), sorted(old)
         self.broker.publish(CLUSTER, SessionChanged(
             session_id=session.id, kind=session.kind, status=status, members=members,
-            old_members=old, seq=seq))
+            old_members=old, seq=seq, version=session.version))
         self._follow(session.id, status, members, old, seq)
 
     def _follow(self, session_id: str, status: str, members: Iterable[str],
-                old: Iterable[str], seq: int) -> None:
-        """Start the feeds of users who joined at ``seq``; those who left get
-        what was sent up to ``seq`` (a deleted session: nothing more)."""
+                old: Iterable[str], seq: int, since: dict[str, int] | None = None) -> None:
+        """Start the feeds of users who joined at ``seq`` (or at ``since[user]``,
+        from the store); those who left get what was sent up to ``seq`` (a
+        deleted session: nothing more). A feed started by a modification
+        reads the store once: a message stored after the change by a node
+        that had not heard of it may have been sent to the old members."""
         members = set(members)
         if status == "deleted":
             self._gone[session_id] = None
@@ -476,6 +501,7 @@ class Sessions:
                     self._close(user, session_id)
                 else:
                     self._fill(session_id, force=True)
+        started = False
         for user in members:
             feeds = self.feeds.get(user)
             if feeds is None:
@@ -485,31 +511,39 @@ class Sessions:
                 self._close(user, session_id)
                 feed = None
             if feed is None:
-                feeds[session_id] = Feed(seq)
+                start = since.get(user, seq) if since is not None else seq
+                feeds[session_id] = Feed(start)
+                started = started or start >= 0
+        if started and status == "modified":
+            self._fill(session_id, force=True)
 
     def _close(self, user: str, session_id: str) -> None:
         feed = self.feeds.get(user, {}).pop(session_id, None)
         if feed is not None:
             _answer_held(feed)
 
-    def remote_changed(self, item: SessionChanged) -> None:
+    def remote_changed(self, item: SessionChanged, since: dict[str, int] | None = None) -> None:
         """A change another node committed: the same here, and every local
         device of every user concerned is told (a direct session's creation
-        is not announced, as on one node)."""
+        is not announced, as on one node). ``since``: when each member
+        joined, when the change was read from the store (``reload``)."""
         session = self.sessions.get(item.session_id)
         members = frozenset(item.members)
         if item.status == "deleted":
             if session is not None:
                 self._remove(session)
         elif session is None:
-            self._add(Session(item.session_id, item.kind, members))
-        elif session.members != members:
-            self._set_members(session, members)
+            self._add(Session(item.session_id, item.kind, members, item.version))
+        else:
+            if session.members != members:
+                self._set_members(session, members)
+            session.version = max(session.version, item.version)
         if item.kind == "mutable":
             self._deliver(members | set(item.old_members), SessionInfo(
                 session_id=item.session_id, kind=item.kind, status=item.status,
                 members=sorted(members)))
-        self._follow(item.session_id, item.status, item.members, item.old_members, item.seq)
+        self._follow(item.session_id, item.status, item.members, item.old_members, item.seq,
+                     since)
 
     def remote_stored(self, user: str, item: Stored) -> None:
         """A message another node committed, for ``user``."""
@@ -557,9 +591,11 @@ class Sessions:
                 if asker is not None:
                     _answer(asker, event, cdid)
                 return
-            # A session this node did not know the user was in (its change was
-            # lost): start from here, and reload the sessions.
-            feed = feeds[session_id] = Feed(-1)
+            # A session this node did not know the user was in (its change is
+            # late, or was lost): hold what comes until a reload of the
+            # sessions says when the user joined.
+            feed = feeds[session_id] = Feed(None)
+            self._unplaced.add((user, session_id))
             self.reload()
         if feed.last == -1:
             feed.last = seq - 1
@@ -719,28 +755,35 @@ class Sessions:
         self._reloading = True
         before = {session_id: session.members for session_id, session in self.sessions.items()}
 
-        def done(rows: list[tuple[str, str, list[str]]] | None, failure: str | None = None) -> None:
+        def done(rows: list[StoredSession] | None, failure: str | None = None) -> None:
             self._reloading = False
             if rows is None:
                 log.warning("could not reload the sessions after a broker outage: %s", failure)
+                self._place({})
                 return
-            stored = {session_id: (kind, frozenset(members)) for session_id, kind, members in rows}
-            for session_id, (kind, members) in stored.items():
+            stored = {row.id: row for row in rows}
+            for session_id, row in stored.items():
                 session = self.sessions.get(session_id)
+                members = frozenset(row.members)
                 if session_id not in before:
                     if session is None:
-                        self._apply(SessionChanged(session_id=session_id, kind=kind,
-                                                   status="created", members=sorted(members)))
+                        self._apply(SessionChanged(session_id=session_id, kind=row.kind,
+                                                   status="created", members=sorted(members),
+                                                   version=row.version), row.members)
                 elif session is not None and session.members is before[session_id] \
                         and session.members != members:
-                    self._apply(SessionChanged(session_id=session_id, kind=kind, status="modified",
-                                               members=sorted(members),
-                                               old_members=sorted(session.members)))
+                    self._apply(SessionChanged(session_id=session_id, kind=row.kind,
+                                               status="modified", members=sorted(members),
+                                               old_members=sorted(session.members),
+                                               version=row.version), row.members)
+                elif session is not None:
+                    session.version = max(session.version, row.version)
             for session_id, members in before.items():
                 session = self.sessions.get(session_id)
                 if session_id not in stored and session is not None and session.members is members:
                     self._apply(SessionChanged(session_id=session_id, kind=session.kind,
                                                status="deleted", members=sorted(members)))
+            self._place(stored)
             for user, feeds in list(self.feeds.items()):
                 missing = [s for s in self.joined.get(user, {}) if s not in feeds]
                 if missing and user not in self.logins:
@@ -752,11 +795,26 @@ class Sessions:
         if refused:
             done(None, refused)
 
-    def _apply(self, change: SessionChanged) -> None:
+    def _apply(self, change: SessionChanged, since: dict[str, int]) -> None:
         """A change found by ``reload``: applied as if another node said it;
-        feeds of users who joined start once their baseline is read."""
+        the feeds of users who joined start where the store says they
+        joined (``since``), and read what they missed."""
         change.seq = -1
-        self.remote_changed(change)
+        self.remote_changed(change, since)
+
+    def _place(self, stored: dict[str, StoredSession]) -> None:
+        """Start the feeds that held messages of a session this node did not
+        know the user was in, where ``stored`` says the user joined (from
+        the first message held if it does not say)."""
+        unplaced, self._unplaced = self._unplaced, set()
+        for user, session_id in unplaced:
+            feed = self.feeds.get(user, {}).get(session_id)
+            if feed is None or feed.last is not None or user in self.logins:
+                continue  # closed, placed meanwhile, or a login's baseline will
+            row = stored.get(session_id)
+            self._start(user, feed, row.members.get(user, -1) if row is not None else -1)
+            if feed.held:
+                self._fill(session_id)
 
     def _deliver(self, users: Iterable[str], event: Event) -> None:
         """Every local device of ``users`` gets ``event``, framed once per protocol."""

@@ -116,6 +116,44 @@ async def test_redis_killed_paused_and_restarted_mid_stream(cluster, redis_serve
     assert (await until(remote, lambda f: f["type"] == "broadcast"))["message"] == "after"
 
 
+async def test_sessions_created_and_joined_while_redis_was_down_get_their_messages(
+        cluster, redis_server):
+    # The changes' news and the messages' publishes were lost with Redis;
+    # once it is back, each node reloads the sessions and reads, from the
+    # store, what its users missed since they joined: nobody has to speak.
+    n1, n2 = await cluster.nodes_up("n1", "n2")
+    alice = await login(cluster, n1, "alice")
+    bob = await login(cluster, n2, "bob")
+    carol = await login(cluster, n2, "carol")
+    older = (await create(alice, "dave", cdid="g0"))["session-id"]
+    await alice.send(message(older, "before carol", cdid="b"))
+    assert (await alice.recv())["seq"] == 1
+    redis_server.kill()
+    await cluster.ready(n1, want=False)
+    new = (await create(alice, "bob", cdid="g1"))["session-id"]
+    for i in range(3):
+        await alice.send(message(new, f"new {i}", cdid=f"n{i}"))
+        assert (await alice.recv())["seq"] == i + 1
+    await alice.send({"type": "request-mutable-session-modification", "cdid": "add",
+                      "session-id": older, "user-id": ["alice", "dave", "carol"]})
+    assert (await alice.recv())["status"] == "modified"
+    for i in range(2):
+        await alice.send(message(older, f"after carol {i}", cdid=f"o{i}"))
+        assert (await alice.recv())["seq"] == i + 2
+    redis_server.start()
+    await cluster.ready(n1)
+    await cluster.ready(n2)
+    told = await bob.recv()
+    assert (told["session-id"], told["status"]) == (new, "created")
+    assert [(f["seq"], f["message"]["body"]) for f in [await bob.recv() for _ in range(3)]] == [
+        (1, "new 0"), (2, "new 1"), (3, "new 2")]
+    told = await carol.recv()
+    assert (told["session-id"], told["status"]) == (older, "modified")
+    # From her joining on: not "before carol".
+    assert [(f["seq"], f["message"]["body"]) for f in [await carol.recv() for _ in range(2)]] == [
+        (2, "after carol 0"), (3, "after carol 1")]
+
+
 async def test_names_survive_a_redis_restart_and_presence_is_repaired(cluster, redis_server):
     n1, n2 = await cluster.nodes_up("n1", "n2")
     await socialvp(cluster, n1, "sam")

@@ -202,3 +202,30 @@ async def test_a_message_whose_publish_was_lost_is_filled_from_the_store(cluster
         assert [(f["seq"], f["message"]["body"]) for f in got] == [(2, "lost in transit"),
                                                                    (3, "three")]
     assert got[1].get("cdid") is None and "cdid" not in got[0]
+
+
+async def test_a_message_from_a_node_that_missed_a_membership_change_reaches_the_new_member(
+        cluster, pg_url):
+    # carol was added, but the news never left the node that added her (it
+    # died before publishing). dave's node still knows the old members when
+    # dave speaks: the store says the members changed, so the message goes
+    # to the members the store has, and carol's node learns of the session.
+    n1, n2, n3 = await cluster.nodes_up("n1", "n2", "n3")
+    alice = await login(cluster, n1, "alice")
+    carol = await login(cluster, n2, "carol")
+    dave = await login(cluster, n3, "dave")
+    session_id = (await create(alice, "dave"))["session-id"]
+    assert (await dave.recv())["status"] == "created"
+    with psycopg.connect(pg_url) as conn:  # what set_members commits, never published
+        conn.execute("UPDATE sessions SET members_version = members_version + 1 WHERE id = %s",
+                     (session_id,))
+        conn.execute("INSERT INTO members (session_id, user_id, since_seq) "
+                     "SELECT id, 'carol', last_seq FROM sessions WHERE id = %s", (session_id,))
+    await dave.send(message(session_id, "to all of you", cdid="d1"))
+    assert (await dave.recv())["seq"] == 1
+    told, got = await carol.recv(), await carol.recv()
+    assert (told["type"], told["status"], told["user-id"]) == (
+        "providing-session-info", "modified", ["alice", "carol", "dave"])
+    assert (got["type"], got["seq"], got["message"]["body"]) == (
+        "message-broadcast", 1, "to all of you")
+    assert (await alice.recv())["seq"] == 1

@@ -57,7 +57,7 @@ def test_an_old_file_is_migrated_and_keeps_its_data(tmp_path):
         assert store.schema_version == len(MIGRATIONS)
         assert store.secret("jwt-secret") == ("kept", False)
         store.run_batch([lambda s: s.create_session("g", "mutable", ["a"], 1)])
-        assert store.load_sessions() == [("g", "mutable", ["a"])]
+        assert store.load_sessions() == [("g", "mutable", {"a": 0}, 0)]
     finally:
         store.close()
 
@@ -165,28 +165,33 @@ def test_an_append_to_a_deleted_session_stores_nothing_and_the_batch_commits(sto
                                lambda s: s.set_members("g", ["a", "b"]),
                                lambda s: s.create_session("h", "mutable", ["b"], 2)])
     assert results == [None, None, None, None]
-    assert store.load_sessions() == [("h", "mutable", ["b"])]
+    assert store.load_sessions() == [("h", "mutable", {"b": 0}, 0)]
 
 
 def test_creating_a_direct_session_twice_changes_nothing(store):
     for _ in range(2):
         store.run_batch([lambda s: s.create_session("direct-x", "direct", ["a", "b"], 1)])
-    assert store.load_sessions() == [("direct-x", "direct", ["a", "b"])]
+    assert store.load_sessions() == [("direct-x", "direct", {"a": 0, "b": 0}, 0)]
 
 
 def test_sessions_load_with_members_and_deletion_cascades(store):
     store.run_batch([lambda s: s.create_session("one", "mutable", ["a", "b"], 1),
                      lambda s: s.create_session("two", "direct", ["a", "c"], 2)])
     add_messages(store, "one", 3)
-    store.run_batch([lambda s: s.set_members("one", ["b", "d"])])
-    loaded = {sid: (kind, sorted(members)) for sid, kind, members in store.load_sessions()}
-    assert loaded == {"one": ("mutable", ["b", "d"]), "two": ("direct", ["a", "c"])}
+    # Members who stay keep when they joined; new ones join after message 3.
+    assert store.run_batch([lambda s: s.set_members("one", ["b", "d"])]) == [(3, 1)]
+    loaded = {row.id: (row.kind, row.members, row.version) for row in store.load_sessions()}
+    assert loaded == {"one": ("mutable", {"b": 0, "d": 3}, 1),
+                      "two": ("direct", {"a": 0, "c": 0}, 0)}
+    add_messages(store, "one", 1)
+    assert store.run_batch([lambda s: s.set_members("one", ["a", "d"])]) == [(4, 2)]
+    assert store.load_sessions()[0].members == {"a": 4, "d": 3}
     store.run_batch([lambda s: s.delete_session("one")])
     assert [row[0] for row in store.load_sessions()] == ["two"]
     assert store.run_batch([lambda s: s.history("one")]) == [[]]
     # Its members went with it: the same id made again starts empty.
     store.run_batch([lambda s: s.create_session("one", "mutable", [], 3)])
-    assert ("one", "mutable", []) in store.load_sessions()
+    assert ("one", "mutable", {}, 0) in store.load_sessions()
 
 
 def test_a_generated_secret_is_kept(store, tmp_path):

@@ -217,7 +217,7 @@ async def test_past_the_busy_timeout_jobs_fail_busy_and_later_ones_commit(tmp_pa
     writer.submit(job(lambda s: s.create_session("g", "mutable", ["a"], 1)))
     await reports.wait_for(2)
     assert reports.batches[1][2] is None
-    assert store.load_sessions() == [("g", "mutable", ["a"])]
+    assert store.load_sessions() == [("g", "mutable", {"a": 0}, 0)]
     store.close()
 
 

@@ -115,7 +115,8 @@ class SessionChanged(Item, kw_only=True):
     (committed). ``members`` are the members now (before, for "deleted"),
     ``old_members`` those before a modification. ``seq`` is the session's
     last message ``seq`` when the change committed: messages after it
-    are for the new members."""
+    are for the new members. ``version``: the store's count of the
+    session's membership changes after this one (0 before any)."""
 
     session_id: str
     kind: str
@@ -123,6 +124,7 @@ class SessionChanged(Item, kw_only=True):
     members: list[str]
     old_members: list[str] = []
     seq: int = 0
+    version: int = 0
 
 
 # --- one GradAgenda user (channel chatd:user:USER) ---------------------------------------

@@ -28,7 +28,7 @@ from __future__ import annotations
 import abc
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 #: Columns of a stored message, in the order ``history`` returns them.
 MESSAGE_COLUMNS = "seq, sender_id, message, sender_timestamp, server_timestamp"
@@ -36,6 +36,18 @@ MESSAGE_COLUMNS = "seq, sender_id, message, sender_timestamp, server_timestamp"
 #: A stored message as ``history`` returns it:
 #: (seq, sender_id, message JSON text, sender_timestamp ms, server_timestamp ms).
 HistoryRow = tuple[int, str, str, int, int]
+
+
+class StoredSession(NamedTuple):
+    """A session as stored. ``members``: user id -> ``since``, the session's
+    last message ``seq`` when they joined (0 for those it was created
+    with: every message is theirs); ``version``: how many times its
+    members were changed (docs/cluster.md)."""
+
+    id: str
+    kind: str
+    members: dict[str, int]
+    version: int
 
 
 class StoreError(RuntimeError):
@@ -74,8 +86,8 @@ class Store(abc.ABC):
         once all get the same value."""
 
     @abc.abstractmethod
-    def load_sessions(self) -> list[tuple[str, str, list[str]]]:
-        """Every session, oldest first: (id, kind, member user ids)."""
+    def load_sessions(self) -> list[StoredSession]:
+        """Every session, oldest first."""
 
     # --- inside run_batch -----------------------------------------------------
 
@@ -87,8 +99,13 @@ class Store(abc.ABC):
         creating the same direct session) changes nothing."""
 
     @abc.abstractmethod
-    def set_members(self, session_id: str, members: list[str]) -> None:
-        """Replace the session's members."""
+    def set_members(self, session_id: str, members: list[str]) -> tuple[int, int] | None:
+        """Replace the session's members: (the session's last message
+        ``seq`` when the change commits, its new ``version``), or None if
+        the session no longer exists. Members who stay keep their
+        ``since``; new ones get that ``seq``. Serialised with
+        ``append_message`` on the same session (several nodes): a message
+        is either before the change or after it."""
 
     @abc.abstractmethod
     def delete_session(self, session_id: str) -> None:
@@ -101,6 +118,17 @@ class Store(abc.ABC):
         the session's next ``seq``, allocated in this transaction: 1, 2, …
         per session without gaps or duplicates, however many nodes append
         at once. None if the session no longer exists."""
+
+    def append_checked(self, session_id: str, sender_id: str, message: str,
+                       sender_timestamp: int, server_timestamp: int,
+                       version: int) -> tuple[int | None, list[str] | None]:
+        """``append_message``, for a sender that knew the members as of
+        ``version``: (seq, None), or (seq, the members when the message
+        committed) if a membership change it had not heard of came first
+        (another node's, its news still on the way). A store that one node
+        alone uses is never ahead of that node: (seq, None)."""
+        return self.append_message(session_id, sender_id, message, sender_timestamp,
+                                   server_timestamp), None
 
     def history(self, session_id: str, *, before: int | None = None,
                 after: int | None = None, limit: int = 100) -> list[HistoryRow]:

@@ -34,7 +34,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from chatd.store.base import MESSAGE_COLUMNS, CommitUnknown, Store, StoreError
+from chatd.store.base import MESSAGE_COLUMNS, CommitUnknown, Store, StoredSession, StoreError
 
 log = logging.getLogger("chatd.store")
 
@@ -67,6 +67,13 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (session_id, seq)
     );
     """,
+    # 3: when each member joined, and how many times the members changed:
+    # a node tells from ``members_version`` whether the members it sent a
+    # message to are still the members (chatd.store.base.StoredSession).
+    """
+    ALTER TABLE sessions ADD COLUMN members_version BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE members ADD COLUMN since_seq BIGINT NOT NULL DEFAULT 0;
+    """,
 ]
 
 #: SQLSTATEs after which running the batch again is safe and may pass
@@ -75,12 +82,16 @@ _TRANSIENT_STATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "5330
 #: Key of the advisory lock held while migrating.
 _MIGRATION_LOCK = 0x63686174  # "chat"
 
+# The UPDATE takes the session's row lock, which set_members takes too: a
+# message and a membership change of one session are stored one after the
+# other, and the version returned is the one the message was stored under.
 _APPEND = (f"WITH s AS (UPDATE sessions SET last_seq = last_seq + 1 WHERE id = %s "
-           f"RETURNING id, last_seq) "
+           f"RETURNING id, last_seq, members_version) "
            f"INSERT INTO messages (session_id, {MESSAGE_COLUMNS}) "
-           f"SELECT id, last_seq, %s, %s, %s, %s FROM s RETURNING seq")
-_INSERT_MEMBERS = ("INSERT INTO members (session_id, user_id) "
-                   "SELECT id, u FROM sessions, unnest(%s::text[]) AS u WHERE id = %s "
+           f"SELECT id, last_seq, %s, %s, %s, %s FROM s "
+           f"RETURNING seq, (SELECT members_version FROM s)")
+_INSERT_MEMBERS = ("INSERT INTO members (session_id, user_id, since_seq) "
+                   "SELECT id, u, %s FROM sessions, unnest(%s::text[]) AS u WHERE id = %s "
                    "ON CONFLICT DO NOTHING")
 
 
@@ -193,10 +204,14 @@ class PostgresStore(Store):
             return inserted[0][0], True
         return self.setting(key), False
 
-    def load_sessions(self) -> list[tuple[str, str, list[str]]]:
-        rows = self._read("SELECT id, kind, ARRAY(SELECT user_id FROM members "
-                          "WHERE session_id = sessions.id) FROM sessions ORDER BY position", ())
-        return [(sid, kind, list(members)) for sid, kind, members in rows]
+    def load_sessions(self) -> list[StoredSession]:
+        rows = self._read("SELECT id, kind, members_version, "
+                          "ARRAY(SELECT user_id FROM members WHERE session_id = sessions.id "
+                          "ORDER BY user_id), "
+                          "ARRAY(SELECT since_seq FROM members WHERE session_id = sessions.id "
+                          "ORDER BY user_id) FROM sessions ORDER BY position", ())
+        return [StoredSession(sid, kind, dict(zip(users, since)), version)
+                for sid, kind, version, users, since in rows]
 
     # --- inside run_batch ------------------------------------------------------
 
@@ -204,11 +219,18 @@ class PostgresStore(Store):
                        created_ms: int) -> None:
         self._cur.execute("INSERT INTO sessions (id, kind, created_ms) VALUES (%s, %s, %s) "
                           "ON CONFLICT (id) DO NOTHING", (session_id, kind, created_ms))
-        self._cur.execute(_INSERT_MEMBERS, (members, session_id))
+        self._cur.execute(_INSERT_MEMBERS, (0, members, session_id))
 
-    def set_members(self, session_id: str, members: list[str]) -> None:
-        self._cur.execute("DELETE FROM members WHERE session_id = %s", (session_id,))
-        self._cur.execute(_INSERT_MEMBERS, (members, session_id))
+    def set_members(self, session_id: str, members: list[str]) -> tuple[int, int] | None:
+        row = self._cur.execute("UPDATE sessions SET members_version = members_version + 1 "
+                                "WHERE id = %s RETURNING last_seq, members_version",
+                                (session_id,)).fetchone()
+        if row is None:
+            return None  # deleted (by this node or another) before this change
+        self._cur.execute("DELETE FROM members WHERE session_id = %s "
+                          "AND NOT (user_id = ANY(%s::text[]))", (session_id, members))
+        self._cur.execute(_INSERT_MEMBERS, (row[0], members, session_id))
+        return row[0], row[1]
 
     def delete_session(self, session_id: str) -> None:
         self._cur.execute("DELETE FROM sessions WHERE id = %s", (session_id,))
@@ -218,6 +240,21 @@ class PostgresStore(Store):
         row = self._cur.execute(_APPEND, (session_id, sender_id, message, sender_timestamp,
                                           server_timestamp)).fetchone()
         return row[0] if row else None
+
+    def append_checked(self, session_id: str, sender_id: str, message: str,
+                       sender_timestamp: int, server_timestamp: int,
+                       version: int) -> tuple[int | None, list[str] | None]:
+        row = self._cur.execute(_APPEND, (session_id, sender_id, message, sender_timestamp,
+                                          server_timestamp)).fetchone()
+        if row is None:
+            return None, None
+        if row[1] == version:
+            return row[0], None
+        # A change the sender had not heard of committed first; this new
+        # statement's snapshot sees it (READ COMMITTED).
+        members = self._cur.execute("SELECT user_id FROM members WHERE session_id = %s",
+                                    (session_id,)).fetchall()
+        return row[0], [user for (user,) in members]
 
     mark = "%s"
 

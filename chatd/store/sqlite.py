@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from chatd.store.base import MESSAGE_COLUMNS, Store, StoreError
+from chatd.store.base import MESSAGE_COLUMNS, Store, StoredSession, StoreError
 
 log = logging.getLogger("chatd.store")
 
@@ -74,6 +74,12 @@ MIGRATIONS: list[str] = [
         server_timestamp INTEGER NOT NULL,
         PRIMARY KEY (session_id, seq)
     ) WITHOUT ROWID;
+    """,
+    # 3: when each member joined, and how many times the members changed
+    # (the same schema as PostgreSQL's: chatd.store.base.StoredSession).
+    """
+    ALTER TABLE sessions ADD COLUMN members_version INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE members ADD COLUMN since_seq INTEGER NOT NULL DEFAULT 0;
     """,
 ]
 
@@ -254,15 +260,18 @@ class SQLiteStore(Store):
         self._retry_busy(insert)
         return self.setting(key), True
 
-    def load_sessions(self) -> list[tuple[str, str, list[str]]]:
+    def load_sessions(self) -> list[StoredSession]:
         try:
-            members: dict[str, list[str]] = {}
-            for session_id, user in self.db.execute("SELECT session_id, user_id FROM members"):
-                members.setdefault(session_id, []).append(user)
-            rows = self.db.execute("SELECT id, kind FROM sessions ORDER BY rowid").fetchall()
+            members: dict[str, dict[str, int]] = {}
+            for session_id, user, since in self.db.execute(
+                    "SELECT session_id, user_id, since_seq FROM members"):
+                members.setdefault(session_id, {})[user] = since
+            rows = self.db.execute(
+                "SELECT id, kind, members_version FROM sessions ORDER BY rowid").fetchall()
         except sqlite3.Error as exc:
             raise self.error(exc) from exc
-        return [(sid, kind, members.get(sid, [])) for sid, kind in rows]
+        return [StoredSession(sid, kind, members.get(sid, {}), version)
+                for sid, kind, version in rows]
 
     # --- inside run_batch ------------------------------------------------------
 
@@ -273,17 +282,29 @@ class SQLiteStore(Store):
                         "ON CONFLICT(id) DO NOTHING", (session_id, kind, created_ms))
         self._insert_members(session_id, members)
 
-    def set_members(self, session_id: str, members: list[str]) -> None:
-        self._transaction()
-        self.db.execute("DELETE FROM members WHERE session_id=?", (session_id,))
-        self._insert_members(session_id, members)
+    def set_members(self, session_id: str, members: list[str]) -> tuple[int, int] | None:
+        self._transaction()  # the write lock: no append can come between
+        self.db.execute("UPDATE sessions SET members_version = members_version + 1 WHERE id=?",
+                        (session_id,))
+        row = self.db.execute("SELECT members_version FROM sessions WHERE id=?",
+                              (session_id,)).fetchone()
+        if row is None:
+            return None  # deleted by a command before this one
+        seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE session_id=?",
+                              (session_id,)).fetchone()[0]
+        old = {user for (user,) in self.db.execute(
+            "SELECT user_id FROM members WHERE session_id=?", (session_id,))}
+        self.db.executemany("DELETE FROM members WHERE session_id=? AND user_id=?",
+                            [(session_id, user) for user in old.difference(members)])
+        self._insert_members(session_id, [user for user in members if user not in old], seq)
+        return seq, row[0]
 
-    def _insert_members(self, session_id: str, members: list[str]) -> None:
+    def _insert_members(self, session_id: str, members: list[str], since: int = 0) -> None:
         # Only while the session exists: a job may run after a deletion
         # that another command made.
-        self.db.executemany("INSERT INTO members(session_id, user_id) "
-                            "SELECT id, ? FROM sessions WHERE id=? ON CONFLICT DO NOTHING",
-                            [(user, session_id) for user in members])
+        self.db.executemany("INSERT INTO members(session_id, user_id, since_seq) "
+                            "SELECT id, ?, ? FROM sessions WHERE id=? ON CONFLICT DO NOTHING",
+                            [(user, since, session_id) for user in members])
 
     def delete_session(self, session_id: str) -> None:
         self._transaction()
