@@ -70,6 +70,11 @@ def verify(secret: str, token: str, *, require_exp: bool, require_sub: bool = Fa
         if claim in claims and not _numeric_date(claims[claim]):
             raise TokenRefused(f"claim {claim!r} must be a number of seconds since the epoch, "
                                f"not {type(claims[claim]).__name__} {_short(claims[claim])}")
+        if claim in claims and not 0 <= claims[claim] <= _LATEST:
+            # Also keeps 10**400 out of float arithmetic (OverflowError), and
+            # an exp of 1e308 from making a token that never expires.
+            raise TokenRefused(f"claim {claim!r} must be a time from 1970 to 9999 in seconds "
+                               f"since the epoch, not {_short(claims[claim])}")
     if "sub" in claims and not (isinstance(claims["sub"], str) and claims["sub"]):
         raise TokenRefused("claim 'sub' must be a non-empty string")
     if require_sub and "sub" not in claims:
@@ -87,6 +92,10 @@ def verify(secret: str, token: str, *, require_exp: bool, require_sub: bool = Fa
         raise TokenRefused(f"claim 'iat' is in the future ({claims['iat'] - now:.0f} s ahead, "
                            f"more than the {leeway:g} s allowed)")
     return claims
+
+
+#: 9999-12-31T23:59:59Z: the latest NumericDate a token may carry.
+_LATEST = 253_402_300_799
 
 
 def _numeric_date(value: object) -> bool:

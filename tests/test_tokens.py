@@ -13,6 +13,8 @@ import time
 
 import jwt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chatd import tokens
 from chatd.protocols.base import AuthFailed, Context, Send
@@ -60,12 +62,44 @@ def test_tokens_within_the_leeway_are_accepted(claims):
     ({"exp": NOW + 60}, "claim 'sub' is missing"),
     ({"sub": 42, "exp": NOW + 60}, "claim 'sub' must be a non-empty string"),
     ({"sub": "", "exp": NOW + 60}, "claim 'sub' must be a non-empty string"),
+    # Out of any calendar: 10**400 once raised OverflowError (close 1011 and
+    # a traceback); 1e308 made a token that never expires.
+    ({"sub": "alice", "exp": NOW + 60, "iat": 10**400},
+     "claim 'iat' must be a time from 1970 to 9999 in seconds since the epoch, not "
+     + repr(10**400)[:36] + "...'"),
+    ({"sub": "alice", "exp": NOW + 60, "nbf": 10**400},
+     "claim 'nbf' must be a time from 1970 to 9999 in seconds since the epoch, not "
+     + repr(10**400)[:36] + "...'"),
+    ({"sub": "alice", "exp": -10**400},
+     "claim 'exp' must be a time from 1970 to 9999 in seconds since the epoch, not "
+     + repr(-10**400)[:36] + "...'"),
+    ({"sub": "alice", "exp": 1e308},
+     "claim 'exp' must be a time from 1970 to 9999 in seconds since the epoch, not 1e+308"),
+    ({"sub": "alice", "exp": 253_402_300_800},
+     "claim 'exp' must be a time from 1970 to 9999 in seconds since the epoch, not 253402300800"),
+    ({"sub": "alice", "exp": NOW + 60, "iat": -1},
+     "claim 'iat' must be a time from 1970 to 9999 in seconds since the epoch, not -1"),
 ])
 def test_malformed_or_expired_claims_are_refused_by_name(claims, reason):
     with pytest.raises(tokens.TokenRefused) as refused:
         tokens.verify(JWT_SECRET, token(**claims), require_exp=True, require_sub=True,
                       leeway=30, now=NOW)
     assert str(refused.value) == reason
+
+
+_claim_values = st.one_of(
+    st.integers(min_value=-10**500, max_value=10**500), st.floats(), st.booleans(), st.none(),
+    st.text(max_size=5), st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["exp", "nbf", "iat", "sub"]), _claim_values))
+def test_any_claim_values_are_accepted_or_refused_by_name(claims):
+    try:
+        tokens.verify(JWT_SECRET, token(**claims), require_exp=True, require_sub=True,
+                      leeway=30, now=NOW)
+    except tokens.TokenRefused as refused:
+        assert str(refused).isprintable()
 
 
 @pytest.mark.parametrize("bad, reason", [
@@ -120,6 +154,7 @@ async def test_issue_9_a_token_minted_two_seconds_ahead_is_accepted(chat):
     ({"sub": "alice", "exp": 1_000_000_000}, "token expired (exp 1000000000"),
     ({"sub": "bob", "exp": 4_102_444_800}, "its 'sub' 'bob' is not this user-id"),
     ({"exp": 4_102_444_800}, "claim 'sub' is missing"),
+    ({"sub": "alice", "exp": 4_102_444_800, "iat": 10**400}, "claim 'iat' must be a time"),
 ])
 async def test_gradagenda_refusals_name_the_claim(chat, claims, says):
     await chat.start()
