@@ -23,10 +23,20 @@ that no name can pass for another on screen:
   preserved and of the case-mapped form and case-folded, so ``ALICE``,
   ``Alice`` and ``aIice`` all collide with ``alice``: ``Name.keys``.
 
-chatd adds two rules of its own: at most ``MAX_CHARS`` characters (before
-and after enforcement), and no combining mark first (RFC 5891 section
-4.2.3.2 has the same rule for domain labels: it would combine with
-whatever a client prints before the name).
+chatd adds rules of its own, for what neither catches (each found by
+trying look-alikes of ``alice``):
+
+- at most ``MAX_CHARS`` characters (before and after enforcement);
+- no combining mark first (RFC 5891 section 4.2.3.2 has the same rule
+  for domain labels: it would combine with whatever a client prints
+  before the name);
+- no character that draws nothing though PRECIS allows it (a symbol or
+  letter, not a space or format character): ``BLANK``, the characters
+  Unicode names as blank or filler (``alice\u2800`` looks like ``alice``);
+- UTS #39 section 5.4's optional checks for nonspacing marks: the same
+  mark twice in a row (ICU's ``INVISIBLE`` check), and a dot above on a
+  letter that has one already (a Soft_Dotted letter + U+0307: ``ali\u0307ce``
+  looks like ``alice``).
 
 Names are checked when they are claimed, and wschat's ``usr`` with every
 message, so results are cached (``parse``): a repeated name costs a
@@ -50,6 +60,17 @@ MAX_CHARS: Final = 256
 _SHOWN = precis_i18n.get_profile("NicknameCasePreserved")
 _ADDRESS = precis_i18n.get_profile("NicknameCaseMapped")
 _SPOOF = icu.SpoofChecker()
+_MARKS = icu.SpoofChecker()
+_MARKS.setChecks(icu.USpoofChecks.INVISIBLE)
+#: Characters that render as blank and are not spaces: Unicode names them
+#: blank or filler. PRECIS allows the symbols and letters among them; the
+#: Hangul fillers it refuses too, but this names them for what they are.
+BLANK: Final = frozenset({
+    "\u115f", "\u1160", "\u2800", "\u3164", "\uffa0",  # Hangul fillers, BRAILLE PATTERN BLANK
+    "\U00016fe4",  # KHITAN SMALL SCRIPT FILLER
+    "\U0001da7f", "\U0001da80",  # SIGNWRITING LOCATION-WALLPLANE / FLOORPLANE SPACE
+})
+_DOT_ABOVE = "\u0307"
 #: Skeleton and case folding feed each other (``M`` -> ``m`` -> ``rn``);
 #: three rounds reach the fixed point for every code point (tested).
 _SKELETON_ROUNDS = 8
@@ -134,6 +155,9 @@ def _parse(raw: str) -> Name | str:
     exceptions are not cached, so a fresh one is raised each time)."""
     if len(raw) > MAX_CHARS:
         return f"is longer than {MAX_CHARS} characters"
+    for char in raw:
+        if char in BLANK:
+            return f"contains a character that shows as blank ({_describe(char)})"
     try:
         shown = _SHOWN.enforce(raw)
         address = _ADDRESS.enforce(raw)
@@ -143,7 +167,27 @@ def _parse(raw: str) -> Name | str:
         return f"is longer than {MAX_CHARS} characters once normalised"
     if unicodedata.category(shown[0]).startswith("M"):
         return f"starts with a combining mark ({_describe(shown[0])})"
+    if _MARKS.check(shown):
+        return "repeats a combining mark (it would show once)"
+    hidden = _hidden_dot(shown)
+    if hidden is not None:
+        return f"puts a dot above a letter that has one ({_describe(hidden)} + U+0307)"
     return Name(shown, address, frozenset((skeleton(shown), skeleton(address))))
+
+
+def _hidden_dot(text: str) -> str | None:
+    """The Soft_Dotted letter (``i``, ``j``, Cyrillic ``і``, ...) followed by
+    U+0307 COMBINING DOT ABOVE among its marks, if any (UTS #39 section
+    5.4: the mark overlays the dot already there)."""
+    base = None
+    for char in unicodedata.normalize("NFD", text):
+        if unicodedata.combining(char):
+            if char == _DOT_ABOVE and base is not None:
+                return base
+        else:
+            soft = icu.Char.hasBinaryProperty(char, icu.UProperty.SOFT_DOTTED)
+            base = char if soft else None
+    return None
 
 
 # precis-i18n reports what it refused as "DISALLOWED/<kind>".

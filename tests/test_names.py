@@ -36,6 +36,22 @@ def test_invisible_characters_make_a_name_invalid(invisible):
 
 
 @pytest.mark.parametrize("raw, reason", [
+    # Characters PRECIS allows that show as nothing, and marks that hide
+    # (found by a review: each was accepted and announced as a new user).
+    ("alice\u2800", "contains a character that shows as blank (U+2800 BRAILLE PATTERN BLANK)"),
+    ("\u2800alice", "contains a character that shows as blank (U+2800 BRAILLE PATTERN BLANK)"),
+    ("ali\U00016fe4ce",
+     "contains a character that shows as blank (U+16FE4 KHITAN SMALL SCRIPT FILLER)"),
+    ("alice\U0001da80", "contains a character that shows as blank "
+                        "(U+1DA80 SIGNWRITING LOCATION-FLOORPLANE SPACE)"),
+    ("ali\u0307ce", "puts a dot above a letter that has one (U+0069 LATIN SMALL LETTER I + U+0307)"),
+    ("\u0456\u0307", "puts a dot above a letter that has one "
+                     "(U+0456 CYRILLIC SMALL LETTER BYELORUSSIAN-UKRAINIAN I + U+0307)"),
+    ("ali\u0328\u0307ce", "puts a dot above a letter that has one "
+                          "(U+0069 LATIN SMALL LETTER I + U+0307)"),
+    ("alice\u0301\u0301", "repeats a combining mark (it would show once)"),
+    ("alice\u3164", "contains a character that shows as blank (U+3164 HANGUL FILLER)"),
+    ("alice\uffa0", "contains a character that shows as blank (U+FFA0 HALFWIDTH HANGUL FILLER)"),
     ("", "is empty or only spaces"),
     ("\u3000 \u00a0", "is empty or only spaces"),
     ("a\x07", "contains a control character (U+0007)"),
@@ -61,6 +77,12 @@ def test_invalid_names_say_why(raw, reason):
     ("\u210cello", "Hello", "hello"),  # compatibility characters (NFKC)
     ("Zoe\u0308", "Zo\u00eb", "zo\u00eb"),  # composed (NFC)
     ("\u0416\u0435\u043d\u044f", "\u0416\u0435\u043d\u044f", "\u0436\u0435\u043d\u044f"),
+    # Marks where they belong stay allowed: the blank and hidden-mark rules
+    # refuse only what shows as something else.
+    ("\u0928\u092e\u0938\u094d\u0924\u0947", "\u0928\u092e\u0938\u094d\u0924\u0947",
+     "\u0928\u092e\u0938\u094d\u0924\u0947"),  # Devanagari, with a virama
+    ("\u0130stanbul", "\u0130stanbul", "i\u0307stanbul"),  # capital I with dot above
+    ("\u00c6r\u00f8sk\u00f8bing", "\u00c6r\u00f8sk\u00f8bing", "\u00e6r\u00f8sk\u00f8bing"),
 ])
 def test_names_are_shown_normalised_and_addressed_case_mapped(raw, shown, address):
     name = names.parse(raw)
