@@ -109,6 +109,12 @@ async def test_disconnect_without_user_left_is_announced(chat):
     json.dumps({"type": "message"}),
     json.dumps({"type": "message", "data": 5}),
     json.dumps({"type": "message", "data": "x", "timestamp": "noon"}),
+    # Numbers other clients' decoders cannot read exactly (I-JSON, RFC 7493
+    # section 2.2): relayed as sent, they broke int64 decoders.
+    json.dumps({"type": "message", "data": "x", "timestamp": 123456789012345678901234567890}),
+    json.dumps({"type": "message", "data": "x", "timestamp": 2**53}),
+    json.dumps({"type": "message", "data": "x", "timestamp": -2**63 - 1}),
+    json.dumps({"type": "message", "data": "x", "timestamp": 1e300}),
     json.dumps({"type": "user_joined", "user_id": "x"}),
     json.dumps({"type": "user_joined", "user_id": 1, "display_name": "x"}),
     json.dumps({"type": "user_left"}),
