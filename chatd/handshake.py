@@ -21,6 +21,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import ipaddress
+import re
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -83,6 +85,56 @@ class Refusal:
     status: int
     reason: str
     headers: tuple[tuple[str, str], ...] = ()
+
+
+#: RFC 3986 section 3.2.2: reg-name = *( unreserved / pct-encoded / sub-delims ).
+_REG_NAME = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*")
+_PORT = re.compile(r"[0-9]*")
+
+
+def check_request(request: Request) -> Refusal | None:
+    """Why this request's target or ``Host`` is malformed, or None.
+
+    RFC 9112 section 3.2: a server must answer 400 to a ``Host`` whose
+    value is not ``host [":" port]`` (RFC 3986 section 3.2.2: an IP
+    literal in brackets, an IPv4 address or a reg-name); the target is
+    origin-form (``/path``) or absolute-form with an ``http``/``https``
+    (or ``ws``/``wss``) URI naming a host (section 3.2.2; RFC 9110 section
+    4.2.1 forbids an empty host). A ``Host`` that is valid but not IDNA is
+    just text."""
+    hosts = request.headers.get("host", [])
+    if len(hosts) > 1:
+        return Refusal(400, "Host must be sent once")
+    if hosts and hosts[0] and not _valid_authority(hosts[0]):
+        return Refusal(400, f"Host {hosts[0][:80]!r} is not host[:port] (RFC 3986 section 3.2.2)")
+    target = request.target
+    if target.startswith("/"):
+        return None
+    scheme, sep, rest = target.partition("://")
+    authority = rest.split("/", 1)[0].split("?", 1)[0]
+    if not sep or scheme.lower() not in ("http", "https", "ws", "wss") or not authority \
+            or "@" in authority or not _valid_authority(authority):
+        return Refusal(400, f"bad request target {target[:80]!r}: an absolute path or an "
+                            "http:// URI with a host")
+    return None
+
+
+def _valid_authority(text: str) -> bool:
+    """``host [":" port]`` with a non-empty host and a port up to 65535."""
+    if text.startswith("["):
+        literal, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            return False
+        try:
+            ipaddress.IPv6Address(literal.split("%25", 1)[0])  # a zone is %25 in a URI
+        except ValueError:
+            return False
+        port = rest[1:]
+    else:
+        host, _, port = text.partition(":")
+        if not host or _REG_NAME.fullmatch(host) is None:
+            return False
+    return _PORT.fullmatch(port) is not None and len(port) <= 5 and (not port or int(port) <= 65535)
 
 
 def check_upgrade(request: Request) -> Refusal | None:

@@ -34,7 +34,7 @@ from chatd.cluster import Cluster
 from chatd.config import Config, ConfigError, check_cluster, tls_context
 from chatd.connection import Connection
 from chatd.handshake import (
-    BadRequest, HeadReader, Refusal, Request, accept_response, check_upgrade, refusal_response,
+    BadRequest, HeadReader, Refusal, Request, accept_response, check_request, check_upgrade, refusal_response,
 )
 from chatd.http import Routes
 from chatd.limits import ConnectionLedger
@@ -340,6 +340,8 @@ class Server:
                 if refusal is None:
                     counted = client.ip
         head = request.method == "HEAD"
+        if refusal is None:
+            refusal = check_request(request)
         if refusal is not None:
             await self._refuse(transport, client, refusal, head)
             return None, counted

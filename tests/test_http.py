@@ -94,13 +94,33 @@ async def test_a_malformed_handshake_gets_a_4xx_with_a_reason_and_one_info_line(
     assert server.metrics.refused[status] == 1
 
 
-@pytest.mark.parametrize("host", ["xn--", "xn--zz", "..", "[::1", "a" * 300, "ex ample"])
-async def test_any_host_header_is_just_text(chat, caplog, host):
+@pytest.mark.parametrize("host", ["xn--", "xn--zz", "..", "a" * 300, "[::1]:8765", "", "h:"])
+async def test_a_host_that_is_not_idna_is_just_text(chat, caplog, host):
     # A Host that is not valid IDNA once made the old server drop the socket
-    # after 35 lines of traceback.
+    # after 35 lines of traceback. Any host[:port] is fine (RFC 3986).
     server = await chat.start()
     status, headers, _ = await http(server.port, upgrade(host=host))
     assert status == 101
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("host", ["ex ample", "a b", "[::1", "[::1]x", "127.0.0.1:99999",
+                                  "caf\u00e9", "a:b:c", "host:port", "h:" + "9" * 5000])
+async def test_a_malformed_host_gets_400(chat, caplog, host):
+    # RFC 9112 section 3.2: 400 for a Host with an invalid value.
+    server = await chat.start()
+    status, _, body = await http(server.port, upgrade(host=host).encode("latin-1"))
+    assert status == 400 and b"is not host[:port]" in body
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("target", ["http://[::1/multichat", "http:///multichat",
+                                    "ftp://x/multichat", "http://a:bad/multichat",
+                                    "http://u@x/multichat", "multichat", "*"])
+async def test_a_malformed_request_target_gets_400(chat, caplog, target):
+    server = await chat.start()
+    status, _, body = await http(server.port, upgrade(target))
+    assert status == 400 and (b"bad request target" in body or b"malformed" in body), body
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
