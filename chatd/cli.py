@@ -85,15 +85,17 @@ def main(argv: list[str] | None = None) -> int:
         config, path = resolve_config(args.path if args.command == "check-config" else args.config)
         if args.command == "check-config":
             return _check(config, path, show_secrets=args.show_secrets)
+        if getattr(args, "store", None) is not None:
+            if not args.store.strip():
+                # An unset $STORE in a script would otherwise mean ./chatd.db.
+                raise ValueError("--store is empty: give a SQLite file path or a "
+                                 "postgresql:// URL")
+            config.store = args.store
         if args.command == "token":
-            if args.store:
-                config.store = args.store
             return _token(config, args.user_id, args.ttl)
         if args.host:
             config.host = args.host
             config.bind  # validates
-        if args.store:
-            config.store = args.store
         if args.log_level:
             config.log_level = args.log_level
         _check_files(config, path)  # before anything starts

@@ -195,6 +195,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
         if not (1000 <= code <= 4999) or code in _RESERVED_CLOSE_CODES or 1016 <= code <= 2999:
             raise ValueError("shutdown-close-code must be a close code a server may send "
                              "(1000-1003, 1007-1014, 3000-4999; RFC 6455 section 7.4)")
+        if not self.store.strip():
+            raise ValueError("store must be a SQLite file path or a postgresql:// URL, not empty")
         if self.close_timeout > self.shutdown_timeout:
             raise ValueError("close-timeout must not exceed shutdown-timeout: a shutdown "
                              "waits for clients' closing handshakes")

@@ -561,3 +561,20 @@ def test_the_suite_fails_on_a_leaked_socket_and_a_reasonless_skip(tmp_path):
     assert "test_skips_without_a_reason was skipped without a reason" in result.stdout
     line = LEAK_TESTS.splitlines().index('    pytest.skip("nothing to do here")') + 1
     assert f"SKIPPED [1] test_leaks.py:{line}: nothing to do here" in result.stdout
+
+
+@pytest.mark.parametrize("args", [("serve", "--store", ""), ("serve", "--store", "  "),
+                                  ("token", "alice", "--store", "")])
+def test_an_empty_store_argument_is_refused_not_read_as_the_default(run, tmp_path, args):
+    # An unset $STORE in `chatd serve --store "$STORE"` used to mean ./chatd.db.
+    code, _, err = run(*args)
+    assert code == 1
+    one_line(err, "--store is empty")
+    assert not (tmp_path / "chatd.db").exists()
+
+
+def test_an_empty_store_in_the_config_is_refused(run, tmp_path):
+    (tmp_path / "c.json").write_text('{"store": ""}')
+    code, _, err = run("check-config", "c.json")
+    assert code == 1
+    one_line(err, "store must be a SQLite file path or a postgresql:// URL, not empty")
