@@ -47,12 +47,13 @@ class Request:
     def path(self) -> str:
         """The target's path: origin-form as sent, absolute-form
         (``http://host/path``, RFC 9112 section 3.2.2) reduced to its path."""
-        target = self.target
-        if "://" in target.partition("?")[0]:
-            rest = target.partition("://")[2]
-            slash = rest.find("/")
-            target = rest[slash:] if slash >= 0 else "/"
-        return target.partition("?")[0]
+        target = self.target.partition("#")[0].partition("?")[0]
+        if target.startswith("/"):
+            return target
+        # Absolute-form: the authority ends at the first "/"; no path is "/".
+        rest = target.partition("://")[2]
+        slash = rest.find("/")
+        return rest[slash:] if slash >= 0 else "/"
 
     def header(self, name: str) -> str | None:
         """The header's values joined with ", " (RFC 9110 section 5.3), or None."""

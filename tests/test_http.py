@@ -149,6 +149,18 @@ async def test_an_absolute_form_target_is_routed_by_its_path(chat, target):
     assert status == 200
 
 
+@pytest.mark.parametrize("target, status", [
+    # Only a target not starting with "/" is absolute-form; its path ends
+    # at "?" (found by a review: both were routed to another endpoint).
+    ("/nosuch/http://x", 404),
+    ("http://127.0.0.1?next=/gradagenda", 404),
+    ("/multichat?back=http://x/gradagenda", 101),
+])
+async def test_a_target_is_routed_by_its_path_alone(chat, target, status):
+    server = await chat.start()
+    assert (await http(server.port, upgrade(target)))[0] == status
+
+
 async def test_a_post_to_a_websocket_endpoint_says_which_method(chat):
     server = await chat.start()
     status, headers, body = await http(
