@@ -149,22 +149,22 @@ async def test_an_absolute_form_target_is_routed_by_its_path(chat, target):
     assert status == 200
 
 
-@pytest.mark.parametrize("target, route", [
+@pytest.mark.parametrize("target, path", [
     # Only a target not starting with "/" is absolute-form; its path ends
     # at "?" (found by a review: both were routed to another endpoint).
-    ("/nosuch/http://x", None),
+    ("/nosuch/http://x", "/nosuch/http://x"),
     ("http://127.0.0.1?next=/gradagenda", "/"),
+    ("http://h/wcp?x=1/2", "/wcp"),
     ("/multichat?back=http://x/gradagenda", "/multichat"),
 ])
-async def test_a_target_is_routed_by_its_path_alone(chat, caplog, target, route):
-    caplog.set_level(logging.INFO)
+def test_a_target_is_routed_by_its_path_alone(target, path):
+    from chatd.handshake import Request
+    assert Request("GET", target, "1.1").path == path
+
+
+async def test_a_path_containing_a_uri_is_not_read_as_one(chat):
     server = await chat.start()
-    status = (await http(server.port, upgrade(target)))[0]
-    if route is None:
-        assert status == 404
-    else:
-        assert status == 101
-        assert any(f"connected to {route} (" in r.getMessage() for r in caplog.records)
+    assert (await http(server.port, upgrade("/nosuch/http://x")))[0] == 404
 
 
 async def test_a_post_to_a_websocket_endpoint_says_which_method(chat):
