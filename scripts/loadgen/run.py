@@ -59,11 +59,12 @@ class Run:
             self.procs.append(proc)
 
     def stop_workers(self, wait: float) -> None:
-        """Give each worker ``wait`` seconds to exit, then terminate it."""
+        """Give each worker ``wait`` seconds to exit, then kill it (workers
+        ignore SIGTERM: see ``worker_process``)."""
         for proc in self.procs:
             proc.join(wait)
             if proc.is_alive():
-                proc.terminate()
+                proc.kill()
                 proc.join()
 
     async def listen(self, index: int, pipe: Connection,

@@ -262,13 +262,18 @@ class Worker:
 
 
 def worker_process(plan: Plan, pipe: Connection, inherited: list[Connection]) -> None:
-    """A worker's body: its own trio loop; SIGINT is the parent's business."""
+    """A worker's body: its own trio loop. SIGINT and SIGTERM are the
+    parent's business: it stops the workers (SIGKILL after a grace time),
+    and the kernel kills them if it dies. (The parent's SIGTERM handler,
+    inherited through fork, once turned a stray SIGTERM into a worker's
+    KeyboardInterrupt in the middle of a run.)"""
     die_with_parent(signal.SIGKILL)
     # The parent's ends of earlier workers' pipes came along with the fork:
     # holding them would keep those workers from seeing the parent go.
     for other in inherited:
         other.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     random.seed()
     raise_fd_limit()
     if plan.cpus:
