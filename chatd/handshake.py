@@ -102,7 +102,11 @@ def check_request(request: Request) -> Refusal | None:
     origin-form (``/path``) or absolute-form with an ``http``/``https``
     (or ``ws``/``wss``) URI naming a host (section 3.2.2; RFC 9110 section
     4.2.1 forbids an empty host). A ``Host`` that is valid but not IDNA is
-    just text."""
+    just text. HTTP/2's prior-knowledge preface (``PRI * HTTP/2.0``, RFC
+    9113 section 3.4) gets 505: chatd speaks HTTP/1.1 only."""
+    if not request.http_version.startswith("1."):
+        return Refusal(505, f"HTTP/{request.http_version} is not supported: chatd speaks "
+                            "HTTP/1.1 (a WebSocket handshake is HTTP/1.1, RFC 6455 section 4.1)")
     hosts = request.headers.get("host", [])
     if len(hosts) > 1:
         return Refusal(400, "Host must be sent once")

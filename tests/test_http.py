@@ -162,6 +162,13 @@ def test_a_target_is_routed_by_its_path_alone(target, path):
     assert Request("GET", target, "1.1").path == path
 
 
+async def test_an_http2_preface_is_told_http2_is_not_spoken(chat, caplog):
+    server = await chat.start()
+    status, _, body = await http(server.port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert status == 505 and b"HTTP/1.1" in body
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 async def test_a_path_containing_a_uri_is_not_read_as_one(chat):
     server = await chat.start()
     assert (await http(server.port, upgrade("/nosuch/http://x")))[0] == 404
