@@ -66,29 +66,34 @@ async def test_pings_are_answered_while_open(chat):
     assert pong.payload == b"hello"
 
 
-async def test_a_slow_consumer_is_cut_off_and_the_others_keep_receiving(chat):
-    server = await chat.start(outbox_size=16, close_timeout=0.5, message_rate=1e6, message_burst=10**6)
-    # A client with a tiny receive window that registers and never reads.
+async def flood_past_a_slow_consumer(chat, server, payload: str, total: int) -> None:
+    """A client with a tiny receive window registers and never reads while
+    ``total`` messages of ``payload`` go to the lobby: another client gets
+    every one, in order, and the slow one is cut off. What is left for it
+    to read ends in a close frame saying why, or (if even that could not be
+    written) in EOF."""
     slow = await RawClient.connect(server.port, "/multichat", rcvbuf=4096)
     await slow.send(TextMessage(json.dumps({"action": "register", "client-name": "slow",
                                             "secret-key": SECRET})))
     fast = await chat.multichat("fast")
     sender = await chat.multichat("sender")
-    payload = "x" * 3000
-    sent = 0
+
+    async def read_all():
+        for i in range(total):
+            assert (await fast.recv())["content"] == f"{i} {payload}"
+
     async with trio.open_nursery() as nursery:
-        async def read_all():
-            for i in range(total):
-                message = await fast.recv()
-                assert message["content"] == f"{i} {payload}"
-        total = 2000
         nursery.start_soon(read_all)
-        for sent in range(total):
-            await sender.send(chat_message(f"{sent} {payload}"))
-    # The slow client was dropped: what is left to read ends in a close
-    # frame saying why, or (if even that could not be written) in EOF.
+        for i in range(total):
+            await sender.send(chat_message(f"{i} {payload}"))
     close = await slow.until_close()
     assert close is None or (close.code, close.reason) == (1008, "slow consumer")
+
+
+async def test_a_slow_consumer_is_cut_off_and_the_others_keep_receiving(chat):
+    server = await chat.start(outbox_size=16, close_timeout=0.5, message_rate=1e6,
+                              message_burst=10**6)
+    await flood_past_a_slow_consumer(chat, server, "x" * 3000, 2000)
 
 
 async def test_a_slow_consumer_of_large_frames_is_cut_off_by_bytes_not_only_frames(chat):
@@ -96,23 +101,7 @@ async def test_a_slow_consumer_of_large_frames_is_cut_off_by_bytes_not_only_fram
     # ~780 KB for one client that never reads: the byte bound (outbox-size
     # x 512 bytes, here 128 KiB) cuts it off before it costs the server more.
     server = await chat.start(outbox_size=256, message_rate=1e6, message_burst=10**6)
-    slow = await RawClient.connect(server.port, "/multichat", rcvbuf=4096)
-    await slow.send(TextMessage(json.dumps({"action": "register", "client-name": "slow",
-                                            "secret-key": SECRET})))
-    fast = await chat.multichat("fast")
-    sender = await chat.multichat("sender")
-    payload = "y" * 3900
-
-    async def read_all():
-        for i in range(200):
-            assert (await fast.recv())["content"] == f"{i} {payload}"
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(read_all)
-        for i in range(200):
-            await sender.send(chat_message(f"{i} {payload}"))
-    close = await slow.until_close()
-    assert close is None or (close.code, close.reason) == (1008, "slow consumer")
+    await flood_past_a_slow_consumer(chat, server, "y" * 3900, 200)
 
 
 async def test_shutdown_closes_every_client_with_1012_so_they_reconnect(chat):
