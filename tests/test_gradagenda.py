@@ -598,3 +598,20 @@ async def test_a_client_that_closes_right_after_its_requests_gets_every_answer(c
         [f"queued {i}" for i in range(count)]
     bodies = [m["message"]["body"] for m in await history(alice, session, limit=count)]
     assert sorted(bodies) == sorted(f"queued {i}" for i in range(count))
+
+
+@pytest.mark.parametrize("sent", [2**53, -(2**53), 10**30, 2**63 - 1])
+async def test_a_sender_timestamp_no_decoder_reads_exactly_is_refused(chat, sent):
+    # It is relayed as sent to every device of every member: beyond I-JSON's
+    # exact range (RFC 7493 section 2.2) JavaScript would show another
+    # number and an int64 decoder would fail on the whole frame.
+    await chat.start()
+    alice = await login(chat, "alice")
+    bob = await login(chat, "bob")
+    session_id = (await create(alice, "bob"))["session-id"]
+    await bob.recv()  # told of the session
+    await alice.send(message(session_id, "when?", cdid="t", **{"sender-timestamp": sent}))
+    assert "sender-timestamp" in await failed(alice, "t")
+    await alice.send(message(session_id, "now", cdid="n", **{"sender-timestamp": 2**53 - 1}))
+    got = await bob.recv()
+    assert (got["message"]["body"], got["sender-timestamp"]) == ("now", 2**53 - 1)

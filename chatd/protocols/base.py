@@ -12,9 +12,10 @@ protocol, never once per recipient.
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import msgspec
+from msgspec import Meta
 
 from chatd.events import Command, Event
 
@@ -122,6 +123,14 @@ def dumps(obj: Any) -> bytes:
 #: frames are answered as malformed JSON (RFC 8259 section 9 lets a parser
 #: limit nesting), so no decoder or encoder can run out of stack.
 MAX_JSON_DEPTH = 64
+#: The largest integer every JSON decoder reads exactly (I-JSON, RFC 7493
+#: section 2.2: IEEE 754 doubles). A number a client sends and chatd
+#: relays to others as sent (a wcp ``timestamp``, a GradAgenda
+#: ``sender-timestamp``) stays within it: 10**30 or 2**64 would lose
+#: precision in JavaScript and fail in an int64 decoder.
+JSON_SAFE_INT = 2**53 - 1
+SafeInt = Annotated[int, Meta(ge=-JSON_SAFE_INT, le=JSON_SAFE_INT)]
+SafeFloat = Annotated[float, Meta(ge=-JSON_SAFE_INT, le=JSON_SAFE_INT)]
 
 
 class NotJSON(ValueError):

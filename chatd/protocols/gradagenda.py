@@ -37,7 +37,8 @@ from chatd.events import (
     ModifySession, ReadHistory, SendMessage, SessionInfo, Status, StoredMessage,
 )
 from chatd.protocols.base import (
-    AuthFailed, Close, NotJSON, Output, Protocol, Send, Stream, WrongShape, decode, dumps,
+    AuthFailed, Close, NotJSON, Output, Protocol, SafeInt, Send, Stream, WrongShape, decode,
+    dumps,
 )
 
 log = logging.getLogger("chatd.gradagenda")
@@ -45,7 +46,6 @@ log = logging.getLogger("chatd.gradagenda")
 MAX_AUTH_FAILURES = 3
 HISTORY_LIMIT = 100
 
-Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 Seq = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 
 
@@ -98,7 +98,7 @@ class TextMessage(msgspec.Struct):
 class RequestSendingAMessage(_Action, tag="request-sending-a-message"):
     session_id: str
     message: MessageIn
-    sender_timestamp: Int64
+    sender_timestamp: SafeInt  # relayed as sent
 
 
 class RequestMessageHistory(_Action, tag="request-message-history"):

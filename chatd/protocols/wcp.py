@@ -21,32 +21,23 @@ every named client already in the room (chatd's extension: a roster).
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
-from msgspec import Meta
 
 from chatd import names
 from chatd.events import Command, Direct, Event, Join, Leave, Message, Publish, UserJoined, UserLeft, payload_text
 from chatd.protocols.base import (
-    AuthFailed, Close, NotJSON, Output, Protocol, Send, WrongShape, decode, dumps,
+    AuthFailed, Close, NotJSON, Output, Protocol, SafeFloat, SafeInt, Send, WrongShape, decode,
+    dumps,
 )
 
 log = logging.getLogger("chatd.wcp")
 
 
-#: Numbers every JSON decoder reads exactly (I-JSON, RFC 7493 section
-#: 2.2: IEEE 754 doubles; integers within 2**53 - 1). A wcp ``timestamp``
-#: is relayed to other clients as sent, so one beyond this (10**30, 2**64)
-#: would lose precision in JavaScript and fail in an int64 decoder.
-SAFE = 2**53 - 1
-Timestamp = (Annotated[int, Meta(ge=-SAFE, le=SAFE)]
-             | Annotated[float, Meta(ge=-SAFE, le=SAFE)])
-
-
 class ChatMessage(msgspec.Struct, tag_field="type", tag="message"):
     data: str
-    timestamp: Timestamp | None = None
+    timestamp: SafeInt | SafeFloat | None = None  # relayed as sent
 
 
 class UserJoinedFrame(msgspec.Struct, tag_field="type", tag="user_joined"):
