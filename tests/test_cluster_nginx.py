@@ -4,9 +4,6 @@ killed is skipped for new clients."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
 import trio
@@ -15,41 +12,25 @@ import trio
 from tests.cluster_helpers import cluster, redis_server  # noqa: F401
 from tests.conftest import GUARD, Peer, free_port, open_websocket_url
 from tests.pg import pg_run_database, pg_url  # noqa: F401
-from tests.test_nginx import NGINX
+from tests.nginx import EXAMPLES, Nginx
 
-EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "nginx-cluster.conf"
+EXAMPLE = EXAMPLES / "nginx-cluster.conf"
 
 
 @pytest.fixture
 def nginx_cluster(tmp_path):
-    if not os.path.exists(NGINX):
-        if os.environ.get("CI") == "true":
-            pytest.fail("nginx is required under CI=true (.ci/run installs nginx-light)")
-        pytest.skip("nginx is not installed (apt-get install nginx-light)")
-    procs = []
+    runner = Nginx(tmp_path)
 
     def start(ports: list[int]) -> int:
         port = free_port()
         site = EXAMPLE.read_text().replace("listen 8080;", f"listen 127.0.0.1:{port};")
         for example_port, node_port in zip((8765, 8766, 8767), ports, strict=True):
             site = site.replace(f"127.0.0.1:{example_port}", f"127.0.0.1:{node_port}")
-        for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (tmp_path / d).mkdir(exist_ok=True)
-        temp = [f"client_body_temp_path {tmp_path}/body;"] + [
-            f"{d}_temp_path {tmp_path}/{d};" for d in ("proxy", "fastcgi", "uwsgi", "scgi")]
-        conf = tmp_path / "nginx.conf"
-        conf.write_text("\n".join([
-            f"pid {tmp_path}/nginx.pid;", f"error_log {tmp_path}/error.log;",
-            "worker_processes 1;", "events { worker_connections 1024; }", "http {",
-            "access_log off;", *temp, site, "}"]) + "\n")
-        procs.append(subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(conf),
-                                       "-g", "daemon off;"], stderr=subprocess.DEVNULL))
+        runner.start(site)
         return port
 
     yield start
-    for proc in procs:
-        proc.terminate()
-        proc.wait(GUARD)
+    runner.stop()
 
 
 async def listening(port: int) -> None:

@@ -6,31 +6,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import trio
 
 from tests.conftest import GUARD, SECRET, free_port
+from tests.nginx import EXAMPLES, Nginx
 from tests.rawws import text
 
-EXAMPLES = Path(__file__).parent.parent / "docs" / "examples"
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 
 
 @pytest.fixture
 def nginx(tmp_path):
     """Start nginx with an example config (ports filled in); yields a function
     (example name, chatd port) -> nginx's port."""
-    if not os.path.exists(NGINX):
-        if os.environ.get("CI") == "true":
-            pytest.fail("nginx is required under CI=true (.ci/run installs nginx-light)")
-        pytest.skip("nginx is not installed (apt-get install nginx-light libnginx-mod-stream)")
-    procs = []
+    runner = Nginx(tmp_path)
 
     def start(example: str, chatd_port: int) -> int:
         port = free_port()
@@ -38,33 +28,11 @@ def nginx(tmp_path):
         site = site.replace("127.0.0.1:8765", f"127.0.0.1:{chatd_port}")
         site = site.replace("listen 8080;", f"listen 127.0.0.1:{port};")
         site = site.replace("listen 8443;", f"listen 127.0.0.1:{port};")
-        stream = site.lstrip().startswith("#") and "stream {" in site
-        if stream and not STREAM_MODULE.exists():
-            if os.environ.get("CI") == "true":
-                pytest.fail("nginx's stream module is required under CI=true")
-            pytest.skip("nginx's stream module is missing (apt-get install libnginx-mod-stream)")
-        for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (tmp_path / d).mkdir(exist_ok=True)
-        main = [f"pid {tmp_path}/nginx.pid;", f"error_log {tmp_path}/error.log;",
-                "worker_processes 1;"]
-        if stream:
-            main.insert(0, f"load_module {STREAM_MODULE};")
-            main += ["events { worker_connections 4096; }", site]
-        else:
-            main += ["events { worker_connections 4096; }", "http {", "access_log off;",
-                     f"client_body_temp_path {tmp_path}/body;", f"proxy_temp_path {tmp_path}/proxy;",
-                     f"fastcgi_temp_path {tmp_path}/fastcgi;", f"uwsgi_temp_path {tmp_path}/uwsgi;",
-                     f"scgi_temp_path {tmp_path}/scgi;", site, "}"]
-        conf = tmp_path / "nginx.conf"
-        conf.write_text("\n".join(main) + "\n")
-        procs.append(subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(conf),
-                                       "-g", "daemon off;"], stderr=subprocess.DEVNULL))
+        runner.start(site)
         return port
 
     yield start
-    for proc in procs:
-        proc.terminate()
-        proc.wait(GUARD)
+    runner.stop()
 
 
 async def connect_from(source: str, port: int) -> trio.SocketStream:
