@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -46,7 +45,7 @@ sys.path.insert(1, str(SCRIPTS.parent))
 
 from loadgen.cli import parse_args  # noqa: E402
 from loadgen.plan import make_plans  # noqa: E402
-from loadgen.process import raise_fd_limit, read_cpu_seconds  # noqa: E402
+from loadgen.process import raise_fd_limit, read_cpu_seconds, stop_process  # noqa: E402
 from loadgen.run import Run  # noqa: E402
 from loadgen.scenarios import SCENARIOS  # noqa: E402
 from loadgen.target import resolve_target  # noqa: E402
@@ -148,12 +147,7 @@ class Node:
             return False
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
 
 

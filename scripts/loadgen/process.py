@@ -14,6 +14,7 @@ import os
 import re
 import resource
 import signal
+import subprocess
 from pathlib import Path
 
 
@@ -71,6 +72,17 @@ def raise_fd_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM (a server's clean shutdown), then SIGKILL after ``grace`` s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def die_with_parent(sig: int) -> None:

@@ -19,7 +19,6 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .process import spawned_server_setup
+from .process import spawned_server_setup, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_PEER = REPO / "scripts" / "peers" / "node_ws"
@@ -150,12 +149,6 @@ class ServerProcess:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 15 s; remove the temporary directory."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
