@@ -370,7 +370,7 @@ class Sessions:
         def done(refused: _Refused | None) -> None:
             if refused is not None:
                 self._remove(session)
-                return self._fail(client, cmd.cdid, refused)
+                return self._fail(client, cmd.cdid, str(refused))
             self._fanout(session.members, info, client, cmd.cdid)
             self._changed(session, "created", info.members, (), 0)
 
@@ -479,7 +479,7 @@ class Sessions:
 
         def done(result: tuple[int | None, list[str] | None, dict | None] | _Refused) -> None:
             if isinstance(result, _Refused):
-                return self._fail(client, cmd.cdid, result)
+                return self._fail(client, cmd.cdid, str(result))
             seq, current, stored_counts = result
             if seq is None:  # deleted (by another node) before the message was stored
                 return self._fail(client, cmd.cdid, "no such session")
