@@ -13,8 +13,9 @@ A connection with more than ``outbox-size`` frames (or ``outbox-size`` x
 512 bytes) that the kernel would not take is a slow consumer and is cut
 off with 1008, without anyone else noticing.
 
-**Answers are paced, not bounded** (DESIGN.md: "an answer to a client's
-own request is paced to what it reads, never a reason to cut it off").
+**Answers are paced, not bounded** (the design's rule: "an answer to a
+client's own request is paced to what it reads, never a reason to cut it
+off"; docs/protocols.md).
 An answer sized by the room or the store (a wcp roster, a GradAgenda
 listing) is handed over with ``stream``: an iterator of frames that the
 connection task makes and writes one chunk at a time, as the socket
