@@ -5,8 +5,8 @@ roster once went out as one outbox item: past the slow-consumer byte
 bound (``outbox-size`` x 512 bytes) the joiner was closed 1008 "slow
 consumer" while reading at full speed, so a big enough room let nobody
 in. Now an answer to a client's own request is written as the client
-reads (docs/protocols.md, "Slow readers"), and only broadcast traffic held behind it counts
-towards the bound. These tests use a small ``outbox-size`` so that a room
+reads (docs/protocols.md, "Slow readers"), and only broadcast traffic
+held behind it counts towards the bound. These tests use a small ``outbox-size`` so that a room
 of a few dozen long names is larger than the bound.
 """
 
