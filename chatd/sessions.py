@@ -318,6 +318,8 @@ class Sessions:
                 return DEFERRED
             return session.info("unchanged")
         session = Session(direct_session_id(me, cmd.peer), "direct", (me, cmd.peer))
+        if not self.broker.shared:  # new in the store too: nobody has sent anything yet
+            session.sent = {}
         members = sorted(session.members)
         over = self._over_cap(members)
         if over:
@@ -349,6 +351,7 @@ class Sessions:
     def create(self, cmd: CreateSession) -> None:
         client, me = cmd.client, cmd.client.user_id
         session = Session(new_session_id(), "mutable", {*cmd.members, me})
+        session.sent = {}  # a new id: nobody has sent anything yet
         info = session.info("created")
         over = self._too_many_members(session.members) or self._over_cap(session.members)
         if over:
