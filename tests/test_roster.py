@@ -154,3 +154,29 @@ def test_any_room_reaches_a_reading_joiner_whatever_the_outbox(lengths, outbox):
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+async def test_a_history_larger_than_the_outbox_reaches_a_reader_through_a_small_window(chat):
+    # The same kind on GradAgenda: 100 stored messages of ~3 KB are ~300 KB
+    # of answer, over 30 times the bound; a device reading through a 4 KB
+    # receive window gets all of it.
+    from tests.test_gradagenda import auth, create, login, message, ok
+
+    server = await chat.start(outbox_size=OUTBOX, message_burst=1000)
+    alice = await login(chat, "alice")
+    session = (await create(alice))["session-id"]
+    body = "z" * 3000
+    for n in range(100):
+        await alice.send(message(session, f"{n} {body}", cdid=f"m{n}"))
+        assert (await alice.recv())["seq"] == n + 1
+    reader = await RawClient.connect(server.port, "/gradagenda", rcvbuf=4096)
+    await reader.send(TextMessage(json.dumps(auth("alice", "laptop"))))
+    assert json.loads(await reader.next_message()) == ok("auth")
+    await reader.send(TextMessage(json.dumps({"type": "request-message-history", "cdid": "h",
+                                              "session-id": session, "limit": 100})))
+    got, size = [], 0
+    while (text := await reader.next_message()) and json.loads(text) != ok("h"):
+        size += len(text)
+        got += [action["message"]["body"] for action in json.loads(text)["actions"]]
+    assert size > 30 * BOUND_BYTES
+    assert got == [f"{n} {body}" for n in range(100)]
