@@ -12,12 +12,27 @@ still leaves at once (its pass is one command long).
 A connection with more than ``outbox-size`` frames (or ``outbox-size`` x
 512 bytes) that the kernel would not take is a slow consumer and is cut
 off with 1008, without anyone else noticing.
+
+**Answers are paced, not bounded** (the design's rule: "an answer to a
+client's own request is paced to what it reads, never a reason to cut it
+off"; docs/protocols.md).
+An answer sized by the room or the store (a wcp roster, a GradAgenda
+listing) is handed over with ``stream``: an iterator of frames that the
+connection task makes and writes one chunk at a time, as the socket
+drains, outside the slow-consumer count. From the moment the router
+hands it over until its last frame is written, everything else for the
+client (broadcast traffic) is *held* in order behind it, so the client
+sees the answer as of the moment it was asked and every later event
+after it; the held frames are the ones bounded (``outbox-size`` frames,
+``outbox-size`` x 512 bytes): a client that does not read while its room
+is busy is still cut off.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -56,7 +71,8 @@ class Client:
     __slots__ = (
         "id", "protocol", "room", "name", "display_name", "peer", "path", "user_id",
         "device_id", "transport", "flusher", "pending", "outbox_size", "scope",
-        "close_code", "close_reason", "sealed", "in_flight", "answers_wanted", "__weakref__",
+        "close_code", "close_reason", "sealed", "in_flight", "answers_wanted", "streams",
+        "held", "held_bytes", "__weakref__",
     )
 
     def __init__(self, protocol: type[Protocol], room: str, peer: str, path: str,
@@ -84,9 +100,39 @@ class Client:
         #: event its connection waits on when too many are.
         self.in_flight = 0
         self.answers_wanted: trio.Event | None = None
+        #: Answers (iterators of frame payloads) not written yet, oldest
+        #: first, or None; while there are some, other frames are ``held``.
+        self.streams: deque[Iterator[bytes]] | None = None
+        #: Frames delivered behind a streamed answer, and their bytes.
+        self.held: list[bytes] | None = None
+        self.held_bytes = 0
 
     def deliver(self, frame: bytes) -> bool:
-        """Queue a frame for the next flush; False if the client is gone or cut off."""
+        """Queue a frame for the next flush; False if the client is gone or cut off.
+
+        Behind an answer still being streamed, the frame is held instead;
+        past the slow-consumer bound, the client is cut off (1008)."""
+        if self.sealed:
+            return False
+        if self.streams is not None:
+            return self._hold(frame)
+        return self.deliver_now(frame)
+
+    def _hold(self, frame: bytes) -> bool:
+        held = self.held
+        if held is None:
+            held = self.held = []
+        held.append(frame)
+        self.held_bytes += len(frame)
+        if (len(held) > self.outbox_size
+                or self.held_bytes > self.outbox_size * OUTBOX_BYTES_PER_FRAME):
+            self.kill(1008, "slow consumer")
+            return False
+        return True
+
+    def deliver_now(self, frame: bytes) -> bool:
+        """Queue a frame for the next flush even behind a streamed answer
+        (control frames: a keepalive ping may go between any two frames)."""
         if self.sealed:
             return False
         pending = self.pending
@@ -96,6 +142,26 @@ class Client:
         else:
             pending.append(frame)
         return True
+
+    def stream(self, frames: Iterable[bytes]) -> None:
+        """Hand over an answer to this client's own request: ``frames``
+        (UTF-8 JSON payloads, made lazily) are written by the connection
+        task as the client reads, never counted as a slow consumer's
+        backlog; what is delivered from now on waits behind them. Called
+        in the router task, at the moment the answer is decided."""
+        if self.sealed:
+            return
+        if self.streams is None:
+            self.streams = deque()
+        self.streams.append(iter(frames))
+
+    def release_held(self) -> None:
+        """The answers are written (or abandoned): the frames held behind
+        them go out now, in order, and count as a backlog again."""
+        self.streams = None
+        held, self.held, self.held_bytes = self.held, None, 0
+        for frame in held or ():
+            self.deliver_now(frame)
 
     def answered(self, frame: bytes | None) -> None:
         """Deliver the one answer to an ``Answered`` command of this client."""

@@ -152,6 +152,13 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
     # Sessions one GradAgenda user may be a member of (others cannot add
     # them to more).
     max_sessions_per_user: int = 1000
+    # Group sessions one GradAgenda user may have created that are still
+    # stored, whether or not they are still a member (issue 19).
+    max_groups_per_user: int = 200
+    # Members of one GradAgenda session.
+    max_members_per_session: int = 100
+    # Messages one GradAgenda user may have stored in one session.
+    max_messages_per_user_per_session: int = 100_000
     # Seconds a store write is retried while the database is locked or
     # busy before the asker is told "busy".
     store_busy_timeout: float = 5.0
@@ -202,8 +209,12 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
                              "waits for clients' closing handshakes")
         if self.jwt_leeway < 0:
             raise ValueError("jwt-leeway must not be negative")
-        if self.max_sessions_per_user < 1:
-            raise ValueError("max-sessions-per-user must be at least 1")
+        for key in ("max_sessions_per_user", "max_groups_per_user",
+                    "max_messages_per_user_per_session"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key.replace('_', '-')} must be at least 1")
+        if self.max_members_per_session < 2:
+            raise ValueError("max-members-per-session must be at least 2")
         if self.store_busy_timeout < 0:
             raise ValueError("store-busy-timeout must not be negative")
         check_cluster(self)

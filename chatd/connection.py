@@ -141,6 +141,9 @@ class Connection(Client):
         self.flush()
         if not self.proto.authenticated:
             await self._auth_stage()
+            # An answer to the auth frame (a wcp roster) is written outside
+            # the auth stage's deadline: it takes as long as the client reads.
+            await self._write_streams()
         while True:
             await self._handle(await self._next_message())
 
@@ -148,12 +151,14 @@ class Connection(Client):
         proto = self.proto
         with trio.move_on_after(self.config.auth_timeout) as auth_scope:
             while not proto.authenticated:
-                await self._handle(await self._next_message())
+                await self._handle(await self._next_message(), answers=False)
         if auth_scope.cancelled_caught:
             log.info("%s auth stage timed out", self.peer)
             await self._carry_out(proto.auth_timeout())
 
-    async def _handle(self, text: str) -> None:
+    async def _handle(self, text: str, answers: bool = True) -> None:
+        """Handle one message; then (``answers``) write the answers it got
+        as the client reads them, before the next message is read."""
         proto = self.proto
         was_authenticated = proto.authenticated
         outputs = proto.receive(text)
@@ -163,6 +168,8 @@ class Connection(Client):
         if done < len(outputs):
             await self._carry_out(outputs[done:])
         self.flush()
+        if answers:
+            await self._write_streams()
         # Answers to this client wait for its socket, or for the store: read
         # its next request only once it has taken them (TCP pushes back on a
         # client that asks faster than it reads; it is not cut off).
@@ -336,7 +343,7 @@ class Connection(Client):
             self.kill(out.code, out.reason)
             await trio.lowlevel.checkpoint()
         elif kind is Stream:
-            await self._stream(out.frames)
+            self.stream(out.frames)
         elif isinstance(out, Request):
             out.client = self
             await self._carry_out(await self.router.call(out))
@@ -346,26 +353,54 @@ class Connection(Client):
                 self.in_flight += 1
             await self.router.send(out)
 
-    async def _stream(self, frames: Any) -> None:
-        """Write an answer frame by frame as the socket drains: each frame
-        goes to the kernel before the next is made, so the answer never
-        waits in chatd's backlog (its frames are large: up to a whole
-        frame limit each)."""
-        for data in frames:
-            if not self.deliver(text_frame(data)):
-                return
-            self.flush()
-            if self.transport.waiting_frames:
-                await self.transport.drain()
+    async def _write_streams(self) -> None:
+        """Write the answers handed over with ``stream``, a chunk of whole
+        frames (``_ANSWER_CHUNK`` bytes) at a time, each made only once the
+        chunk before it has gone to the kernel: an answer never waits in
+        chatd's memory, and, being asked for, is not counted as a slow
+        consumer's backlog however long it is. Then the frames held behind
+        it go out (``Client.release_held``)."""
+        streams = self.streams
+        if streams is None:
+            return
+        self.flush()  # what was delivered before the answer goes first
+        while streams:
+            chunk: list[bytes] = []
+            size = 0
+            for data in streams[0]:
+                frame = text_frame(data)
+                chunk.append(frame)
+                size += len(frame)
+                if size >= _ANSWER_CHUNK:
+                    await self._write_answer(b"".join(chunk), len(chunk))
+                    chunk, size = [], 0
+            streams.popleft()
+            if chunk:
+                await self._write_answer(b"".join(chunk), len(chunk))
+        self.release_held()
+        self.flush()
+
+    async def _write_answer(self, data: bytes, frames: int) -> None:
+        self.flusher.deliveries[self.protocol.name] += frames
+        if not self.transport.write(data, frames, counted=False):
+            self.kill(1006, "connection lost")
+        # Drained: the client reads, so it is alive (for the keepalive sweep).
+        await self.transport.drain()
+        self.last_heard = trio.current_time()
 
     def answer(self, command: Command, result: Any) -> list[Output]:
         """Run the protocol's ``on_result`` in the router task: leading
-        frames are delivered at once, the rest returned to this task."""
+        frames are delivered at once, a streamed answer handed over (so
+        later events wait behind it), the rest returned to this task."""
         outputs = self.proto.on_result(command, result)
         for index, out in enumerate(outputs):
-            if type(out) is not Send:
+            kind = type(out)
+            if kind is Send:
+                self.deliver(text_frame(out.data))
+            elif kind is Stream:
+                self.stream(out.frames)  # from now on, other frames wait behind it
+            else:
                 return outputs[index:]
-            self.deliver(text_frame(out.data))
         return []
 
     # --- keepalive -------------------------------------------------------------
@@ -374,7 +409,7 @@ class Connection(Client):
         """Send a keepalive ping (the server's sweep calls this)."""
         if self.peer_close is None and self.close_code is None and not self.sealed:
             self.ping_sent = now
-            self.deliver(_KEEPALIVE_PING)
+            self.deliver_now(_KEEPALIVE_PING)
 
     # --- the end ---------------------------------------------------------------
 
@@ -406,6 +441,8 @@ class Connection(Client):
                 frame = close_frame(peer_close.code, peer_close.reason)  # echo the peer's close
             else:
                 frame = close_frame(code, self.close_reason)
+        if self.streams is not None:
+            self.release_held()  # an answer cut short: what waited behind it goes first
         if frame:
             self.deliver(frame)
         self.sealed = True
@@ -438,6 +475,9 @@ class Connection(Client):
                 return
             self._feed(data)
 
+
+#: Bytes of a streamed answer written at a time (``Connection._write_streams``).
+_ANSWER_CHUNK = 64 * 1024
 
 #: Most bytes given to the frame parser at a time (see ``Connection._feed``).
 _PARSE_SLICE = 4096

@@ -38,6 +38,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Iterator
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -281,18 +282,17 @@ class Lobby:
         """A ``UserJoined`` for every name held in ``room`` by others, to
         ``client`` alone: names held on this node in the order they were
         claimed, then those held on other nodes, in the order this node
-        learnt of them. The frames go as one outbox item, so a big room
-        cannot make the joiner look like a slow consumer (the outbox counts
-        items, not bytes)."""
-        encode = client.protocol.encode
+        learnt of them. The roster is the room as it is now (a list of
+        references, taken here), but its frames are made and written by
+        the client's connection as it reads (``Client.stream``): however
+        big the room, a joiner that reads gets all of it and is never
+        taken for a slow consumer; events after the join follow it."""
         claims = [claim for other_id, claim in room.claims.items() if other_id != client.id]
         remote = self.remote.get(room.name)
         if remote is not None:
             claims += [member.claim for member in remote.members.values()]
-        frames = [text_frame(data) for claim in claims
-                  if (data := encode(claim.announcement())) is not None]
-        if frames:
-            client.deliver(b"".join(frames))
+        if claims:
+            client.stream(_roster_frames(client.protocol, claims))
 
     # --- commands behind a claim in flight ---------------------------------------
 
@@ -613,6 +613,15 @@ class Lobby:
             for client in members.values():
                 if client is not skip:
                     client.deliver(frame)
+
+
+def _roster_frames(protocol: type[Protocol], claims: list[Claim]) -> Iterator[bytes]:
+    """The roster's frame payloads, each made when the writer asks for it."""
+    encode = protocol.encode
+    for claim in claims:
+        data = encode(claim.announcement())
+        if data is not None:
+            yield data
 
 
 @cache

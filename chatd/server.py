@@ -150,6 +150,10 @@ class Server:
         sessions = None
         if any(e.protocol == "gradagenda" for e in config.mounted()):
             sessions = Sessions(self.store, max_sessions_per_user=config.max_sessions_per_user,
+                                max_groups_per_user=config.max_groups_per_user,
+                                max_members_per_session=config.max_members_per_session,
+                                max_messages_per_user_per_session=(
+                                    config.max_messages_per_user_per_session),
                                 broker=self.broker)
             self.services.append(sessions)
         if self.broker.shared:

@@ -30,6 +30,19 @@ Caps: one user may be a member of at most ``max-sessions-per-user``
 sessions (direct and group); a creation or modification that would put
 anyone over it is refused, naming them, and nothing is stored.
 
+Bounds on what one user can make the store keep (issue 19), none of
+which the user can reset by leaving: a group has at most
+``max-members-per-session`` members; a user may have created at most
+``max-groups-per-user`` groups that are still stored, whether or not she
+is still in them (counted in the store, in the creating transaction:
+exact across restarts and nodes); and may have at most
+``max-messages-per-user-per-session`` messages stored in one session
+(counted from the store at a session's first message after start, then
+here: exact on one node; in a cluster each node counts what it stored
+after that). A direct session cannot be left or deleted, so
+``max-sessions-per-user`` bounds those. Each refusal is a failed
+``status-response`` naming the key.
+
 **Several nodes** (a shared broker; docs/cluster.md). Every committed
 change of a session is published on ``chatd:cluster``, so every node's
 sessions stay the same (``remote_changed``), and each committed message
@@ -100,8 +113,13 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class _Refused(str):
+    """A store job's answer when a bound counted in the store refuses it:
+    the refusal text, for the asker."""
+
+
 class Session:
-    __slots__ = ("id", "kind", "members", "version", "waiting")
+    __slots__ = ("id", "kind", "members", "version", "waiting", "sent")
 
     def __init__(self, session_id: str, kind: str, members: Iterable[str],
                  version: int = 0) -> None:
@@ -115,6 +133,9 @@ class Session:
         self.version = version
         #: Requests for a direct session whose creation is not committed yet.
         self.waiting: list[DirectSessionInfo] | None = None
+        #: Messages stored or being stored here, by sender (None until the
+        #: store has counted them: ``max-messages-per-user-per-session``).
+        self.sent: dict[str, int] | None = None
 
     def info(self, status: str) -> SessionInfo:
         return SessionInfo(session_id=self.id, kind=self.kind, status=status,
@@ -152,14 +173,20 @@ class StoreDone(Command, kw_only=True):
 
 
 class Sessions:
-    """``max_sessions_per_user``: config ``max-sessions-per-user``."""
+    """The ``max_*`` arguments are the config keys of the same names."""
 
     def __init__(self, store: Store, max_pending: int = 10_000, *,
-                 max_sessions_per_user: int = 1000, broker: Broker | None = None) -> None:
+                 max_sessions_per_user: int = 1000, max_groups_per_user: int = 200,
+                 max_members_per_session: int = 100,
+                 max_messages_per_user_per_session: int = 100_000,
+                 broker: Broker | None = None) -> None:
         self.store = store
         self.broker: Broker = broker if broker is not None else LocalBroker()
         self.writer = Writer(store, self._report, max_pending=max_pending)
         self.max_sessions_per_user = max_sessions_per_user
+        self.max_groups_per_user = max_groups_per_user
+        self.max_members_per_session = max_members_per_session
+        self.max_messages_per_user_per_session = max_messages_per_user_per_session
         self.router: Router | None = None
         self.sessions: dict[str, Session] = {}
         #: user -> their sessions, in the order they joined (for listing).
@@ -291,6 +318,8 @@ class Sessions:
                 return DEFERRED
             return session.info("unchanged")
         session = Session(direct_session_id(me, cmd.peer), "direct", (me, cmd.peer))
+        if not self.broker.shared:  # new in the store too: nobody has sent anything yet
+            session.sent = {}
         members = sorted(session.members)
         over = self._over_cap(members)
         if over:
@@ -322,16 +351,34 @@ class Sessions:
     def create(self, cmd: CreateSession) -> None:
         client, me = cmd.client, cmd.client.user_id
         session = Session(new_session_id(), "mutable", {*cmd.members, me})
+        session.sent = {}  # a new id: nobody has sent anything yet
         info = session.info("created")
-        over = self._over_cap(session.members)
+        over = self._too_many_members(session.members) or self._over_cap(session.members)
         if over:
             return self._fail(client, cmd.cdid, over)
-        def done(_: None) -> None:
+        groups = self.max_groups_per_user
+
+        def create(store: Store) -> _Refused | None:
+            # Counted in the transaction that stores it: exact whatever
+            # restarted or whichever node created the others.
+            if store.count_created(me) >= groups:
+                return _Refused(
+                    f"you have created {groups} groups that are still stored "
+                    "(max-groups-per-user): delete one first (a group you left counts "
+                    "until its members delete it)")
+            store.create_session(session.id, "mutable", info.members, now_ms())
+            store.set_creator(session.id, me)
+            return None
+
+        def done(refused: _Refused | None) -> None:
+            if refused is not None:
+                self._remove(session)
+                return self._fail(client, cmd.cdid, str(refused))
             self._fanout(session.members, info, client, cmd.cdid)
             self._changed(session, "created", info.members, (), 0)
 
         refused = self._write(
-            lambda store: store.create_session(session.id, "mutable", info.members, now_ms()),
+            create,
             done,
             lambda answer: self._fail(client, cmd.cdid, answer),
             undo=lambda: self._remove(session))
@@ -347,7 +394,7 @@ class Sessions:
         if not cmd.members:
             return self._fail(client, cmd.cdid, "a session needs participants; delete it instead")
         old, new = session.members, frozenset(cmd.members)
-        over = self._over_cap(new - old)
+        over = self._too_many_members(new) or self._over_cap(new - old)
         if over:
             return self._fail(client, cmd.cdid, over)
         members = sorted(new)
@@ -406,16 +453,43 @@ class Sessions:
         version = session.version
         text = bytes(message).decode()
         shared = self.broker.shared
+        cap = self.max_messages_per_user_per_session
+        refusal = (f"you have {cap} messages stored in this session "
+                   "(max-messages-per-user-per-session)")
+        counts = session.sent
+        if counts is not None:  # counted here since the store counted them
+            if counts.get(sender_id, 0) >= cap:
+                return self._fail(client, cmd.cdid, refusal)
+            counts[sender_id] = counts.get(sender_id, 0) + 1
 
-        def append(store: Store) -> tuple[int | None, list[str] | None]:
+        def append(store: Store) -> tuple[int | None, list[str] | None, dict | None] | _Refused:
+            stored_counts = None
+            if counts is None:  # the session's first messages since start: ask the store
+                stored_counts = store.count_sent(session_id)
+                if stored_counts.get(sender_id, 0) >= cap:
+                    return _Refused(refusal)
             if shared:
-                return store.append_checked(session_id, sender_id, text, sent, stored, version)
-            return store.append_message(session_id, sender_id, text, sent, stored), None
+                seq, current = store.append_checked(session_id, sender_id, text, sent, stored,
+                                                    version)
+            else:
+                seq, current = store.append_message(session_id, sender_id, text, sent,
+                                                    stored), None
+            return seq, current, stored_counts
 
-        def done(result: tuple[int | None, list[str] | None]) -> None:
-            seq, current = result
+        def uncount() -> None:
+            if counts is not None:
+                counts[sender_id] -= 1
+
+        def done(result: tuple[int | None, list[str] | None, dict | None] | _Refused) -> None:
+            if isinstance(result, _Refused):
+                return self._fail(client, cmd.cdid, str(result))
+            seq, current, stored_counts = result
             if seq is None:  # deleted (by another node) before the message was stored
                 return self._fail(client, cmd.cdid, "no such session")
+            if counts is None:
+                if session.sent is None:  # the store's count (before this one)
+                    session.sent = stored_counts
+                session.sent[sender_id] = session.sent.get(sender_id, 0) + 1
             event = StoredMessage(session_id=session_id, seq=seq, sender_id=sender_id,
                                   message=message, sender_timestamp=sent, server_timestamp=stored)
             if not self.broker.shared:
@@ -440,8 +514,10 @@ class Sessions:
             else:
                 _answer(client, event, cmd.cdid)
 
-        refused = self._write(append, done, lambda answer: self._fail(client, cmd.cdid, answer))
+        refused = self._write(append, done, lambda answer: self._fail(client, cmd.cdid, answer),
+                              undo=uncount)
         if refused:
+            uncount()
             self._fail(client, cmd.cdid, refused)
 
     def history(self, cmd: ReadHistory) -> str | object:
@@ -853,6 +929,14 @@ class Sessions:
         if self.writer.submit(Job(run, done, failed_with, undo)):
             return None
         return STORE_FAILED if self.writer.failed else STORE_BUSY
+
+    def _too_many_members(self, members: frozenset[str]) -> str | None:
+        """Why a session of ``members`` is refused, if it is."""
+        cap = self.max_members_per_session
+        if len(members) <= cap:
+            return None
+        return (f"a session has at most {cap} members (max-members-per-session); "
+                f"this one would have {len(members)}")
 
     def _over_cap(self, users: Iterable[str]) -> str | None:
         """Why adding ``users`` to one more session is refused, if it is:

@@ -51,9 +51,12 @@ class Transport:
     """Reads and non-blocking writes on one stream.
 
     ``write(data, frames)`` returns False once the stream is broken.
-    ``waiting_frames`` counts frames not yet taken by the kernel (the
-    slow-consumer measure). ``drain()`` waits until everything written has
-    gone to the kernel. ``close()`` ends the stream, abandoning what waits.
+    ``waiting_frames`` and ``waiting_bytes`` count what the kernel has not
+    taken yet (the slow-consumer measure); an answer the client asked for,
+    written with ``counted=False``, waits in the same order but is not
+    counted (``chatd.client``: answers are paced, not bounded).
+    ``drain()`` waits until everything written has gone to the kernel.
+    ``close()`` ends the stream, abandoning what waits.
     """
 
     __slots__ = ("_stream", "_fd", "_backlog", "waiting_frames", "waiting_bytes", "broken", "_spawn",
@@ -63,8 +66,8 @@ class Transport:
         self._stream = stream
         # Plain TCP: write synchronously when the kernel can take the bytes.
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
-        #: (bytes, frames) not yet written, oldest first; None when empty.
-        self._backlog: deque[tuple[memoryview | bytes, int]] | None = None
+        #: (bytes, frames, counted) not yet written, oldest first; None when empty.
+        self._backlog: deque[tuple[memoryview | bytes, int, bool]] | None = None
         self.waiting_frames = 0
         #: Bytes not yet taken by the kernel (the slow-consumer byte bound).
         self.waiting_bytes = 0
@@ -106,14 +109,17 @@ class Transport:
 
     # --- writing -----------------------------------------------------------------
 
-    def write(self, data: bytes, frames: int = 1) -> bool:
-        """Send ``data`` (``frames`` whole frames) without waiting."""
+    def write(self, data: bytes, frames: int = 1, counted: bool = True) -> bool:
+        """Send ``data`` (``frames`` whole frames) without waiting; what the
+        kernel does not take waits, counted in ``waiting_frames`` and
+        ``waiting_bytes`` unless ``counted`` is False."""
         if self.broken:
             return False
         if self._backlog is not None:
-            self._backlog.append((data, frames))
-            self.waiting_frames += frames
-            self.waiting_bytes += len(data)
+            self._backlog.append((data, frames, counted))
+            if counted:
+                self.waiting_frames += frames
+                self.waiting_bytes += len(data)
             return True
         sent = 0
         if self._fd >= 0:
@@ -126,9 +132,10 @@ class Transport:
                 return False
             if sent == len(data):
                 return True
-        self._backlog = deque(((memoryview(data)[sent:] if sent else data, frames),))
-        self.waiting_frames = frames
-        self.waiting_bytes = len(data) - sent
+        self._backlog = deque(((memoryview(data)[sent:] if sent else data, frames, counted),))
+        if counted:
+            self.waiting_frames = frames
+            self.waiting_bytes = len(data) - sent
         self._spawn(self._write_backlog)
         return True
 
@@ -163,7 +170,7 @@ class Transport:
     @staticmethod
     def _join(backlog: deque) -> bytes:
         parts, size = [], 0
-        for data, _ in backlog:
+        for data, _, _ in backlog:
             parts.append(data)
             size += len(data)
             if size >= _WRITE_CHUNK:
@@ -171,15 +178,18 @@ class Transport:
         return b"".join(parts)
 
     def _consume(self, backlog: deque, sent: int) -> None:
-        self.waiting_bytes -= sent
         while sent:
-            data, frames = backlog[0]
+            data, frames, counted = backlog[0]
             if sent >= len(data):
                 backlog.popleft()
                 sent -= len(data)
-                self.waiting_frames -= frames
+                if counted:
+                    self.waiting_bytes -= len(data)
+                    self.waiting_frames -= frames
             else:
-                backlog[0] = (memoryview(data)[sent:], frames)
+                backlog[0] = (memoryview(data)[sent:], frames, counted)
+                if counted:
+                    self.waiting_bytes -= sent
                 return
 
     async def drain(self) -> None:

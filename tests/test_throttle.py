@@ -190,7 +190,8 @@ async def test_a_listing_longer_than_the_outbox_is_written_as_the_client_reads(c
     # An answer to the client's own request is produced as the socket
     # drains; "slow consumer" is for clients that do not read.
     from tests.test_gradagenda import answers
-    await chat.start(outbox_size=16, message_burst=10_000, max_sessions_per_user=10_000)
+    await chat.start(outbox_size=16, message_burst=10_000, max_sessions_per_user=10_000,
+                     max_groups_per_user=10_000)
     alice = await login(chat, "alice")
     sessions = 1600
     for start in range(0, sessions, 40):

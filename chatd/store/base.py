@@ -140,6 +140,25 @@ class Store(abc.ABC):
             rows.reverse()
         return rows
 
+    # --- per-user bounds (issue 19: what one user can make the store keep) -------
+
+    def set_creator(self, session_id: str, user_id: str) -> None:
+        """Record who created the session (``max-groups-per-user``)."""
+        self._execute(f"UPDATE sessions SET created_by={self.mark} WHERE id={self.mark}",
+                      (user_id, session_id))
+
+    def count_created(self, user_id: str) -> int:
+        """Group sessions stored that ``user_id`` created, whether or not
+        they are still a member (rows of this batch included)."""
+        return self._execute(f"SELECT COUNT(*) FROM sessions WHERE created_by={self.mark} "
+                             "AND kind='mutable'", (user_id,)).fetchone()[0]
+
+    def count_sent(self, session_id: str) -> dict[str, int]:
+        """Messages stored in the session, by sender (rows of this batch included)."""
+        return dict(self._execute(f"SELECT sender_id, COUNT(*) FROM messages WHERE "
+                                  f"session_id={self.mark} GROUP BY sender_id",
+                                  (session_id,)).fetchall())
+
     def probe(self) -> None:
         """Write one row, to prove the store takes writes (readiness)."""
         self._execute("INSERT INTO settings (key, value) VALUES ('probed-at', {0}) "

@@ -81,6 +81,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE sessions ADD COLUMN members_version INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE members ADD COLUMN since_seq INTEGER NOT NULL DEFAULT 0;
     """,
+    # 4: who created each group, for max-groups-per-user (issue 19): a group
+    # its creator has left still counts against them (NULL: made before).
+    """
+    ALTER TABLE sessions ADD COLUMN created_by TEXT;
+    CREATE INDEX sessions_created_by ON sessions(created_by);
+    """,
 ]
 
 #: Milliseconds SQLite itself waits for another connection's lock before
