@@ -20,7 +20,7 @@ from tests.strategies import draw, json_values, odd_frames
 
 from chatd.names import InvalidName, parse as parse_name
 from chatd.events import Command, Direct, Join, Leave, Message, Publish, Request, UserJoined, UserLeft
-from chatd.protocols.base import AuthFailed, Close, Context, NotJSON, Send, decode
+from chatd.protocols.base import JSON_SAFE_INT, AuthFailed, Close, Context, NotJSON, Send, decode
 from chatd.protocols.socialvp import SocialVP
 from chatd.protocols.wcp import Wcp
 from chatd.protocols.wschat import WsChat
@@ -323,7 +323,10 @@ def wcp_relayed(frame: Any) -> bool:
             and isinstance(frame.get("data"), str)):
         return False
     timestamp = frame.get("timestamp")
-    return timestamp is None or (isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool))
+    # Relayed as sent, so only within what every JSON decoder reads exactly.
+    return timestamp is None or (isinstance(timestamp, (int, float))
+                                 and not isinstance(timestamp, bool)
+                                 and abs(timestamp) <= JSON_SAFE_INT)
 
 
 def wcp_own_leave(text: str) -> bool:
