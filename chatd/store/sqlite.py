@@ -141,7 +141,7 @@ class SQLiteStore(Store):
         self._next_seq: dict[str, int] = {}
         self._messages: list[tuple[str, int, str, str, int, int]] = []
         if path != ":memory:":
-            _check_path(path, create=migrate)
+            check_sqlite_path(path, create=migrate)
         try:
             if lock:
                 self.lock()
@@ -386,7 +386,7 @@ class SQLiteStore(Store):
         self._unlock()
 
 
-def _check_path(path: str, *, create: bool) -> None:
+def check_sqlite_path(path: str, *, create: bool) -> None:
     """Refuse at once, in words, what SQLite would call 'unable to open'."""
     if os.path.isdir(path):
         raise StoreError(f"store {path}: is a directory, not a SQLite file")
