@@ -279,3 +279,93 @@ async def test_other_protocols_still_close_a_binary_frame_1003(chat, path):
     await raw.send_bytes(frame(BINARY, b"\x00"))
     close = await raw.until_close()
     assert close is not None and close.code == 1003
+
+
+# --- the registry, without sockets: any order of joins and leaves -----------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from chatd.broker.local import LocalBroker  # noqa: E402
+from chatd.client import Client, Flusher  # noqa: E402
+from chatd.events import Join, Leave  # noqa: E402
+from chatd.lobby import Lobby  # noqa: E402
+from chatd.protocols.multichat import Multichat  # noqa: E402
+from chatd.protocols.wcp import Wcp  # noqa: E402
+
+
+class _Transport:
+    waiting_frames = 0
+    waiting_bytes = 0
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes, count: int) -> bool:
+        self.data += data
+        return True
+
+    def messages(self) -> list[dict]:
+        """The server frames written (unmasked, short), decoded."""
+        out, data = [], self.data
+        while data:
+            length, start = data[1], 2
+            if length == 126:
+                length, start = int.from_bytes(data[2:4], "big"), 4
+            out.append(json.loads(data[start:start + length]))
+            data = data[start + length:]
+        return out
+
+
+NAMES = ["bridge", "Bridge", "qq"]  # "Bridge" looks like "bridge"
+steps = st.lists(st.one_of(
+    st.tuples(st.sampled_from(["multichat", "wcp"]), st.sampled_from(NAMES)),
+    st.tuples(st.just("leave"), st.integers(0, 20))), max_size=30)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(steps)
+def test_bridges_share_exact_names_and_the_room_hears_first_join_and_last_leave(steps):
+    lobby, flusher = Lobby(LocalBroker()), Flusher()
+    watcher_transport = _Transport()
+    watcher = Client(Wcp, "lobby", "w", "/wcp", 512, watcher_transport, flusher)
+    assert lobby.join(Join(client=watcher, name="watcher", register=True, announce=True)) is True
+    # The model: name as shown -> (protocol, clients holding it).
+    held: dict[str, tuple[str, list[Client]]] = {}
+    present: list[Client] = []
+    heard: list[dict] = []
+    for step in steps:
+        if step[0] == "leave":
+            if not present:
+                continue
+            client = present.pop(step[1] % len(present))
+            lobby.leave(Leave(client=client))
+            protocol, holders = held[client.name]
+            holders.remove(client)
+            if not holders:
+                del held[client.name]
+                heard.append({"type": "user_left", "user_id": client.name})
+            continue
+        protocol, name = step
+        cls = Multichat if protocol == "multichat" else Wcp
+        client = Client(cls, "lobby", "p", f"/{protocol}", 512, _Transport(), flusher)
+        look_alike = {n for n in held if n.lower() == name.lower()}
+        shares = look_alike == {name} and protocol == "multichat" == held[name][0]
+        expected = not look_alike or shares
+        ok = lobby.join(Join(client=client, name=name, display_name=None if protocol ==
+                             "multichat" else name, register=True, announce=True,
+                             shared=protocol == "multichat"))
+        assert ok is expected, (step, held)
+        if ok:
+            present.append(client)
+            if shares:
+                held[name][1].append(client)
+            else:
+                held[name] = (protocol, [client])
+                heard.append({"type": "user_joined", "user_id": name, "display_name": name})
+    flusher.flush()
+    assert watcher_transport.messages() == heard
+    for client in present:
+        lobby.leave(Leave(client=client))
+    room = lobby.rooms["lobby"]
+    assert set(room.holders.values()) == {watcher} and list(room.claims) == [watcher.id]
