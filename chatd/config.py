@@ -97,7 +97,7 @@ DEFAULT_FRAME_BYTES = 4096
 #: server (no ``endpoints``): that server reads messages of any length, and
 #: real bridges escape every CJK character as six bytes (``\\u4f60``), so a
 #: 1,700-character message is a 10 KB frame; 64 KiB (about 10,900 escaped
-#: CJK characters) is chatd's documented bound (DESIGN.md, docs/protocols.md).
+#: CJK characters) is chatd's documented bound (docs/protocols.md).
 GO_CONFIG_FRAME_BYTES = 65536
 #: The largest ``max-frame-bytes`` accepted (16 MiB): one frame is held whole
 #: in memory while it is read.
@@ -547,12 +547,12 @@ def preflight(config: Config, path: str | None = None) -> None:
 
     - the cluster keys (``check_cluster``; ``serve --store`` may have
       changed the store);
+    - the TLS files (``tls_context``);
     - the broker's and the store's backends are installed (the
       ``[cluster]`` extras: coredis for Redis, psycopg for PostgreSQL);
     - a SQLite store can be created or opened where it is named: its
       directory exists and is writable, the file is not a directory and
       is readable and writable (``chatd.store.check_store``);
-    - the TLS files (``tls_context``);
     - the listener's address can be bound here (``host``, ``admin-host``):
       a port in use is not refused (the server being checked may be the
       one holding it), an address this machine does not have, a
@@ -566,6 +566,7 @@ def preflight(config: Config, path: str | None = None) -> None:
             check_cluster(config)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        tls_context(config)
         if config.broker is not None:
             try:
                 broker_class(config.broker)
@@ -575,7 +576,6 @@ def preflight(config: Config, path: str | None = None) -> None:
             check_store(config.store)
         except StoreError as exc:
             raise ConfigError(str(exc)) from None
-        tls_context(config)
         _check_bind("host", config.host)
         if config.admin_host is not None:
             _check_bind("admin-host", config.admin_host)
