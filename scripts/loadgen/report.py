@@ -127,6 +127,35 @@ def others_pct(r: dict[str, Any]) -> float:
                - host["parent_pct"] - (server.get("cpu_pct") or 0))
 
 
+def throttled(r: dict[str, Any]) -> str | None:
+    """Why the server held the publishers back, or None: with ``--rate``,
+    the rate achieved is under 95% of the rate asked; either way, each
+    publisher sent about what chatd's flood control lets one connection
+    send over the run (``message-rate`` a second after a ``message-burst``:
+    chatd reads a connection over it later, so its messages wait and
+    latency grows, and nothing is dropped)."""
+    duration, publishers = r["duration_s"], r["publishers"]
+    if not r["publishes"] or not publishers or not duration:
+        return None
+    achieved = r["publish_rate"]
+    asked = r.get("rate_target") or 0
+    short = asked > 0 and achieved < 0.95 * asked
+    rate, burst = r.get("server_message_rate"), r.get("server_message_burst")
+    per = achieved / publishers
+    at_limit = rate is not None and per >= 0.9 * (rate + (burst or 0) / duration)
+    if not (short or at_limit):
+        return None
+    said = (f"the server held the publishers back: {achieved:,.1f} messages/s published"
+            + (f" of {asked:,.1f}/s asked" if asked > 0 else ""))
+    if at_limit:
+        said += (f"; {per:,.1f}/s per publisher is the server's message-rate ({rate:g}/s a "
+                 f"connection, burst {burst}), beyond which chatd reads a client later: raise "
+                 "message-rate and message-burst in the server's config, or add --publishers")
+    else:
+        said += "; the server (or the machine) could not keep up, see latency and CPU above"
+    return said
+
+
 def summary_table(r: dict[str, Any]) -> str:
     """The result as aligned ``label  text`` lines, with notes and warnings."""
     scenario = SCENARIOS[r["scenario"]]
@@ -161,9 +190,11 @@ def summary_table(r: dict[str, Any]) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k.ljust(width)}  {v}" for k, v in rows]
     if r["delivered_ratio"] is not None and r["delivered_ratio"] < 0.99:
-        lines.append("  note: messages went missing. chatd drops a connection's frames beyond "
-                     "its message-rate (default 100/s): lift it in the server's config, or "
-                     "pace with --rate")
+        lines.append("  note: messages went missing: see errors and close codes above (a "
+                     "subscriber closed 1008 'slow consumer' read too slowly)")
+    held = throttled(r)
+    if held:
+        lines.append(f"  note: {held}")
     busy = host["cpu_busy_pct"]
     client_cores = [busy[c] for c in r["pinned"]["client"] or () if c < len(busy)]
     if max(client["worker_cpu_pct"]) > 85 or (client_cores and max(client_cores) >= 95):
