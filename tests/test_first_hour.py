@@ -117,3 +117,17 @@ def test_a_gradagenda_endpoint_over_its_document_s_4_kb_is_a_warning(tmp_path):
     result = chatd("check-config", str(path), cwd=tmp_path)
     assert result.returncode == 0
     one_line(result.stderr, "warning", "GradAgenda endpoint /g", "4096")
+
+
+def test_the_readme_cluster_example_passes_check_config_and_creates_its_database(tmp_path):
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    steps = readme.split("## From one node to three")[1].split("\n## ")[0]
+    assert "createuser" in steps and "createdb --owner chatd chatd" in steps
+    example = json.loads(steps.split("```json\n", 1)[1].split("```", 1)[0])
+    assert "secret-key" not in example  # generated once, kept in the shared store
+    example["host"] = "127.0.0.1:0"  # the example's 10.0.0.1 is not this machine's
+    path = tmp_path / "node.json"
+    path.write_text(json.dumps(example))
+    result = chatd("check-config", str(path), cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (0, "")
