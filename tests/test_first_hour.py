@@ -131,3 +131,12 @@ def test_the_readme_cluster_example_passes_check_config_and_creates_its_database
     path.write_text(json.dumps(example))
     result = chatd("check-config", str(path), cwd=tmp_path)
     assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_the_store_s_lock_file_is_ignored_by_git():
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    for name in ("chatd.db", "chatd.db.lock", "chatd.db-wal", "chatd.db-shm"):
+        result = subprocess.run(["git", "check-ignore", "-q", name], cwd=root)
+        assert result.returncode == 0, f"{name} is not ignored"
