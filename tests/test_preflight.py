@@ -9,8 +9,9 @@ commands on it. Each row is one way a config can be unusable:
 - the cluster keys (``check_cluster``): a broker without a shared store;
 - a backend that is not installed (the ``[cluster]`` extras): coredis for
   a Redis broker, psycopg for a PostgreSQL store;
-- a SQLite store that cannot be created: its directory missing, not a
-  directory, or the store path a directory;
+- a SQLite store that cannot be created or used: its directory missing,
+  not a directory, the store path a directory, a file that is not a
+  SQLite database, or one from a newer chatd;
 - the TLS files (``tls_context``);
 - an address the listener cannot bind here (``host``, ``admin-host``).
 
@@ -60,6 +61,12 @@ def refusals(tmp_path: Path, make: bool = True) -> dict[str, tuple[dict, dict[st
     if make:
         (tmp_path / "a-file").write_text("")
         (tmp_path / "a-dir").mkdir()
+        (tmp_path / "notes.txt").write_text("these are my notes, not a database\n" * 40)
+        import sqlite3
+        newer = sqlite3.connect(tmp_path / "newer.db")
+        newer.execute("PRAGMA user_version=999")
+        newer.execute("CREATE TABLE t (x)")
+        newer.close()
     base = {"host": "127.0.0.1:0", "secret-key": SECRET}
     pg = "postgresql://chatd@127.0.0.1:5432/chatd"
     return {
@@ -77,6 +84,10 @@ def refusals(tmp_path: Path, make: bool = True) -> dict[str, tuple[dict, dict[st
                                       None, "is not a directory"),
         "store is a directory": ({**base, "store": str(tmp_path / "a-dir")}, None,
                                  "is a directory"),
+        "store not a SQLite file": ({**base, "store": str(tmp_path / "notes.txt")}, None,
+                                    "not a SQLite database"),
+        "store from a newer chatd": ({**base, "store": str(tmp_path / "newer.db")}, None,
+                                     "is newer than this chatd's"),
         "PostgreSQL without psycopg": ({**base, "store": pg}, missing_module(tmp_path, "psycopg", make),
                                        "PostgreSQL needs psycopg"),
         "Redis without coredis": ({**base, "store": pg, "broker": "redis://127.0.0.1:6379/0"},
