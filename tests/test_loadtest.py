@@ -185,7 +185,7 @@ def test_external_server_with_its_config_and_pid(reports):
 def test_a_throttled_run_says_the_server_held_it_back(reports):
     code, result, err = reports("throttled")
     assert code == 0, err
-    assert result["rate_target"] == 400 and result["publish_rate"] < 0.95 * 400
+    assert result["rate_target"] == 400
     assert "note: the server held the publishers back" in err
     assert "of 400.0/s asked" in err and "message-rate (100/s a connection, burst 200)" in err
 
@@ -201,13 +201,19 @@ def test_the_summary_never_rounds_a_loss_up_to_100_percent():
     assert percent_floor(0.99999) == "99.9%" and percent_floor(1.0) == "100.0%"
     assert percent_floor(0.5) == "50.0%" and percent_floor(0.0) == "0.0%"
     base = {"duration_s": 10, "publishers": 2, "publishes": 1340, "publish_rate": 134.0,
-            "rate_target": 0, "server_message_rate": 100.0, "server_message_burst": 200}
-    # The run: window-paced, 134 publishes/s from 2 publishers: not at the limit.
+            "expected_deliveries": 13400, "deliveries": 13400, "rate_target": 0,
+            "server_message_rate": 100.0, "server_message_burst": 200}
+    # Window-paced, 134 messages/s relayed from 2 publishers: under the limit.
     assert throttled(base) is None
     at_limit = throttled({**base, "publishers": 1})
     assert at_limit and "message-rate (100/s" in at_limit
     short = throttled({**base, "rate_target": 1000, "server_message_rate": None})
-    assert short and "134.0 messages/s published of 1,000.0/s asked" in short
+    assert short and "relayed 134.0 messages/s of 1,000.0/s asked" in short
+    # Written at the rate asked, but waiting in TCP buffers: relayed is what counts.
+    buffered = throttled({**base, "rate_target": 400, "publish_rate": 396.0, "publishes": 3960,
+                          "expected_deliveries": 39600, "deliveries": 30000,
+                          "server_message_rate": None})
+    assert buffered and "relayed 300.0 messages/s of 400.0/s asked (396.0/s written)" in buffered
     assert throttled({**base, "rate_target": 135, "server_message_rate": None}) is None
 
 

@@ -128,25 +128,32 @@ def others_pct(r: dict[str, Any]) -> float:
 
 
 def throttled(r: dict[str, Any]) -> str | None:
-    """Why the server held the publishers back, or None: with ``--rate``,
-    the rate achieved is under 95% of the rate asked; either way, each
-    publisher sent about what chatd's flood control lets one connection
-    send over the run (``message-rate`` a second after a ``message-burst``:
-    chatd reads a connection over it later, so its messages wait and
-    latency grows, and nothing is dropped)."""
+    """Why the server held the publishers back, or None.
+
+    What counts is the rate the server *relayed* messages in the window
+    (deliveries divided by the receivers each message has), not the rate
+    they were written: a throttled client's messages wait in TCP buffers
+    and arrive late. Held back: with ``--rate``, under 95% of the rate
+    asked was relayed; or each publisher was relayed at about what chatd's
+    flood control lets one connection send over the run (``message-rate``
+    a second after a ``message-burst``: chatd reads a connection over it
+    later, so its messages wait and latency grows; nothing is dropped)."""
     duration, publishers = r["duration_s"], r["publishers"]
-    if not r["publishes"] or not publishers or not duration:
+    if not r["publishes"] or not publishers or not duration or not r["expected_deliveries"]:
         return None
-    achieved = r["publish_rate"]
+    receivers = r["expected_deliveries"] / r["publishes"]
+    relayed = r["deliveries"] / receivers / duration
     asked = r.get("rate_target") or 0
-    short = asked > 0 and achieved < 0.95 * asked
+    short = asked > 0 and relayed < 0.95 * asked
     rate, burst = r.get("server_message_rate"), r.get("server_message_burst")
-    per = achieved / publishers
+    per = relayed / publishers
+    # The most one connection may send over the run: the burst, then the rate.
     at_limit = rate is not None and per >= 0.9 * (rate + (burst or 0) / duration)
     if not (short or at_limit):
         return None
-    said = (f"the server held the publishers back: {achieved:,.1f} messages/s published"
-            + (f" of {asked:,.1f}/s asked" if asked > 0 else ""))
+    said = (f"the server held the publishers back: it relayed {relayed:,.1f} messages/s"
+            + (f" of {asked:,.1f}/s asked" if asked > 0 else "")
+            + f" ({r['publish_rate']:,.1f}/s written)")
     if at_limit:
         said += (f"; {per:,.1f}/s per publisher is the server's message-rate ({rate:g}/s a "
                  f"connection, burst {burst}), beyond which chatd reads a client later: raise "
