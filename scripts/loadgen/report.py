@@ -196,10 +196,13 @@ def summary_table(r: dict[str, Any]) -> str:
                             if server else "")))
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k.ljust(width)}  {v}" for k, v in rows]
-    if r["delivered_ratio"] is not None and r["delivered_ratio"] < 0.99:
-        lines.append("  note: messages went missing: see errors and close codes above (a "
-                     "subscriber closed 1008 'slow consumer' read too slowly)")
     held = throttled(r)
+    if r["delivered_ratio"] is not None and r["delivered_ratio"] < 0.99:
+        lines.append("  note: messages went missing: " + (
+            "the server had not read the held-back publishers' last messages when the run "
+            "ended (next note)" if held and not r["close_codes"] else
+            "see errors and close codes above (1008 'slow consumer': a subscriber read too "
+            "slowly)"))
     if held:
         lines.append(f"  note: {held}")
     busy = host["cpu_busy_pct"]
