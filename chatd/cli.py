@@ -19,7 +19,7 @@ import sys
 import trio
 
 from chatd.config import (
-    Config, ConfigError, config_warnings, encode_config, resolve_config, tls_context,
+    Config, ConfigError, config_warnings, encode_config, preflight, resolve_config,
 )
 
 DESCRIPTION = "chatd: one WebSocket chat daemon for five JSON chat protocols."
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser(
         "check-config", help="check a config without starting; print it as chatd runs it",
         description="Check a config as 'chatd serve' would (values, JWT_SECRET, the wss "
-                    "files) without starting, and print it as chatd runs it, every default "
+                    "files, the store's directory, the cluster extras, the listen address) "
+                    "without starting, and print it as chatd runs it, every default "
                     "filled in. Exit 1 with one line naming the problem.")
     check.add_argument("path", nargs="?", metavar="PATH",
                        help="the config file (default: as 'chatd serve': ./config.json if "
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             config.bind  # validates
         if args.log_level:
             config.log_level = args.log_level
-        _check_files(config, path)  # before anything starts
+        preflight(config, path)  # before anything starts: what check-config refuses
     except (ConfigError, ValueError) as exc:
         print(f"chatd: {exc}", file=sys.stderr)
         return 1
@@ -128,19 +129,11 @@ def _ttl(text: str) -> int:
     return int(seconds)
 
 
-def _check_files(config: Config, path: str | None) -> None:
-    """The files the config names (``tls_context``); the ConfigError names
-    the config file too."""
-    try:
-        tls_context(config)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
-
-
 def _check(config: Config, path: str | None, *, show_secrets: bool) -> int:
-    """``chatd check-config``: what ``serve`` would refuse, then the
-    effective config on stdout and warnings on stderr."""
-    _check_files(config, path)
+    """``chatd check-config``: what ``serve`` would refuse (``preflight``,
+    the same call ``serve`` makes), then the effective config on stdout and
+    warnings on stderr."""
+    preflight(config, path)
     for warning in config_warnings(config):
         print(f"chatd: warning: {warning}", file=sys.stderr)
     print(encode_config(config, show_secrets=show_secrets).decode())

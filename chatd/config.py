@@ -55,16 +55,26 @@ REDACTED = "********"
 #: RFC 7518 section 3.2: an HS256 key MUST be at least as long as the hash
 #: output, 256 bits.
 MIN_JWT_SECRET_BYTES = 32
+#: The multichat ``secret-key`` is only ever guessed online (each guess is a
+#: connection, limited per address), so 128 bits of key, the level of
+#: AES-128 and of RFC 4086 section 8's "secret" guidance, put it far beyond
+#: reach; shorter is warned about, not refused: a config written for the
+#: original Go server, which took any secret, must keep working.
+MIN_SECRET_KEY_BYTES = 16
 # The placeholders chatd's own examples once shipped ("change me: ..."),
-# in any spelling: anyone who read the example knows them.
-_PLACEHOLDER = re.compile(r"\s*change[\s_-]*me\b", re.IGNORECASE)
+# in any spelling, and an ellipsis standing for "your secret here" ("…",
+# "...", "<secret>"): anyone who read the example knows them.
+_PLACEHOLDER = re.compile(r"\s*change[\s_-]*me\b|\s*(?:\.{2,}|\u2026+|<[^<>]*>)\s*$",
+                          re.IGNORECASE)
 
 
 def secret_problem(value: str) -> str | None:
     """Why ``value`` cannot serve as a secret (``secret-key``, ``jwt-secret``),
     or None. Refused: empty or blank (no client could present it, and
-    PyJWT refuses an empty HMAC key), a "change me" placeholder from an
-    example (publicly known), and check-config's ``REDACTED`` mask."""
+    PyJWT refuses an empty HMAC key), a placeholder from an example
+    (publicly known): "change me", an ellipsis (``…``, ``...``) or
+    ``<...>``, and check-config's ``REDACTED`` mask. A short secret is a
+    warning (``config_warnings``), not a refusal."""
     if not value.strip():
         return "is empty"
     if _PLACEHOLDER.match(value):
@@ -79,10 +89,32 @@ class Wss(msgspec.Struct, forbid_unknown_fields=True, rename="kebab"):
     certfile: str
 
 
+#: ``max-frame-bytes`` for an endpoint that names none, on a config that
+#: has ``endpoints`` and on the embedded default: GradAgenda's document
+#: rule ("shall not exceed 4KB"), chatd's choice for the other protocols.
+DEFAULT_FRAME_BYTES = 4096
+#: ``max-frame-bytes`` on a config written for the original multichat Go
+#: server (no ``endpoints``): that server reads messages of any length, and
+#: real bridges escape every CJK character as six bytes (``\\u4f60``), so a
+#: 1,700-character message is a 10 KB frame; 64 KiB (about 10,900 escaped
+#: CJK characters) is chatd's documented bound (docs/protocols.md).
+GO_CONFIG_FRAME_BYTES = 65536
+#: The largest ``max-frame-bytes`` accepted (16 MiB): one frame is held whole
+#: in memory while it is read.
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+
+def _check_frame_limit(where: str, value: int | None) -> None:
+    if value is not None and not 64 <= value <= MAX_FRAME_BYTES:
+        raise ValueError(f"{where}max-frame-bytes must be 64 to {MAX_FRAME_BYTES} (16 MiB)")
+
+
 class EndpointConfig(msgspec.Struct, forbid_unknown_fields=True, rename="kebab"):
     path: str
     protocol: ProtocolName
     room: str = "lobby"
+    #: This endpoint's own limit; absent: the top-level ``max-frame-bytes``.
+    max_frame_bytes: int | None = None
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only=True):
@@ -93,7 +125,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
     jwt_secret: str | None = None
     endpoints: list[EndpointConfig] | None = None
     store: str = "chatd.db"
-    max_frame_bytes: int = 4096
+    # Largest message a client may send (UTF-8 bytes; over it: close 1009),
+    # for every endpoint that sets none; null: 4096, or 65536 on a config
+    # without endpoints (see ``frame_limit``).
+    max_frame_bytes: int | None = None
     auth_timeout: float = 10.0
     # Frames queued for one client before it counts as a slow consumer.
     outbox_size: int = 512
@@ -107,7 +142,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
     # --- abuse limits (docs/security.md) ---
     # Open connections in all (beyond: HTTP 503) and per client address
     # (beyond: HTTP 429), and new connections a second per address.
-    max_connections: int = 20000
+    # max-connections null: what the open-file limit allows (``connection_cap``).
+    max_connections: int | None = None
     max_connections_per_ip: int = 200
     connect_rate_per_ip: float = 50.0
     connect_burst_per_ip: int = 200
@@ -121,9 +157,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
     ping_interval: float = 30.0
     ping_timeout: float = 20.0
     # Browser origins allowed to open a WebSocket (others: HTTP 403); null
-    # allows any. Handshakes without Origin (non-browser clients) are
+    # allows any; "same-origin" allows a page served from the host the
+    # handshake names (its Host header), as gorilla/websocket and tornado
+    # do by default. Handshakes without Origin (non-browser clients) are
     # allowed unless require-origin is true.
-    allowed_origins: list[str] | None = None
+    allowed_origins: list[str] | Literal["same-origin"] | None = None
     require_origin: bool = False
     # Peers (addresses or CIDRs) whose X-Forwarded-For / X-Real-IP (and,
     # with proxy-protocol, PROXY header) name the real client.
@@ -173,8 +211,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
                 raise ValueError(f"{key.replace('_', '-')} {problem}: set a real secret, or "
                                  "leave the key out (or null) to have one generated and kept "
                                  "in the store")
-        if self.max_frame_bytes < 64:
-            raise ValueError("max-frame-bytes must be at least 64")
+        _check_frame_limit("", self.max_frame_bytes)
+        for endpoint in self.endpoints or ():
+            _check_frame_limit(f"endpoints: {endpoint.path!r}: ", endpoint.max_frame_bytes)
         if self.auth_timeout <= 0:
             raise ValueError("auth-timeout must be positive")
         if self.outbox_size < 1:
@@ -182,7 +221,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
         parse_host(self.host)
         for key in ("max_connections", "max_connections_per_ip", "connect_burst_per_ip",
                     "message_burst"):
-            if getattr(self, key) < 1:
+            if (getattr(self, key) or 1) < 1:
                 raise ValueError(f"{key.replace('_', '-')} must be at least 1")
         for key in ("connect_rate_per_ip", "message_rate", "ping_timeout"):
             if getattr(self, key) <= 0:
@@ -246,6 +285,27 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
             return WEB_CLIENT_PATH if self.endpoints is not None else None
         return self.web_client
 
+    def frame_limit(self, endpoint: EndpointConfig) -> int:
+        """The ``max-frame-bytes`` of ``endpoint`` (one of ``mounted()``):
+        its own, else the top-level one, else ``DEFAULT_FRAME_BYTES``, or
+        ``GO_CONFIG_FRAME_BYTES`` on a config without ``endpoints`` (as the
+        original Go server, which had no limit, within a bound)."""
+        if endpoint.max_frame_bytes is not None:
+            return endpoint.max_frame_bytes
+        if self.max_frame_bytes is not None:
+            return self.max_frame_bytes
+        return GO_CONFIG_FRAME_BYTES if self.endpoints is None else DEFAULT_FRAME_BYTES
+
+    def connection_cap(self, open_files: int | None) -> int:
+        """``max-connections`` in effect: as set, else what ``open_files``
+        (the process's RLIMIT_NOFILE; None: unlimited) leaves after
+        ``SPARE_FILES``, at most ``DEFAULT_MAX_CONNECTIONS``."""
+        if self.max_connections is not None:
+            return self.max_connections
+        if open_files is None:
+            return DEFAULT_MAX_CONNECTIONS
+        return max(1, min(DEFAULT_MAX_CONNECTIONS, open_files - SPARE_FILES))
+
     def mounted(self) -> list[EndpointConfig]:
         """The endpoints this config serves: ``endpoints`` if set, else
         multichat alone at ``ws-path``, as the original multichat server
@@ -254,6 +314,12 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
             return list(self.endpoints)
         return [EndpointConfig(path=self.ws_path, protocol="multichat")]
 
+
+#: ``max-connections`` when unset and the open-file limit allows it.
+DEFAULT_MAX_CONNECTIONS = 20000
+#: Descriptors chatd holds besides connections: listeners, the store, the
+#: broker, logs, worker threads' files.
+SPARE_FILES = 64
 
 #: A node id: what other nodes, Redis keys and logs call this node.
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -327,7 +393,10 @@ def default_config() -> Config:
                  EndpointConfig(path="/", protocol="multichat")]
     endpoints += [EndpointConfig(path=f"/{p}", protocol=p)
                   for p in PROTOCOLS if p != "multichat"]
-    return Config(endpoints=endpoints)
+    # Bound to loopback and serving its own web client: pages from
+    # elsewhere have no business opening a WebSocket to it.
+    return Config(endpoints=endpoints, max_frame_bytes=DEFAULT_FRAME_BYTES,
+                  allowed_origins="same-origin")
 
 
 def decode_config(data: bytes | str) -> Config:
@@ -388,7 +457,10 @@ def effective_config(config: Config, *, show_secrets: bool = False) -> dict[str,
         if field.name == "endpoints":
             value = [{"path": e.path, "protocol": e.protocol}
                      | ({} if e.protocol == "gradagenda" else {"room": e.room})
+                     | {"max-frame-bytes": config.frame_limit(e)}
                      for e in config.mounted()]
+        elif field.name == "max_frame_bytes" and value is None:
+            value = GO_CONFIG_FRAME_BYTES if config.endpoints is None else DEFAULT_FRAME_BYTES
         elif field.name == "web_client":
             value = config.web_client_path
         elif field.name in ("secret_key", "jwt_secret") and value is not None and not show_secrets:
@@ -477,10 +549,95 @@ def _read_file(key: str, path: str) -> str:
                           "converted to PEM)") from None
 
 
+def preflight(config: Config, path: str | None = None) -> None:
+    """Everything ``chatd serve`` would refuse about ``config`` that does
+    not depend on the moment (a port another process holds, a database
+    that is down): the one check ``chatd check-config`` and ``chatd serve``
+    both run before anything starts, so that whatever one refuses the other
+    refuses with the same line (a ``ConfigError`` naming ``path``, when given).
+
+    - the cluster keys (``check_cluster``; ``serve --store`` may have
+      changed the store);
+    - the TLS files (``tls_context``);
+    - the broker's and the store's backends are installed (the
+      ``[cluster]`` extras: coredis for Redis, psycopg for PostgreSQL);
+    - a SQLite store can be created or opened where it is named: its
+      directory exists and is writable, the file is not a directory and
+      is readable and writable (``chatd.store.check_store``);
+    - the listener's address can be bound here (``host``, ``admin-host``):
+      a port in use is not refused (the server being checked may be the
+      one holding it), an address this machine does not have, a
+      privileged port, or a host name that does not resolve is.
+    """
+    from chatd.broker import broker_class
+    from chatd.store import StoreError, check_store
+
+    try:
+        try:
+            check_cluster(config)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        tls_context(config)
+        if config.broker is not None:
+            try:
+                broker_class(config.broker)
+            except RuntimeError as exc:
+                raise ConfigError(str(exc)) from None
+        try:
+            check_store(config.store)
+        except StoreError as exc:
+            raise ConfigError(str(exc)) from None
+        _check_bind("host", config.host)
+        if config.admin_host is not None:
+            _check_bind("admin-host", config.admin_host)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def _check_bind(key: str, host: str) -> None:
+    """Bind ``host`` as the listener would (every address it resolves to),
+    without listening; ConfigError unless it can be bound or is only in use."""
+    import errno
+    import socket
+
+    addr, port = parse_host(host)
+    try:
+        infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"{key} {host}: cannot resolve {addr!r}: {exc.strerror}") from None
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError:
+            continue  # e.g. no IPv6 here: trio skips it the same way
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    continue
+                raise ConfigError(f"{key} {host}: cannot listen on {sockaddr[0]} port {port}: "
+                                  f"{exc.strerror or exc}") from None
+
+
 def config_warnings(config: Config) -> list[str]:
     """What works but should not be left as it is, one line each (printed
     by ``check-config`` and logged by ``serve`` at start)."""
     warnings = []
+    key = config.secret_key
+    if key is not None and len(key.encode()) < MIN_SECRET_KEY_BYTES:
+        warnings.append(f"secret-key is {len(key.encode())} bytes; use at least "
+                        f"{MIN_SECRET_KEY_BYTES} random bytes (128 bits), e.g. "
+                        "'openssl rand -base64 24', or leave it out to have one generated")
+    for endpoint in config.mounted():
+        limit = config.frame_limit(endpoint)
+        if endpoint.protocol == "gradagenda" and limit > DEFAULT_FRAME_BYTES:
+            warnings.append(f"max-frame-bytes {limit} on GradAgenda endpoint {endpoint.path} is "
+                            f"above its document's {DEFAULT_FRAME_BYTES} bytes: chatd's answers "
+                            "are split to it, and clients written to the document may refuse them")
     secret = config.jwt_secret
     if secret is not None and len(secret.encode()) < MIN_JWT_SECRET_BYTES:
         warnings.append(f"jwt-secret is {len(secret.encode())} bytes; HS256 keys should have at "

@@ -5,13 +5,17 @@ feeds the ``websockets`` library's sans-IO parser (RFC 6455 framing, its
 C-accelerated unmasking; no I/O of its own), and handles each frame in
 order:
 
-- a text message (its fragments joined, at most ``max-frame-bytes`` UTF-8
-  bytes in all, else close 1009; invalid UTF-8, even split between
-  fragments, closes 1007) goes to the endpoint's protocol (sans-IO); its
-  outputs are carried out: frames for this client, router commands, a
-  close;
+- a text message (its fragments joined, at most the endpoint's
+  ``max-frame-bytes`` UTF-8 bytes in all, else close 1009; invalid UTF-8,
+  even split between fragments, closes 1007) goes to the endpoint's
+  protocol (sans-IO); its outputs are carried out: frames for this
+  client, router commands, a close;
 - a ping is answered with a pong; a pong ends a keepalive wait;
-- a binary message closes 1003; a framing violation 1002 (the parser
+- a binary message is the protocol's to judge (``Protocol.binary``): it
+  closes 1003 on every protocol but a registered multichat bridge, for
+  which it is skipped, fragments and all, as the original Go server
+  does (docs/protocols.md); it counts against the limit and the rate
+  like a text message. A framing violation closes 1002 (the parser
   finds them: RFC 6455 sections 5.2-5.5); a single frame longer than the
   limit 1009 before its payload is read; the peer's close is echoed and
   ends the task, also in the middle of a fragmented message (section 5.4
@@ -86,7 +90,7 @@ class _PeerGone(Exception):
 
 class Connection(Client):
     __slots__ = ("ws", "frames", "unparsed", "proto", "router", "config", "metrics", "tokens", "stamp",
-                 "last_heard", "ping_sent", "peer_close", "ended", "throttled")
+                 "last_heard", "ping_sent", "peer_close", "ended", "throttled", "limit")
 
     def __init__(self, transport: Transport, trailing: bytes, protocol_cls: type[Protocol],
                  ctx: Context, room: str, peer: str, path: str, router: Router, config: Config,
@@ -94,8 +98,10 @@ class Connection(Client):
         super().__init__(protocol_cls, room, peer, path, config.outbox_size, transport, flusher)
         # One frame may be as long as a whole message; the parser refuses a
         # longer one from its header. A message's total is counted here.
+        #: The endpoint's ``max-frame-bytes`` (``Config.frame_limit``).
+        self.limit = ctx.max_frame_bytes
         self.ws = WSProtocol(Side.SERVER, state=State.OPEN,
-                             max_size=(None, config.max_frame_bytes), logger=_frames_log)
+                             max_size=(None, self.limit), logger=_frames_log)
         #: Frames parsed and not handled yet, in order.
         self.frames: Iterator[Frame] = _NO_FRAMES
         #: Bytes read but not yet given to the parser (see ``_feed``).
@@ -187,14 +193,15 @@ class Connection(Client):
 
     async def _next_message(self) -> str:
         """The next complete text message; raises _PeerGone when there is none."""
-        limit = self.config.max_frame_bytes
+        limit = self.limit
         parts: list[str] = []
         decoder = None  # for a fragmented message: UTF-8 checked fragment by fragment
         size = 0
+        skipping = False  # in a binary message the protocol skips
         while True:
             for frame in self.frames:
                 kind = frame.opcode
-                if kind is _TEXT or kind is _CONT:  # a CONT of a binary message never comes
+                if kind is _TEXT or (kind is _CONT and not skipping):
                     if self._spend():
                         await self._repay()
                     data = frame.data
@@ -226,9 +233,19 @@ class Connection(Client):
                 elif kind is _CLOSE:
                     self.peer_close = self.ws.close_rcvd
                     raise _PeerGone
-                else:  # _BINARY
-                    self.kill(1003, "binary frames are not supported")
-                    await trio.lowlevel.checkpoint()
+                else:  # _BINARY, or a CONT of a binary message being skipped
+                    if self._spend():
+                        await self._repay()
+                    size += len(frame.data)
+                    if size > limit:
+                        self.kill(1009, f"message exceeds {limit} bytes")
+                        await trio.lowlevel.checkpoint()
+                    if kind is _BINARY:
+                        await self._carry_out(self.proto.binary())
+                        self.flush()
+                    skipping = not frame.fin
+                    if frame.fin:
+                        size = 0
             if self.ws.parser_exc is not None:
                 await self._parser_failed()
             if self.unparsed:
@@ -265,7 +282,7 @@ class Connection(Client):
             self.peer_close = ws.close_rcvd
             raise _PeerGone
         if isinstance(exc, PayloadTooBig):
-            self.kill(1009, f"message exceeds {self.config.max_frame_bytes} bytes")
+            self.kill(1009, f"message exceeds {self.limit} bytes")
         elif isinstance(exc, ProtocolError):
             self.kill(1002, str(exc) or "protocol error")
         elif isinstance(exc, UnicodeDecodeError):  # a close frame's reason

@@ -48,7 +48,9 @@ class Join(Request, kw_only=True):
     claims to be announced, since every held name can appear on messages
     (a wschat ``usr`` claimed by ``Publish`` is announced too). ``roster``
     asks for a ``UserJoined`` for each name already held in the room,
-    delivered to this client alone before the result (wcp).
+    delivered to this client alone before the result (wcp). ``shared``
+    lets other clients that claim the same name with ``shared`` (shown
+    exactly alike) hold it too (multichat bridges, as the original server).
     """
 
     name: str | None = None
@@ -56,6 +58,7 @@ class Join(Request, kw_only=True):
     register: bool = False
     announce: bool = False
     roster: bool = False
+    shared: bool = False
 
 
 class Publish(Command, kw_only=True):

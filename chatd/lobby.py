@@ -15,6 +15,18 @@ result), or, for a wschat message, the message is dropped and logged.
 Claims and releases are announced (``UserJoined``/``UserLeft``): every
 protocol asks for it, since every held name can appear on messages.
 
+**Bridges share.** multichat bridges share one secret, and the original
+server lets several register one name (a bridge run twice, or one that
+reconnects while its old, half-open connection is still held). A claim
+made with ``Join.shared`` joins a held claim that was made the same way
+and is shown exactly alike: both clients hold the one ``Claim``
+(``Claim.sharers``, the first in the indexes), the name is announced once,
+when the first takes it, and its leave once, when the last gives it up.
+A look-alike (``Bridge`` for ``bridge``) is still refused, and so is any
+claim of another protocol. With several nodes, bridges share a name on
+one node; a bridge registering on another node is refused while the
+name is held (the broker's registry has one owner per key; docs/cluster.md).
+
 **Several nodes** (``chatd.broker``; docs/cluster.md). The lobby checks a
 claim against this node's names first (a name held here is refused at
 once), then asks the broker, whose registry spans the cluster
@@ -62,18 +74,29 @@ NAME_LOST = (1012, "name lost while this node was cut off from the cluster: reco
 
 
 class Claim:
-    """What one client holds in a room: its name, its display name if it
-    has its own (wcp), and every look-alike key of both."""
+    """What one client (or several bridges sharing it) holds in a room: its
+    name, its display name if it has its own (wcp), and every look-alike
+    key of both."""
 
-    __slots__ = ("name", "display_name", "keys", "announced")
+    __slots__ = ("name", "display_name", "keys", "announced", "shared", "sharers", "owner",
+                 "member")
 
     def __init__(self, name: names.Name, display_name: names.Name | None,
-                 announced: bool) -> None:
+                 announced: bool, shared: bool = False) -> None:
         self.name = name
         self.display_name = display_name
         self.keys = name.keys | display_name.keys if display_name is not None else name.keys
         #: Whether its join (and so its leave) is told to the room.
         self.announced = announced
+        #: Whether other ``shared`` claims of the same name may join it.
+        self.shared = shared
+        #: The clients holding it, in the order they came; the first is the
+        #: one the room's indexes (``holders``, ``names``) point to.
+        self.sharers: list[Client] = []
+        #: Its owner in the broker's registry, and its member id for other
+        #: nodes: the first holder's, kept while anyone holds it.
+        self.owner = ""
+        self.member = 0
 
     def announcement(self) -> UserJoined:
         shown = self.display_name.shown if self.display_name is not None else None
@@ -170,7 +193,8 @@ class Lobby:
         if room is None:
             room = self.rooms[client.room] = Room(client.room)
         if cmd.register and cmd.name is not None:
-            ok = self._claim(room, client, cmd.name, cmd.display_name, cmd.announce, cmd)
+            ok = self._claim(room, client, cmd.name, cmd.display_name, cmd.announce, cmd,
+                             shared=cmd.shared)
             if ok is None:
                 return DEFERRED
             if not ok:
@@ -287,7 +311,9 @@ class Lobby:
         the client's connection as it reads (``Client.stream``): however
         big the room, a joiner that reads gets all of it and is never
         taken for a slow consumer; events after the join follow it."""
-        claims = [claim for other_id, claim in room.claims.items() if other_id != client.id]
+        own = room.claims.get(client.id)
+        # dict.fromkeys: a claim bridges share is listed once.
+        claims = list(dict.fromkeys(claim for claim in room.claims.values() if claim is not own))
         remote = self.remote.get(room.name)
         if remote is not None:
             claims += [member.claim for member in remote.members.values()]
@@ -338,12 +364,13 @@ class Lobby:
     # --- the name registry -------------------------------------------------------
 
     def _claim(self, room: Room, client: Client, name: str, display_name: str | None,
-               announce: bool, cmd: Any) -> bool | None:
+               announce: bool, cmd: Any, shared: bool = False) -> bool | None:
         """Hold ``name`` (and ``display_name``) for ``client`` in ``room``,
         giving up what it held before (a rename: announced as a leave and a
-        join, if ``announce``). False, changing nothing, if another client
-        holds a look-alike; None if the broker answers later
-        (``claim_done`` then finishes ``cmd``)."""
+        join, if ``announce``). With ``shared``, join a shared claim of the
+        same name held here (quietly: it is announced already). False,
+        changing nothing, if another client holds a look-alike; None if the
+        broker answers later (``claim_done`` then finishes ``cmd``)."""
         try:
             parsed = names.parse(name)
             display = names.parse(display_name) if display_name is not None else None
@@ -353,7 +380,15 @@ class Lobby:
             return False
         if display is not None and display.shown == parsed.shown:
             display = None
-        claim = Claim(parsed, display, announce)
+        claim = Claim(parsed, display, announce, shared)
+        if shared and client.id not in room.claims:
+            held = self._shareable(room, claim)
+            if held is not None:
+                held.sharers.append(client)
+                room.claims[client.id] = held
+                client.name = held.name.shown
+                client.display_name = None
+                return True
         for key in claim.keys:
             holder = room.holders.get(key)
             if holder is not None and holder is not client:
@@ -375,10 +410,25 @@ class Lobby:
         self._take(room, client, claim)
         return True
 
+    @staticmethod
+    def _shareable(room: Room, claim: Claim) -> Claim | None:
+        """The claim held here that ``claim`` (shared) may join: shared too,
+        shown exactly alike, no display name; else None."""
+        holder = room.holders.get(next(iter(claim.keys)))
+        held = room.claims.get(holder.id) if holder is not None else None
+        if (held is not None and held.shared and held.display_name is None
+                and claim.display_name is None and held.name.shown == claim.name.shown
+                and held.keys == claim.keys):
+            return held
+        return None
+
     def _take(self, room: Room, client: Client, claim: Claim) -> None:
         """Make ``claim`` the client's, announcing what changed."""
         self._supersede(room, claim.keys)
         old = self._release(room, client, keep=claim.keys)
+        claim.sharers = [client]
+        claim.owner = self._owner(client)
+        claim.member = client.id
         room.claims[client.id] = claim
         room.names[claim.name.address] = client
         for key in claim.keys:
@@ -398,9 +448,20 @@ class Lobby:
     def _release(self, room: Room, client: Client,
                  keep: frozenset[str] = frozenset()) -> Claim | None:
         """Give up what ``client`` holds in ``room`` (but ``keep``, the keys
-        of its new claim); what it held, if anything."""
+        of its new claim); what it held, if that is now free (None if it
+        held nothing, or shares a claim others still hold: nothing to
+        announce)."""
         claim = room.claims.pop(client.id, None)
         if claim is None:
+            return None
+        if len(claim.sharers) > 1:
+            claim.sharers.remove(client)
+            heir = claim.sharers[0]
+            if room.names.get(claim.name.address) is client:
+                room.names[claim.name.address] = heir
+            for key in claim.keys:
+                if room.holders.get(key) is client:
+                    room.holders[key] = heir
             return None
         if room.names.get(claim.name.address) is client:
             del room.names[claim.name.address]
@@ -408,9 +469,10 @@ class Lobby:
             if key not in keep and room.holders.get(key) is client:
                 del room.holders[key]
         if self.broker.shared:
-            self.broker.release(room.name, claim.keys - keep, self._owner(client))
+            self.broker.release(room.name, claim.keys - keep, claim.owner or self._owner(client))
             if not keep:
-                self._tell(room.name, Left(room=room.name, client=client.id, version=0))
+                self._tell(room.name, Left(room=room.name, client=claim.member or client.id,
+                                           version=0))
         return claim
 
     def _owner(self, client: Client) -> str:
@@ -420,20 +482,25 @@ class Lobby:
         """Names another node took while this one could not renew them: their
         holders here are disconnected (``NAME_LOST``), since the name is
         someone else's now."""
-        prefix = f"{self.broker.node}:{self.broker.boot}:"
-        ids = {int(owner[len(prefix):]) for owner in lost.owners
-               if owner.startswith(prefix) and owner[len(prefix):].isdigit()}
+        owners = set(lost.owners)
         for room in list(self.rooms.values()):
-            for client_id in ids & room.claims.keys():
-                self._lose(room, room.names[room.claims[client_id].name.address])
+            for claim in list(dict.fromkeys(room.claims.values())):
+                if claim.owner in owners and claim.sharers:
+                    self._lose(room, claim.sharers[0])
 
     def _lose(self, room: Room, client: Client) -> None:
-        log.warning("%r lost its name %r in room %s to another node: disconnecting it",
-                    client, client.name, room.name)
-        claim = self._release(room, client)
-        if claim is not None and claim.announced:
-            self.fanout(room, UserLeft(name=claim.name.shown), exclude=client)
-        client.kill(*NAME_LOST)
+        """``client``'s name is another node's now: it and every bridge
+        sharing the name with it are disconnected."""
+        claim = room.claims.get(client.id)
+        holders = list(claim.sharers) if claim is not None and claim.sharers else [client]
+        log.warning("%r lost its name %r in room %s to another node: disconnecting %s",
+                    client, client.name, room.name,
+                    "it" if len(holders) == 1 else f"its {len(holders)} holders")
+        for holder in holders:
+            released = self._release(room, holder)
+            if released is not None and released.announced:
+                self.fanout(room, UserLeft(name=released.name.shown), exclude=holder)
+            holder.kill(*NAME_LOST)
 
     # --- other nodes (chatd.cluster calls these) ------------------------------------
 
@@ -448,9 +515,9 @@ class Lobby:
         local = self.rooms.get(room)
         members = []
         if local is not None:
-            for client_id, claim in local.claims.items():
+            for claim in dict.fromkeys(local.claims.values()):  # a shared claim once
                 client = local.names[claim.name.address]
-                members.append(Member(client_id, claim.name.shown, client.display_name,
+                members.append(Member(claim.member, claim.name.shown, client.display_name,
                                       client.protocol.name, claim.announced))
         return Presence(room=room, version=self.versions.get(room, 0), members=members)
 

@@ -31,7 +31,7 @@ import trio
 from chatd.broker import Broker, LocalBroker, generated_node_id, open_broker
 from chatd.client import Flusher
 from chatd.cluster import Cluster
-from chatd.config import Config, ConfigError, check_cluster, tls_context
+from chatd.config import SPARE_FILES, Config, ConfigError, check_cluster, tls_context
 from chatd.connection import Connection
 from chatd.handshake import (
     BadRequest, HeadReader, Refusal, Request, accept_response, check_request, check_upgrade, refusal_response,
@@ -50,9 +50,6 @@ from chatd.store import Store, StoreError, open_store
 from chatd.transport import Transport
 
 log = logging.getLogger("chatd")
-#: Descriptors chatd holds besides connections: listeners, the store, the
-#: broker, logs, worker threads' files (for the open-file limit warning).
-_SPARE_FILES = 64
 
 #: Seconds a refused client gets to send its request: it only earns a 4xx.
 _REFUSAL_WAIT = 1.0
@@ -95,8 +92,10 @@ class Server:
         self.admin_ports: list[int] = []
         self.secrets: dict[str, str] = {}
         self.trusted = parse_networks(config.trusted_proxies)
+        #: ``max-connections`` in effect (unset: what the open-file limit allows).
+        self.max_connections = config.connection_cap(_open_file_limit())
         self.ledger = ConnectionLedger(
-            config.max_connections, config.max_connections_per_ip,
+            self.max_connections, config.max_connections_per_ip,
             config.connect_rate_per_ip, config.connect_burst_per_ip,
             exempt=parse_networks(config.limits_exempt))
         separate_admin = config.admin_host is not None
@@ -421,6 +420,8 @@ class Server:
         if origin is None:
             return not self.config.require_origin
         allowed = self.config.allowed_origins
+        if allowed == "same-origin":
+            return _same_origin(origin, request.header("host"))
         return allowed is None or origin in allowed
 
     # --- set-up --------------------------------------------------------------
@@ -448,7 +449,7 @@ class Server:
                           jwt_secret=self.secrets.get("jwt-secret"),
                           jwt_configured=config.jwt_secret is not None,
                           jwt_leeway=config.jwt_leeway,
-                          max_frame_bytes=config.max_frame_bytes)
+                          max_frame_bytes=config.frame_limit(endpoint))
             self.mounts[endpoint.path] = Mount(endpoint.path, PROTOCOL_CLASSES[endpoint.protocol],
                                                endpoint.room, ctx)
 
@@ -497,12 +498,18 @@ class Server:
         if config.allowed_origins is None:
             log.warning("allowed-origins is not set: any web page can open a WebSocket "
                         "to chatd (docs/security.md)")
-        files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if files != resource.RLIM_INFINITY and files < config.max_connections + _SPARE_FILES:
+        files = _open_file_limit()
+        if config.max_connections is None:
+            if files is not None and self.max_connections >= files - SPARE_FILES:
+                # The open-file limit, not the default, sets the cap: say so once.
+                log.info("max-connections %d: the open-file limit %d less %d for chatd's own "
+                         "files (set max-connections, or raise LimitNOFILE=, "
+                         "docs/operations.md)", self.max_connections, files, SPARE_FILES)
+        elif files is not None and files < config.max_connections + SPARE_FILES:
             log.warning("open-file limit %d is below max-connections %d + %d: connections past "
                         "about %d wait to be accepted (raise LimitNOFILE=, docs/operations.md)",
-                        files, config.max_connections, _SPARE_FILES,
-                        max(files - _SPARE_FILES, 0))
+                        files, config.max_connections, SPARE_FILES,
+                        max(files - SPARE_FILES, 0))
 
 
 async def _read_proxy_header(transport: Transport, peer: Address) -> tuple[Address, bytes]:
@@ -529,6 +536,22 @@ async def _answer(transport: Transport, data: bytes) -> None:
         transport.shutdown_write()
         while await transport.receive():
             pass
+
+
+def _open_file_limit() -> int | None:
+    """This process's soft RLIMIT_NOFILE, or None if unlimited."""
+    files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if files == resource.RLIM_INFINITY else files
+
+
+def _same_origin(origin: str, host: str | None) -> bool:
+    """Whether a browser's ``Origin`` names the host the request was sent
+    to (its ``Host``), as gorilla/websocket's and tornado's default origin
+    checks: scheme aside, ``host[:port]`` equal, case-insensitively."""
+    if host is None:
+        return False
+    _, sep, rest = origin.partition("://")
+    return bool(sep) and rest.lower() == host.lower()
 
 
 def _ports(listeners: list[trio.abc.Listener]) -> list[int]:

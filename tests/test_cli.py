@@ -410,12 +410,13 @@ def test_a_usage_error_is_one_line_that_points_to_help(tmp_path):
 
 def test_check_config_prints_what_a_go_style_config_mounts(tmp_path):
     path = write_config(tmp_path / "c.json", {"ws-path": "/chat", "host": ":1234",
-                                              "secret-key": "go-secret"})
+                                              "secret-key": "go-secret-of-16+b"})
     result = chatd("check-config", str(path), cwd=tmp_path)
     assert (result.returncode, result.stderr) == (0, "")
     effective = json.loads(result.stdout)
-    # Before: "endpoints": null.
-    assert effective["endpoints"] == [{"path": "/chat", "protocol": "multichat", "room": "lobby"}]
+    # Before: "endpoints": null. The original's frame bound: 64 KiB.
+    assert effective["endpoints"] == [{"path": "/chat", "protocol": "multichat", "room": "lobby",
+                                       "max-frame-bytes": 65536}]
     assert effective["web-client"] is None  # off without endpoints
     assert effective["secret-key"] == REDACTED
 
@@ -426,8 +427,10 @@ def test_check_config_shows_gradagenda_without_a_room(run, tmp_path):
     code, out, _ = run("check-config", str(path))
     assert code == 0
     effective = json.loads(out)
-    assert effective["endpoints"] == [{"path": "/g", "protocol": "gradagenda"},
-                                      {"path": "/w", "protocol": "wcp", "room": "r"}]
+    assert effective["endpoints"] == [{"path": "/g", "protocol": "gradagenda",
+                                       "max-frame-bytes": 4096},
+                                      {"path": "/w", "protocol": "wcp", "room": "r",
+                                       "max-frame-bytes": 4096}]
     assert effective["web-client"] == "/app/"
 
 
@@ -437,7 +440,7 @@ def test_check_config_fills_in_every_key(run, tmp_path):
     effective = json.loads(out)
     every = [f.encode_name for f in msgspec.structs.fields(Config)]
     assert code == 0 and list(effective) == every
-    assert effective["max-frame-bytes"] == 4096 and effective["store"] == "chatd.db"
+    assert effective["max-frame-bytes"] == 65536 and effective["store"] == "chatd.db"
 
 
 def test_check_config_without_a_path_checks_what_serve_would_run(run, tmp_path):

@@ -201,3 +201,41 @@ async def test_a_rename_on_one_node_is_announced_everywhere_and_frees_the_old_na
     assert await until(wally, joined("wesley")) == {"type": "user_joined", "user_id": "wesley",
                                                     "display_name": "wesley"}
     await again.close()
+
+
+async def test_bridges_share_a_name_on_one_node_and_other_nodes_see_one_user(cluster):
+    # Issue 20: two bridges of one name, as the original server allows. On
+    # one node they share it (Redis holds it once, for that node); the other
+    # nodes see one user, joined with the first and gone with the last.
+    n1, n2 = await cluster.nodes_up("n1", "n2")
+    watcher = await wcp(cluster, n2, "watcher")
+    one = await multichat(cluster, n1, "qq")
+    assert await until(watcher, joined("qq")) == {"type": "user_joined", "user_id": "qq",
+                                                  "display_name": "qq"}
+    two = await multichat(cluster, n1, "qq")
+    await one.send({"action": "client-message", "content": "from one"})
+    assert (await two.recv())["content"] == "from one"
+    # No second user_joined on the other node: the message comes next.
+    got = await watcher.recv()
+    assert (got["type"], got["user_id"], got["data"]) == ("message", "qq", "from one")
+    # A bridge of the name on the other node, and a wcp user anywhere, are refused.
+    elsewhere = await cluster.connect(n2, "multichat")
+    await elsewhere.send({"action": "register", "client-name": "qq", "secret-key": "test-secret"})
+    assert await elsewhere.closed() == 1008
+    impostor = await wcp(cluster, n1, "qq")
+    assert await impostor.recv() == {"type": "error", "message": "user_id already in use"}
+    # The first leaves: still held (in Redis too), nobody hears of it.
+    await one.close()
+    late = await wcp(cluster, n2, "qq")
+    assert await late.recv() == {"type": "error", "message": "user_id already in use"}
+    await two.send({"action": "client-message", "content": "still here"})
+    got = await watcher.recv()
+    assert (got["type"], got["data"]) == ("message", "still here")
+    # The last leaves: one user_left everywhere, and the name is free.
+    await two.close()
+    assert await watcher.recv() == {"type": "user_left", "user_id": "qq"}
+    free = await wcp(cluster, n2, "qq")
+    await until(watcher, joined("qq"))
+    await free.send({"type": "message", "data": "mine now"})
+    got = await watcher.recv()
+    assert (got["user_id"], got["data"]) == ("qq", "mine now")

@@ -92,7 +92,7 @@ def test_check_config_prints_the_effective_config(tmp_path):
     result = run_cli("check-config", str(path))
     assert result.returncode == 0
     effective = json.loads(result.stdout)
-    assert effective["host"] == ":8000" and effective["max-frame-bytes"] == 4096
+    assert effective["host"] == ":8000" and effective["max-frame-bytes"] == 65536  # a Go config: 64 KiB
     assert effective["secret-key"] == "********"  # shown with --show-secrets
 
 
@@ -197,8 +197,11 @@ async def test_running_out_of_descriptors_is_one_warning_and_clients_are_served_
     # trio's accept loop logs each failed accept (EMFILE) at ERROR with a
     # traceback, ten times a second; an operator needs one line saying why.
     from tests.rawws import open_stream
+    # max-connections set above the limit (unset, chatd would cap it below
+    # the limit and answer 503 instead).
     (tmp_path / "config.json").write_text(json.dumps({
         "host": "127.0.0.1:0", "secret-key": "s", "store": str(tmp_path / "c.db"),
+        "max-connections": 1000,
         "endpoints": [{"path": "/multichat", "protocol": "multichat"}]}))
     server = process("serve", nofile=(48, 48)).start()
     streams = []

@@ -96,12 +96,33 @@ async def test_fragments_adding_up_to_exactly_the_limit_are_delivered(chat, char
     assert (await receiver.recv())["content"] == json.loads(message)["content"]
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", [p for p in PATHS if p != "/multichat"])
 async def test_a_fragmented_binary_message_closes_1003(chat, path):
     server = await chat.start()
     raw = await RawClient.connect(server.port, path)
     await raw.send_bytes(frame(BINARY, b"\x00\x01", fin=False) + frame(CONTINUATION, b"\x02"))
     assert await close_code(raw) == 1003
+    await still_serving(chat)
+
+
+async def test_a_registered_bridge_s_fragmented_binary_message_is_skipped_whole(chat):
+    # As the original Go server: ignored, and the text message after it,
+    # whose fragments follow the binary ones, is delivered whole.
+    server = await chat.start()
+    sender = await raw_multichat(server.port, "sender")
+    receiver = await chat.multichat("receiver")
+    await sender.send_bytes(frame(BINARY, b'{"action": ', fin=False)
+                            + frame(PING, b"between") + frame(CONTINUATION, b"\xff\x00")
+                            + fragments(chat_message("after the binary").encode(), 7))
+    assert (await receiver.recv())["content"] == "after the binary"
+
+
+async def test_a_bridge_s_binary_message_over_the_limit_closes_1009(chat):
+    server = await chat.start(max_frame_bytes=LIMIT)
+    sender = await raw_multichat(server.port, "sender")
+    await sender.send_bytes(frame(BINARY, b"\0" * 200, fin=False)
+                            + frame(CONTINUATION, b"\0" * (LIMIT - 199)))
+    assert await close_code(sender) == 1009
     await still_serving(chat)
 
 

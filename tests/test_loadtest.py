@@ -55,13 +55,17 @@ def reports(tmp_path_factory):
     config = tmp / "config.json"
     config.write_text(json.dumps({
         "host": "127.0.0.1:0", "secret-key": SECRET, "store": str(tmp / "chatd.db"),
-        "endpoints": [{"path": "/chat", "protocol": "multichat"}]}))
+        "endpoints": [{"path": "/chat", "protocol": "multichat"},
+                      {"path": "/throttled", "protocol": "multichat", "room": "throttled"}]}))
     server = ServerProcess(["serve", "--config", str(config)], tmp).start()
     external = ["--port", str(server.port), "--config", str(config)]
     procs = {name: start(args) for name, args in SPAWNED.items()}
     # Under chatd's default message-rate (100 frames/s per connection).
     procs["external"] = start(["fanout", *external, "--subscribers", "3", "--rate", "50",
-                               "--server-pid", str(server.proc.pid)])
+                               "--server-pid", "port"])
+    # Over it: 400 asked of one publisher, which chatd reads at 100/s after a burst of 200.
+    procs["throttled"] = start(["fanout", *external, "--path", "/throttled", "--subscribers", "2",
+                                "--rate", "400", "--server-pid", str(server.proc.pid)])
     procs["wrong-secret"] = start(["fanout", *external, "--subscribers", "3",
                                    "--secret-key", "not the secret"])
     cache: dict[str, tuple[int, dict | None, str]] = {}
@@ -169,10 +173,48 @@ def test_idle_reports_server_memory_per_connection(reports):
 
 
 def test_external_server_with_its_config_and_pid(reports):
+    # --server-pid port: the pid is the process listening on the target port.
+    _, _, err = reports("external")
     result = healthy(reports("external"))
     check_messages(result)
     assert result["paths"] == ["/chat"]  # found in the config's endpoints
     assert result["server"]["rss_before_kib"] > 0
+    assert "held the publishers back" not in err
+
+
+def test_a_throttled_run_says_the_server_held_it_back(reports):
+    code, result, err = reports("throttled")
+    assert code == 0, err
+    assert result["rate_target"] == 400
+    assert "note: the server held the publishers back" in err
+    assert "of 400.0/s asked" in err and "message-rate (100/s a connection, burst 200)" in err
+
+
+def test_the_summary_never_rounds_a_loss_up_to_100_percent():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from loadgen.histogram import percent_floor
+        from loadgen.report import throttled
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert percent_floor(4_000_448 / 4_006_912) == "99.8%"
+    assert percent_floor(0.99999) == "99.9%" and percent_floor(1.0) == "100.0%"
+    assert percent_floor(0.5) == "50.0%" and percent_floor(0.0) == "0.0%"
+    base = {"duration_s": 10, "publishers": 2, "publishes": 1340, "publish_rate": 134.0,
+            "expected_deliveries": 13400, "deliveries": 13400, "rate_target": 0,
+            "server_message_rate": 100.0, "server_message_burst": 200}
+    # Window-paced, 134 messages/s relayed from 2 publishers: under the limit.
+    assert throttled(base) is None
+    at_limit = throttled({**base, "publishers": 1})
+    assert at_limit and "message-rate (100/s" in at_limit
+    short = throttled({**base, "rate_target": 1000, "server_message_rate": None})
+    assert short and "relayed 134.0 messages/s of 1,000.0/s asked" in short
+    # Written at the rate asked, but waiting in TCP buffers: relayed is what counts.
+    buffered = throttled({**base, "rate_target": 400, "publish_rate": 396.0, "publishes": 3960,
+                          "expected_deliveries": 39600, "deliveries": 30000,
+                          "server_message_rate": None})
+    assert buffered and "relayed 300.0 messages/s of 400.0/s asked (396.0/s written)" in buffered
+    assert throttled({**base, "rate_target": 135, "server_message_rate": None}) is None
 
 
 def test_wrong_secret_is_reported_as_errors_and_close_codes(reports):

@@ -283,9 +283,11 @@ async def refused(chat: Harness, protocol: str, name: str) -> None:
         assert await peer.recv() == TAKEN
 
 
-@pytest.mark.parametrize("impostor", LOBBY)
-@pytest.mark.parametrize("holder", LOBBY)
-@pytest.mark.parametrize("spelling", ["wendy", "W\u0435ndy"])  # the same, and a look-alike
+@pytest.mark.parametrize("holder, impostor, spelling", [
+    (holder, impostor, spelling) for holder in LOBBY for impostor in LOBBY
+    for spelling in ["wendy", "W\u0435ndy"]  # the same, and a look-alike
+    # but a second bridge of the same name, which shares it (test_bridges.py)
+    if not (holder == impostor == "multichat" and spelling == "wendy")])
 async def test_no_client_can_speak_as_a_name_another_connection_holds(chat, holder, impostor,
                                                                       spelling):
     await chat.start()

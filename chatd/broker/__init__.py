@@ -20,7 +20,7 @@ import socket
 from chatd.broker.base import Broker
 from chatd.broker.local import LocalBroker
 
-__all__ = ["Broker", "LocalBroker", "generated_node_id", "open_broker"]
+__all__ = ["Broker", "LocalBroker", "broker_class", "generated_node_id", "open_broker"]
 
 
 def generated_node_id() -> str:
@@ -37,8 +37,14 @@ def open_broker(url: str | None, node: str, **options: float) -> Broker:
     boot = secrets.token_hex(4)
     if url is None:
         return LocalBroker(node, boot)
+    return broker_class(url)(url, node, boot, **options)
+
+
+def broker_class(url: str) -> type[Broker]:
+    """The backend class for a ``broker`` URL; RuntimeError naming what to
+    install if it is missing (``chatd check-config`` asks this too)."""
     try:
         from chatd.broker.redis import RedisBroker
     except ImportError:
         raise RuntimeError("broker: Redis needs coredis: pip install 'chatd[cluster]'") from None
-    return RedisBroker(url, node, boot, **options)
+    return RedisBroker

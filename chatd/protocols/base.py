@@ -96,6 +96,14 @@ class Protocol:
         """Outputs once the router has answered a ``Request``."""
         return []
 
+    def binary(self) -> list[Output]:
+        """Outputs for a binary message (its first frame; the connection
+        skips the rest of it). By default close 1003 (RFC 6455 section
+        7.4.1: data it cannot accept): every protocol document here is
+        text-only, and GradAgenda's says the server closes otherwise.
+        A protocol whose original server ignores binary says so here."""
+        return [Close(1003, "binary frames are not supported")]
+
     def auth_timeout(self) -> list[Output]:
         """Outputs when the auth stage ran out of time."""
         return [Close(1008, "authentication timeout")]

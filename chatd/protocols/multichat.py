@@ -5,14 +5,19 @@ with a non-empty ``client-name`` and the right ``secret-key`` (compared in
 constant time), else close 1008. After ``register-ack``, each
 ``client-message`` becomes a ``forwarding-message`` to every *other*
 registered client (never echoed: bridges would loop). After registration,
-bad JSON, unknown actions and empty ``content`` are ignored and logged.
+bad JSON, unknown actions, empty ``content`` and binary frames are ignored
+and logged; before it, any of them closes 1008.
 
 chatd's rule for names (``chatd.names``): the ``client-name`` must be a
 valid name, and it is claimed in the room's registry like any other
-sender name, so no one else can speak as it; a name that is taken, or
-looks like one that is (``bridge`` / ``Bridge``), closes 1008 with the
-reason ``client-name already in use``. Every refused register is reported
-(``AuthFailed``).
+sender name, so no client of another protocol can speak as it. Bridges
+share one secret and, as on the original server, may register one name
+several times (a bridge run twice, or reconnecting while its old
+connection is still open): the lobby lets multichat clients share a
+name shown exactly alike (``chatd.lobby``). A name another protocol's
+client holds, or a look-alike of a held name (``bridge`` / ``Bridge``),
+closes 1008 with the reason ``client-name already in use``. Every refused
+register is reported (``AuthFailed``).
 """
 
 from __future__ import annotations
@@ -73,6 +78,14 @@ class Multichat(Protocol):
         log.info("ignored %s after registration", type(frame).__name__)
         return []
 
+    def binary(self) -> list[Output]:
+        """The original Go server ignores a binary frame from a registered
+        bridge and goes on; before registration it is not a register."""
+        if not self.authenticated:
+            return self._refuse(None, "first frame must be a valid register")
+        log.info("ignored a binary frame after registration")
+        return []
+
     def _register(self, frame: Register | ClientMessage) -> list[Output]:
         if not isinstance(frame, Register):
             return self._refuse(None, "first frame must be register")
@@ -86,7 +99,7 @@ class Multichat(Protocol):
             name = names.parse(claimed)
         except names.InvalidName as exc:
             return self._refuse(claimed, f"client-name {exc.reason}")
-        return [Join(name=name.shown, register=True, announce=True)]
+        return [Join(name=name.shown, register=True, announce=True, shared=True)]
 
     def _refuse(self, user: str | None, reason: str) -> list[Output]:
         # The close reason is at most 123 bytes (RFC 6455 section 5.5).

@@ -15,11 +15,11 @@ from __future__ import annotations
 import re
 
 from chatd.store.base import CommitUnknown, Store, StoreError
-from chatd.store.sqlite import SQLiteStore
+from chatd.store.sqlite import SQLiteStore, check_sqlite_path, probe_sqlite_file
 from chatd.store.writer import Failure, Job, Writer
 
 __all__ = ["CommitUnknown", "Failure", "Job", "SQLiteStore", "Store", "StoreError", "Writer",
-           "open_store", "read_setting"]
+           "check_store", "open_store", "read_setting"]
 
 
 def open_store(url: str, *, busy_timeout: float = 5.0, lock: bool = True) -> Store:
@@ -38,6 +38,20 @@ def open_store(url: str, *, busy_timeout: float = 5.0, lock: bool = True) -> Sto
     if _is_postgres(url):
         return _postgres_class(url)(url, busy_timeout=busy_timeout, lock=lock)
     return SQLiteStore(url, busy_timeout=busy_timeout, lock=lock)
+
+
+def check_store(url: str) -> None:
+    """What ``open_store(url)`` would refuse before it opens anything: for
+    PostgreSQL, psycopg installed; for a SQLite file, a path where the file
+    can be created or opened for reading and writing (the checks its
+    constructor runs first), and an existing file that is a SQLite database
+    with a schema this chatd knows (read from its header). Writes nothing.
+    Raises ``StoreError``."""
+    if _is_postgres(url):
+        _postgres_class(url)
+    elif url != ":memory:":
+        check_sqlite_path(url, create=True)
+        probe_sqlite_file(url)
 
 
 def read_setting(url: str, key: str) -> str | None:

@@ -147,7 +147,7 @@ class SQLiteStore(Store):
         self._next_seq: dict[str, int] = {}
         self._messages: list[tuple[str, int, str, str, int, int]] = []
         if path != ":memory:":
-            _check_path(path, create=migrate)
+            check_sqlite_path(path, create=migrate)
         try:
             if lock:
                 self.lock()
@@ -225,8 +225,7 @@ class SQLiteStore(Store):
                 try:
                     version = self.db.execute("PRAGMA user_version").fetchone()[0]
                     if version > len(MIGRATIONS):
-                        raise StoreError(f"store {self.path}: schema version {version} is newer "
-                                         f"than this chatd's ({len(MIGRATIONS)}): upgrade chatd")
+                        raise _newer(self.path, version)
                     if version < len(MIGRATIONS):
                         _run_script(self.db, MIGRATIONS[version])
                         self.db.execute(f"PRAGMA user_version={version + 1}")
@@ -392,7 +391,39 @@ class SQLiteStore(Store):
         self._unlock()
 
 
-def _check_path(path: str, *, create: bool) -> None:
+def _newer(path: str, version: int) -> StoreError:
+    return StoreError(f"store {path}: schema version {version} is newer "
+                      f"than this chatd's ({len(MIGRATIONS)}): upgrade chatd")
+
+
+#: The first 16 bytes of every SQLite 3 database file, and where its header
+#: keeps ``PRAGMA user_version`` (https://sqlite.org/fileformat.html, 1.3).
+_MAGIC = b"SQLite format 3\x00"
+_USER_VERSION = slice(60, 64)
+
+
+def probe_sqlite_file(path: str) -> None:
+    """Refuse, without opening it with SQLite (nothing is written, no lock
+    taken), an existing file that a server could not use: one that is not
+    a SQLite database, or whose schema is newer than this chatd's, read
+    from the file's header. An empty or missing file is fine (created)."""
+    try:
+        with open(path, "rb") as file:
+            header = file.read(100)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreError(f"store {path}: {exc.strerror or exc}") from None
+    if not header:
+        return
+    if len(header) < 100 or not header.startswith(_MAGIC):
+        raise StoreError(f"store {path}: {_REASONS[sqlite3.SQLITE_NOTADB]}")
+    version = int.from_bytes(header[_USER_VERSION], "big", signed=True)
+    if version > len(MIGRATIONS):
+        raise _newer(path, version)
+
+
+def check_sqlite_path(path: str, *, create: bool) -> None:
     """Refuse at once, in words, what SQLite would call 'unable to open'."""
     if os.path.isdir(path):
         raise StoreError(f"store {path}: is a directory, not a SQLite file")

@@ -47,7 +47,7 @@ import trio
 from .dialects import PROTOCOLS
 from .plan import make_plans
 from .plot import check_plotting, plot
-from .process import cpu_list, raise_fd_limit
+from .process import cpu_list, listening_pid, raise_fd_limit
 from .report import summary_table
 from .run import Run
 from .scenarios import SCENARIOS
@@ -87,7 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "chatd (the default), or a peer it is compared with: websockets "
                         "(scripts/peer_server.py) or node-ws (scripts/peers/node_ws, "
                         "installed with npm ci on first use)")
-    t.add_argument("--server-pid", type=int, help="the server's pid: RSS and CPU are reported")
+    t.add_argument("--server-pid", type=_server_pid, metavar="PID|port",
+                   help="the server's pid, or 'port': the process listening on the target "
+                        "port (robust with several servers running); RSS and CPU are reported")
     t.add_argument("--server-cpus", help="with --spawn: pin the server to these CPUs (e.g. 0)")
     t.add_argument("--server-log-level", default="warning",
                    choices=("debug", "info", "warning", "error"), help="with --spawn")
@@ -151,6 +153,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _server_pid(text: str) -> int | str:
+    if text == "port":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a pid nor 'port' (an empty "
+                                         "$(pgrep ...) finds no server)") from None
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -187,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         args.server_pid = server.proc.pid
     try:
         target = resolve_target(args, config)
+        if args.server_pid == "port":
+            args.server_pid = listening_pid(target[3])
+            if args.server_pid is None:
+                raise SystemExit(f"loadtest: no process of this user listens on port {target[3]}")
         if args.protocol == "multichat" and not secrets["secret-key"]:
             raise SystemExit("loadtest: multichat needs --secret-key (or --config)")
         tokens: dict[str, str] = {}
@@ -208,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
+    # What the server's flood control lets one connection send (report.py's
+    # throttle note): the config's, else chatd's defaults; --spawn lifts it.
+    result["server_message_rate"] = None if args.spawn else config.get("message-rate", 100.0)
+    result["server_message_burst"] = None if args.spawn else config.get("message-burst", 200)
     table = summary_table(result)
     if args.plot:
         plot(args.plot, result)

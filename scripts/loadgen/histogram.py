@@ -81,3 +81,10 @@ def describe(summary: dict[str, float] | None) -> str:
         return "-"
     return (f"p50 {summary['p50']:.2f}  p90 {summary['p90']:.2f}  p99 {summary['p99']:.2f}  "
             f"max {summary['max']:.2f} ms  ({summary['count']:,} samples)")
+
+
+def percent_floor(ratio: float) -> str:
+    """``ratio`` as a percentage with one decimal, rounded down: 4,000,448 of
+    4,006,912 is 99.8%, and only all of them is 100.0%."""
+    tenths = int(ratio * 1000 + 1e-9)  # floor; the epsilon keeps 0.5 at 50.0
+    return f"{tenths / 10:.1f}%"

@@ -48,6 +48,35 @@ def read_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def listening_pid(port: int) -> int | None:
+    """The pid of the process listening on TCP ``port`` (any address), from
+    Linux's /proc: the socket's inode in /proc/net/tcp{,6}, then the
+    process holding it among those this user may read. None if none."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address is HEX-IP:HEX-PORT; state 0A is LISTEN.
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) in inodes:
+                    return int(proc.name)
+        except OSError:
+            continue  # gone, or another user's
+    return None
+
+
 def read_host_seconds() -> tuple[float, float, list[float]]:
     """CPU seconds since boot (/proc/stat): all cores running processes, all
     cores in interrupts (mostly loopback packets: the load itself), and each

@@ -127,6 +127,42 @@ def others_pct(r: dict[str, Any]) -> float:
                - host["parent_pct"] - (server.get("cpu_pct") or 0))
 
 
+def throttled(r: dict[str, Any]) -> str | None:
+    """Why the server held the publishers back, or None.
+
+    What counts is the rate the server *relayed* messages in the window
+    (deliveries divided by the receivers each message has), not the rate
+    they were written: a throttled client's messages wait in TCP buffers
+    and arrive late. Held back: with ``--rate``, under 95% of the rate
+    asked was relayed; or each publisher was relayed at about what chatd's
+    flood control lets one connection send over the run (``message-rate``
+    a second after a ``message-burst``: chatd reads a connection over it
+    later, so its messages wait and latency grows; nothing is dropped)."""
+    duration, publishers = r["duration_s"], r["publishers"]
+    if not r["publishes"] or not publishers or not duration or not r["expected_deliveries"]:
+        return None
+    receivers = r["expected_deliveries"] / r["publishes"]
+    relayed = r["deliveries"] / receivers / duration
+    asked = r.get("rate_target") or 0
+    short = asked > 0 and relayed < 0.95 * asked
+    rate, burst = r.get("server_message_rate"), r.get("server_message_burst")
+    per = relayed / publishers
+    # The most one connection may send over the run: the burst, then the rate.
+    at_limit = rate is not None and per >= 0.9 * (rate + (burst or 0) / duration)
+    if not (short or at_limit):
+        return None
+    said = (f"the server held the publishers back: it relayed {relayed:,.1f} messages/s"
+            + (f" of {asked:,.1f}/s asked" if asked > 0 else "")
+            + f" ({r['publish_rate']:,.1f}/s written)")
+    if at_limit:
+        said += (f"; {per:,.1f}/s per publisher is the server's message-rate ({rate:g}/s a "
+                 f"connection, burst {burst}), beyond which chatd reads a client later: raise "
+                 "message-rate and message-burst in the server's config, or add --publishers")
+    else:
+        said += "; the server (or the machine) could not keep up, see latency and CPU above"
+    return said
+
+
 def summary_table(r: dict[str, Any]) -> str:
     """The result as aligned ``label  text`` lines, with notes and warnings."""
     scenario = SCENARIOS[r["scenario"]]
@@ -160,10 +196,15 @@ def summary_table(r: dict[str, Any]) -> str:
                             if server else "")))
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    held = throttled(r)
     if r["delivered_ratio"] is not None and r["delivered_ratio"] < 0.99:
-        lines.append("  note: messages went missing. chatd drops a connection's frames beyond "
-                     "its message-rate (default 100/s): lift it in the server's config, or "
-                     "pace with --rate")
+        lines.append("  note: messages went missing: " + (
+            "the server had not read the held-back publishers' last messages when the run "
+            "ended (next note)" if held and not r["close_codes"] else
+            "see errors and close codes above (1008 'slow consumer': a subscriber read too "
+            "slowly)"))
+    if held:
+        lines.append(f"  note: {held}")
     busy = host["cpu_busy_pct"]
     client_cores = [busy[c] for c in r["pinned"]["client"] or () if c < len(busy)]
     if max(client["worker_cpu_pct"]) > 85 or (client_cores and max(client_cores) >= 95):

@@ -23,7 +23,7 @@ import trio
 
 from ..client import WsClient
 from ..dialects import DIALECTS, LoadError, message_content
-from ..histogram import describe
+from ..histogram import describe, percent_floor
 from ..plan import Layout
 from ..wire import client_frame
 from .base import Scenario
@@ -60,10 +60,11 @@ class MessagingScenario(Scenario):
         return None
 
     def rows(self, r: dict[str, Any]) -> list[tuple[str, str]]:
-        ratio = f"{100 * r['delivered_ratio']:.1f}%" if r["delivered_ratio"] is not None else "-"
+        ratio = percent_floor(r["delivered_ratio"]) if r["delivered_ratio"] is not None else "-"
+        late = f" + {r['late_deliveries']:,} after the window" if r["late_deliveries"] else ""
         return [("publishes", f"{r['publishes']:,} ({r['publish_rate']:,.1f}/s, "
                               f"{r['message_bytes']} B, window {r['window']})"),
-                ("deliveries", f"{r['deliveries']:,} ({r['deliveries_per_s']:,.0f}/s); "
+                ("deliveries", f"{r['deliveries']:,} ({r['deliveries_per_s']:,.0f}/s){late}; "
                                f"{ratio} of {r['expected_deliveries']:,} expected arrived"),
                 ("latency", describe(r["latency_ms"]))]
 
