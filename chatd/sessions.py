@@ -78,6 +78,7 @@ from chatd.events import (
     Command, CreateSession, DeleteSession, DirectSessionInfo, Event, ListSessions, Login, Logout,
     ModifySession, ReadHistory, SendMessage, SessionInfo, Status, StoredMessage,
 )
+from chatd.feeds import FILL_PAGE, Action, Answer, Deliver, Entry, Feeds, Read, Reload
 from chatd.router import DEFERRED, Router
 from chatd.store import Failure, Job, Store, Writer
 from chatd.store.base import StoredSession
@@ -93,10 +94,6 @@ log = logging.getLogger("chatd.sessions")
 STORE_FAILED = "storage unavailable: nothing was stored"
 STORE_RETRY = "storage busy: nothing was stored, try again"
 STORE_BUSY = "server busy: too many writes queued, try again"
-#: Messages read from the store at once to fill a gap (cluster).
-FILL_PAGE = 100
-#: Deleted sessions remembered, so that their late messages are dropped.
-GONE_KEPT = 10_000
 
 
 def direct_session_id(a: str, b: str) -> str:
@@ -142,22 +139,6 @@ class Session:
                            members=sorted(self.members))
 
 
-class Feed:
-    """One local user's messages of one session (cluster): ``last``, the
-    ``seq`` their devices here got last (None until the baseline is read,
-    -1 when the first message to come sets it), the messages ``held``
-    until those before them arrive: seq -> (event, asker, cdid), and
-    ``until``: once the user was removed, the last ``seq`` still theirs
-    (messages sent before the removal may still be on their way)."""
-
-    __slots__ = ("last", "held", "until")
-
-    def __init__(self, last: int | None) -> None:
-        self.last = last
-        self.held: dict[int, tuple[StoredMessage, Client | None, Any]] = {}
-        self.until: int | None = None
-
-
 def newest_seq(store: Store, session_id: str) -> int:
     """The session's last message ``seq`` (0 if none), inside a writer job."""
     rows = store.history(session_id, limit=1)
@@ -194,22 +175,18 @@ class Sessions:
         #: user -> their connected devices (connections), by client id.
         self.devices: dict[str, dict[int, Client]] = {}
         # --- cluster only (broker.shared) ---
-        #: local user -> session -> Feed.
-        self.feeds: dict[str, dict[str, Feed]] = {}
+        #: The local users' message feeds (``chatd.feeds``).
+        self.feeds = Feeds()
         #: user -> logins waiting for the user's baseline read.
         self.logins: dict[str, list[Login]] = {}
-        #: sessions with a gap-filling read in flight.
-        self._filling: set[str] = set()
         self._reloading = False
-        #: (user, session) feeds holding messages of a session this node did
-        #: not know the user was in, until a reload says when they joined.
-        self._unplaced: set[tuple[str, str]] = set()
-        #: Sessions deleted lately (oldest first), whose late messages are dropped.
-        self._gone: dict[str, None] = {}
         #: Users whose channel delivers (acknowledged since their first login here).
         self._acked: set[str] = set()
-        #: Gaps that could not be filled from the store (logged, for /metrics).
-        self.skipped = 0
+
+    @property
+    def skipped(self) -> int:
+        """Gaps that could not be filled from the store (logged, for /metrics)."""
+        return self.feeds.skipped
 
     # --- service life ----------------------------------------------------------
 
@@ -300,8 +277,7 @@ class Sessions:
             self.logins.pop(user, None)
             self._acked.discard(user)
             self.broker.unsubscribe([user_channel(user)])
-            for feed in self.feeds.pop(user).values():
-                _answer_held(feed)
+            self._act(self.feeds.drop(user))
 
     # --- sessions --------------------------------------------------------------
 
@@ -501,16 +477,15 @@ class Sessions:
             targets = members if current is None else frozenset(current)
             for user in targets:
                 self.broker.publish(user_channel(user), item)
-            frames: dict[type, bytes | None] = {}
+            frames: dict[tuple, bytes | None] = {}
             for user in targets:
-                feeds = self.feeds.get(user)
                 # A member this node does not know of yet gets it when the
                 # change arrives (its feed starts with a read of the store).
-                if feeds is not None and user != sender_id and (
-                        user in members or session_id in feeds):
-                    self._offer(user, event, frames=frames)
+                if user in self.feeds and user != sender_id and (
+                        user in members or self.feeds.follows(user, session_id)):
+                    self._act(self.feeds.offer(user, Entry(event)), frames)
             if sender_id in self.feeds:
-                self._offer(sender_id, event, client, cmd.cdid, frames)
+                self._act(self.feeds.offer(sender_id, Entry(event, client, cmd.cdid)), frames)
             else:
                 _answer(client, event, cmd.cdid)
 
@@ -552,51 +527,7 @@ class Sessions:
         self.broker.publish(CLUSTER, SessionChanged(
             session_id=session.id, kind=session.kind, status=status, members=members,
             old_members=old, seq=seq, version=session.version))
-        self._follow(session.id, status, members, old, seq)
-
-    def _follow(self, session_id: str, status: str, members: Iterable[str],
-                old: Iterable[str], seq: int, since: dict[str, int] | None = None) -> None:
-        """Start the feeds of users who joined at ``seq`` (or at ``since[user]``,
-        from the store); those who left get what was sent up to ``seq`` (a
-        deleted session: nothing more). A feed started by a modification
-        reads the store once: a message stored after the change by a node
-        that had not heard of it may have been sent to the old members."""
-        members = set(members)
-        if status == "deleted":
-            self._gone[session_id] = None
-            while len(self._gone) > GONE_KEPT:
-                del self._gone[next(iter(self._gone))]
-            for user in members:
-                self._close(user, session_id)
-            return
-        for user in set(old) - members:
-            feed = self.feeds.get(user, {}).get(session_id)
-            if feed is not None:
-                feed.until = seq
-                if seq < 0 or (feed.last is not None and feed.last >= seq):
-                    self._close(user, session_id)
-                else:
-                    self._fill(session_id, force=True)
-        started = False
-        for user in members:
-            feeds = self.feeds.get(user)
-            if feeds is None:
-                continue
-            feed = feeds.get(session_id)
-            if feed is not None and feed.until is not None:  # back before it closed
-                self._close(user, session_id)
-                feed = None
-            if feed is None:
-                start = since.get(user, seq) if since is not None else seq
-                feeds[session_id] = Feed(start)
-                started = started or start >= 0
-        if started and status == "modified":
-            self._fill(session_id, force=True)
-
-    def _close(self, user: str, session_id: str) -> None:
-        feed = self.feeds.get(user, {}).pop(session_id, None)
-        if feed is not None:
-            _answer_held(feed)
+        self._act(self.feeds.follow(session.id, status, members, old, seq))
 
     def remote_changed(self, item: SessionChanged, since: dict[str, int] | None = None) -> None:
         """A change another node committed: the same here, and every local
@@ -618,16 +549,16 @@ class Sessions:
             self._deliver(members | set(item.old_members), SessionInfo(
                 session_id=item.session_id, kind=item.kind, status=item.status,
                 members=sorted(members)))
-        self._follow(item.session_id, item.status, item.members, item.old_members, item.seq,
-                     since)
+        self._act(self.feeds.follow(item.session_id, item.status, item.members,
+                                    item.old_members, item.seq if since is None else None, since))
 
     def remote_stored(self, user: str, item: Stored) -> None:
         """A message another node committed, for ``user``."""
         if user in self.feeds:
-            self._offer(user, StoredMessage(
+            self._act(self.feeds.offer(user, Entry(StoredMessage(
                 session_id=item.session_id, seq=item.seq, sender_id=item.sender_id,
                 message=item.message, sender_timestamp=item.sender_timestamp,
-                server_timestamp=item.server_timestamp))
+                server_timestamp=item.server_timestamp))))
 
     def subscribed(self, channels: list[str]) -> None:
         """Users' channels deliver now: read what they may have missed before."""
@@ -636,7 +567,7 @@ class Sessions:
             if channel != user and user in self.feeds:
                 self._acked.add(user)
                 if user not in self.logins:
-                    self._catch_up(self.feeds[user])
+                    self._act(self.feeds.catch_up(user))
 
     def broker_down(self) -> None:
         self._acked.clear()
@@ -646,180 +577,43 @@ class Sessions:
         meanwhile are reloaded from the store (``reload``)."""
         self.reload()
 
-    def _catch_up(self, feeds: Iterable[str]) -> None:
-        for session_id in list(feeds):
-            self._fill(session_id, force=True)
-
-    def _offer(self, user: str, event: StoredMessage, asker: Client | None = None,
-               cdid: Any = None, frames: dict | None = None, fill: bool = True) -> None:
-        """Deliver ``event`` to ``user``'s devices here in ``seq`` order, once:
-        a duplicate is dropped (its asker still answered), a message after a
-        gap is held and the gap filled from the store."""
-        feeds = self.feeds.get(user)
-        if feeds is None:
-            if asker is not None:
-                _answer(asker, event, cdid)
-            return
-        session_id, seq = event.session_id, event.seq
-        feed = feeds.get(session_id)
-        if feed is None:
-            if session_id in self._gone:  # sent just before it was deleted
-                if asker is not None:
-                    _answer(asker, event, cdid)
-                return
-            # A session this node did not know the user was in (its change is
-            # late, or was lost): hold what comes until a reload of the
-            # sessions says when the user joined.
-            feed = feeds[session_id] = Feed(None)
-            self._unplaced.add((user, session_id))
-            self.reload()
-        if feed.last == -1:
-            feed.last = seq - 1
-        if (feed.last is not None and seq <= feed.last) or (
-                feed.until is not None and seq > feed.until):
-            if asker is not None:
-                _answer(asker, event, cdid)
-            return
-        held = feed.held.get(seq)
-        if held is not None:
-            if asker is not None:
-                if held[1] is None:
-                    feed.held[seq] = (event, asker, cdid)
-                else:
-                    _answer(asker, event, cdid)
-            return
-        feed.held[seq] = (event, asker, cdid)
-        if feed.last is None:
-            return
-        self._drain(user, feed, frames)
-        if feed.until is not None and feed.last >= feed.until:
-            self._close(user, session_id)
-        elif feed.held and fill:
-            self._fill(session_id)
-
-    def _drain(self, user: str, feed: Feed, frames: dict | None = None) -> None:
-        """Deliver the held messages that follow ``feed.last``."""
-        if frames is None:
-            frames = {}
-        while (held := feed.held.pop(feed.last + 1, None)) is not None:
-            event, asker, cdid = held
-            for client in self.devices.get(user, {}).values():
-                if client is asker:
-                    continue
-                key = (event.seq, client.protocol)
-                if key not in frames:
-                    data = client.protocol.encode(event)
-                    frames[key] = text_frame(data) if data is not None else None
-                if frames[key] is not None:
-                    client.deliver(frames[key])
-            if asker is not None:
-                _answer(asker, event, cdid)
-            feed.last = event.seq
-
-    def _start(self, user: str, feed: Feed, seq: int) -> None:
-        """The baseline of a pending feed is known: ``seq`` (-1: unknown)."""
-        if seq == -1 and feed.held:
-            seq = min(feed.held) - 1
-        feed.last = seq
-        if seq == -1:
-            return
-        for old in [s for s in feed.held if s <= seq]:
-            event, asker, cdid = feed.held.pop(old)
-            if asker is not None:
-                _answer(asker, event, cdid)
-        self._drain(user, feed)
-
     def _baseline(self, user: str, session_ids: list[str]) -> None:
         """Read where each of the sessions stands for ``user``'s first device
         here, then answer the logins waiting for it."""
-        feeds = self.feeds.setdefault(user, {})
-        for session_id in session_ids:
-            feeds.setdefault(session_id, Feed(None))
+        self.feeds.open(user, session_ids)
 
-        def done(newest: dict[str, int] | None, failure: str | None = None) -> None:
-            feeds = self.feeds.get(user)
+        def read(newest: dict[str, int] | None, failure: str | None = None) -> None:
             if failure is not None:
                 log.warning("could not read where %s's sessions stand (%s): their devices here "
                             "get messages from the next one on", user, failure)
-            if feeds is not None:
-                for session_id in session_ids:
-                    feed = feeds.get(session_id)
-                    if feed is not None and feed.last is None:
-                        self._start(user, feed, newest.get(session_id, -1) if newest else -1)
-                for session_id, feed in feeds.items():
-                    if feed.held:
-                        self._fill(session_id)
+            self._act(self.feeds.baseline(user, session_ids, newest))
             for login in self.logins.pop(user, ()):
                 self.devices.setdefault(user, {})[login.client.id] = login.client
                 Router.resolve(login, None)
-            if user in self._acked and feeds is not None:
-                self._catch_up(feeds)
+            if user in self._acked:
+                self._act(self.feeds.catch_up(user))
 
-        refused = self._write(lambda store: {s: newest_seq(store, s) for s in session_ids}, done,
-                              lambda answer: done(None, answer))
+        refused = self._write(lambda store: {s: newest_seq(store, s) for s in session_ids}, read,
+                              lambda answer: read(None, answer))
         if refused:
-            done(None, refused)
+            read(None, refused)
 
-    def _fill(self, session_id: str, force: bool = False, attempt: int = 0) -> None:
-        """Read from the store what this node's users of the session miss:
-        after the lowest ``last`` among feeds that hold messages past a gap
-        (or among all, with ``force``). A gap the store cannot fill (the
-        store failed, or the session was deleted: ``attempt`` counts reads
-        that found nothing) is skipped and logged."""
-        if session_id in self._filling:
-            return
-        lasts = [feed.last for feed in self._feeds_of(session_id)
-                 if feed.last is not None and feed.last >= 0 and (force or feed.held)]
-        if not lasts:
-            return
-        after = min(lasts)
-        self._filling.add(session_id)
+    def _read(self, read: Read) -> None:
+        """Carry out a feed's ``Read``: a writer job, never in the router."""
+        def got(rows: list[tuple]) -> None:
+            self._act(self.feeds.filled(read, [
+                StoredMessage(session_id=read.session_id, seq=seq, sender_id=sender,
+                              message=msgspec.Raw(message.encode()), sender_timestamp=sent,
+                              server_timestamp=stored)
+                for seq, sender, message, sent, stored in rows]))
 
-        def done(rows: list[tuple] | None, failure: str | None = None) -> None:
-            self._filling.discard(session_id)
-            events = [StoredMessage(session_id=session_id, seq=seq, sender_id=sender,
-                                    message=msgspec.Raw(message.encode()), sender_timestamp=sent,
-                                    server_timestamp=stored)
-                      for seq, sender, message, sent, stored in rows or ()]
-            for user, feeds in self.feeds.items():
-                feed = feeds.get(session_id)
-                if feed is None:
-                    continue
-                for event in events:
-                    self._offer(user, event, fill=False)
-            stuck = [(user, feeds[session_id]) for user, feeds in self.feeds.items()
-                     if session_id in feeds and feeds[session_id].held
-                     and feeds[session_id].last is not None]
-            if not stuck:
-                return
-            # The read saw everything committed up to ``seen`` (a full page:
-            # maybe more). A gap above it opened after the read: read again.
-            seen = rows[-1][0] if rows else after
-            if rows and (len(rows) == FILL_PAGE or any(feed.last + 1 > seen for _, feed in stuck)):
-                self._fill(session_id)
-                return
-            if rows is not None and not rows and attempt < 2:
-                self._fill(session_id, attempt=attempt + 1)
-                return
-            for user, feed in stuck:
-                self.skipped += 1
-                log.warning("session %s: messages %d to %d for %s are not in the store (%s): "
-                            "skipped", session_id, feed.last + 1, min(feed.held) - 1, user,
-                            failure or "deleted?")
-                feed.last = min(feed.held) - 1
-                self._drain(user, feed)
-                if feed.until is not None and feed.last >= feed.until:
-                    self._close(user, session_id)
+        def failed(answer: str) -> None:
+            self._act(self.feeds.filled(read, None, answer))
 
-        refused = self._write(lambda store: store.history(session_id, after=after,
-                                                          limit=FILL_PAGE),
-                              done, lambda answer: done(None, answer))
+        refused = self._write(lambda store: store.history(read.session_id, after=read.after,
+                                                          limit=FILL_PAGE), got, failed)
         if refused:
-            done(None, refused)
-
-    def _feeds_of(self, session_id: str) -> list[Feed]:
-        """Every local feed of the session (members', and those closing)."""
-        return [feeds[session_id] for feeds in self.feeds.values() if session_id in feeds]
+            failed(refused)
 
     def reload(self) -> None:
         """Reload the sessions from the store and apply what changed while
@@ -831,7 +625,7 @@ class Sessions:
         self._reloading = True
         before = {session_id: session.members for session_id, session in self.sessions.items()}
 
-        def done(rows: list[StoredSession] | None, failure: str | None = None) -> None:
+        def loaded(rows: list[StoredSession] | None, failure: str | None = None) -> None:
             self._reloading = False
             if rows is None:
                 log.warning("could not reload the sessions after a broker outage: %s", failure)
@@ -860,37 +654,60 @@ class Sessions:
                     self._apply(SessionChanged(session_id=session_id, kind=session.kind,
                                                status="deleted", members=sorted(members)))
             self._place(stored)
-            for user, feeds in list(self.feeds.items()):
-                missing = [s for s in self.joined.get(user, {}) if s not in feeds]
+            for user in list(self.feeds.users):
+                missing = [s for s in self.joined.get(user, {}) if not self.feeds.follows(user, s)]
                 if missing and user not in self.logins:
                     self._baseline(user, missing)
-                self._catch_up(feeds)
+                self._act(self.feeds.catch_up(user))
 
-        refused = self._write(lambda store: store.load_sessions(), done,
-                              lambda answer: done(None, answer))
+        refused = self._write(lambda store: store.load_sessions(), loaded,
+                              lambda answer: loaded(None, answer))
         if refused:
-            done(None, refused)
+            loaded(None, refused)
 
     def _apply(self, change: SessionChanged, since: dict[str, int]) -> None:
         """A change found by ``reload``: applied as if another node said it;
         the feeds of users who joined start where the store says they
         joined (``since``), and read what they missed."""
-        change.seq = -1
         self.remote_changed(change, since)
 
     def _place(self, stored: dict[str, StoredSession]) -> None:
         """Start the feeds that held messages of a session this node did not
-        know the user was in, where ``stored`` says the user joined (from
-        the first message held if it does not say)."""
-        unplaced, self._unplaced = self._unplaced, set()
-        for user, session_id in unplaced:
-            feed = self.feeds.get(user, {}).get(session_id)
-            if feed is None or feed.last is not None or user in self.logins:
-                continue  # closed, placed meanwhile, or a login's baseline will
-            row = stored.get(session_id)
-            self._start(user, feed, row.members.get(user, -1) if row is not None else -1)
-            if feed.held:
-                self._fill(session_id)
+        know the user was in, where ``stored`` says the user joined."""
+        self._act(self.feeds.place({session_id: row.members for session_id, row in stored.items()},
+                                   self.logins))
+
+    def _act(self, actions: list[Action], frames: dict[tuple, bytes | None] | None = None,
+             ) -> None:
+        """Carry out what the feeds decided (``chatd.feeds``); ``frames``:
+        each message framed once per protocol, across calls that share it."""
+        if frames is None:
+            frames = {}
+        for action in actions:
+            kind = type(action)
+            if kind is Deliver:
+                event, asker = action.entry.event, action.entry.asker
+                for client in self.devices.get(action.user, {}).values():
+                    if client is asker:
+                        continue
+                    key = (event.session_id, event.seq, client.protocol)
+                    if key not in frames:
+                        data = client.protocol.encode(event)
+                        frames[key] = text_frame(data) if data is not None else None
+                    if frames[key] is not None:
+                        client.deliver(frames[key])
+                if asker is not None:
+                    _answer(asker, event, action.entry.cdid)
+            elif kind is Answer:
+                _answer(action.entry.asker, action.entry.event, action.entry.cdid)
+            elif kind is Read:
+                self._read(action)
+            elif kind is Reload:
+                self.reload()
+            else:
+                log.warning("session %s: messages %d to %d for %s are not in the store (%s): "
+                            "skipped", action.session_id, action.first, action.last, action.user,
+                            action.why)
 
     def _deliver(self, users: Iterable[str], event: Event) -> None:
         """Every local device of ``users`` gets ``event``, framed once per protocol."""
@@ -1002,14 +819,6 @@ def _answer(asker: Client, event: Event, cdid: Any) -> None:
     """The asker's one answer: ``event`` carrying its ``cdid``."""
     data = asker.protocol.encode(msgspec.structs.replace(event, cdid=cdid))
     asker.answered(text_frame(data) if data is not None else None)
-
-
-def _answer_held(feed: Feed) -> None:
-    """A feed is dropped: the askers of messages it held still get their answer."""
-    for event, asker, cdid in feed.held.values():
-        if asker is not None:
-            _answer(asker, event, cdid)
-    feed.held.clear()
 
 
 def _call(callback: Callable[..., None], *args: Any) -> None:
