@@ -59,9 +59,7 @@ async def one_client(port: int, kind: str, index: int, deadline: float) -> int:
                 async with open_websocket_url(url + "/wcp") as ws:
                     await ws.send_message(json.dumps({"type": "user_joined",
                                                       "user_id": "\u200b" + FILL}))
-                    with trio.move_on_after(2):
-                        while True:
-                            await ws.get_message()
+                    await ws.get_message()  # the refusal; then close at once
             except (ConnectionClosed, HandshakeError, OSError):
                 pass
             sent += 1
