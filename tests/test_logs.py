@@ -375,3 +375,18 @@ def test_configure_installs_both_guards():
         logging.getLogger().handlers.clear()
     records = check_text_log(out.getvalue())
     assert len(records) == 16
+
+
+async def test_what_is_left_out_is_summarised_once_a_minute(nursery, autojump_clock, caplog):
+    from chatd.logs import SUMMARY_INTERVAL, client_lines, report_suppressed
+    caplog.set_level(logging.INFO, "chatd.logs")
+    client_lines.summary()  # start from nothing left out
+    source = ClientSource("192.0.2.99")
+    passed = sum(client_lines.allow(source) for _ in range(100))
+    nursery.start_soon(report_suppressed)
+    await trio.sleep(SUMMARY_INTERVAL * 1.5)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "chatd.logs"]
+    assert line.startswith(f"left out {100 - passed} log lines caused by clients")
+    assert line.endswith(f": 192.0.2.99 {100 - passed}")
+    await trio.sleep(SUMMARY_INTERVAL * 2)  # nothing more left out: nothing more said
+    assert len([r for r in caplog.records if r.name == "chatd.logs"]) == 1
