@@ -196,7 +196,7 @@ class SafeTextFormatter(logging.Formatter):
         return _safe_trace(stack_info, "  ")
 
 
-class _UTCJsonFormatter(JsonFormatter):
+class SafeJsonFormatter(JsonFormatter):
     """One JSON object per line; the message escaped and cut as in the text
     format, every other text field (``peer``, ``path``, a traceback) escaped
     and cut too (a traceback keeps its line breaks, which JSON escapes)."""
@@ -424,7 +424,7 @@ def configure(level: str = "info", log_format: str = "text", stream=None) -> Non
     escaped and bounded per client (see the module's docstring)."""
     handler = logging.StreamHandler(stream or sys.stderr)
     if log_format == "json":
-        handler.setFormatter(_UTCJsonFormatter(
+        handler.setFormatter(SafeJsonFormatter(
             list(_JSON_FIELDS), rename_fields={"asctime": "time", "levelname": "level",
                                                "name": "logger"},
             json_ensure_ascii=False))

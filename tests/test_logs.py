@@ -16,15 +16,14 @@ import re
 import time
 from contextlib import contextmanager
 
-import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatd.config import default_config
 from chatd.logs import (
-    MAX_ARG_CHARS, MAX_MESSAGE_CHARS, ClientLines, ClientSource, SafeTextFormatter, _UTCJsonFormatter,
-    address_key, client_source, configure,
+    MAX_ARG_CHARS, MAX_MESSAGE_CHARS, ClientLines, ClientSource, SafeJsonFormatter,
+    SafeTextFormatter, address_key, client_source, configure,
 )
 from chatd.server import Server
 from tests.conftest import GUARD, JWT_SECRET, SECRET, ServerProcess, free_port
@@ -94,7 +93,7 @@ def test_no_argument_or_error_text_can_start_a_line_or_carry_a_control(one, two)
 def test_json_lines_escape_the_message_and_every_field(one, two):
     out = io.StringIO()
     handler = logging.StreamHandler(out)
-    handler.setFormatter(_UTCJsonFormatter(["asctime", "levelname", "name", "message"],
+    handler.setFormatter(SafeJsonFormatter(["asctime", "levelname", "name", "message"],
                                            json_ensure_ascii=False))
     record = logging.LogRecord("chatd.test", logging.INFO, __file__, 1, "frame %s", (one,), None)
     record.peer, record.path = two, one
@@ -111,8 +110,9 @@ def test_a_forged_line_is_escaped_and_a_long_argument_cut():
     out = text_record("invalid wcp frame: %s", FORGED + "c" * 4000)
     (record,) = check_text_log(out)
     assert "\\n2026-12-07 20:00:00,000 ERROR chatd: FORGED-LINE \\x1b[2J\\r" in record
-    assert record.endswith("...[%d more]" % (len(FORGED) + 5 + 4000 - MAX_ARG_CHARS))  # \\n \\x1b \\r: 5 more
-    # Numbers keep their formats; a mapping's values are guarded too.
+    # Escaped, the line feed, escape and carriage return take 5 characters more.
+    assert record.endswith("...[%d more]" % (len(FORGED) + 5 + 4000 - MAX_ARG_CHARS))
+    # Numbers keep their formats.
     assert text_record("%d lines, %.1f s", 3, 2.25).endswith(": 3 lines, 2.2 s\n")
 
 
