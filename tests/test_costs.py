@@ -36,7 +36,8 @@ def test_any_close_code_has_one_of_a_few_labels(code):
 
 async def test_clients_choosing_close_codes_add_no_series(chat):
     server = await chat.start()
-    codes = [1000, 1001, 3000, 3999, 4000, 4321, 4999, *random.Random(19).sample(range(3000, 5000), 20)]
+    codes = [1000, 1001, 3000, 3999, 4000, 4321, 4999,
+             *random.Random(19).sample(range(3000, 5000), 20)]
     for code in codes:
         async with open_websocket_url(chat.url("/wschat")) as ws:
             await ws.aclose(code)
