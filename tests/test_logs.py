@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from chatd.config import default_config
@@ -270,6 +270,11 @@ async def _attack(text: str) -> None:
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(client_text)
+@example("alice")  # a valid name on every protocol
+@example("")
+@example("user_joined")
+@example("identify")
+@example("message")
 def test_no_client_input_forges_a_line_through_a_real_server(text):
     with safe_log() as out:
         trio.run(_attack, text)
