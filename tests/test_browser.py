@@ -690,3 +690,23 @@ async def test_a_close_for_a_bad_frame_is_not_a_refused_token(chat, pages):
     await tab.press("#ga-text", "Enter")
     got = await bob.recv()
     assert got["message"]["body"] == "after"
+
+
+async def test_the_lobby_sends_half_an_emoji_as_a_replacement_character_too(chat, pages):
+    await chat.start()
+    wendy = await wcp(chat, "wendy")
+    alice = await join(pages, chat, "alice")
+    await alice.do(lambda page: page.evaluate(
+        "() => { document.querySelector('#lobby-text').value = 'half \\ud83d emoji'; }"))
+    await alice.press("#lobby-text", "Enter")
+    got = await until(wendy, lambda f: f["type"] == "message")
+    assert (got["user_id"], got["data"]) == ("alice", "half \ufffd emoji")
+    # A name, too: joined as what was sent, not refused for its encoding.
+    bob = await pages.open(app_url(chat, "#lobby"))
+    await bob.do(lambda page: page.evaluate(
+        "() => { document.querySelector('#lobby-name').value = 'bob\\ud83d'; }"))
+    await bob.press("#lobby-name", "Enter")
+    joined = await until(wendy, lambda f: f["type"] == "user_joined")
+    assert joined["user_id"] == "bob\ufffd"
+    await bob.expect("#lobby-roster li", "to_have_text",
+                     ["alice", "bob\ufffd (you)", "Wendy (wendy)"])

@@ -74,8 +74,8 @@ export class GradAgenda {
     this.form.addEventListener("submit", (event) => {
       event.preventDefault();
       localStorage.setItem("chatd.device", device.value.trim());
-      this.signIn(byId("ga-user").value.trim(), byId("ga-token").value.trim(),
-                  device.value.trim());
+      this.signIn(wellFormed(byId("ga-user").value.trim()), wellFormed(byId("ga-token").value.trim()),
+                  wellFormed(device.value.trim()));
     });
     byId("ga-signout").addEventListener("click", () => this.signOut());
     this.retry.addEventListener("click", () => this.link && this.link.retryNow());
