@@ -32,7 +32,9 @@ discarded.
 Flood control throttles instead of dropping (as Ergo's "fakelag" does):
 every frame — data, fragment or control — costs one token of the
 ``message-rate`` bucket, and a message costs one more per action it asks
-for beyond the first (a GradAgenda batch of 40 actions costs 40). A
+for beyond the first (a GradAgenda batch of 40 actions costs 40), and
+one more per 64 UTF-8 bytes of each name it made chatd check
+(``chatd.names.cost``: a long name costs several messages' work). A
 client in debt is simply read later: TCP pushes back on it, every frame it
 sent is still handled in order, and nobody else waits.
 
@@ -58,6 +60,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import Protocol as WSProtocol
 from websockets.protocol import Side, State
 
+from chatd import names
 from chatd.client import Client, Flusher
 from chatd.events import Answered, Command, Leave, Request
 from chatd.protocols.base import AuthFailed, Close, Context, Output, Protocol, Send, Stream
@@ -167,9 +170,13 @@ class Connection(Client):
         as the client reads them, before the next message is read."""
         proto = self.proto
         was_authenticated = proto.authenticated
+        checked = names.meter.tokens
         outputs = proto.receive(text)
-        if len(outputs) > 1:  # one token per action asked for, beyond the frame's own
-            self.tokens -= len(outputs) - 1
+        # One token per action asked for beyond the frame's own, and what
+        # its name checks cost (chatd.names.cost: long names are dear).
+        extra = max(len(outputs) - 1, 0) + names.meter.tokens - checked
+        if extra > 0:
+            self.tokens -= extra
         done = self._carry_out_now(outputs)
         if done < len(outputs):
             await self._carry_out(outputs[done:])

@@ -216,16 +216,22 @@ class HeadReader:
     it are then in ``trailing``), None if more bytes are needed, and raises
     ``Refusal``-carrying ``BadRequest`` if the bytes are not HTTP.
     ``data=b""`` means the peer closed: ``BadRequest`` if mid-request.
+
+    A head over ``MAX_HEAD_BYTES`` is refused with 431 however its bytes
+    are split between reads: h11 checks only a head still incomplete, so
+    the bytes fed are counted here too.
     """
 
-    __slots__ = ("_h11", "trailing")
+    __slots__ = ("_h11", "trailing", "_fed")
 
     def __init__(self) -> None:
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         self.trailing = b""
+        self._fed = 0
 
     def feed(self, data: bytes) -> Request | None:
         conn = self._h11
+        self._fed += len(data)
         conn.receive_data(data)
         try:
             event = conn.next_event()
@@ -240,12 +246,17 @@ class HeadReader:
                 raise BadRequest(None)
             return None
         if isinstance(event, h11.Request):
-            request = request_from_h11(event)
             # The bytes after the head (a client may send frames right
             # after its upgrade request, before the 101).
-            self.trailing = conn.trailing_data[0]
-            return request
+            trailing = conn.trailing_data[0]
+            if self._fed - len(trailing) > MAX_HEAD_BYTES:
+                raise BadRequest(_HEAD_TOO_LARGE)
+            self.trailing = trailing
+            return request_from_h11(event)
         raise BadRequest(None)  # ConnectionClosed, or an event a server cannot get first
+
+
+_HEAD_TOO_LARGE = Refusal(431, f"the request head is over {MAX_HEAD_BYTES} bytes")
 
 
 class BadRequest(Exception):

@@ -22,6 +22,26 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 #: The Content-Type of the text exposition format.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+#: Close codes counted under their own label: those RFC 6455's registry
+#: (section 11.7, IANA "WebSocket Close Code Number Registry") defines.
+#: A client may close with any of ~4,000 codes; the rest are counted by
+#: class, so the series stay bounded: ``3xxx`` (registered with IANA for
+#: libraries and frameworks), ``4xxx`` (private use), ``other``.
+KNOWN_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011,
+                               1012, 1013, 1014, 1015})
+
+
+def close_label(code: int) -> int | str:
+    """The ``code`` label a close is counted under: the code itself if
+    RFC 6455 registers it, else its class (``3xxx``, ``4xxx``, ``other``)."""
+    if code in KNOWN_CLOSE_CODES:
+        return code
+    if 3000 <= code <= 3999:
+        return "3xxx"
+    if 4000 <= code <= 4999:
+        return "4xxx"
+    return "other"
+
 
 class Metrics:
     """Counters for one server, and the registry that exposes them."""
@@ -35,8 +55,8 @@ class Metrics:
         self.received: Counter[str] = Counter()
         #: Frames handed to clients, by protocol.
         self.deliveries: Counter[str] = Counter()
-        #: Connections closed, by close code.
-        self.closes: Counter[int] = Counter()
+        #: Connections closed, by close code (``close_label``: bounded).
+        self.closes: Counter[int | str] = Counter()
         #: Reads the router's queue depth at scrape time.
         self.queue_depth: Callable[[], int] = lambda: 0
         self.registry = CollectorRegistry(auto_describe=False)
@@ -48,7 +68,7 @@ class Metrics:
             registry=self.registry)
 
     def closed(self, code: int) -> None:
-        self.closes[code] += 1
+        self.closes[close_label(code)] += 1
 
     def collect(self) -> Iterator[Metric]:
         gauge = GaugeMetricFamily("chatd_connections", "Open WebSocket connections",
@@ -74,6 +94,6 @@ class Metrics:
 
 def _counter(name: str, documentation: str, label: str, values: Counter) -> CounterMetricFamily:
     family = CounterMetricFamily(name, documentation, labels=[label])
-    for key, count in sorted(values.items()):
+    for key, count in sorted(values.items(), key=lambda item: str(item[0])):
         family.add_metric([str(key)], count)
     return family

@@ -6,11 +6,23 @@ address past the limits):
 
 - the PROXY protocol header (HAProxy's v1 text line or v2 binary header,
   as HAProxy and nginx ``stream`` send it) when ``proxy-protocol`` is on;
-  parsed by the ``proxy-protocol`` library, framed here (v1: up to CRLF,
-  at most 107 bytes; v2: 16 bytes plus the length in bytes 15-16);
-- ``X-Forwarded-For``: the right-most address that is not itself a
-  trusted proxy (each proxy appends the address it saw, so everything to
-  the left of that could be the client's own invention);
+  parsed by the ``proxy-protocol`` library, framed and checked here
+  against the PROXY protocol specification (haproxy's
+  doc/proxy-protocol.txt): v1 up to CRLF, at most 107 bytes, single
+  spaces, addresses and ports in canonical decimal (no sign, no leading
+  zero, no other digits: ``+80`` and ``080`` are refused); v2 16 bytes
+  plus the length in bytes 15-16, version 2, a defined command and
+  family, an address block as long as its family needs, TLVs that fill
+  the rest exactly (one claiming more bytes than remain is refused, also
+  inside ``PP2_TYPE_SSL``), and a ``PP2_TYPE_CRC32C`` that matches
+  (section 2.2.5: CRC32C of the whole header, its own value zeroed).
+  With the PROXY protocol the proxy is a TCP one and passes HTTP headers
+  on as the client wrote them: the header alone names the client, and
+  one that names none (v1 ``UNKNOWN``, v2 ``LOCAL`` or ``UNSPEC``) leaves
+  the proxy's own address;
+- without it, ``X-Forwarded-For``: the right-most address that is not
+  itself a trusted proxy (each proxy appends the address it saw, so
+  everything to the left of that could be the client's own invention);
 - ``X-Real-IP``, when there is no ``X-Forwarded-For``.
 
 Sans-IO: bytes and header values in, addresses out.
@@ -19,9 +31,11 @@ Sans-IO: bytes and header values in, addresses out.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from crc32c import crc32c
 from proxyprotocol.result import ProxyResultLocal
 from proxyprotocol.v1 import ProxyProtocolV1
 from proxyprotocol.v2 import ProxyProtocolV2
@@ -36,6 +50,20 @@ _v2 = ProxyProtocolV2()
 #: v2 address family and protocol bytes the spec defines (section 2.2):
 #: UNSPEC, and TCP or UDP over INET, INET6 and UNIX.
 _V2_FAMILIES = {0x00, 0x11, 0x12, 0x21, 0x22, 0x31, 0x32}
+#: Address block bytes per v2 address family (high nibble; section 2.2).
+_V2_ADDRESS_BYTES = {0x0: 0, 0x1: 12, 0x2: 36, 0x3: 216}
+_PP2_TYPE_CRC32C, _PP2_TYPE_SSL = 0x03, 0x20
+#: v1 (section 2.1): IPv4 as four decimal numbers 0-255 without leading
+#: zeros, IPv6 in hex digits and colons (checked by ipaddress after), ports
+#: decimal 0-65535 without leading zeros; single spaces; CRLF.
+_OCTET = rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9][0-9]|[0-9])"
+_IPV4 = rb"(?:" + _OCTET + rb"\.){3}" + _OCTET
+_PORT_TEXT = rb"(?:0|[1-9][0-9]{0,4})"
+_V1_LINE = re.compile(
+    rb"PROXY (?:UNKNOWN(?: [^\r\n]*)?"
+    rb"|TCP4 (" + _IPV4 + rb") (" + _IPV4 + rb") (" + _PORT_TEXT + rb") (" + _PORT_TEXT + rb")"
+    rb"|TCP6 ([0-9A-Fa-f:.]{2,45}) ([0-9A-Fa-f:.]{2,45}) (" + _PORT_TEXT + rb") ("
+    + _PORT_TEXT + rb"))\r\n")
 
 
 class ProxyHeaderError(ValueError):
@@ -95,8 +123,11 @@ def parse_proxy_header(header: bytes) -> Address | None:
     """The client address a complete PROXY header names; None for v2 LOCAL
     or v1 UNKNOWN (a health check by the proxy itself: use the peer)."""
     v2 = header.startswith(_V2_SIGNATURE)
-    if v2 and len(header) > 13 and header[13] not in _V2_FAMILIES:
-        raise ProxyHeaderError(f"bad PROXY header: unknown address family {header[13]:#04x}")
+    if v2:
+        if _check_v2(header):
+            return None  # LOCAL: the proxy speaking for itself
+    else:
+        _check_v1(header)
     try:
         result = (_v2 if v2 else _v1).unpack(header)
     except Exception as exc:  # the library's errors, and struct's on short blocks
@@ -108,6 +139,69 @@ def parse_proxy_header(header: bytes) -> Address | None:
         return None  # UNKNOWN or a unix socket: nothing to say
     ip = _plain_ip(str(peer[0]))
     return Address(ip, int(peer[1])) if ip is not None else None
+
+
+def _check_v1(header: bytes) -> None:
+    """Raise ProxyHeaderError unless ``header`` is a v1 line as section 2.1
+    writes it (the library would read ``+80``, `` 80`` or ``٨٠`` as 80)."""
+    match = _V1_LINE.fullmatch(header)
+    if match is None:
+        raise ProxyHeaderError(f"bad PROXY header: not a PROXY v1 line: {header[:60]!r}")
+    ports = match.group(3, 4) if match.group(1) else match.group(7, 8)
+    if any(port is not None and int(port) > 65535 for port in ports):
+        raise ProxyHeaderError("bad PROXY header: a port over 65535")
+    for text in match.group(5, 6):
+        if text is not None:
+            try:
+                ipaddress.IPv6Address(text.decode("ascii"))
+            except ValueError:
+                raise ProxyHeaderError(f"bad PROXY header: {text[:45]!r} is not an IPv6 address") \
+                    from None
+
+
+def _check_v2(header: bytes) -> bool:
+    """Raise ProxyHeaderError unless ``header`` (complete) is a v2 header as
+    section 2.2 writes it; True if it is a LOCAL one (whose address block
+    the receiver ignores)."""
+    command, family = header[12], header[13]
+    if command >> 4 != 2:
+        raise ProxyHeaderError(f"bad PROXY header: version {command >> 4}, not 2")
+    if command & 0xF not in (0, 1):
+        raise ProxyHeaderError(f"bad PROXY header: unknown command {command & 0xF:#x}")
+    if command & 0xF == 0:
+        return True
+    if family not in _V2_FAMILIES:
+        raise ProxyHeaderError(f"bad PROXY header: unknown address family {family:#04x}")
+    start = 16 + _V2_ADDRESS_BYTES[family >> 4]
+    if len(header) < start:
+        raise ProxyHeaderError("bad PROXY header: the address block is shorter than its family's")
+    for kind, offset, length in _tlvs(header, start, len(header)):
+        if kind == _PP2_TYPE_SSL:
+            if length < 5:
+                raise ProxyHeaderError("bad PROXY header: PP2_TYPE_SSL shorter than 5 bytes")
+            for _ in _tlvs(header, offset + 5, offset + length):
+                pass
+        elif kind == _PP2_TYPE_CRC32C:
+            if length != 4:
+                raise ProxyHeaderError("bad PROXY header: PP2_TYPE_CRC32C is not 4 bytes")
+            zeroed = header[:offset] + bytes(4) + header[offset + 4:]
+            if crc32c(zeroed) != int.from_bytes(header[offset:offset + 4], "big"):
+                raise ProxyHeaderError("bad PROXY header: its CRC32C does not match")
+    return False
+
+
+def _tlvs(data: bytes, start: int, end: int):
+    """(type, value offset, value length) of each TLV in ``data[start:end]``;
+    ProxyHeaderError if they do not fill it exactly (section 2.2.7)."""
+    while start < end:
+        if end - start < 3:
+            raise ProxyHeaderError("bad PROXY header: a TLV cut short")
+        kind, length = data[start], int.from_bytes(data[start + 1:start + 3], "big")
+        if start + 3 + length > end:
+            raise ProxyHeaderError(f"bad PROXY header: TLV {kind:#04x} claims {length} bytes, "
+                                   f"{end - start - 3} remain")
+        yield kind, start + 3, length
+        start += 3 + length
 
 
 def forwarded_address(forwarded_for: list[str], real_ip: str | None,

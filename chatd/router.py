@@ -39,6 +39,13 @@ class RouterError(RuntimeError):
     """The router failed while handling this connection's request."""
 
 
+def _about(command: Command) -> dict:
+    """A line's ``peer`` field: the client a command came from (its log
+    lines count against that client's, chatd.logs)."""
+    peer = getattr(command.client, "peer", None)
+    return {"peer": peer} if isinstance(peer, str) else {}
+
+
 class _Reply:
     __slots__ = ("event", "value")
 
@@ -97,7 +104,8 @@ class Router:
         try:
             result = self._handlers[type(command)](command)
         except Exception as exc:
-            log.exception("router failed on %s from %r", type(command).__name__, command.client)
+            log.exception("router failed on %s from %r", type(command).__name__, command.client,
+                          extra=_about(command))
             result = RouterError(f"{type(command).__name__}: {exc}")
         if result is not DEFERRED:
             self.resolve(command, result)
@@ -114,7 +122,8 @@ class Router:
         try:
             reply.set(command.client.answer(command, result))
         except Exception as exc:
-            log.exception("answering %s failed for %r", type(command).__name__, command.client)
+            log.exception("answering %s failed for %r", type(command).__name__, command.client,
+                          extra=_about(command))
             reply.set(RouterError(f"{type(command).__name__}: {exc}"))
 
     async def send(self, command: Command) -> None:

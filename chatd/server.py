@@ -38,6 +38,7 @@ from chatd.handshake import (
 )
 from chatd.http import Routes
 from chatd.limits import ConnectionLedger
+from chatd.logs import ClientSource, client_lines, client_source, report_suppressed
 from chatd.lobby import Lobby
 from chatd.metrics import Metrics
 from chatd.protocols import PROTOCOL_CLASSES
@@ -177,6 +178,7 @@ class Server:
                                                connections)
                     if config.ping_interval > 0:
                         connections.start_soon(self._keepalive)
+                    connections.start_soon(self._report_suppressed)
                     self._log_start()
                     task_status.started(self)
                     await self._stopping.wait()
@@ -241,6 +243,15 @@ class Server:
                         connection.ping(now)
                 self.flusher.flush()
 
+    async def _report_suppressed(self) -> None:
+        client_lines.exempt = self.ledger.exempt
+        with trio.CancelScope() as scope:
+            self._listen_scopes.append(scope)  # cancelled when shutdown begins
+            await report_suppressed()
+
+    def _log_source(self, ip: str | None, shown: str) -> ClientSource:
+        return ClientSource(None if self.ledger.is_exempt(ip) else ip, shown)
+
     async def _serve(self, listeners, handler, nursery: trio.Nursery) -> None:
         with trio.CancelScope() as scope:
             self._listen_scopes.append(scope)
@@ -252,6 +263,9 @@ class Server:
         peer = _peer_address(stream)
         trusted = in_networks(peer.ip, self.trusted)
         counted = None if trusted else peer.ip
+        # Lines logged while serving this connection are charged to it
+        # (chatd.logs): to its client's address once known.
+        client_source.set(self._log_source(None if trusted else peer.ip, peer.ip))
         refusal = self.ledger.admit(counted, trio.current_time())
         if refusal is not None:
             if not self.ledger.hold_refusal(peer.ip):
@@ -331,11 +345,18 @@ class Server:
             log.info("%s sent no request within %gs", client, timeout)
             return None, counted
         if trusted:
-            if client is peer:
+            if not config.proxy_protocol:
+                # Behind an HTTP proxy. With the PROXY protocol the proxy is a
+                # TCP one, which passes these headers on from the client as
+                # they came: its header alone names the client.
                 forwarded = forwarded_address(request.headers.get("x-forwarded-for", []),
                                               request.header("x-real-ip"), self.trusted)
                 if forwarded is not None:
                     client = Address(forwarded)
+            source = client_source.get()
+            if source is not None:
+                source.address = None if self.ledger.is_exempt(client.ip) else client.ip
+                source.shown = client.ip
             if refusal is None:
                 # The client's address if a header named one, else the
                 # proxy's own (docs/deployment.md): always counted.

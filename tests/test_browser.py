@@ -608,3 +608,105 @@ async def test_screenshots_of_the_two_main_views(chat, pages, tmp_path):
     await ga.do(lambda page: page.screenshot(path=str(out / "web-client-gradagenda.png")))
     for name in ("web-client-lobby.png", "web-client-gradagenda.png"):
         assert (out / name).stat().st_size > 10_000
+
+
+# --- what chatd refuses for its encoding, and closes that are not a refusal -----------
+
+
+async def _group_with_bob(chat, pages):
+    bob = await login(chat, "bob")
+    tab = await sign_in(pages, chat, "alice")
+    await tab.expect("#ga-state", "to_have_text", "Connected as alice (browser)")
+    await tab.click("text=New group")
+    await tab.fill("#ga-members", "bob")
+    await tab.press("#ga-members", "Enter")
+    await tab.expect("#ga-session-title", "to_have_text", "Group: bob")
+    created = await bob.recv()
+    return tab, bob, created["session-id"]
+
+
+async def _saved_sign_in(tab) -> str | None:
+    return await tab.do(lambda page: page.evaluate(
+        "() => sessionStorage.getItem('chatd.gradagenda')"))
+
+
+@pytest.mark.parametrize("typed, sent", [
+    # Half an emoji (a cut paste): JavaScript strings may hold one; JSON
+    # text sent as UTF-8 may not (chatd closes 1007). U+FFFD goes instead.
+    ("half \\ud83d emoji", "half \ufffd emoji"),
+    ("\\ude00 tail, whole \\ud83d\\ude00", "\ufffd tail, whole \U0001f600"),
+])
+async def test_half_an_emoji_is_sent_as_a_replacement_character_and_keeps_the_sign_in(
+        chat, pages, typed, sent):
+    await chat.start()
+    tab, bob, session = await _group_with_bob(chat, pages)
+    saved = await _saved_sign_in(tab)
+    assert saved is not None
+    await tab.do(lambda page: page.evaluate(f"() => {{ document.querySelector('#ga-text').value "
+                                            f"= '{typed}'; }}"))
+    await tab.press("#ga-text", "Enter")
+    await shows(tab, "alice", sent, GA_LAST)
+    await tab.expect("#ga-log .pending", "to_have_count", 0)
+    got = await bob.recv()
+    assert (got["session-id"], got["message"]["body"]) == (session, sent)
+    # A group name (the members' ids) goes the same way.
+    await tab.click("text=New group")
+    await tab.do(lambda page: page.evaluate(
+        "() => { document.querySelector('#ga-members').value = 'bob, carol\\ud83d'; }"))
+    await tab.press("#ga-members", "Enter")
+    await tab.expect("#ga-state", "to_have_text", "Connected as alice (browser)")
+    assert await _saved_sign_in(tab) == saved
+    await tab.expect("#ga-signin", "to_be_hidden")
+
+
+async def test_a_close_for_a_bad_frame_is_not_a_refused_token(chat, pages):
+    await chat.start()
+    tab, bob, session = await _group_with_bob(chat, pages)
+    saved = await _saved_sign_in(tab)
+    # The next frame the page sends is one chatd cannot read (as a bug
+    # would send): chatd closes 1007.
+    await tab.do(lambda page: page.evaluate("""() => {
+        const send = WebSocket.prototype.send;
+        WebSocket.prototype.send = function () {
+            WebSocket.prototype.send = send;
+            return send.call(this, '{"type": "request-sending-a-message", "cdid": "\\\\ud83d"}');
+        };
+    }"""))
+    await tab.fill("#ga-text", "this one breaks")
+    await tab.press("#ga-text", "Enter")
+    # Said on the message, which is not sent again; the page signs in again
+    # by itself with the saved sign-in, which it keeps.
+    await tab.expect(f"{GA_LAST} >> .status", "to_contain_text",
+                     "not sent: the server could not read what this page sent (1007")
+    await tab.expect("#ga-log .notice >> nth=-1", "to_contain_text",
+                     "Disconnected: the server could not read what this page sent")
+    await tab.expect("#ga-state", "to_have_text", "Connected as alice (browser)")
+    await tab.expect("#ga-signin", "to_be_hidden")
+    await tab.expect("#ga-signin-error", "to_have_text", "")
+    assert await _saved_sign_in(tab) == saved
+    await tab.expect(f"{GA_LAST}", "to_have_attribute", "data-state", "failed")
+    # The page works on: the next message goes through, the broken one never.
+    await tab.fill("#ga-text", "after")
+    await tab.press("#ga-text", "Enter")
+    got = await bob.recv()
+    assert got["message"]["body"] == "after"
+
+
+async def test_the_lobby_sends_half_an_emoji_as_a_replacement_character_too(chat, pages):
+    await chat.start()
+    wendy = await wcp(chat, "wendy")
+    alice = await join(pages, chat, "alice")
+    await alice.do(lambda page: page.evaluate(
+        "() => { document.querySelector('#lobby-text').value = 'half \\ud83d emoji'; }"))
+    await alice.press("#lobby-text", "Enter")
+    got = await until(wendy, lambda f: f["type"] == "message")
+    assert (got["user_id"], got["data"]) == ("alice", "half \ufffd emoji")
+    # A name, too: joined as what was sent, not refused for its encoding.
+    bob = await pages.open(app_url(chat, "#lobby"))
+    await bob.do(lambda page: page.evaluate(
+        "() => { document.querySelector('#lobby-name').value = 'bob\\ud83d'; }"))
+    await bob.press("#lobby-name", "Enter")
+    joined = await until(wendy, lambda f: f["type"] == "user_joined")
+    assert joined["user_id"] == "bob\ufffd"
+    await bob.expect("#lobby-roster li", "to_have_text",
+                     ["alice", "bob\ufffd (you)", "Wendy (wendy)"])

@@ -436,4 +436,5 @@ def test_json_logs_are_one_object_per_line_with_connection_fields():
     assert first["message"] == "203.0.113.7:4 disconnected from /wcp"
     assert (first["peer"], first["path"], first["code"]) == ("203.0.113.7:4", "/wcp", 1000)
     assert first["time"].endswith("Z") and "T" in first["time"]
-    assert second["message"] == "plain line with \"quotes\"\nand a newline"
+    # A line break is escaped: one record, one line (chatd.logs).
+    assert second["message"] == "plain line with \"quotes\"\\nand a newline"

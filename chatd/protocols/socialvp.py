@@ -107,6 +107,10 @@ class SocialVP(Protocol):
             return [missing("to")]
         if not request.to:
             return [not_a_name("to")]
+        try:
+            names.parse(request.to)  # checked here, so it is charged to this client
+        except names.InvalidName:
+            pass  # answered as nobody by that name, by the lobby
         return [SendDirect(to=request.to, payload=request.message)]
 
     def _identify(self, request: Identify) -> list[Output]:

@@ -10,7 +10,7 @@
 // waiting, each after checking that the server has not already stored it.
 
 import { atBottom, byId, el, enterSubmits, name, showState, time } from "./dom.js";
-import { describeClose, describeState, Link, socketUrl } from "./link.js";
+import { BAD_FRAME, describeClose, describeState, Link, socketUrl, wellFormed } from "./link.js";
 
 /** Messages asked for per history page (chatd caps a page at 100). */
 export const PAGE = 50;
@@ -74,8 +74,8 @@ export class GradAgenda {
     this.form.addEventListener("submit", (event) => {
       event.preventDefault();
       localStorage.setItem("chatd.device", device.value.trim());
-      this.signIn(byId("ga-user").value.trim(), byId("ga-token").value.trim(),
-                  device.value.trim());
+      this.signIn(wellFormed(byId("ga-user").value.trim()), wellFormed(byId("ga-token").value.trim()),
+                  wellFormed(device.value.trim()));
     });
     byId("ga-signout").addEventListener("click", () => this.signOut());
     this.retry.addEventListener("click", () => this.link && this.link.retryNow());
@@ -211,16 +211,27 @@ export class GradAgenda {
     this.generation += 1;
     for (const waiting of this.pending.values()) waiting.reject(new Closed("connection closed"));
     this.pending.clear();
+    const why = describeClose(code, reason);
     for (const item of this.outbox) {
       if (item.state !== "sending") continue;
-      // 1009: the server would not take a message that long; sending it
-      // again would only close the next connection too.
+      // 1009: the server would not take a message that long; 1007 and the
+      // like: one it could not read. Sending it again would only close the
+      // next connection too.
       if (code === 1009) this.markOutbox(item, "failed", `too long for this server (${reason || code})`);
+      else if (BAD_FRAME.has(code)) this.markOutbox(item, "failed", `${why} (${code}${reason ? `: ${reason}` : ""})`);
       else this.markOutbox(item, "waiting");
     }
-    const why = describeClose(code, reason);
     if (wasAuthed && this.open) this.addNotice(`Disconnected: ${why}.`, "error");
-    if (final) this.refused(why);
+    // A refused token is a failed answer to authenticate (onOpen), or the
+    // close (1008) that ends a sign-in that never succeeded. A close for a
+    // frame the server would not take, or one after signing in (a client
+    // cut off as a slow consumer), keeps the sign-in and reconnects.
+    if (!final) return undefined;
+    if (code === 1008 && !wasAuthed) {
+      this.refused(why);
+      return undefined;
+    }
+    return "retry";
   }
 
   onState(state, detail) {
@@ -576,7 +587,8 @@ export class GradAgenda {
   }
 
   send() {
-    const body = this.text.value;
+    // As it will be sent and stored (Link.send): so it matches its stored copy.
+    const body = wellFormed(this.text.value);
     if (!body.trim() || !this.open) return;
     const item = { sessionId: this.open.id, body, ts: Date.now(), state: "waiting",
                    cdid: undefined, node: null };

@@ -26,10 +26,34 @@ export function socketUrl(path) {
 
 const CLOSED = {
   1001: "the server shut down",
+  1002: "the server could not read what this page sent",
+  1003: "the server could not read what this page sent",
   1006: "the connection dropped",
+  1007: "the server could not read what this page sent",
   1011: "the server hit an internal error",
   1012: "the server is restarting",
 };
+
+/** Closes for a frame the server would not take (RFC 6455 section 7.4.1:
+ * a protocol error, data it cannot accept, text that is not what it says,
+ * a message too big): not a refused sign-in. */
+export const BAD_FRAME = new Set([1002, 1003, 1007, 1009]);
+
+// Half of a UTF-16 surrogate pair with no other half (a cut paste, half an emoji).
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/g;
+
+/** `text` with each lone surrogate replaced by U+FFFD, as the WHATWG
+ * encoding standard does for text it sends (USVString). JSON.stringify
+ * would write one as a `\uD83D` escape, which is no Unicode text: chatd
+ * refuses it (GradAgenda closes 1007, RFC 8259 section 8.2). */
+export function wellFormed(text) {
+  return typeof text.toWellFormed === "function" ? text.toWellFormed()
+    : text.replace(LONE_SURROGATE, "\uFFFD");
+}
+
+function sendable(key, value) {
+  return typeof value === "string" ? wellFormed(value) : value;
+}
 
 /** Why a socket closed, in words (`reason`: the close frame's). */
 export function describeClose(code, reason) {
@@ -64,7 +88,8 @@ const FINAL = new Set([1002, 1003, 1007, 1008, 1010]);
  * frame (frames that are not JSON are skipped); onState(state, detail) with
  * state one of "connecting", "connected", "reconnecting" (detail: seconds
  * left), "offline", "stopped" (detail: {code, reason} of the last close);
- * onClose({code, reason, final}) when a socket closes (final: no retry).
+ * onClose({code, reason, final}) when a socket closes (final: no retry,
+ * unless onClose returns "retry").
  */
 export class Link {
   constructor(url, handlers) {
@@ -129,10 +154,11 @@ export class Link {
     if (!this.socket) this.open();
   }
 
-  /** Send one JSON frame; false when no socket is open. */
+  /** Send one JSON frame, every string in it well-formed (`wellFormed`):
+   * false when no socket is open. */
   send(frame) {
     if (!this.socket || this.socket.readyState !== WebSocket.OPEN) return false;
-    this.socket.send(JSON.stringify(frame));
+    this.socket.send(JSON.stringify(frame, sendable));
     return true;
   }
 
@@ -170,9 +196,9 @@ export class Link {
       if (this.socket !== socket) return;
       this.socket = null;
       const final = FINAL.has(event.code);
-      this.handlers.onClose({ code: event.code, reason: event.reason, final });
+      const verdict = this.handlers.onClose({ code: event.code, reason: event.reason, final });
       if (!this.running) return;
-      if (final) this.stop(event.code, event.reason);
+      if (final && verdict !== "retry") this.stop(event.code, event.reason);
       else this.schedule();
     };
   }

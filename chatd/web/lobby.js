@@ -12,7 +12,7 @@
 // per member already in the room, which the roster is built from.
 
 import { atBottom, byId, el, enterSubmits, name, showState, stamp, time } from "./dom.js";
-import { describeClose, describeState, Link, socketUrl } from "./link.js";
+import { describeClose, describeState, Link, socketUrl, wellFormed } from "./link.js";
 
 const TAKEN = "user_id already in use";
 const ACCEPTED = /^already joined as (.+)$/s;
@@ -51,7 +51,7 @@ export class Lobby {
 
     this.joinForm.addEventListener("submit", (event) => {
       event.preventDefault();
-      this.join(this.nameInput.value.trim());
+      this.join(wellFormed(this.nameInput.value.trim()));
     });
     this.sendForm.addEventListener("submit", (event) => {
       event.preventDefault();
@@ -89,7 +89,8 @@ export class Lobby {
   }
 
   send() {
-    const data = this.text.value;
+    // As Link.send sends it, so the page shows what the others get.
+    const data = wellFormed(this.text.value);
     if (!data.trim() || this.phase !== "in") return;
     if (!this.link.send({ type: "message", data })) return;
     this.text.value = "";
