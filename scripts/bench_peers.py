@@ -34,7 +34,6 @@ quietest try is kept). Ratios are chatd's figure over the peer's.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -45,7 +44,7 @@ from pathlib import Path
 from typing import Callable
 
 from loadgen.report import others_pct
-from loadgen.servers import PEERS, node_peer_problem
+from loadgen.servers import PEERS, peer_problem
 
 LOADTEST = Path(__file__).resolve().parent / "loadtest.py"
 
@@ -74,12 +73,7 @@ def available_servers(peers: list[str]) -> list[str]:
     """chatd and each of ``peers`` that can run here; one line for each that cannot."""
     servers = ["chatd"]
     for peer in peers:
-        if peer == "websockets" and importlib.util.find_spec("websockets") is None:
-            problem = "the websockets package is missing (pip install -e '.[bench]')"
-        elif peer == "node-ws":
-            problem = node_peer_problem()
-        else:
-            problem = None
+        problem = peer_problem(peer)
         if problem:
             print(f"bench_peers: {peer} peer left out: {problem}", file=sys.stderr)
         else:
