@@ -45,6 +45,7 @@ from typing import Any
 import trio
 
 from .dialects import PROTOCOLS
+from .engine import choose_engine
 from .plan import make_plans
 from .plot import check_plotting, plot
 from .process import cpu_list, raise_fd_limit
@@ -118,6 +119,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     load.add_argument("--duration", type=float, default=10.0, help="seconds measured (default 10)")
     load.add_argument("--workers", type=int, default=1, help="client processes (default 1)")
     load.add_argument("--cpus", help="pin the client workers to these CPUs (e.g. 1)")
+    load.add_argument("--engine", choices=("auto", "go", "python"), default="auto",
+                      help="the workers: go (scripts/loadgen/engine, built on first use; "
+                           "multichat in fanout, rooms, connect and idle), python "
+                           "(scripts/loadgen/worker.py, every protocol and scenario), or "
+                           "auto (go where it applies and Go is installed; the default)")
     load.add_argument("--interval", type=float, help="seconds per sample (default: 1, "
                                                      "or less for short runs)")
     load.add_argument("--grace", type=float, default=2.0,
@@ -146,6 +152,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     problem = scenario.check(args)
     if problem:
         p.error(problem)
+    args.engine = choose_engine(args.engine, args.scenario, args.protocol)
     if args.interval is None:
         args.interval = min(1.0, max(0.1, args.duration / 10))
     return args

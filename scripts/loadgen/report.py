@@ -84,8 +84,8 @@ def compile_result(args: argparse.Namespace, plans: list[Plan], layout: Layout,
         after = server[scenario.rss_reading[0]]
         server["rss_per_connection_kib"] = (round((after - base) / held, 2)
                                             if held and base and after else None)
-    return {
-        "scenario": args.scenario, "protocol": args.protocol,
+    result = {
+        "scenario": args.scenario, "protocol": args.protocol, "engine": args.engine,
         "target": f"ws://{plans[0].host_header}", "paths": sorted(set(layout.paths)),
         "workers": args.workers, "duration_s": duration,
         "subscribers": len(layout.subscribers), "publishers": len(layout.publishers),
@@ -116,6 +116,35 @@ def compile_result(args: argparse.Namespace, plans: list[Plan], layout: Layout,
         "pinned": {"server": cpu_list(args.server_cpus), "client": cpu_list(args.cpus)},
         "timeline": timeline,
     }
+    result["bottleneck"] = bottleneck(result)
+    return result
+
+
+def bottleneck(r: dict[str, Any]) -> dict[str, Any]:
+    """Which side limited the run: ``server``, ``load`` (this test's workers)
+    or ``neither`` (the window, the pacing, or another job), with the figures
+    it was judged by (% of a core): each process's CPU and, when pinned, its
+    core's busy time (interrupts included)."""
+    busy = r["host"]["cpu_busy_pct"]
+
+    def core(cpus: list[int] | None) -> float | None:
+        cores = [busy[c] for c in cpus or () if c < len(busy)]
+        return max(cores) if cores else None
+
+    server_cpu = (r["server"] or {}).get("cpu_pct")
+    load_cpu = max(r["client"]["worker_cpu_pct"] or [0.0])
+    server_core, load_core = core(r["pinned"]["server"]), core(r["pinned"]["client"])
+    server_full = (server_cpu or 0) >= 85 or (server_core or 0) >= 95
+    load_full = load_cpu >= 85 or (load_core or 0) >= 95
+    if server_full and (not load_full or (server_core or server_cpu or 0)
+                        >= (load_core or load_cpu)):
+        side = "server"
+    elif load_full:
+        side = "load"
+    else:
+        side = "neither"
+    return {"side": side, "server_cpu_pct": server_cpu, "load_worker_cpu_pct": load_cpu,
+            "server_core_busy_pct": server_core, "load_core_busy_pct": load_core}
 
 
 def others_pct(r: dict[str, Any]) -> float:
@@ -149,7 +178,8 @@ def summary_table(r: dict[str, Any]) -> str:
                                f"{mib(server['rss_before_kib'])} idle, {mib(server[key])} {when}"
                                + (f" ({per:.1f} KiB per connection)" if per else "")))
     client = r["client"]
-    rows.append(("client CPU", f"{client['cpu_pct']}% of a core (user {client['user_pct']}%, "
+    rows.append(("client CPU", f"{r['engine']} engine: "
+                               f"{client['cpu_pct']}% of a core (user {client['user_pct']}%, "
                                f"system {client['system_pct']}%); per worker "
                                f"{', '.join(f'{c}%' for c in client['worker_cpu_pct'])}"))
     host = r["host"]
@@ -158,6 +188,17 @@ def summary_table(r: dict[str, Any]) -> str:
                          f"used {host['busy_pct']}% of a core, interrupts {host['interrupts_pct']}%"
                          + (f"; {others_pct(r):.0f}% was neither the server nor this test"
                             if server else "")))
+    b = r["bottleneck"]
+    said = {"server": "the server (its CPU or core was full)",
+            "load": "the load generator (a worker or its core was full): the figures "
+                    "measure the client",
+            "neither": "neither side's core was full (the window, the pacing, or "
+                       "another job limited the run)"}[b["side"]]
+    cores = ""
+    if b["server_core_busy_pct"] is not None and b["load_core_busy_pct"] is not None:
+        cores = (f"; server core {b['server_core_busy_pct']:.0f}% busy, load core "
+                 f"{b['load_core_busy_pct']:.0f}%")
+    rows.append(("bottleneck", said + cores))
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k.ljust(width)}  {v}" for k, v in rows]
     if r["delivered_ratio"] is not None and r["delivered_ratio"] < 0.99:
