@@ -150,10 +150,14 @@ class ServerProcess:
         env.pop("JWT_SECRET", None)
         env["GOMAXPROCS"] = "1"  # one core, like chatd and the other peers
         self.log = open(self.log_path, "wb")
+
+        def setup() -> None:
+            spawned_server_setup()
+            if cpus:  # before exec: every thread the runtime starts is pinned too
+                os.sched_setaffinity(0, cpus)
+
         self.proc = subprocess.Popen(args, cwd=self.dir, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, preexec_fn=spawned_server_setup)
-        if cpus:
-            os.sched_setaffinity(self.proc.pid, cpus)
+                                     stderr=subprocess.STDOUT, preexec_fn=setup)
         self._wait_until_listening()
 
     def _wait_until_listening(self) -> None:
