@@ -4,11 +4,17 @@ Each case is a one-second scenario with a few clients, whose ``--json``
 report is checked for the fields a reader relies on. The cases run as
 concurrent subprocesses, started together by a module fixture, so the
 file takes a few seconds rather than the sum of them.
+
+Both engines are run: the compiled one (``--engine go``, multichat in
+fanout, rooms, connect and idle; it needs ``go``: without it those tests
+skip, except under CI=true, where they fail) and the Python one (every
+protocol and scenario, and the fallback).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +40,16 @@ SPAWNED = {
     "connect-churn": ["connect", "--spawn", "--connect-rate", "40", "--churn",
                       "--protocol", "gradagenda"],
     "idle": ["idle", "--spawn", "--connections", "40", "--protocol", "socialvp"],
+    # The same multichat scenarios on each engine, named explicitly.
+    "go-fanout": ["fanout", "--spawn", "--engine", "go", "--subscribers", "6",
+                  "--publishers", "2", "--workers", "2"],
+    "go-paced": ["fanout", "--spawn", "--engine", "go", "--subscribers", "4", "--rate", "200"],
+    "go-rooms": ["rooms", "--spawn", "--engine", "go", "--rooms", "3", "--room-size", "3"],
+    "go-connect": ["connect", "--spawn", "--engine", "go", "--connect-rate", "40"],
+    "go-churn": ["connect", "--spawn", "--engine", "go", "--connect-rate", "40", "--churn"],
+    "go-idle": ["idle", "--spawn", "--engine", "go", "--connections", "40"],
+    "python-fanout": ["fanout", "--spawn", "--engine", "python", "--subscribers", "6",
+                      "--publishers", "2", "--workers", "2"],
 }
 
 
@@ -64,6 +80,8 @@ def reports(tmp_path_factory):
                                "--server-pid", str(server.proc.pid)])
     procs["wrong-secret"] = start(["fanout", *external, "--subscribers", "3",
                                    "--secret-key", "not the secret"])
+    procs["go-wrong-secret"] = start(["fanout", *external, "--subscribers", "3", "--engine",
+                                      "go", "--secret-key", "not the secret"])
     cache: dict[str, tuple[int, dict | None, str]] = {}
 
     def report(name: str) -> tuple[int, dict | None, str]:
@@ -77,6 +95,17 @@ def reports(tmp_path_factory):
             proc.kill()
             proc.wait()
     server.stop()
+
+
+def require_go() -> None:
+    """Skip without go (fail under CI=true, where .ci/run installs it)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from loadgen.gobuild import go_problem
+    problem = go_problem("loadgen-engine")
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the compiled load engine: {problem}")
+        pytest.skip(f"the compiled load engine cannot be built: {problem}")
 
 
 def healthy(report: tuple[int, dict | None, str]) -> dict:
@@ -195,3 +224,67 @@ def test_refuses_a_target_that_is_not_loopback(tmp_path):
     assert proc.returncode != 0
     assert "not a loopback address" in proc.stderr
     assert "--host" in proc.stderr
+
+
+def test_python_engine_still_runs_multichat_fanout(reports):
+    result = healthy(reports("python-fanout"))
+    assert result["engine"] == "python"
+    check_messages(result)
+    assert result["expected_deliveries"] == result["publishes"] * 9
+
+
+def test_go_engine_fanout_counts_every_delivery_over_two_workers(reports):
+    require_go()
+    result = healthy(reports("go-fanout"))
+    assert result["engine"] == "go"
+    check_messages(result)
+    assert (result["subscribers"], result["publishers"], result["connections"]) == (6, 2, 10)
+    assert len(result["client"]["worker_cpu_pct"]) == 2
+    assert result["expected_deliveries"] == result["publishes"] * 9
+    assert result["bottleneck"]["side"] in ("server", "load", "neither")
+    assert result["server"]["cpu_pct"] > 0
+
+
+def test_go_engine_paces_publishing_by_rate(reports):
+    require_go()
+    result = healthy(reports("go-paced"))
+    check_messages(result)
+    assert 0 < result["publishes"] <= 200 + 1
+    assert result["expected_deliveries"] == result["publishes"] * 5
+
+
+def test_go_engine_rooms_reach_their_own_members_only(reports):
+    require_go()
+    result = healthy(reports("go-rooms"))
+    check_messages(result)
+    assert result["paths"] == ["/room-0", "/room-1", "/room-2"]
+    assert result["expected_deliveries"] == result["publishes"] * 4
+
+
+def test_go_engine_connect_storm_holds_or_churns_every_connection(reports):
+    require_go()
+    held = healthy(reports("go-connect"))
+    assert held["connect_attempts"] == 40
+    assert held["connects"] + held["late_connects"] == held["connections"] == 40
+    assert held["connect_latency_ms"]["count"] == 40
+    churned = healthy(reports("go-churn"))
+    assert churned["connects"] + churned["late_connects"] == 40
+    assert churned["connections"] == 0
+
+
+def test_go_engine_idle_reports_server_memory(reports):
+    require_go()
+    result = healthy(reports("go-idle"))
+    assert result["connections"] == 40
+    assert result["server"]["rss_per_connection_kib"] > 0
+
+
+def test_go_engine_reports_a_refused_register_like_the_python_one(reports):
+    require_go()
+    code, result, err = reports("go-wrong-secret")
+    assert code == 0, err
+    assert result["engine"] == "go"
+    assert result["connections"] == 0
+    assert result["error_count"] == 5
+    assert any(kind.startswith("auth: closed 1008") for kind in result["errors"])
+    assert result["close_codes"] == {"1008": 5}
