@@ -241,7 +241,7 @@ def test_go_engine_fanout_counts_every_delivery_over_two_workers(reports):
     assert (result["subscribers"], result["publishers"], result["connections"]) == (6, 2, 10)
     assert len(result["client"]["worker_cpu_pct"]) == 2
     assert result["expected_deliveries"] == result["publishes"] * 9
-    assert result["bottleneck"]["side"] in ("server", "load", "neither")
+    assert result["bottleneck"]["side"] in ("server", "load", "others", "neither")
     assert result["server"]["cpu_pct"] > 0
 
 

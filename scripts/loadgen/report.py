@@ -121,10 +121,16 @@ def compile_result(args: argparse.Namespace, plans: list[Plan], layout: Layout,
 
 
 def bottleneck(r: dict[str, Any]) -> dict[str, Any]:
-    """Which side limited the run: ``server``, ``load`` (this test's workers)
-    or ``neither`` (the window, the pacing, or another job), with the figures
-    it was judged by (% of a core): each process's CPU and, when pinned, its
-    core's busy time (interrupts included)."""
+    """Which side limited the run, judged by the figures it returns (% of a core):
+
+    - ``server``: the server's process used >= 85% of a core, or its pinned
+      core was >= 95% busy (its share of the loopback's interrupts runs there);
+    - ``load``: a load worker used >= 85% of a core (the figures measure the
+      client);
+    - ``others``: the load's pinned core was >= 95% busy although the load
+      itself was not: other processes took it;
+    - ``neither``: the window, the pacing, or another job limited the run.
+    """
     busy = r["host"]["cpu_busy_pct"]
 
     def core(cpus: list[int] | None) -> float | None:
@@ -134,13 +140,14 @@ def bottleneck(r: dict[str, Any]) -> dict[str, Any]:
     server_cpu = (r["server"] or {}).get("cpu_pct")
     load_cpu = max(r["client"]["worker_cpu_pct"] or [0.0])
     server_core, load_core = core(r["pinned"]["server"]), core(r["pinned"]["client"])
-    server_full = (server_cpu or 0) >= 85 or (server_core or 0) >= 95
-    load_full = load_cpu >= 85 or (load_core or 0) >= 95
-    if server_full and (not load_full or (server_core or server_cpu or 0)
-                        >= (load_core or load_cpu)):
+    if (server_cpu or 0) >= 85 and (server_cpu or 0) >= load_cpu:
         side = "server"
-    elif load_full:
+    elif load_cpu >= 85:
         side = "load"
+    elif (server_core or 0) >= 95:
+        side = "server"
+    elif (load_core or 0) >= 95:
+        side = "others"
     else:
         side = "neither"
     return {"side": side, "server_cpu_pct": server_cpu, "load_worker_cpu_pct": load_cpu,
@@ -189,9 +196,10 @@ def summary_table(r: dict[str, Any]) -> str:
                          + (f"; {others_pct(r):.0f}% was neither the server nor this test"
                             if server else "")))
     b = r["bottleneck"]
-    said = {"server": "the server (its CPU or core was full)",
-            "load": "the load generator (a worker or its core was full): the figures "
+    said = {"server": "the server (its process or its core was full)",
+            "load": "the load generator (a worker used a full core): the figures "
                     "measure the client",
+            "others": "other processes (the load's core was full, not by the load)",
             "neither": "neither side's core was full (the window, the pacing, or "
                        "another job limited the run)"}[b["side"]]
     cores = ""
