@@ -94,6 +94,8 @@ def reports(tmp_path_factory):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for stream in (proc.stdout, proc.stderr):  # a case no test collected
+            stream.close()
     server.stop()
 
 
