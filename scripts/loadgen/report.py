@@ -213,9 +213,7 @@ def summary_table(r: dict[str, Any]) -> str:
         lines.append("  note: messages went missing. chatd drops a connection's frames beyond "
                      "its message-rate (default 100/s): lift it in the server's config, or "
                      "pace with --rate")
-    busy = host["cpu_busy_pct"]
-    client_cores = [busy[c] for c in r["pinned"]["client"] or () if c < len(busy)]
-    if max(client["worker_cpu_pct"]) > 85 or (client_cores and max(client_cores) >= 95):
+    if b["side"] == "load":
         lines.append("  warning: the client was near a full core, so these numbers may "
                      "measure the client; add --workers (or cores)")
     return "\n".join(lines)

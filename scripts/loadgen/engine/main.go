@@ -24,7 +24,6 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"crypto/rand"
 	"crypto/sha1"
 	"encoding/base64"
 	"encoding/binary"
@@ -32,6 +31,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/rand"
 	"net"
 	"os"
 	"os/signal"
@@ -163,17 +163,17 @@ type conn struct {
 }
 
 type stats struct {
-	deliveries, late, publishes          int64
-	connects, lateConnects, attempts     int64
-	open                                 int64
-	latency                              hist
-	latencyMax                           int64
-	connectLatency                       hist
-	connectLatencyMax                    int64
-	errors                               map[string]int64
-	closeCodes                           map[int]int64
-	closeReasons                         map[int]string
-	deadlineNs                           int64
+	deliveries, late, publishes      int64
+	connects, lateConnects, attempts int64
+	open                             int64
+	latency                          hist
+	latencyMax                       int64
+	connectLatency                   hist
+	connectLatencyMax                int64
+	errors                           map[string]int64
+	closeCodes                       map[int]int64
+	closeReasons                     map[int]string
+	deadlineNs                       int64
 }
 
 type pair struct{ pub, probe *conn }
@@ -780,38 +780,28 @@ func (e *engine) openMany(wanted []struct {
 	room int
 }) []*conn {
 	result := make([]*conn, len(wanted))
-	pending := map[*conn]bool{}
-	next, left := 0, len(wanted)
+	var pending fifo
+	inFlight, next, left := 0, 0, len(wanted)
 	reportAt := monoNs() + 250_000_000
 	timeout := int64(e.p.ConnectTimeout * 1e9)
 	for left > 0 {
-		for next < len(wanted) && len(pending) < e.p.Concurrency {
+		for next < len(wanted) && inFlight < e.p.Concurrency {
 			i := next
 			next++
+			inFlight++
 			c := e.open(wanted[i].name, wanted[i].room, func(c *conn, ok bool) {
-				delete(pending, c)
+				inFlight--
 				left--
 				if ok {
 					result[i] = c
 				}
 			})
-			if !c.reported { // a failure at once has called onDone already
-				pending[c] = true
-			}
+			pending.push(c)
 		}
 		if left == 0 {
 			break
 		}
-		wake := reportAt
-		now := monoNs()
-		for c := range pending {
-			if c.started+timeout < wake {
-				wake = c.started + timeout
-			}
-			if now-c.started >= timeout {
-				e.timeout(c)
-			}
-		}
+		wake := minInt(reportAt, e.expire(&pending, timeout))
 		e.poll(wake)
 		if monoNs() >= reportAt {
 			reportAt = monoNs() + 250_000_000
@@ -819,6 +809,47 @@ func (e *engine) openMany(wanted []struct {
 		}
 	}
 	return result
+}
+
+// fifo holds attempts in the order they started, so the oldest times out first.
+type fifo struct {
+	items []*conn
+	head  int
+}
+
+func (f *fifo) push(c *conn) {
+	if !c.reported {
+		f.items = append(f.items, c)
+	}
+}
+
+// expire times out the attempts older than timeout; the time the next one
+// would (math.MaxInt64 if none waits).
+func (e *engine) expire(f *fifo, timeout int64) int64 {
+	now := monoNs()
+	for f.head < len(f.items) {
+		c := f.items[f.head]
+		if !c.reported && now-c.started < timeout {
+			return c.started + timeout
+		}
+		if !c.reported {
+			e.timeout(c)
+		}
+		f.items[f.head] = nil
+		f.head++
+		if f.head > 4096 && f.head*2 > len(f.items) {
+			f.items, f.head = append([]*conn(nil), f.items[f.head:]...), 0
+		}
+	}
+	return math.MaxInt64
+}
+
+func (f *fifo) waiting() bool {
+	for f.head < len(f.items) && f.items[f.head].reported {
+		f.items[f.head] = nil
+		f.head++
+	}
+	return f.head < len(f.items)
 }
 
 func (e *engine) timeout(c *conn) {
@@ -1032,41 +1063,29 @@ func (e *engine) storm(start, deadline int64, smp *sampler) {
 		total = int64(math.Ceil(float64(deadline-start) / 1e9 * rate))
 	}
 	prefix := e.p.namePrefix
-	pending := map[*conn]bool{}
+	var pending fifo
 	timeout := int64(e.p.ConnectTimeout * 1e9)
 	var k int64
 	for {
 		now := monoNs()
 		for k < total && start+int64(float64(k)/rate*1e9) <= now {
 			e.st.attempts++
-			name := fmt.Sprintf("%sc%d", prefix, k)
+			name := prefix + "c" + strconv.FormatInt(k, 10)
 			k++
-			made := e.open(name, 0, func(c *conn, ok bool) {
-				delete(pending, c)
+			pending.push(e.open(name, 0, func(c *conn, ok bool) {
 				if ok && e.p.Churn {
 					e.closeConn(c)
 				}
-			})
-			if !made.reported {
-				pending[made] = true
-			}
+			}))
 		}
-		if now >= deadline && len(pending) == 0 {
+		if now >= deadline && !pending.waiting() {
 			break
 		}
-		wake := smp.due()
+		wake := minInt(smp.due(), e.expire(&pending, timeout))
 		if k < total {
 			wake = minInt(wake, start+int64(float64(k)/rate*1e9))
 		} else if now < deadline {
 			wake = minInt(wake, deadline)
-		}
-		for c := range pending {
-			if now-c.started >= timeout {
-				e.timeout(c)
-				delete(pending, c)
-				continue
-			}
-			wake = minInt(wake, c.started+timeout)
 		}
 		e.poll(wake)
 		smp.tick()
@@ -1124,6 +1143,7 @@ func (e *engine) finish(smp *sampler) {
 func main() {
 	signal.Ignore(syscall.SIGINT, syscall.SIGTERM) // the parent stops us
 	initClock()
+	rand.Seed(time.Now().UnixNano()) // masks and handshake keys need not be secret here
 	reader := bufio.NewReaderSize(os.Stdin, 1<<20)
 	line, err := reader.ReadBytes('\n')
 	if err != nil {
