@@ -29,7 +29,8 @@ SHORT = ["--duration", "1", "--json"]
 RUN_GUARD = 90
 
 SPAWNED = {
-    "fanout": ["fanout", "--spawn", "--subscribers", "6", "--publishers", "2", "--workers", "2"],
+    "fanout": ["fanout", "--spawn", "--subscribers", "6", "--publishers", "2", "--workers", "2",
+               "--engine", "python"],
     "fanout-socialvp": ["fanout", "--spawn", "--protocol", "socialvp", "--subscribers", "4"],
     "fanout-wschat": ["fanout", "--spawn", "--protocol", "wschat", "--subscribers", "4",
                       "--rate", "200"],
@@ -40,16 +41,17 @@ SPAWNED = {
     "connect-churn": ["connect", "--spawn", "--connect-rate", "40", "--churn",
                       "--protocol", "gradagenda"],
     "idle": ["idle", "--spawn", "--connections", "40", "--protocol", "socialvp"],
-    # The same multichat scenarios on each engine, named explicitly.
+    # The same multichat scenarios on each engine, named explicitly; paced,
+    # so that a busy machine cannot starve a worker into a slow consumer.
     "go-fanout": ["fanout", "--spawn", "--engine", "go", "--subscribers", "6",
-                  "--publishers", "2", "--workers", "2"],
+                  "--publishers", "2", "--workers", "2", "--rate", "1000"],
     "go-paced": ["fanout", "--spawn", "--engine", "go", "--subscribers", "4", "--rate", "200"],
     "go-rooms": ["rooms", "--spawn", "--engine", "go", "--rooms", "3", "--room-size", "3"],
     "go-connect": ["connect", "--spawn", "--engine", "go", "--connect-rate", "40"],
     "go-churn": ["connect", "--spawn", "--engine", "go", "--connect-rate", "40", "--churn"],
     "go-idle": ["idle", "--spawn", "--engine", "go", "--connections", "40"],
     "python-fanout": ["fanout", "--spawn", "--engine", "python", "--subscribers", "6",
-                      "--publishers", "2", "--workers", "2"],
+                      "--publishers", "2", "--workers", "2", "--rate", "1000"],
 }
 
 
