@@ -50,6 +50,7 @@ SPAWNED = {
     "go-connect": ["connect", "--spawn", "--engine", "go", "--connect-rate", "40"],
     "go-churn": ["connect", "--spawn", "--engine", "go", "--connect-rate", "40", "--churn"],
     "go-idle": ["idle", "--spawn", "--engine", "go", "--connections", "40"],
+    "go-tls": ["fanout", "--spawn", "--tls", "--subscribers", "4", "--rate", "500"],
     "python-fanout": ["fanout", "--spawn", "--engine", "python", "--subscribers", "6",
                       "--publishers", "2", "--workers", "2", "--rate", "1000"],
 }
@@ -292,3 +293,12 @@ def test_go_engine_reports_a_refused_register_like_the_python_one(reports):
     assert result["error_count"] == 5
     assert any(kind.startswith("auth: closed 1008") for kind in result["errors"])
     assert result["close_codes"] == {"1008": 5}
+
+
+def test_go_engine_over_wss_terminated_by_chatd(reports):
+    require_go()
+    result = healthy(reports("go-tls"))
+    assert result["engine"] == "go" and result["tls"] is True
+    assert result["target"].startswith("wss://")
+    check_messages(result)
+    assert result["expected_deliveries"] == result["publishes"] * 5

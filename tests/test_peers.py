@@ -180,6 +180,17 @@ def test_loadtest_fanout_against_a_go_peer_delivers_every_message(peer):
     assert result["delivered_ratio"] == 1.0
 
 
+def test_loadtest_over_wss_terminated_by_the_go_peer():
+    require_go()
+    proc = run_script(str(SCRIPTS / "loadtest.py"), "fanout", "--spawn", "go-coalesce", "--tls",
+                      "--subscribers", "4", "--duration", "1", "--rate", "500", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["target"].startswith("wss://")
+    assert result["error_count"] == 0 and result["close_codes"] == {}, proc.stderr
+    assert result["delivered_ratio"] == 1.0
+
+
 def test_bench_peers_puts_chatd_beside_the_go_peers():
     require_go()
     proc = run_script(str(SCRIPTS / "bench_peers.py"), "--peers", "go-ws,go-coalesce",

@@ -50,15 +50,18 @@ def engine_problem(scenario: str, protocol: str) -> str | None:
     return go_problem("loadgen-engine")
 
 
-def choose_engine(wanted: str, scenario: str, protocol: str) -> str:
-    """``go`` or ``python`` for ``--engine wanted`` (auto, go, python)."""
+def choose_engine(wanted: str, scenario: str, protocol: str, tls: bool = False) -> str:
+    """``go`` or ``python`` for ``--engine wanted`` (auto, go, python); wss
+    (``tls``) runs on the Go engine only."""
     if wanted == "python":
+        if tls:
+            raise SystemExit("loadtest: --tls runs on the Go engine only (--engine go)")
         return "python"
     problem = engine_problem(scenario, protocol)
     if problem is None:
         return "go"
-    if wanted == "go":
-        raise SystemExit(f"loadtest: --engine go: {problem}")
+    if wanted == "go" or tls:
+        raise SystemExit(f"loadtest: --engine go{' (--tls)' if tls else ''}: {problem}")
     if problem.startswith("go not found"):
         print(f"loadtest: Python engine ({problem})", file=sys.stderr)
     return "python"

@@ -86,7 +86,7 @@ def compile_result(args: argparse.Namespace, plans: list[Plan], layout: Layout,
                                             if held and base and after else None)
     result = {
         "scenario": args.scenario, "protocol": args.protocol, "engine": args.engine,
-        "target": f"ws://{plans[0].host_header}", "paths": sorted(set(layout.paths)),
+        "target": f"{'wss' if args.tls else 'ws'}://{plans[0].host_header}", "tls": args.tls, "paths": sorted(set(layout.paths)),
         "workers": args.workers, "duration_s": duration,
         "subscribers": len(layout.subscribers), "publishers": len(layout.publishers),
         "rooms": len(layout.groups) if DIALECTS[args.protocol].groups else len(set(layout.paths)),

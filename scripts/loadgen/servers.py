@@ -115,13 +115,32 @@ def node_peer_problem() -> str | None:
     return None
 
 
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (EC P-256), made
+    with ``openssl`` for one run: (cert.pem, key.pem) in ``directory``."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    proc = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                           "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
+                           "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                           "-keyout", str(key), "-out", str(cert)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"loadtest: --tls: openssl could not make a certificate: "
+                         f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return cert, key
+
+
 class ServerProcess:
     """chatd or a peer started by ``--spawn``, in a temporary directory."""
 
     def __init__(self, kind: str, config: dict | None, secret_key: str,
-                 cpus: list[int] | None) -> None:
+                 cpus: list[int] | None, tls: bool = False) -> None:
         self.kind = kind
         self.dir = Path(tempfile.mkdtemp(prefix="chatd-loadtest-"))
+        if tls:
+            cert, key = self_signed(self.dir)
+            if kind == "chatd":
+                config = {**config, "wss": {"certfile": str(cert), "keyfile": str(key)}}
         self.log_path = self.dir / "server.log"
         # A free port picked here: chatd logs its address at info level only,
         # and the run's server logs at warning.
@@ -143,6 +162,8 @@ class ServerProcess:
         elif kind in GO_MODES:
             args = [str(go_binary("go-ws")), "--port", str(self.port),
                     "--secret-key", secret_key, "--mode", GO_MODES[kind]]
+            if tls:
+                args += ["--tls-cert", str(cert), "--tls-key", str(key)]
         else:
             raise ValueError(f"unknown server {kind!r}")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(

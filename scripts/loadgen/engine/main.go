@@ -25,6 +25,7 @@ import (
 	"bufio"
 	"bytes"
 	"crypto/sha1"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
@@ -123,6 +124,7 @@ type plan struct {
 	Concurrency     int             `json:"concurrency"`
 	Interval        float64         `json:"interval"`
 	Grace           float64         `json:"grace"`
+	TLS             bool            `json:"tls"`
 	WorkerIndex     int             `json:"worker_index"`
 	Subscribers     [][]interface{} `json:"subscribers"`
 	PublishersRaw   [][]interface{} `json:"publishers"`
@@ -160,6 +162,10 @@ type conn struct {
 	gotClose bool
 	onDone   func(c *conn, ok bool) // the attempt's outcome, once
 	reported bool
+	// Over TLS (tls.go): the connection, its writer's queue, a write under way.
+	nc      *tls.Conn
+	wch     chan []byte
+	writing bool
 }
 
 type stats struct {
@@ -197,6 +203,7 @@ type engine struct {
 	stdinBuf []byte
 	commands [][]interface{}
 	stdinEOF bool
+	tls      *tlsSide // wss (tls.go); nil for ws
 }
 
 func newEngine(p *plan) *engine {
@@ -280,6 +287,10 @@ func errnoName(err error) string {
 // open returns, if the attempt fails at once).
 func (e *engine) open(name string, room int, onDone func(c *conn, ok bool)) *conn {
 	c := &conn{fd: -1, name: name, room: room, started: monoNs(), onDone: onDone}
+	if e.tls != nil {
+		e.openTLS(c)
+		return c
+	}
 	family := syscall.AF_INET
 	if e.p.Family == int(syscall.AF_INET6) {
 		family = syscall.AF_INET6
@@ -335,6 +346,11 @@ func (e *engine) connected_(c *conn) {
 	}
 	c.wantOut = false // connected: read, and write as data comes
 	e.ctl(syscall.EPOLL_CTL_MOD, c.fd, syscall.EPOLLIN|syscall.EPOLLRDHUP)
+	e.upgrade(c)
+}
+
+// upgrade sends the opening handshake's request.
+func (e *engine) upgrade(c *conn) {
 	key := make([]byte, 16)
 	rand.Read(key)
 	k := base64.StdEncoding.EncodeToString(key)
@@ -564,6 +580,9 @@ func (e *engine) ended(c *conn, info string) {
 
 // drop closes the socket.
 func (e *engine) drop(c *conn) {
+	if e.tls != nil && c.fd >= 0 {
+		e.dropTLS(c)
+	}
 	if c.fd >= 0 {
 		if e.conns[c.fd] == c {
 			delete(e.conns, c.fd)
@@ -584,6 +603,10 @@ func (e *engine) drop(c *conn) {
 // write sends data now as far as the socket takes it; the rest waits for EPOLLOUT.
 func (e *engine) write(c *conn, data []byte) {
 	if c.fd < 0 {
+		return
+	}
+	if e.tls != nil {
+		e.writeTLS(c, data)
 		return
 	}
 	if len(c.out) > 0 {
@@ -646,6 +669,10 @@ func (e *engine) lost(c *conn, reason string) {
 
 // poll waits for sockets or the parent until wakeNs (monoNs), then handles them.
 func (e *engine) poll(wakeNs int64) {
+	if e.tls != nil {
+		e.pollTLS(wakeNs)
+		return
+	}
 	var events [1024]syscall.EpollEvent
 	timeout := -1
 	if wakeNs != math.MaxInt64 {
@@ -708,7 +735,14 @@ func (e *engine) readConn(c *conn, now int64) {
 		e.lost(c, "closed without a close frame")
 		return
 	}
-	data := e.rbuf[:k]
+	e.onData(c, e.rbuf[:k], now)
+}
+
+// onData handles bytes read from c at now (monoNs).
+func (e *engine) onData(c *conn, data []byte, now int64) {
+	if c.state == stDone {
+		return
+	}
 	if c.state == stHandshake {
 		c.in = append(c.in, data...)
 		if !e.handshakeReply(c) || c.state == stDone {
@@ -744,6 +778,10 @@ func (e *engine) readStdin() {
 			break
 		}
 	}
+	e.parseCommands()
+}
+
+func (e *engine) parseCommands() {
 	for {
 		i := bytes.IndexByte(e.stdinBuf, '\n')
 		if i < 0 {
@@ -1008,7 +1046,7 @@ func (e *engine) publish(start, deadline int64, smp *sampler) {
 		wake := minInt(deadline, smp.due())
 		for _, pr := range e.pairs {
 			pub, probe := pr.pub, pr.probe
-			if pub.state != stOpen || probe.state != stOpen || len(pub.out) > 0 {
+			if pub.state != stOpen || probe.state != stOpen || len(pub.out) > 0 || pub.writing {
 				continue
 			}
 			room := window - (pub.sent - probe.acked)
@@ -1167,7 +1205,12 @@ func main() {
 	}
 	e := newEngine(p)
 	e.stdinBuf = append(e.stdinBuf, early...)
-	e.readStdin()
+	if p.TLS {
+		e.startTLS()
+		e.parseCommands()
+	} else {
+		e.readStdin()
+	}
 	smp := &sampler{e: e, start: math.MaxInt64 / 2}
 	for {
 		cmd := e.nextCommand()
