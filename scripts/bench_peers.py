@@ -281,6 +281,9 @@ def main() -> int:
                         help="connect storm: connects a second (default 0: skip)")
     parser.add_argument("--storm-duration", type=float, default=10.0,
                         help="connect storm: seconds (default 10)")
+    parser.add_argument("--tls-subscribers", type=int, default=0,
+                        help="also the peak over wss at this S, TLS terminated by chatd and by "
+                             "the Go peers (default 0: skip)")
     parser.add_argument("--workers", type=int, default=1, help="load-test client processes")
     parser.add_argument("--engine", choices=("auto", "go", "python"), default="auto",
                         help="loadtest.py's engine (default auto: the compiled one if it can run)")
@@ -295,6 +298,7 @@ def main() -> int:
     if args.full:
         args.subscribers, args.latency_subscribers = "100,1000,10000", 1000
         args.idle_connections, args.storm_rate, args.storm_duration = 10000, 5000.0, 10.0
+        args.tls_subscribers = 1000
         args.rounds, args.duration = 3, 10.0
     sizes = [int(x) for x in args.subscribers.split(",") if x.strip()]
     if args.latency_subscribers is None:
@@ -322,6 +326,15 @@ def main() -> int:
     rss = {s: median(idle[s], lambda r: r["server"]["rss_per_connection_kib"] or 0.0)
            for s in idle}
     storm = measure_storm(servers, args, cpus) if args.storm_rate > 0 else {}
+    wss: dict[str, list[dict]] = {}
+    if args.tls_subscribers:
+        tls_servers = [s for s in servers if s not in ("websockets", "node-ws")]
+        for s in servers:
+            if s not in tls_servers:
+                print(f"bench_peers: {s} left out of the wss runs: it serves ws only",
+                      file=sys.stderr)
+        wss = measure(tls_servers, args, cpus, ["--window", str(args.window), "--tls"],
+                      "wss peak", args.tls_subscribers)
     load_end = uptime()
 
     info = machine()
@@ -381,6 +394,28 @@ def main() -> int:
             ("connect + register p99 (ms)", storm_figures["connect_p99_ms"], ".1f", True),
             ("server CPU (%)", storm_figures["server_cpu_pct"], ".0f", False),
             ("errors", storm_figures["errors"], ".0f", False)]))
+    wss_figures: dict[str, dict] = {}
+    if wss:
+        tls_servers = list(wss)
+        wss_figures = {
+            "peak_deliveries_per_s": {s: median(wss[s], lambda r: r["deliveries_per_s"])
+                                      for s in tls_servers},
+            "server_cpu_pct": {s: median(wss[s], lambda r: r["server"]["cpu_pct"])
+                               for s in tls_servers},
+            "server_us_per_delivery": {s: median(wss[s], server_us_per_delivery)
+                                       for s in tls_servers},
+            "load_us_per_delivery": {s: median(wss[s], load_us_per_delivery)
+                                     for s in tls_servers},
+            "bottleneck": {s: bottleneck_of(wss[s]) for s in tls_servers}}
+        print(f"\nwss: S = {args.tls_subscribers:,}, TLS terminated by each server "
+              "(self-signed P-256 certificate, TLS 1.3)")
+        print(table(tls_servers, [
+            ("peak deliveries/s over wss", wss_figures["peak_deliveries_per_s"], ",.0f", True),
+            ("server CPU at peak (%)", wss_figures["server_cpu_pct"], ".0f", False),
+            ("server CPU per delivery (us)", wss_figures["server_us_per_delivery"], ".2f",
+             False),
+            ("load CPU per delivery (us)", wss_figures["load_us_per_delivery"], ".2f", False),
+            ("bottleneck at peak", wss_figures["bottleneck"], "", False)]))
     print("\n  ratios: chatd's figure over the peer's (deliveries: higher is better; "
           "latency and memory: lower is better)")
     first = by_size[sizes[0]]
@@ -395,6 +430,7 @@ def main() -> int:
                                      if first["peak_deliveries_per_s"][p] else None
                                      for p in servers[1:]},
                           "by_subscribers": by_size, "storm": storm_figures,
+                          "wss": wss_figures, "wss_runs": wss,
                           "p99_ms_at_80": p99, "idle_rss_per_connection_kib": rss,
                           "peak_runs": peak, "paced_runs": paced, "idle_runs": idle,
                           "storm_runs": storm}))
