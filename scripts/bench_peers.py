@@ -187,7 +187,8 @@ def measure_storm(servers: list[str], args: argparse.Namespace,
         for server in servers:
             result = loadtest("connect", server, args, cpus,
                               ["--connect-rate", str(args.storm_rate),
-                               "--duration", str(args.storm_duration)])
+                               "--duration", str(args.storm_duration),
+                               *([] if args.storm_hold else ["--churn"])])
             runs[server].append(result)
             latency = result["connect_latency_ms"] or {}
             print(f"storm round {round_ + 1} {server:>11}: {result['connects']:,} of "
@@ -281,6 +282,9 @@ def main() -> int:
                         help="connect storm: connects a second (default 0: skip)")
     parser.add_argument("--storm-duration", type=float, default=10.0,
                         help="connect storm: seconds (default 10)")
+    parser.add_argument("--storm-hold", action="store_true",
+                        help="connect storm: hold every connection (default: close each once "
+                             "registered, so rate x duration may exceed the open-file limit)")
     parser.add_argument("--tls-subscribers", type=int, default=0,
                         help="also the peak over wss at this S, TLS terminated by chatd and by "
                              "the Go peers (default 0: skip)")
@@ -388,7 +392,8 @@ def main() -> int:
                                for s in servers},
             "errors": {s: median(storm[s], lambda r: r["error_count"]) for s in servers}}
         print(f"\nconnect storm: {args.storm_rate:,.0f} connects/s for "
-              f"{args.storm_duration:g} s, register included, connections held")
+              f"{args.storm_duration:g} s, register included, connections "
+              f"{'held' if args.storm_hold else 'closed once registered'}")
         print(table(servers, [
             ("connects/s within the window", storm_figures["connects_per_s"], ",.0f", True),
             ("connect + register p99 (ms)", storm_figures["connect_p99_ms"], ".1f", True),
