@@ -68,6 +68,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds sampled")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples a second")
     parser.add_argument("--tls", action="store_true", help="wss, terminated by chatd")
+    parser.add_argument("--storm", type=float, default=0.0, metavar="RATE",
+                        help="profile a connect storm of RATE connects/s (each closed once "
+                             "registered) instead of the fan-out")
     parser.add_argument("--gil", action="store_true",
                         help="only samples holding the GIL (leaves out system calls such as "
                              "write(2), which release it)")
@@ -78,6 +81,8 @@ def main() -> int:
     command = [sys.executable, str(LOADTEST), "fanout", "--spawn", "--server-cpus", "0",
                "--cpus", "1", "--subscribers", str(args.subscribers), "--window",
                str(args.window), "--duration", str(args.seconds + 4), "--json"]
+    if args.storm:
+        command[2:3] = ["connect", "--churn", "--connect-rate", str(args.storm)]
     if args.tls:
         command.append("--tls")
     load = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -112,8 +117,11 @@ def main() -> int:
         modules[module(frames[-1])] += n
         for f in {short(f) for f in frames}:
             inclusive[f] += n
-    print(f"chatd at its fan-out peak: {result['deliveries_per_s']:,.0f} deliveries/s, "
-          f"S = {args.subscribers:,}, window {args.window}{', wss' if args.tls else ''}; "
+    what = (f"a connect storm: {result['connects_per_s']:,.0f} of {args.storm:,.0f} "
+            "connects/s (closed once registered)" if args.storm else
+            f"its fan-out peak: {result['deliveries_per_s']:,.0f} deliveries/s, "
+            f"S = {args.subscribers:,}, window {args.window}")
+    print(f"chatd at {what}{', wss' if args.tls else ''}; "
           f"server CPU {result['server']['cpu_pct']}%, load CPU {result['client']['cpu_pct']}% "
           f"({result['engine']} engine); {total:,} samples"
           f"{' holding the GIL' if args.gil else ' of the running thread'}")

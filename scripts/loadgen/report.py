@@ -124,11 +124,12 @@ def bottleneck(r: dict[str, Any]) -> dict[str, Any]:
     """Which side limited the run, judged by the figures it returns (% of a core):
 
     - ``server``: the server's process used >= 85% of a core, or its pinned
-      core was >= 95% busy (its share of the loopback's interrupts runs there);
+      core was >= 95% busy (its share of the loopback's interrupts runs there)
+      while other processes took less than 30% of a core;
     - ``load``: a load worker used >= 85% of a core (the figures measure the
       client);
-    - ``others``: the load's pinned core was >= 95% busy although the load
-      itself was not: other processes took it;
+    - ``others``: a pinned core was >= 95% busy although neither process
+      was near a full core, and other processes took 30% of a core or more;
     - ``neither``: the window, the pacing, or another job limited the run.
     """
     busy = r["host"]["cpu_busy_pct"]
@@ -144,10 +145,9 @@ def bottleneck(r: dict[str, Any]) -> dict[str, Any]:
         side = "server"
     elif load_cpu >= 85:
         side = "load"
-    elif (server_core or 0) >= 95:
-        side = "server"
-    elif (load_core or 0) >= 95:
-        side = "others"
+    elif max(server_core or 0, load_core or 0) >= 95:
+        side = "others" if r["server"] and others_pct(r) >= 30 or not server_core \
+            or server_core < 95 else "server"
     else:
         side = "neither"
     return {"side": side, "server_cpu_pct": server_cpu, "load_worker_cpu_pct": load_cpu,
@@ -199,7 +199,7 @@ def summary_table(r: dict[str, Any]) -> str:
     said = {"server": "the server (its process or its core was full)",
             "load": "the load generator (a worker used a full core): the figures "
                     "measure the client",
-            "others": "other processes (the load's core was full, not by the load)",
+            "others": "other processes (a pinned core was full, mostly with their work)",
             "neither": "neither side's core was full (the window, the pacing, or "
                        "another job limited the run)"}[b["side"]]
     cores = ""
