@@ -41,8 +41,16 @@ SPAWNED = {
     "connect-churn": ["connect", "--spawn", "--connect-rate", "40", "--churn",
                       "--protocol", "gradagenda"],
     "idle": ["idle", "--spawn", "--connections", "40", "--protocol", "socialvp"],
-    # The same multichat scenarios on each engine, named explicitly; paced,
-    # so that a busy machine cannot starve a worker into a slow consumer.
+    # Paced, so that a busy machine cannot starve a worker into a slow consumer.
+    "python-fanout": ["fanout", "--spawn", "--engine", "python", "--subscribers", "6",
+                      "--publishers", "2", "--workers", "2", "--rate", "1000"],
+}
+
+
+# The same multichat scenarios on the compiled engine, named explicitly;
+# started by a second fixture once the first batch is done, so that fewer
+# servers start at once. Paced, like python-fanout.
+GO_SPAWNED = {
     "go-fanout": ["fanout", "--spawn", "--engine", "go", "--subscribers", "6",
                   "--publishers", "2", "--workers", "2", "--rate", "1000"],
     "go-paced": ["fanout", "--spawn", "--engine", "go", "--subscribers", "4", "--rate", "200"],
@@ -51,8 +59,6 @@ SPAWNED = {
     "go-churn": ["connect", "--spawn", "--engine", "go", "--connect-rate", "40", "--churn"],
     "go-idle": ["idle", "--spawn", "--engine", "go", "--connections", "40"],
     "go-tls": ["fanout", "--spawn", "--tls", "--subscribers", "4", "--rate", "500"],
-    "python-fanout": ["fanout", "--spawn", "--engine", "python", "--subscribers", "6",
-                      "--publishers", "2", "--workers", "2", "--rate", "1000"],
 }
 
 
@@ -69,7 +75,20 @@ def finish(proc: subprocess.Popen) -> tuple[int, dict | None, str]:
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
-    """Start every scenario at once; each test collects its own report."""
+    """Start every scenario of SPAWNED at once; each test collects its own report."""
+    yield from launch(tmp_path_factory, SPAWNED, "")
+
+
+@pytest.fixture(scope="module")
+def go_reports(tmp_path_factory):
+    """The same for GO_SPAWNED (the compiled engine)."""
+    yield from launch(tmp_path_factory, GO_SPAWNED, "go-")
+
+
+def launch(tmp_path_factory, cases: dict[str, list[str]], prefix: str):
+    """Start ``cases`` and the runs against an external server at once; yield
+    a function returning a case's (exit code, JSON result, stderr)."""
+    engine = ["--engine", "go" if prefix else "python"]
     tmp = tmp_path_factory.mktemp("loadtest")
     config = tmp / "config.json"
     config.write_text(json.dumps({
@@ -77,14 +96,12 @@ def reports(tmp_path_factory):
         "endpoints": [{"path": "/chat", "protocol": "multichat"}]}))
     server = ServerProcess(["serve", "--config", str(config)], tmp).start()
     external = ["--port", str(server.port), "--config", str(config)]
-    procs = {name: start(args) for name, args in SPAWNED.items()}
+    procs = {name: start(args) for name, args in cases.items()}
     # Under chatd's default message-rate (100 frames/s per connection).
-    procs["external"] = start(["fanout", *external, "--subscribers", "3", "--rate", "50",
-                               "--server-pid", str(server.proc.pid)])
-    procs["wrong-secret"] = start(["fanout", *external, "--subscribers", "3",
-                                   "--secret-key", "not the secret"])
-    procs["go-wrong-secret"] = start(["fanout", *external, "--subscribers", "3", "--engine",
-                                      "go", "--secret-key", "not the secret"])
+    procs[prefix + "external"] = start(["fanout", *external, "--subscribers", "3", "--rate",
+                                        "50", "--server-pid", str(server.proc.pid), *engine])
+    procs[prefix + "wrong-secret"] = start(["fanout", *external, "--subscribers", "3",
+                                            "--secret-key", "not the secret", *engine])
     cache: dict[str, tuple[int, dict | None, str]] = {}
 
     def report(name: str) -> tuple[int, dict | None, str]:
@@ -238,9 +255,9 @@ def test_python_engine_still_runs_multichat_fanout(reports):
     assert result["expected_deliveries"] == result["publishes"] * 9
 
 
-def test_go_engine_fanout_counts_every_delivery_over_two_workers(reports):
+def test_go_engine_fanout_counts_every_delivery_over_two_workers(go_reports):
     require_go()
-    result = healthy(reports("go-fanout"))
+    result = healthy(go_reports("go-fanout"))
     assert result["engine"] == "go"
     check_messages(result)
     assert (result["subscribers"], result["publishers"], result["connections"]) == (6, 2, 10)
@@ -250,43 +267,43 @@ def test_go_engine_fanout_counts_every_delivery_over_two_workers(reports):
     assert result["server"]["cpu_pct"] > 0
 
 
-def test_go_engine_paces_publishing_by_rate(reports):
+def test_go_engine_paces_publishing_by_rate(go_reports):
     require_go()
-    result = healthy(reports("go-paced"))
+    result = healthy(go_reports("go-paced"))
     check_messages(result)
     assert 0 < result["publishes"] <= 200 + 1
     assert result["expected_deliveries"] == result["publishes"] * 5
 
 
-def test_go_engine_rooms_reach_their_own_members_only(reports):
+def test_go_engine_rooms_reach_their_own_members_only(go_reports):
     require_go()
-    result = healthy(reports("go-rooms"))
+    result = healthy(go_reports("go-rooms"))
     check_messages(result)
     assert result["paths"] == ["/room-0", "/room-1", "/room-2"]
     assert result["expected_deliveries"] == result["publishes"] * 4
 
 
-def test_go_engine_connect_storm_holds_or_churns_every_connection(reports):
+def test_go_engine_connect_storm_holds_or_churns_every_connection(go_reports):
     require_go()
-    held = healthy(reports("go-connect"))
+    held = healthy(go_reports("go-connect"))
     assert held["connect_attempts"] == 40
     assert held["connects"] + held["late_connects"] == held["connections"] == 40
     assert held["connect_latency_ms"]["count"] == 40
-    churned = healthy(reports("go-churn"))
+    churned = healthy(go_reports("go-churn"))
     assert churned["connects"] + churned["late_connects"] == 40
     assert churned["connections"] == 0
 
 
-def test_go_engine_idle_reports_server_memory(reports):
+def test_go_engine_idle_reports_server_memory(go_reports):
     require_go()
-    result = healthy(reports("go-idle"))
+    result = healthy(go_reports("go-idle"))
     assert result["connections"] == 40
     assert result["server"]["rss_per_connection_kib"] > 0
 
 
-def test_go_engine_reports_a_refused_register_like_the_python_one(reports):
+def test_go_engine_reports_a_refused_register_like_the_python_one(go_reports):
     require_go()
-    code, result, err = reports("go-wrong-secret")
+    code, result, err = go_reports("go-wrong-secret")
     assert code == 0, err
     assert result["engine"] == "go"
     assert result["connections"] == 0
@@ -295,10 +312,18 @@ def test_go_engine_reports_a_refused_register_like_the_python_one(reports):
     assert result["close_codes"] == {"1008": 5}
 
 
-def test_go_engine_over_wss_terminated_by_chatd(reports):
+def test_go_engine_over_wss_terminated_by_chatd(go_reports):
     require_go()
-    result = healthy(reports("go-tls"))
+    result = healthy(go_reports("go-tls"))
     assert result["engine"] == "go" and result["tls"] is True
     assert result["target"].startswith("wss://")
     check_messages(result)
     assert result["expected_deliveries"] == result["publishes"] * 5
+
+
+def test_go_engine_external_server_with_its_config_and_pid(go_reports):
+    require_go()
+    result = healthy(go_reports("go-external"))
+    assert result["engine"] == "go"
+    check_messages(result)
+    assert result["paths"] == ["/chat"]
