@@ -327,3 +327,20 @@ def test_go_engine_external_server_with_its_config_and_pid(go_reports):
     assert result["engine"] == "go"
     check_messages(result)
     assert result["paths"] == ["/chat"]
+
+
+def test_without_go_the_python_engine_runs_and_says_so(tmp_path):
+    # No go on PATH (and a cache with no binary in it): auto falls back.
+    env = {**os.environ, "PATH": "/nonexistent", "CHATD_BENCH_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "fanout", "--spawn", "--subscribers",
+                           "3", "--rate", "100", *SHORT], capture_output=True, text=True,
+                          timeout=RUN_GUARD, env=env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["engine"] == "python"
+    assert result["delivered_ratio"] == 1.0
+    assert "loadtest: Python engine (go not found" in proc.stderr
+    forced = subprocess.run([sys.executable, str(SCRIPT), "fanout", "--spawn", "--engine", "go",
+                             *SHORT], capture_output=True, text=True, timeout=RUN_GUARD, env=env)
+    assert forced.returncode != 0
+    assert "--engine go: go not found" in forced.stderr
