@@ -4,11 +4,17 @@ Each case is a one-second scenario with a few clients, whose ``--json``
 report is checked for the fields a reader relies on. The cases run as
 concurrent subprocesses, started together by a module fixture, so the
 file takes a few seconds rather than the sum of them.
+
+Both engines are run: the compiled one (``--engine go``, multichat in
+fanout, rooms, connect and idle; it needs ``go``: without it those tests
+skip, except under CI=true, where they fail) and the Python one (every
+protocol and scenario, and the fallback).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +29,8 @@ SHORT = ["--duration", "1", "--json"]
 RUN_GUARD = 90
 
 SPAWNED = {
-    "fanout": ["fanout", "--spawn", "--subscribers", "6", "--publishers", "2", "--workers", "2"],
+    "fanout": ["fanout", "--spawn", "--subscribers", "6", "--publishers", "2", "--workers", "2",
+               "--engine", "python"],
     "fanout-socialvp": ["fanout", "--spawn", "--protocol", "socialvp", "--subscribers", "4"],
     "fanout-wschat": ["fanout", "--spawn", "--protocol", "wschat", "--subscribers", "4",
                       "--rate", "200"],
@@ -34,6 +41,24 @@ SPAWNED = {
     "connect-churn": ["connect", "--spawn", "--connect-rate", "40", "--churn",
                       "--protocol", "gradagenda"],
     "idle": ["idle", "--spawn", "--connections", "40", "--protocol", "socialvp"],
+    # Paced, so that a busy machine cannot starve a worker into a slow consumer.
+    "python-fanout": ["fanout", "--spawn", "--engine", "python", "--subscribers", "6",
+                      "--publishers", "2", "--workers", "2", "--rate", "1000"],
+}
+
+
+# The same multichat scenarios on the compiled engine, named explicitly;
+# started by a second fixture once the first batch is done, so that fewer
+# servers start at once. Paced, like python-fanout.
+GO_SPAWNED = {
+    "go-fanout": ["fanout", "--spawn", "--engine", "go", "--subscribers", "6",
+                  "--publishers", "2", "--workers", "2", "--rate", "1000"],
+    "go-paced": ["fanout", "--spawn", "--engine", "go", "--subscribers", "4", "--rate", "200"],
+    "go-rooms": ["rooms", "--spawn", "--engine", "go", "--rooms", "3", "--room-size", "3"],
+    "go-connect": ["connect", "--spawn", "--engine", "go", "--connect-rate", "40"],
+    "go-churn": ["connect", "--spawn", "--engine", "go", "--connect-rate", "40", "--churn"],
+    "go-idle": ["idle", "--spawn", "--engine", "go", "--connections", "40"],
+    "go-tls": ["fanout", "--spawn", "--tls", "--subscribers", "4", "--rate", "500"],
 }
 
 
@@ -50,7 +75,20 @@ def finish(proc: subprocess.Popen) -> tuple[int, dict | None, str]:
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
-    """Start every scenario at once; each test collects its own report."""
+    """Start every scenario of SPAWNED at once; each test collects its own report."""
+    yield from launch(tmp_path_factory, SPAWNED, "")
+
+
+@pytest.fixture(scope="module")
+def go_reports(tmp_path_factory):
+    """The same for GO_SPAWNED (the compiled engine)."""
+    yield from launch(tmp_path_factory, GO_SPAWNED, "go-")
+
+
+def launch(tmp_path_factory, cases: dict[str, list[str]], prefix: str):
+    """Start ``cases`` and the runs against an external server at once; yield
+    a function returning a case's (exit code, JSON result, stderr)."""
+    engine = ["--engine", "go" if prefix else "python"]
     tmp = tmp_path_factory.mktemp("loadtest")
     config = tmp / "config.json"
     config.write_text(json.dumps({
@@ -59,15 +97,17 @@ def reports(tmp_path_factory):
                       {"path": "/throttled", "protocol": "multichat", "room": "throttled"}]}))
     server = ServerProcess(["serve", "--config", str(config)], tmp).start()
     external = ["--port", str(server.port), "--config", str(config)]
-    procs = {name: start(args) for name, args in SPAWNED.items()}
+    procs = {name: start(args) for name, args in cases.items()}
     # Under chatd's default message-rate (100 frames/s per connection).
-    procs["external"] = start(["fanout", *external, "--subscribers", "3", "--rate", "50",
-                               "--server-pid", "port"])
-    # Over it: 400 asked of one publisher, which chatd reads at 100/s after a burst of 200.
-    procs["throttled"] = start(["fanout", *external, "--path", "/throttled", "--subscribers", "2",
-                                "--rate", "400", "--server-pid", str(server.proc.pid)])
-    procs["wrong-secret"] = start(["fanout", *external, "--subscribers", "3",
-                                   "--secret-key", "not the secret"])
+    procs[prefix + "external"] = start(["fanout", *external, "--subscribers", "3", "--rate",
+                                        "50", "--server-pid", "port", *engine])
+    if not prefix:
+        # Over it: 400 asked of one publisher, which chatd reads at 100/s after a burst of 200.
+        procs["throttled"] = start(["fanout", *external, "--path", "/throttled",
+                                    "--subscribers", "2", "--rate", "400",
+                                    "--server-pid", str(server.proc.pid), *engine])
+    procs[prefix + "wrong-secret"] = start(["fanout", *external, "--subscribers", "3",
+                                            "--secret-key", "not the secret", *engine])
     cache: dict[str, tuple[int, dict | None, str]] = {}
 
     def report(name: str) -> tuple[int, dict | None, str]:
@@ -80,7 +120,20 @@ def reports(tmp_path_factory):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for stream in (proc.stdout, proc.stderr):  # a case no test collected
+            stream.close()
     server.stop()
+
+
+def require_go() -> None:
+    """Skip without go (fail under CI=true, where .ci/run installs it)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from loadgen.gobuild import go_problem
+    problem = go_problem("loadgen-engine")
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the compiled load engine: {problem}")
+        pytest.skip(f"the compiled load engine cannot be built: {problem}")
 
 
 def healthy(report: tuple[int, dict | None, str]) -> dict:
@@ -237,3 +290,101 @@ def test_refuses_a_target_that_is_not_loopback(tmp_path):
     assert proc.returncode != 0
     assert "not a loopback address" in proc.stderr
     assert "--host" in proc.stderr
+
+
+def test_python_engine_still_runs_multichat_fanout(reports):
+    result = healthy(reports("python-fanout"))
+    assert result["engine"] == "python"
+    check_messages(result)
+    assert result["expected_deliveries"] == result["publishes"] * 9
+
+
+def test_go_engine_fanout_counts_every_delivery_over_two_workers(go_reports):
+    require_go()
+    result = healthy(go_reports("go-fanout"))
+    assert result["engine"] == "go"
+    check_messages(result)
+    assert (result["subscribers"], result["publishers"], result["connections"]) == (6, 2, 10)
+    assert len(result["client"]["worker_cpu_pct"]) == 2
+    assert result["expected_deliveries"] == result["publishes"] * 9
+    assert result["bottleneck"]["side"] in ("server", "load", "others", "neither")
+    assert result["server"]["cpu_pct"] > 0
+
+
+def test_go_engine_paces_publishing_by_rate(go_reports):
+    require_go()
+    result = healthy(go_reports("go-paced"))
+    check_messages(result)
+    assert 0 < result["publishes"] <= 200 + 1
+    assert result["expected_deliveries"] == result["publishes"] * 5
+
+
+def test_go_engine_rooms_reach_their_own_members_only(go_reports):
+    require_go()
+    result = healthy(go_reports("go-rooms"))
+    check_messages(result)
+    assert result["paths"] == ["/room-0", "/room-1", "/room-2"]
+    assert result["expected_deliveries"] == result["publishes"] * 4
+
+
+def test_go_engine_connect_storm_holds_or_churns_every_connection(go_reports):
+    require_go()
+    held = healthy(go_reports("go-connect"))
+    assert held["connect_attempts"] == 40
+    assert held["connects"] + held["late_connects"] == held["connections"] == 40
+    assert held["connect_latency_ms"]["count"] == 40
+    churned = healthy(go_reports("go-churn"))
+    assert churned["connects"] + churned["late_connects"] == 40
+    assert churned["connections"] == 0
+
+
+def test_go_engine_idle_reports_server_memory(go_reports):
+    require_go()
+    result = healthy(go_reports("go-idle"))
+    assert result["connections"] == 40
+    assert result["server"]["rss_per_connection_kib"] > 0
+
+
+def test_go_engine_reports_a_refused_register_like_the_python_one(go_reports):
+    require_go()
+    code, result, err = go_reports("go-wrong-secret")
+    assert code == 0, err
+    assert result["engine"] == "go"
+    assert result["connections"] == 0
+    assert result["error_count"] == 5
+    assert any(kind.startswith("auth: closed 1008") for kind in result["errors"])
+    assert result["close_codes"] == {"1008": 5}
+
+
+def test_go_engine_over_wss_terminated_by_chatd(go_reports):
+    require_go()
+    result = healthy(go_reports("go-tls"))
+    assert result["engine"] == "go" and result["tls"] is True
+    assert result["target"].startswith("wss://")
+    check_messages(result)
+    assert result["expected_deliveries"] == result["publishes"] * 5
+
+
+def test_go_engine_external_server_with_its_config_and_pid(go_reports):
+    require_go()
+    result = healthy(go_reports("go-external"))
+    assert result["engine"] == "go"
+    check_messages(result)
+    assert result["paths"] == ["/chat"]
+
+
+def test_without_go_the_python_engine_runs_and_says_so(tmp_path):
+    # No go on PATH (and a cache with no binary in it): auto falls back.
+    env = {**os.environ, "PATH": "/nonexistent", "CHATD_BENCH_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "fanout", "--spawn", "--subscribers",
+                           "3", "--rate", "100", *SHORT], capture_output=True, text=True,
+                          timeout=RUN_GUARD, env=env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["engine"] == "python"
+    assert result["delivered_ratio"] == 1.0
+    assert "loadtest: Python engine (go not found" in proc.stderr
+    forced = subprocess.run([sys.executable, str(SCRIPT), "fanout", "--spawn", "--engine", "go",
+                             *SHORT], capture_output=True, text=True, timeout=RUN_GUARD, env=env)
+    assert forced.returncode != 0
+    assert "--engine go: go not found" in forced.stderr

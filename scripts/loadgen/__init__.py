@@ -6,13 +6,16 @@ you care about in ``scenarios/``. The map:
 =====================  ======================================================
 ``cli.py``             command line, ``main``: lay out, spawn, run, report
 ``target.py``          where the load goes; refuses non-loopback without --host
-``servers.py``         ``--spawn``: chatd, the websockets peer, the Node ws peer
+``servers.py``         ``--spawn``: chatd, the websockets, Node ws and Go peers
 ``scenarios/``         one module per scenario (fanout, rooms, connect, idle,
                        gradagenda); ``messaging.py`` holds what the message
                        scenarios share (publishers, probes, pacing)
 ``plan.py``            who connects where; each worker's share
 ``run.py``             the parent: fork workers, step them through the phases
 ``worker.py``          a worker process: its clients and the phases
+``engine.py``          the compiled engine: a Go worker process in its place
+``engine/``            the Go worker (main.go: the epoll loop; tls.go: wss)
+``gobuild.py``         builds the Go programs offline on first use
 ``client.py``          one raw WebSocket connection; the receive hot path
 ``receiver.py``        a worker's one reader over a private epoll
 ``wire.py``            RFC 6455 client side: handshake, masked frames

@@ -45,6 +45,7 @@ from typing import Any
 import trio
 
 from .dialects import PROTOCOLS
+from .engine import choose_engine
 from .plan import make_plans
 from .plot import check_plotting, plot
 from .process import cpu_list, listening_pid, raise_fd_limit
@@ -96,6 +97,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     t.add_argument("--secret-key", help="multichat shared secret (default: from --config)")
     t.add_argument("--jwt-secret", help="HS256 key for GradAgenda/wschat tokens (default: "
                                         "from --config or JWT_SECRET; else `chatd token`)")
+    t.add_argument("--tls", action="store_true",
+                   help="wss: TLS to the server (with --spawn: chatd terminates it with a "
+                        "self-signed certificate made for the run, as do the Go peers); "
+                        "runs on the Go engine")
     t.add_argument("--source-ips", type=int, default=64,
                    help="spread connections over this many 127.0.0.x source addresses when "
                         "the target is 127.0.0.1 (per-address limits, port ranges); 0: off")
@@ -120,6 +125,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     load.add_argument("--duration", type=float, default=10.0, help="seconds measured (default 10)")
     load.add_argument("--workers", type=int, default=1, help="client processes (default 1)")
     load.add_argument("--cpus", help="pin the client workers to these CPUs (e.g. 1)")
+    load.add_argument("--engine", choices=("auto", "go", "python"), default="auto",
+                      help="the workers: go (scripts/loadgen/engine, built on first use; "
+                           "multichat in fanout, rooms, connect and idle), python "
+                           "(scripts/loadgen/worker.py, every protocol and scenario), or "
+                           "auto (go where it applies and Go is installed; the default)")
     load.add_argument("--interval", type=float, help="seconds per sample (default: 1, "
                                                      "or less for short runs)")
     load.add_argument("--grace", type=float, default=2.0,
@@ -148,6 +158,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     problem = scenario.check(args)
     if problem:
         p.error(problem)
+    args.engine = choose_engine(args.engine, args.scenario, args.protocol, args.tls)
+    if args.tls and args.spawn in ("websockets", "node-ws"):
+        p.error(f"--tls: the {args.spawn} peer serves ws only (the Go peers and chatd "
+                "terminate TLS)")
     if args.interval is None:
         args.interval = min(1.0, max(0.1, args.duration / 10))
     return args
@@ -194,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         endpoints = scenario.endpoints(args, sorted(set(layout.paths)))
         server = ServerProcess(args.spawn, spawn_config(args, endpoints, secrets["secret-key"],
                                                         secrets["jwt-secret"]),
-                               secrets["secret-key"], cpu_list(args.server_cpus))
+                               secrets["secret-key"], cpu_list(args.server_cpus), tls=args.tls)
         args.port = server.port
         args.server_pid = server.proc.pid
     try:

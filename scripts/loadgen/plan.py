@@ -52,6 +52,7 @@ class Plan:
     concurrency: int
     interval: float                  # seconds per sample
     grace: float                     # seconds
+    tls: bool                        # wss (the Go engine only)
     cpus: list[int] | None
     worker_index: int
     # This worker's share of the Layout's clients, in its shapes.
@@ -80,7 +81,7 @@ def make_plans(args: argparse.Namespace, layout: Layout, target: tuple, secrets:
             rate_per_publisher=args.rate / publishers_total,
             connect_rate=args.connect_rate / args.workers, churn=args.churn,
             connect_timeout=args.connect_timeout, concurrency=args.concurrency,
-            interval=args.interval, grace=args.grace, cpus=cpu_list(args.cpus),
+            interval=args.interval, grace=args.grace, tls=args.tls, cpus=cpu_list(args.cpus),
             worker_index=w)
         plan.subscribers = layout.subscribers[w::args.workers]
         plan.publishers = layout.publishers[w::args.workers]

@@ -84,9 +84,9 @@ def compile_result(args: argparse.Namespace, plans: list[Plan], layout: Layout,
         after = server[scenario.rss_reading[0]]
         server["rss_per_connection_kib"] = (round((after - base) / held, 2)
                                             if held and base and after else None)
-    return {
-        "scenario": args.scenario, "protocol": args.protocol,
-        "target": f"ws://{plans[0].host_header}", "paths": sorted(set(layout.paths)),
+    result = {
+        "scenario": args.scenario, "protocol": args.protocol, "engine": args.engine,
+        "target": f"{'wss' if args.tls else 'ws'}://{plans[0].host_header}", "tls": args.tls, "paths": sorted(set(layout.paths)),
         "workers": args.workers, "duration_s": duration,
         "subscribers": len(layout.subscribers), "publishers": len(layout.publishers),
         "rooms": len(layout.groups) if DIALECTS[args.protocol].groups else len(set(layout.paths)),
@@ -116,6 +116,42 @@ def compile_result(args: argparse.Namespace, plans: list[Plan], layout: Layout,
         "pinned": {"server": cpu_list(args.server_cpus), "client": cpu_list(args.cpus)},
         "timeline": timeline,
     }
+    result["bottleneck"] = bottleneck(result)
+    return result
+
+
+def bottleneck(r: dict[str, Any]) -> dict[str, Any]:
+    """Which side limited the run, judged by the figures it returns (% of a core):
+
+    - ``server``: the server's process used >= 85% of a core, or its pinned
+      core was >= 95% busy (its share of the loopback's interrupts runs there)
+      while other processes took less than 30% of a core;
+    - ``load``: a load worker used >= 85% of a core (the figures measure the
+      client);
+    - ``others``: a pinned core was >= 95% busy although neither process
+      was near a full core, and other processes took 30% of a core or more;
+    - ``neither``: the window, the pacing, or another job limited the run.
+    """
+    busy = r["host"]["cpu_busy_pct"]
+
+    def core(cpus: list[int] | None) -> float | None:
+        cores = [busy[c] for c in cpus or () if c < len(busy)]
+        return max(cores) if cores else None
+
+    server_cpu = (r["server"] or {}).get("cpu_pct")
+    load_cpu = max(r["client"]["worker_cpu_pct"] or [0.0])
+    server_core, load_core = core(r["pinned"]["server"]), core(r["pinned"]["client"])
+    if (server_cpu or 0) >= 85 and (server_cpu or 0) >= load_cpu:
+        side = "server"
+    elif load_cpu >= 85:
+        side = "load"
+    elif max(server_core or 0, load_core or 0) >= 95:
+        side = "others" if r["server"] and others_pct(r) >= 30 or not server_core \
+            or server_core < 95 else "server"
+    else:
+        side = "neither"
+    return {"side": side, "server_cpu_pct": server_cpu, "load_worker_cpu_pct": load_cpu,
+            "server_core_busy_pct": server_core, "load_core_busy_pct": load_core}
 
 
 def others_pct(r: dict[str, Any]) -> float:
@@ -185,7 +221,8 @@ def summary_table(r: dict[str, Any]) -> str:
                                f"{mib(server['rss_before_kib'])} idle, {mib(server[key])} {when}"
                                + (f" ({per:.1f} KiB per connection)" if per else "")))
     client = r["client"]
-    rows.append(("client CPU", f"{client['cpu_pct']}% of a core (user {client['user_pct']}%, "
+    rows.append(("client CPU", f"{r['engine']} engine: "
+                               f"{client['cpu_pct']}% of a core (user {client['user_pct']}%, "
                                f"system {client['system_pct']}%); per worker "
                                f"{', '.join(f'{c}%' for c in client['worker_cpu_pct'])}"))
     host = r["host"]
@@ -194,6 +231,18 @@ def summary_table(r: dict[str, Any]) -> str:
                          f"used {host['busy_pct']}% of a core, interrupts {host['interrupts_pct']}%"
                          + (f"; {others_pct(r):.0f}% was neither the server nor this test"
                             if server else "")))
+    b = r["bottleneck"]
+    said = {"server": "the server (its process or its core was full)",
+            "load": "the load generator (a worker used a full core): the figures "
+                    "measure the client",
+            "others": "other processes (a pinned core was full, mostly with their work)",
+            "neither": "neither side's core was full (the window, the pacing, or "
+                       "another job limited the run)"}[b["side"]]
+    cores = ""
+    if b["server_core_busy_pct"] is not None and b["load_core_busy_pct"] is not None:
+        cores = (f"; server core {b['server_core_busy_pct']:.0f}% busy, load core "
+                 f"{b['load_core_busy_pct']:.0f}%")
+    rows.append(("bottleneck", said + cores))
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k.ljust(width)}  {v}" for k, v in rows]
     held = throttled(r)
@@ -205,9 +254,7 @@ def summary_table(r: dict[str, Any]) -> str:
             "slowly)"))
     if held:
         lines.append(f"  note: {held}")
-    busy = host["cpu_busy_pct"]
-    client_cores = [busy[c] for c in r["pinned"]["client"] or () if c < len(busy)]
-    if max(client["worker_cpu_pct"]) > 85 or (client_cores and max(client_cores) >= 95):
+    if b["side"] == "load":
         lines.append("  warning: the client was near a full core, so these numbers may "
                      "measure the client; add --workers (or cores)")
     return "\n".join(lines)

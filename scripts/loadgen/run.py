@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from .dialects import DIALECTS
+from .engine import EnginePipe, EngineProcess
 from .plan import Layout, Plan
 from .process import read_cpu_seconds, read_host_seconds, read_rss_kib
 from .progress import Progress
@@ -48,6 +49,12 @@ class Run:
         self.setup: dict[int, tuple[int, int]] = {}
 
     def start_workers(self) -> None:
+        if self.args.engine == "go":
+            for plan in self.plans:
+                proc = EngineProcess(plan)
+                self.pipes.append(proc.pipe)
+                self.procs.append(proc)
+            return
         context = multiprocessing.get_context("fork")
         for plan in self.plans:
             mine, theirs = context.Pipe()
@@ -66,6 +73,9 @@ class Run:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+        for pipe in self.pipes:
+            if isinstance(pipe, EnginePipe):
+                pipe.close()
 
     async def listen(self, index: int, pipe: Connection,
                      send: trio.MemorySendChannel) -> None:
@@ -94,6 +104,8 @@ class Run:
         got: dict[int, Any] = {}
         while len(got) < len(self.pipes):
             index, message = await self.inbox.receive()
+            if message[0] == "exited" and index in got:
+                continue  # it answered, then ended (a Go worker exits after its final)
             if message[0] in ("crashed", "exited"):
                 detail = message[1] if len(message) > 1 else "exited"
                 raise SystemExit(f"loadtest: worker {index} failed: {detail}")

@@ -7,6 +7,11 @@
 - ``node-ws``: ``scripts/peers/node_ws/server.js``, the same on Node.js and
   the npm ``ws`` package; :func:`node_peer_problem` installs ``ws`` with
   ``npm ci`` on first use.
+- ``go-ws`` and ``go-coalesce``: ``scripts/peers/go_ws``, the same in Go on
+  gorilla/websocket, writing once per delivery (``--mode gorilla``) or
+  framing once and writing each connection's queued frames at once
+  (``--mode coalesce``); built on first use (``gobuild.py``) and run with
+  ``GOMAXPROCS=1``, one core like the others.
 
 Each runs in a temporary directory, pinned to ``--server-cpus`` if given,
 and dies with the load test (``process.die_with_parent``).
@@ -26,13 +31,29 @@ import tempfile
 import time
 from pathlib import Path
 
+from .gobuild import go_binary, go_problem
 from .process import spawned_server_setup, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_PEER = REPO / "scripts" / "peers" / "node_ws"
 #: What ``--spawn`` can start: chatd, then the peers it is compared with.
-SERVERS = ("chatd", "websockets", "node-ws")
+SERVERS = ("chatd", "websockets", "node-ws", "go-ws", "go-coalesce")
 PEERS = SERVERS[1:]
+#: The Go peers: --spawn name -> the program's --mode.
+GO_MODES = {"go-ws": "gorilla", "go-coalesce": "coalesce"}
+
+
+def peer_problem(peer: str) -> str | None:
+    """Why ``peer`` cannot run here, in a few words; None if it can."""
+    if peer == "websockets":
+        import importlib.util
+        if importlib.util.find_spec("websockets") is None:
+            return "the websockets package is missing (pip install -e '.[bench]')"
+    elif peer == "node-ws":
+        return node_peer_problem()
+    elif peer in GO_MODES:
+        return go_problem("go-ws")
+    return None
 
 
 def free_port() -> int:
@@ -94,13 +115,32 @@ def node_peer_problem() -> str | None:
     return None
 
 
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (EC P-256), made
+    with ``openssl`` for one run: (cert.pem, key.pem) in ``directory``."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    proc = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                           "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1",
+                           "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                           "-keyout", str(key), "-out", str(cert)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"loadtest: --tls: openssl could not make a certificate: "
+                         f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return cert, key
+
+
 class ServerProcess:
     """chatd or a peer started by ``--spawn``, in a temporary directory."""
 
     def __init__(self, kind: str, config: dict | None, secret_key: str,
-                 cpus: list[int] | None) -> None:
+                 cpus: list[int] | None, tls: bool = False) -> None:
         self.kind = kind
         self.dir = Path(tempfile.mkdtemp(prefix="chatd-loadtest-"))
+        if tls:
+            cert, key = self_signed(self.dir)
+            if kind == "chatd":
+                config = {**config, "wss": {"certfile": str(cert), "keyfile": str(key)}}
         self.log_path = self.dir / "server.log"
         # A free port picked here: chatd logs its address at info level only,
         # and the run's server logs at warning.
@@ -119,16 +159,26 @@ class ServerProcess:
                 raise SystemExit(f"loadtest: cannot start the Node ws peer: {problem}")
             args = ["node", str(NODE_PEER / "server.js"),
                     "--port", str(self.port), "--secret-key", secret_key]
+        elif kind in GO_MODES:
+            args = [str(go_binary("go-ws")), "--port", str(self.port),
+                    "--secret-key", secret_key, "--mode", GO_MODES[kind]]
+            if tls:
+                args += ["--tls-cert", str(cert), "--tls-key", str(key)]
         else:
             raise ValueError(f"unknown server {kind!r}")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
         env.pop("JWT_SECRET", None)
+        env["GOMAXPROCS"] = "1"  # one core, like chatd and the other peers
         self.log = open(self.log_path, "wb")
+
+        def setup() -> None:
+            spawned_server_setup()
+            if cpus:  # before exec: every thread the runtime starts is pinned too
+                os.sched_setaffinity(0, cpus)
+
         self.proc = subprocess.Popen(args, cwd=self.dir, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, preexec_fn=spawned_server_setup)
-        if cpus:
-            os.sched_setaffinity(self.proc.pid, cpus)
+                                     stderr=subprocess.STDOUT, preexec_fn=setup)
         self._wait_until_listening()
 
     def _wait_until_listening(self) -> None:
