@@ -6,6 +6,7 @@ The interface tests shared with SQLite are in tests/test_store.py.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 
@@ -122,16 +123,20 @@ async def test_a_killed_connection_is_reopened_and_the_write_goes_through(pg_url
 
 
 class CommitCutter:
-    """A TCP relay to PostgreSQL on 127.0.0.1 that, once ``armed``, lets the
-    client's COMMIT through and then cuts the connection before the answer
-    comes back: a COMMIT whose outcome the client cannot know."""
+    """A TCP relay to PostgreSQL on 127.0.0.1 that, once ``armed``, cuts
+    the first connection that sends COMMIT: with ``drop="answer"`` the
+    COMMIT reaches the server and its answer is lost; with
+    ``drop="commit"`` the COMMIT itself is lost. Either way the client
+    cannot know the outcome. Later connections are relayed untouched."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, drop: str = "answer") -> None:
         self.upstream = port
+        self.drop = drop
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.armed = threading.Event()
-        self.cut = threading.Event()
+        self.cuts = 0
+        self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -141,18 +146,32 @@ class CommitCutter:
             except OSError:
                 return
             server = socket.create_connection(("127.0.0.1", self.upstream))
-            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False),
+            cut = threading.Event()  # this connection's
+            threading.Thread(target=self._pump, args=(client, server, True, cut),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False, cut),
                              daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, to_server: bool) -> None:
+    def _claim(self, data: bytes) -> bool:
+        """Whether ``data`` is the COMMIT to cut (once)."""
+        with self._lock:
+            if self.armed.is_set() and b"COMMIT" in data:
+                self.armed.clear()
+                self.cuts += 1
+                return True
+            return False
+
+    def _pump(self, source: socket.socket, sink: socket.socket, to_server: bool,
+              cut: threading.Event) -> None:
         try:
             while data := source.recv(65536):
-                if not to_server and self.cut.is_set():
-                    break  # the COMMIT's answer: dropped
+                if cut.is_set():
+                    break
+                if to_server and self._claim(data):
+                    cut.set()
+                    if self.drop == "commit":
+                        break
                 sink.sendall(data)
-                if to_server and self.armed.is_set() and b"COMMIT" in data:
-                    self.cut.set()
         except OSError:
             pass
         for s in (source, sink):
@@ -160,31 +179,43 @@ class CommitCutter:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        if to_server:  # the last of the pair to use them (the other has ended)
+            source.close()
+            sink.close()
 
     def close(self) -> None:
         self.listener.close()
 
 
-async def test_a_commit_cut_off_is_never_run_again_and_stops_writes(pg_url, nursery, caplog):
+@pytest.mark.parametrize("drop, stored", [("answer", "committed"), ("commit", "rolled back")])
+async def test_a_commit_cut_off_is_resolved_and_answered_as_it_ended(pg_url, nursery, caplog,
+                                                                     drop, stored):
+    """Whether the COMMIT reached the server or not, the writer learns what
+    became of it: each message is confirmed once and stored once, and the
+    writer goes on writing (issue 18)."""
     port = int(pg_url.rsplit(":", 1)[1].split("/")[0])
-    cutter = CommitCutter(port)
+    cutter = CommitCutter(port, drop)
     store = open_store(pg_url.replace(f":{port}/", f":{cutter.port}/"), busy_timeout=GUARD)
     store.run_batch([lambda s: s.create_session("g", "mutable", ["a"], 1)])
     reports = Reports()
     writer = Writer(store, reports)
     await nursery.start(writer.run)
     cutter.armed.set()
+    caplog.set_level(logging.INFO, "chatd.store")
     writer.submit(job(lambda s: s.append_message("g", "a", '"once"', 1, 1)))
     await reports.wait_for(1)
+    assert cutter.cuts == 1
     [(_, results, failure)] = reports.batches
-    assert results is None and not failure.busy
-    assert "may or may not be stored" in failure.cause and writer.failed
-    # The server did commit it, and it was not run a second time.
+    assert (results, failure) == ([1], None) and not writer.failed
+    assert any(f"COMMIT cut off" in r.message and stored in r.message for r in caplog.records)
+    writer.submit(job(lambda s: s.append_message("g", "a", '"next"', 2, 2)))
+    await reports.wait_for(2)
+    assert reports.batches[1][1:] == ([2], None)
     with psycopg.connect(pg_url) as conn:
-        assert conn.execute("SELECT seq, message FROM messages").fetchall() == [(1, '"once"')]
+        assert conn.execute("SELECT seq, message FROM messages ORDER BY seq").fetchall() == [
+            (1, '"once"'), (2, '"next"')]
     store.close()
     cutter.close()
-    caplog.clear()  # the logged cause is expected
 
 
 # --- chatd on PostgreSQL, end to end -----------------------------------------------------
