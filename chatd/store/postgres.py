@@ -48,6 +48,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
@@ -131,15 +132,20 @@ _LOCK = "SELECT pg_advisory_xact_lock(%s), txid_current()"
 _TRY_LOCK = "SELECT pg_try_advisory_xact_lock(%s)"
 _LOCK_ALL = ("SELECT count(pg_advisory_xact_lock(k)) FROM "
              "(SELECT k FROM unnest(%s::bigint[]) WITH ORDINALITY AS t(k, i) ORDER BY i) AS o")
-# A batch's messages, in one statement, and the sessions' new last seq.
-_INSERT_MESSAGES = (f"INSERT INTO messages (session_id, {MESSAGE_COLUMNS}) "
-                    "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], "
-                    "%s::bigint[], %s::bigint[])")
-_SET_LAST_SEQ = ("UPDATE sessions AS s SET last_seq = v.seq "
-                 "FROM unnest(%s::text[], %s::bigint[]) AS v(id, seq) WHERE s.id = v.id")
+# A batch's messages and the sessions' new last seq, in one statement
+# with two JSON arguments ([[session, seq, sender, message, sent, stored],
+# ...] and [[session, last seq], ...]): sent with COMMIT in one simple
+# query, so a batch's writes and its COMMIT cost one round trip.
+_FLUSH = ("WITH m AS (INSERT INTO messages (session_id, seq, sender_id, message, "
+          "sender_timestamp, server_timestamp) "
+          "SELECT r->>0, (r->>1)::bigint, r->>2, r->>3, (r->>4)::bigint, (r->>5)::bigint "
+          "FROM json_array_elements(%s::json) AS r) "
+          "UPDATE sessions AS s SET last_seq = (v->>1)::bigint "
+          "FROM json_array_elements(%s::json) AS v WHERE s.id = v->>0")
 _INSERT_MEMBERS = ("INSERT INTO members (session_id, user_id, since_seq) "
                    "SELECT id, u, %s FROM sessions, unnest(%s::text[]) AS u WHERE id = %s "
                    "ON CONFLICT DO NOTHING")
+_JSON = msgspec.json.Encoder()
 #: Seconds between two tries to learn what became of a cut-off COMMIT.
 _RESOLVE_PAUSE = 0.1
 
@@ -370,15 +376,20 @@ class PostgresStore(Store):
         state = self._known[session_id] = None if row is None else [row[0], row[1]]
         return state
 
-    def _flush(self) -> None:
-        """Write the messages and seqs held back, before a read or COMMIT."""
-        if self._rows:
-            self._cur.execute(_INSERT_MESSAGES, [list(column) for column in zip(*self._rows)])
-            self._rows = []
-        if self._dirty:
-            ids = list(self._dirty)
-            self._cur.execute(_SET_LAST_SEQ, (ids, [self._known[i][0] for i in ids]))
-            self._dirty.clear()
+    def _flush(self, commit: bool = False) -> None:
+        """Write the messages and seqs held back, before a read, or with
+        ``commit`` before and with COMMIT (one simple query, arguments
+        bound by psycopg: ``ClientCursor``)."""
+        if not self._dirty:
+            if commit:
+                self._conn.commit()
+            return
+        rows = _JSON.encode(self._rows)
+        seqs = _JSON.encode([(i, self._known[i][0]) for i in self._dirty])
+        self._rows = []
+        self._dirty.clear()
+        with psycopg.ClientCursor(self._conn) as cur:
+            cur.execute(_FLUSH + ("; COMMIT" if commit else ""), (rows.decode(), seqs.decode()))
 
     def create_session(self, session_id: str, kind: str, members: list[str],
                        created_ms: int) -> None:
@@ -395,7 +406,6 @@ class PostgresStore(Store):
             return None  # deleted (by this node or another) before this change
         self._wrote = True
         state[1] += 1
-        self._dirty.discard(session_id)
         self._cur.execute("UPDATE sessions SET last_seq = %s, members_version = %s "
                           "WHERE id = %s", (state[0], state[1], session_id))
         self._cur.execute("DELETE FROM members WHERE session_id = %s "
@@ -492,10 +502,7 @@ class PostgresStore(Store):
                     if self._wrote and self._xid is None:
                         self._xid = self._cur.execute("SELECT txid_current()").fetchone()[0]
                     committing = True
-                    # The held-back writes and COMMIT: one round trip.
-                    with conn.pipeline():
-                        self._flush()
-                        conn.commit()
+                    self._flush(commit=True)
                 return results
             except _Reorder as reorder:
                 keys |= reorder.keys
