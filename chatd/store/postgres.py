@@ -221,7 +221,7 @@ class PostgresStore(Store):
         given, else within the busy timeout (libpq waits 2 s at least)."""
         budget = self.busy_timeout if deadline is None else deadline - time.monotonic()
         wait_ms = max(1, int(self.busy_timeout * 1000))
-        conn = psycopg.connect(self.url, autocommit=False, application_name="chatd",
+        conn = psycopg.connect(self.url, autocommit=True, application_name="chatd",
                                connect_timeout=max(2, math.ceil(budget)),
                                # Notice a peer that vanished without a word, and
                                # give up on data the peer never acknowledges.
@@ -235,7 +235,6 @@ class PostgresStore(Store):
             conn.execute(f"SET lock_timeout = {max(1, wait_ms // 4)}; "
                          f"SET statement_timeout = {wait_ms}; "
                          f"SET idle_in_transaction_session_timeout = {wait_ms}")
-            conn.commit()
             # The watchdog's handle on the socket, valid as long as this
             # object, whatever libpq does with its own descriptor.
             self._socket = socket.socket(fileno=os.dup(conn.pgconn.socket))
@@ -334,6 +333,7 @@ class PostgresStore(Store):
         self._dirty: set[str] = set()
         self._xid: int | None = None
         self._wrote = False
+        self._begun = False
 
     def _hold(self, key: int) -> None:
         self._held.add(key)
@@ -349,8 +349,8 @@ class PostgresStore(Store):
         if key in self._held:
             return
         if self._in_order(key):
-            self._xid = self._cur.execute(_LOCK, (key,)).fetchone()[1]
-        elif not self._cur.execute(_TRY_LOCK, (key,)).fetchone()[0]:
+            self._xid = self._sql(_LOCK, (key,)).fetchone()[1]
+        elif not self._sql(_TRY_LOCK, (key,)).fetchone()[0]:
             raise _Reorder(self._held | {key})
         self._hold(key)
 
@@ -363,41 +363,52 @@ class PostgresStore(Store):
             pass
         key = lock_key(session_id)
         if key in self._held:
-            row = self._cur.execute(_READ, (session_id,)).fetchone()
+            row = self._sql(_READ, (session_id,)).fetchone()
         elif self._in_order(key):
-            row = self._cur.execute(_LOCK_READ, (key, session_id)).fetchone()
+            row = self._sql(_LOCK_READ, (key, session_id)).fetchone()
             if row is not None:  # else the lock may not have been taken
                 self._hold(key)
         else:
             self._take(key)
-            row = self._cur.execute(_READ, (session_id,)).fetchone()
+            row = self._sql(_READ, (session_id,)).fetchone()
         if row is not None:
             self._xid = row[2]
         state = self._known[session_id] = None if row is None else [row[0], row[1]]
         return state
 
+    def _sql(self, query: str, args: Sequence[Any] = ()) -> psycopg.Cursor:
+        """Run one statement in the batch's transaction. The connection is
+        in autocommit mode, so the first one is sent with BEGIN in one
+        simple query (``ClientCursor``: arguments bound by psycopg): no
+        round trip of its own for BEGIN."""
+        if self._begun:
+            return self._cur.execute(query, args)
+        self._begun = True
+        cur = self._first
+        cur.execute("BEGIN; " + query, args)
+        cur.nextset()
+        return cur
+
     def _flush(self, commit: bool = False) -> None:
         """Write the messages and seqs held back, before a read, or with
-        ``commit`` before and with COMMIT (one simple query, arguments
-        bound by psycopg: ``ClientCursor``)."""
+        ``commit`` before and with COMMIT, in one simple query."""
         if not self._dirty:
-            if commit:
-                self._conn.commit()
+            if commit and self._begun:
+                self._cur.execute("COMMIT")
             return
-        rows = _JSON.encode(self._rows)
-        seqs = _JSON.encode([(i, self._known[i][0]) for i in self._dirty])
+        rows = _JSON.encode(self._rows).decode()
+        seqs = _JSON.encode([(i, self._known[i][0]) for i in self._dirty]).decode()
         self._rows = []
         self._dirty.clear()
-        with psycopg.ClientCursor(self._conn) as cur:
-            cur.execute(_FLUSH + ("; COMMIT" if commit else ""), (rows.decode(), seqs.decode()))
+        self._first.execute(_FLUSH + ("; COMMIT" if commit else ""), (rows, seqs))
 
     def create_session(self, session_id: str, kind: str, members: list[str],
                        created_ms: int) -> None:
         self._take(lock_key(session_id))
         self._wrote = True
-        self._cur.execute("INSERT INTO sessions (id, kind, created_ms) VALUES (%s, %s, %s) "
+        self._sql("INSERT INTO sessions (id, kind, created_ms) VALUES (%s, %s, %s) "
                           "ON CONFLICT (id) DO NOTHING", (session_id, kind, created_ms))
-        self._cur.execute(_INSERT_MEMBERS, (0, members, session_id))
+        self._sql(_INSERT_MEMBERS, (0, members, session_id))
         self._known.pop(session_id, None)  # read again (locked) when next used
 
     def set_members(self, session_id: str, members: list[str]) -> tuple[int, int] | None:
@@ -406,11 +417,11 @@ class PostgresStore(Store):
             return None  # deleted (by this node or another) before this change
         self._wrote = True
         state[1] += 1
-        self._cur.execute("UPDATE sessions SET last_seq = %s, members_version = %s "
+        self._sql("UPDATE sessions SET last_seq = %s, members_version = %s "
                           "WHERE id = %s", (state[0], state[1], session_id))
-        self._cur.execute("DELETE FROM members WHERE session_id = %s "
+        self._sql("DELETE FROM members WHERE session_id = %s "
                           "AND NOT (user_id = ANY(%s::text[]))", (session_id, members))
-        self._cur.execute(_INSERT_MEMBERS, (state[0], members, session_id))
+        self._sql(_INSERT_MEMBERS, (state[0], members, session_id))
         return state[0], state[1]
 
     def delete_session(self, session_id: str) -> None:
@@ -419,7 +430,7 @@ class PostgresStore(Store):
         self._wrote = True
         self._rows = [row for row in self._rows if row[0] != session_id]
         self._dirty.discard(session_id)
-        self._cur.execute("DELETE FROM sessions WHERE id = %s", (session_id,))
+        self._sql("DELETE FROM sessions WHERE id = %s", (session_id,))
         self._known[session_id] = None
 
     def _append(self, session_id: str, sender_id: str, message: str, sender_timestamp: int,
@@ -451,7 +462,7 @@ class PostgresStore(Store):
             return state[0], None
         # A change the sender had not heard of committed first (read under
         # the session's lock, so the members are those of that version).
-        members = self._cur.execute("SELECT user_id FROM members WHERE session_id = %s",
+        members = self._sql("SELECT user_id FROM members WHERE session_id = %s",
                                     (session_id,)).fetchall()
         return state[0], [user for (user,) in members]
 
@@ -464,7 +475,7 @@ class PostgresStore(Store):
 
     def _execute(self, query: str, args: Sequence[Any]) -> psycopg.Cursor:
         self._flush()
-        return self._cur.execute(query, args)
+        return self._sql(query, args)
 
     # --- transactions ----------------------------------------------------------
 
@@ -491,16 +502,16 @@ class PostgresStore(Store):
         while True:
             committing = False
             try:
-                with conn.cursor() as self._cur:
+                with conn.cursor() as self._cur, psycopg.ClientCursor(conn) as self._first:
                     if self._unresolved:
                         self._report_unresolved()
                     if keys:  # run again: every key it needs first, in order
-                        self._cur.execute(_LOCK_ALL, (sorted(keys),))
+                        self._sql(_LOCK_ALL, (sorted(keys),))
                         for key in keys:
                             self._hold(key)
                     results = [job(self) for job in jobs]
                     if self._wrote and self._xid is None:
-                        self._xid = self._cur.execute("SELECT txid_current()").fetchone()[0]
+                        self._xid = self._sql("SELECT txid_current()").fetchone()[0]
                     committing = True
                     self._flush(commit=True)
                 return results
@@ -562,7 +573,7 @@ class PostgresStore(Store):
         """Log what became of the COMMITs answered as unknown, now that the
         server answers (in the batch's transaction: no round trip saved)."""
         xids = [xid for xid, _ in self._unresolved]
-        rows = self._cur.execute("SELECT x, txid_status(x) FROM unnest(%s::bigint[]) AS x",
+        rows = self._sql("SELECT x, txid_status(x) FROM unnest(%s::bigint[]) AS x",
                                  (xids,)).fetchall()
         still = set()
         for xid, status in rows:
