@@ -129,6 +129,14 @@ _LOCK_READ = ("SELECT s.last_seq, s.members_version, txid_current() "
 _READ = ("SELECT last_seq, members_version, txid_current() FROM sessions WHERE id = %s "
          "FOR NO KEY UPDATE")
 _LOCK = "SELECT pg_advisory_xact_lock(%s), txid_current()"
+# Several sessions locked in ascending key order and read, in one
+# statement: the aggregate takes every lock before the join yields a row.
+_LOCK_READ_MANY = ("SELECT s.id, s.last_seq, s.members_version, txid_current() "
+                   "FROM (SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT k FROM "
+                   "unnest(%s::bigint[]) WITH ORDINALITY AS t(k, i) ORDER BY i) AS o) AS l, "
+                   "sessions AS s WHERE s.id = ANY(%s) FOR NO KEY UPDATE OF s")
+#: At most this many sessions are locked ahead of a batch (``_prefetch``).
+_PREFETCH_MAX = 64
 _TRY_LOCK = "SELECT pg_try_advisory_xact_lock(%s)"
 _LOCK_ALL = ("SELECT count(pg_advisory_xact_lock(k)) FROM "
              "(SELECT k FROM unnest(%s::bigint[]) WITH ORDINALITY AS t(k, i) ORDER BY i) AS o")
@@ -204,6 +212,10 @@ class PostgresStore(Store):
         self._watchdog = _Watchdog()
         #: Transaction ids of cut-off COMMITs not yet known committed or not.
         self._unresolved: list[tuple[int, int]] = []
+        #: Sessions appended to by the last batch, and those of the one
+        #: before that too (locked ahead of the next batch).
+        self._last: set[str] = set()
+        self._hint: list[str] = []
         self._begin_batch()
         try:
             self._conn = self._connect()
@@ -334,6 +346,7 @@ class PostgresStore(Store):
         self._xid: int | None = None
         self._wrote = False
         self._begun = False
+        self._appended: set[str] = set()
 
     def _hold(self, key: int) -> None:
         self._held.add(key)
@@ -389,6 +402,24 @@ class PostgresStore(Store):
         cur.nextset()
         return cur
 
+    def _prefetch(self, session_ids: list[str]) -> None:
+        """Lock and read ``session_ids`` (ascending key order, at most
+        ``_PREFETCH_MAX``) in one round trip, at the start of a batch (when
+        no key is held, so waiting is safe): a batch that writes several
+        sessions, as the last batches did, then waits for them all at once
+        instead of one round trip each. A session guessed wrong is locked
+        for nothing until COMMIT."""
+        ids = session_ids[:_PREFETCH_MAX]
+        keys = [lock_key(i) for i in ids]
+        rows = self._sql(_LOCK_READ_MANY, (keys, ids)).fetchall()
+        if not rows:
+            return  # the locks may not have been taken: each is taken when needed
+        for key in keys:
+            self._hold(key)
+        for session_id, last_seq, version, xid in rows:
+            self._known[session_id] = [last_seq, version]
+            self._xid = xid
+
     def _flush(self, commit: bool = False) -> None:
         """Write the messages and seqs held back, before a read, or with
         ``commit`` before and with COMMIT, in one simple query."""
@@ -441,6 +472,7 @@ class PostgresStore(Store):
         self._wrote = True
         state[0] += 1
         self._dirty.add(session_id)
+        self._appended.add(session_id)
         self._rows.append((session_id, state[0], sender_id, message, sender_timestamp,
                            server_timestamp))
         return state
@@ -509,11 +541,17 @@ class PostgresStore(Store):
                         self._sql(_LOCK_ALL, (sorted(keys),))
                         for key in keys:
                             self._hold(key)
+                    elif self._hint:
+                        self._prefetch(self._hint)
                     results = [job(self) for job in jobs]
                     if self._wrote and self._xid is None:
                         self._xid = self._sql("SELECT txid_current()").fetchone()[0]
                     committing = True
                     self._flush(commit=True)
+                    # Sessions appended to in this batch and the last one
+                    # are likely in the next: locked ahead (``_prefetch``).
+                    self._hint = sorted(self._appended & self._last, key=lock_key)
+                    self._last = self._appended
                 return results
             except _Reorder as reorder:
                 keys |= reorder.keys
