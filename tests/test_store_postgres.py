@@ -81,6 +81,64 @@ def test_seq_has_no_gaps_or_duplicates_while_several_nodes_append_to_one_session
         node.close()
 
 
+def test_batches_locking_sessions_in_opposite_orders_on_two_nodes_never_deadlock(pg_url):
+    """Issue 18: each node's batch writes several sessions in whatever
+    order its jobs came; two nodes with opposite orders, many times at
+    once, all commit, and PostgreSQL counts no deadlock."""
+    nodes = [open_store(pg_url) for _ in range(2)]
+    names = [f"s{n}" for n in range(6)]
+    nodes[0].run_batch([lambda s, n=n: s.create_session(n, "mutable", ["a"], 1) for n in names])
+    errors: list[BaseException] = []
+
+    def write(index: int) -> None:
+        order = names if index == 0 else names[::-1]
+        try:
+            for round_ in range(40):
+                # Members changed too: every kind of write takes the lock.
+                nodes[index].run_batch(
+                    [lambda s, n=n: s.append_message(n, f"node{index}", "{}", 0, 0)
+                     for n in order[round_ % 3:]]
+                    + [lambda s: s.set_members(order[0], ["a", f"node{index}"])])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(3 * GUARD)
+    assert errors == []
+    with psycopg.connect(pg_url) as conn:
+        for name in names:
+            seqs = [row[0] for row in conn.execute(
+                "SELECT seq FROM messages WHERE session_id = %s ORDER BY seq", (name,))]
+            assert seqs == list(range(1, len(seqs) + 1))
+        assert conn.execute("SELECT deadlocks FROM pg_stat_database "
+                            "WHERE datname = current_database()").fetchone()[0] == 0
+    for node in nodes:
+        node.close()
+
+
+def test_a_node_that_last_wrote_a_session_learns_of_other_nodes_writes(pg_url):
+    """A node counts on from what it last stored only after checking, in
+    its COMMIT, that nobody wrote the session since: another node's
+    message or membership change since is seen, and seq stays gap-free."""
+    one, two = open_store(pg_url), open_store(pg_url)
+    one.run_batch([lambda s: s.create_session("g", "mutable", ["a"], 1)])
+    assert one.run_batch([lambda s: s.append_checked("g", "a", "{}", 0, 0, 0)]) == [(1, None)]
+    assert two.run_batch([lambda s: s.append_checked("g", "b", "{}", 0, 0, 0)]) == [(2, None)]
+    assert one.run_batch([lambda s: s.append_checked("g", "a", "{}", 0, 0, 0)]) == [(3, None)]
+    assert two.run_batch([lambda s: s.set_members("g", ["a", "c"])]) == [(3, 1)]
+    [(seq, members)] = one.run_batch([lambda s: s.append_checked("g", "a", "{}", 0, 0, 0)])
+    assert (seq, sorted(members)) == (4, ["a", "c"])
+    assert one.run_batch([lambda s: s.append_checked("g", "a", "{}", 0, 0, 1)]) == [(5, None)]
+    two.run_batch([lambda s: s.delete_session("g")])
+    assert one.run_batch([lambda s: s.append_checked("g", "a", "{}", 0, 0, 1)]) == [
+        (None, None)]
+    one.close()
+    two.close()
+
+
 @pytest.mark.parametrize("make, reason", [
     (lambda url: f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/test",
      "cannot connect: connection to server at \"127.0.0.1\", port"),

@@ -15,7 +15,11 @@ opened again after it is lost.
   COMMIT. ``seq`` is gap-free and never duplicated, a rolled-back batch
   leaves no gap, and a batch waits only for keys above every key it holds
   (else it tries, and on a miss runs again with its keys locked in order),
-  so no interleaving of nodes and sessions can deadlock.
+  so no interleaving of nodes and sessions can deadlock. A batch that
+  only appends to sessions this node wrote last guesses their state from
+  its last commit and checks it in the same query as its messages and
+  COMMIT (one round trip); a wrong guess fails that query before COMMIT
+  and the batch runs again, locking first.
 - **Bounded**: every batch has a deadline (the writer's busy timeout); a
   watchdog cuts the socket of one still running then, and connect,
   statement, lock and idle-in-transaction timeouts plus TCP keepalives and
@@ -137,6 +141,21 @@ _LOCK_READ_MANY = ("SELECT s.id, s.last_seq, s.members_version, txid_current() "
                    "sessions AS s WHERE s.id = ANY(%s) FOR NO KEY UPDATE OF s")
 #: At most this many sessions are locked ahead of a batch (``_prefetch``).
 _PREFETCH_MAX = 64
+# A batch that only appends to sessions this node wrote last: locks, check
+# of the guessed states (a division by zero if one is wrong: the rest of
+# the query, COMMIT included, is then skipped), messages and COMMIT, all
+# in one simple query.
+_CHECK = ("SELECT 1 / (count(*) = %s)::int FROM sessions AS s, json_array_elements(%s::json) "
+          "AS v WHERE s.id = v->>0 AND s.last_seq = (v->>1)::bigint "
+          "AND s.members_version = (v->>2)::bigint")
+# What became of such a batch whose COMMIT was cut off: its own rows.
+_STORED_ROWS = ("SELECT count(*) FROM messages AS m, json_array_elements(%s::json) AS r "
+                "WHERE m.session_id = r->>0 AND m.seq = (r->>1)::bigint "
+                "AND m.sender_id = r->>2 AND m.message = r->>3 "
+                "AND m.server_timestamp = (r->>5)::bigint")
+#: Sessions remembered (``_cache``), and batches during which a session
+#: whose guess was wrong (another node wrote it) is not guessed again.
+_CACHE_MAX, _CONTENDED_FOR = 10_000, 1000
 _TRY_LOCK = "SELECT pg_try_advisory_xact_lock(%s)"
 _LOCK_ALL = ("SELECT count(pg_advisory_xact_lock(k)) FROM "
              "(SELECT k FROM unnest(%s::bigint[]) WITH ORDINALITY AS t(k, i) ORDER BY i) AS o")
@@ -216,6 +235,12 @@ class PostgresStore(Store):
         #: before that too (locked ahead of the next batch).
         self._last: set[str] = set()
         self._hint: list[str] = []
+        #: session -> (last seq, members version) as this node last
+        #: committed them: guessed, and checked at COMMIT (``_guess``).
+        self._cache: dict[str, tuple[int, int]] = {}
+        #: session -> batch number until which it is not guessed.
+        self._contended: dict[str, int] = {}
+        self._batches = 0
         self._begin_batch()
         try:
             self._conn = self._connect()
@@ -335,7 +360,7 @@ class PostgresStore(Store):
     # allocates each message's seq itself and sends the batch's messages
     # in one statement at the end (``_flush``), with COMMIT: a batch costs
     # one round trip per session it touches, plus one, however many
-    # messages it holds (docs/performance.md).
+    # messages it holds, or one in all when it guesses (docs/storage.md).
 
     def _begin_batch(self) -> None:
         self._held: set[int] = set()
@@ -347,6 +372,11 @@ class PostgresStore(Store):
         self._wrote = False
         self._begun = False
         self._appended: set[str] = set()
+        self._sent_rows: str | None = None
+        self._pid = 0
+        #: Sessions whose state was guessed from ``_cache``, not yet checked.
+        self._guessed: dict[str, tuple[int, int]] = {}
+        self._guessing = True
 
     def _hold(self, key: int) -> None:
         self._held.add(key)
@@ -359,6 +389,8 @@ class PostgresStore(Store):
 
     def _take(self, key: int) -> None:
         """Hold the advisory lock ``key`` until the batch ends."""
+        if self._guessed:
+            self._start()  # the guesses' locks first: they bear on the order
         if key in self._held:
             return
         if self._in_order(key):
@@ -374,6 +406,14 @@ class PostgresStore(Store):
             return self._known[session_id]
         except KeyError:
             pass
+        if self._guessing and self._top is None:
+            guess = self._cache.get(session_id)
+            if guess is not None and self._contended.get(session_id, -1) < self._batches:
+                self._guessed[session_id] = guess
+                state = self._known[session_id] = list(guess)
+                return state
+        if self._guessed:
+            self._start()  # the guesses' locks first: they bear on the order
         key = lock_key(session_id)
         if key in self._held:
             row = self._sql(_READ, (session_id,)).fetchone()
@@ -394,13 +434,26 @@ class PostgresStore(Store):
         in autocommit mode, so the first one is sent with BEGIN in one
         simple query (``ClientCursor``: arguments bound by psycopg): no
         round trip of its own for BEGIN."""
-        if self._begun:
+        if self._begun or self._guessed:
+            self._start()
             return self._cur.execute(query, args)
         self._begun = True
+        self._guessing = False
         cur = self._first
         cur.execute("BEGIN; " + query, args)
         cur.nextset()
         return cur
+
+    def _start(self) -> None:
+        """Begin the batch's transaction if it has not begun, checking the
+        sessions guessed so far."""
+        if self._begun:
+            return
+        self._begun = True
+        self._guessing = False
+        self._cur.execute("BEGIN")
+        if self._guessed:
+            self._check_guesses()
 
     def _prefetch(self, session_ids: list[str]) -> None:
         """Lock and read ``session_ids`` (ascending key order, at most
@@ -420,13 +473,53 @@ class PostgresStore(Store):
             self._known[session_id] = [last_seq, version]
             self._xid = xid
 
+    def _check_guesses(self) -> None:
+        """A statement is due with sessions guessed: lock and read them
+        first (nothing else is held), and start again if a guess was wrong."""
+        ids = sorted(self._guessed, key=lock_key)
+        rows = self._cur.execute(_LOCK_READ_MANY, ([lock_key(i) for i in ids], ids)).fetchall()
+        actual = {session_id: (last_seq, version) for session_id, last_seq, version, _ in rows}
+        if rows:
+            for session_id in ids:
+                self._hold(lock_key(session_id))
+            self._xid = rows[0][3]
+        if any(actual.get(i) != guess for i, guess in self._guessed.items()):
+            self._wrong_guess()
+        self._guessed = {}
+
+    def _wrong_guess(self) -> None:
+        """Another node wrote a guessed session: run the batch again with
+        them locked first, and do not guess them for a while."""
+        for session_id in self._guessed:
+            self._cache.pop(session_id, None)
+            self._contended[session_id] = self._batches + _CONTENDED_FOR
+        raise _Reorder(self._held | {lock_key(i) for i in self._guessed})
+
+    def _commit_guessed(self) -> None:
+        """Only appends to guessed sessions: the whole batch in one query."""
+        ids = sorted(self._guessed, key=lock_key)
+        check = _JSON.encode([(i, *self._guessed[i]) for i in ids]).decode()
+        rows = _JSON.encode(self._rows).decode()
+        seqs = _JSON.encode([(i, self._known[i][0]) for i in self._dirty]).decode()
+        self._pid = self._conn.info.backend_pid
+        self._sent_rows = rows
+        try:
+            self._first.execute(f"BEGIN; {_LOCK_ALL}; {_CHECK}; {_FLUSH}; COMMIT",
+                                ([lock_key(i) for i in ids], len(ids), check, rows, seqs))
+        except psycopg.errors.DivisionByZero:
+            self._conn.rollback()
+            self._wrong_guess()
+
     def _flush(self, commit: bool = False) -> None:
         """Write the messages and seqs held back, before a read, or with
         ``commit`` before and with COMMIT, in one simple query."""
+        if commit and self._guessed and not self._begun:
+            return self._commit_guessed()
         if not self._dirty:
             if commit and self._begun:
                 self._cur.execute("COMMIT")
             return
+        self._start()
         rows = _JSON.encode(self._rows).decode()
         seqs = _JSON.encode([(i, self._known[i][0]) for i in self._dirty]).decode()
         self._rows = []
@@ -544,13 +637,16 @@ class PostgresStore(Store):
                     elif self._hint:
                         self._prefetch(self._hint)
                     results = [job(self) for job in jobs]
-                    if self._wrote and self._xid is None:
+                    if self._wrote and self._xid is None and self._begun:
                         self._xid = self._sql("SELECT txid_current()").fetchone()[0]
                     committing = True
                     self._flush(commit=True)
+                    self._remember()
                     # Sessions appended to in this batch and the last one
                     # are likely in the next: locked ahead (``_prefetch``).
-                    self._hint = sorted(self._appended & self._last, key=lock_key)
+                    self._hint = sorted((i for i in self._appended & self._last
+                                         if self._contended.get(i, -1) >= self._batches),
+                                        key=lock_key)
                     self._last = self._appended
                 return results
             except _Reorder as reorder:
@@ -570,11 +666,59 @@ class PostgresStore(Store):
                 self._rollback()
                 raise
             # The connection was lost once COMMIT may have been sent.
-            if self._resolve(self._xid, deadline + self.busy_timeout):
+            if self._xid is None and self._sent_rows is not None:
+                committed = self._resolve_rows(self._sent_rows, self._pid,
+                                               deadline + self.busy_timeout)
+            else:
+                committed = self._resolve(self._xid, deadline + self.busy_timeout)
+            if committed:
+                self._remember()
                 return results
             raise _AbortedCommit(f"store {self.name}: the connection was lost during COMMIT "
                                  f"({_one_line(error)}) and the server rolled the batch "
                                  "back") from error
+
+    def _remember(self) -> None:
+        """After COMMIT: what this batch read and wrote, for the next guesses."""
+        self._batches += 1
+        if len(self._cache) > _CACHE_MAX:
+            self._cache.clear()
+        for session_id, state in self._known.items():
+            if state is None:
+                self._cache.pop(session_id, None)
+            else:
+                self._cache[session_id] = (state[0], state[1])
+
+    def _resolve_rows(self, rows: str, pid: int, until: float) -> bool:
+        """Whether a batch of guessed appends committed, cut off without a
+        transaction id: once its server process (``pid``) has ended, its
+        messages are stored or not, all or none."""
+        self._drop()
+        cause = "the server did not answer"
+        while True:
+            try:
+                conn = self._connection(until)
+                self._watchdog.arm(self._socket, until)
+                try:
+                    alive = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                         (pid,)).fetchone()[0]
+                    stored = conn.execute(_STORED_ROWS, (rows,)).fetchone()[0]
+                finally:
+                    self._watchdog.disarm()
+                if not alive:
+                    log.info("store %s: the COMMIT cut off %s", self.name,
+                             "committed" if stored else "was rolled back")
+                    return bool(stored)
+                cause = f"its server process {pid} is still running"
+            except psycopg.Error as exc:
+                self._drop()
+                cause = _one_line(exc)
+            if time.monotonic() + _RESOLVE_PAUSE >= until:
+                raise CommitUnknown(f"store {self.name}: the connection was lost during "
+                                    f"COMMIT and the server could not tell in time whether "
+                                    f"it committed ({cause}): the last batch may or may not "
+                                    "be stored")
+            time.sleep(_RESOLVE_PAUSE)
 
     def _resolve(self, xid: int, until: float) -> bool:
         """Whether the transaction ``xid`` committed, asked on a new
