@@ -190,9 +190,12 @@ class CommitCutter:
     def __init__(self, port: int, drop: str = "answer") -> None:
         self.upstream = port
         self.drop = drop
+        self.refuse_after_cut = False
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.armed = threading.Event()
+        #: While set, new connections are closed at once (server unreachable).
+        self.refuse = threading.Event()
         self.cuts = 0
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -203,6 +206,9 @@ class CommitCutter:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.refuse.is_set():
+                client.close()
+                continue
             server = socket.create_connection(("127.0.0.1", self.upstream))
             cut = threading.Event()  # this connection's
             threading.Thread(target=self._pump, args=(client, server, True, cut),
@@ -227,6 +233,8 @@ class CommitCutter:
                     break
                 if to_server and self._claim(data):
                     cut.set()
+                    if self.refuse_after_cut:
+                        self.refuse.set()
                     if self.drop == "commit":
                         break
                 sink.sendall(data)
@@ -272,6 +280,48 @@ async def test_a_commit_cut_off_is_resolved_and_answered_as_it_ended(pg_url, nur
     with psycopg.connect(pg_url) as conn:
         assert conn.execute("SELECT seq, message FROM messages ORDER BY seq").fetchall() == [
             (1, '"once"'), (2, '"next"')]
+    store.close()
+    cutter.close()
+
+
+@pytest.mark.parametrize("warm", [False, True])
+async def test_a_commit_cut_off_while_the_server_stays_unreachable_is_answered_busy(
+        pg_url, nursery, caplog, warm):
+    """The server unreachable for the whole busy timeout after a COMMIT
+    was cut off: the batch is answered busy (never run again, the writer
+    keeps writing), and once the server answers what became of it is
+    logged: here it had committed. ``warm``: the node wrote the session
+    last, so the batch went as one query without a transaction id, and is
+    looked up by its rows."""
+    port = int(pg_url.rsplit(":", 1)[1].split("/")[0])
+    cutter = CommitCutter(port, "answer")
+    cutter.refuse_after_cut = True
+    store = open_store(pg_url.replace(f":{port}/", f":{cutter.port}/"), busy_timeout=1.0)
+    store.run_batch([lambda s: s.create_session("g", "mutable", ["a"], 1)])
+    first = 1
+    if warm:
+        store.run_batch([lambda s: s.append_message("g", "a", '"warm"', 0, 0)])
+        first = 2
+    reports = Reports()
+    writer = Writer(store, reports)
+    await nursery.start(writer.run)
+    caplog.set_level(logging.INFO, "chatd.store")
+    cutter.armed.set()
+    writer.submit(job(lambda s: s.append_message("g", "a", '"cut"', 1, 1)))
+    await reports.wait_for(1)
+    [(_, results, failure)] = reports.batches
+    assert results is None and failure.busy and "may or may not be stored" in failure.cause
+    assert not writer.failed
+    cutter.refuse.clear()
+    writer.resume()
+    writer.submit(job(lambda s: s.append_message("g", "a", '"next"', 2, 2)))
+    await reports.wait_for(2)
+    assert reports.batches[1][1:] == ([first + 1], None)
+    assert any("answered 'storage busy', did commit" in r.message
+               or "answered 'storage busy' did commit" in r.message for r in caplog.records)
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT seq, message FROM messages WHERE seq >= %s ORDER BY seq",
+                            (first,)).fetchall() == [(first, '"cut"'), (first + 1, '"next"')]
     store.close()
     cutter.close()
 

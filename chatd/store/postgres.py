@@ -231,6 +231,8 @@ class PostgresStore(Store):
         self._watchdog = _Watchdog()
         #: Transaction ids of cut-off COMMITs not yet known committed or not.
         self._unresolved: list[tuple[int, int]] = []
+        #: The same for batches sent in one query: (their rows, server pid).
+        self._unresolved_rows: list[tuple[str, int]] = []
         #: Sessions appended to by the last batch, and those of the one
         #: before that too (locked ahead of the next batch).
         self._last: set[str] = set()
@@ -628,7 +630,7 @@ class PostgresStore(Store):
             committing = False
             try:
                 with conn.cursor() as self._cur, psycopg.ClientCursor(conn) as self._first:
-                    if self._unresolved:
+                    if self._unresolved or self._unresolved_rows:
                         self._report_unresolved()
                     if keys:  # run again: every key it needs first, in order
                         self._sql(_LOCK_ALL, (sorted(keys),))
@@ -714,6 +716,7 @@ class PostgresStore(Store):
                 self._drop()
                 cause = _one_line(exc)
             if time.monotonic() + _RESOLVE_PAUSE >= until:
+                self._unresolved_rows.append((rows, pid))
                 raise CommitUnknown(f"store {self.name}: the connection was lost during "
                                     f"COMMIT and the server could not tell in time whether "
                                     f"it committed ({cause}): the last batch may or may not "
@@ -754,9 +757,23 @@ class PostgresStore(Store):
     def _report_unresolved(self) -> None:
         """Log what became of the COMMITs answered as unknown, now that the
         server answers (in the batch's transaction: no round trip saved)."""
+        for item in list(self._unresolved_rows):
+            rows, pid = item
+            if self._sql("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                         (pid,)).fetchone()[0]:
+                continue  # still running: ask again next time
+            self._unresolved_rows.remove(item)
+            if self._sql(_STORED_ROWS, (rows,)).fetchone()[0]:
+                log.warning("store %s: a COMMIT answered 'storage busy' did commit: its "
+                            "writes are stored", self.name)
+            else:
+                log.info("store %s: a COMMIT answered 'storage busy' was rolled back as "
+                         "answered", self.name)
+        if not self._unresolved:
+            return
         xids = [xid for xid, _ in self._unresolved]
         rows = self._sql("SELECT x, txid_status(x) FROM unnest(%s::bigint[]) AS x",
-                                 (xids,)).fetchall()
+                         (xids,)).fetchall()
         still = set()
         for xid, status in rows:
             if status == "committed":
