@@ -191,11 +191,15 @@ class CommitCutter:
         self.upstream = port
         self.drop = drop
         self.refuse_after_cut = False
+        self._held: list[socket.socket] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.armed = threading.Event()
         #: While set, new connections are closed at once (server unreachable).
         self.refuse = threading.Event()
+        #: While set, nothing is relayed either way and new connections
+        #: are accepted but never answered: a black-holed path.
+        self.frozen = threading.Event()
         self.cuts = 0
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -208,6 +212,9 @@ class CommitCutter:
                 return
             if self.refuse.is_set():
                 client.close()
+                continue
+            if self.frozen.is_set():
+                self._held.append(client)  # open, silent
                 continue
             server = socket.create_connection(("127.0.0.1", self.upstream))
             cut = threading.Event()  # this connection's
@@ -229,6 +236,8 @@ class CommitCutter:
               cut: threading.Event) -> None:
         try:
             while data := source.recv(65536):
+                while self.frozen.is_set():  # a black hole: hold the data
+                    self.frozen_wait.wait()
                 if cut.is_set():
                     break
                 if to_server and self._claim(data):
@@ -248,6 +257,21 @@ class CommitCutter:
         if to_server:  # the last of the pair to use them (the other has ended)
             source.close()
             sink.close()
+
+    def freeze(self) -> None:
+        self.thawed = threading.Event()
+        self.frozen.set()
+
+    def thaw(self) -> None:
+        self.frozen.clear()
+        self.thawed.set()
+        for sock in self._held:
+            sock.close()
+        self._held.clear()
+
+    @property
+    def frozen_wait(self) -> threading.Event:
+        return self.thawed
 
     def close(self) -> None:
         self.listener.close()
@@ -324,6 +348,41 @@ async def test_a_commit_cut_off_while_the_server_stays_unreachable_is_answered_b
                             (first,)).fetchall() == [(first, '"cut"'), (first + 1, '"next"')]
     store.close()
     cutter.close()
+
+
+async def test_a_black_holed_path_is_answered_busy_within_the_bound_then_writes_resume(
+        pg_url, nursery, caplog):
+    """Every packet to and from the server silently dropped (an open
+    connection that never answers, new connections never answered): each
+    write is answered busy after the busy timeout plus the documented
+    margin, not left waiting; once the path is back writes commit again
+    by themselves, and the loss and the return are logged once each."""
+    port = int(pg_url.rsplit(":", 1)[1].split("/")[0])
+    relay = CommitCutter(port)
+    store = open_store(pg_url.replace(f":{port}/", f":{relay.port}/"), busy_timeout=1.0)
+    store.run_batch([lambda s: s.create_session("g", "mutable", ["a"], 1)])
+    reports = Reports()
+    writer = Writer(store, reports)
+    await nursery.start(writer.run)
+    caplog.set_level(logging.INFO, "chatd.store")
+    relay.freeze()
+    writer.submit(job(lambda s: s.append_message("g", "a", '"lost"', 1, 1)))
+    # The bound: busy timeout + 2 s (connect) + busy timeout (a COMMIT cut
+    # off); the guard only stops a hung test, it is not what is checked.
+    with trio.fail_after(GUARD):
+        await reports.wait_for(1)
+    [(_, results, failure)] = reports.batches
+    assert results is None and failure.busy
+    relay.thaw()
+    writer.resume()
+    writer.submit(job(lambda s: s.append_message("g", "a", '"back"', 2, 2)))
+    await reports.wait_for(2)
+    assert reports.batches[1][1] is not None
+    messages = [r.message for r in caplog.records]
+    assert sum(" lost (" in m for m in messages) == 1
+    assert sum(" is back: " in m for m in messages) == 1
+    store.close()
+    relay.close()
 
 
 # --- chatd on PostgreSQL, end to end -----------------------------------------------------
