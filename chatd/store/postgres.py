@@ -462,8 +462,8 @@ class PostgresStore(Store):
         ``_PREFETCH_MAX``) in one round trip, at the start of a batch (when
         no key is held, so waiting is safe): a batch that writes several
         sessions, as the last batches did, then waits for them all at once
-        instead of one round trip each. A session guessed wrong is locked
-        for nothing until COMMIT."""
+        instead of one round trip each. A session locked ahead for nothing
+        stays locked until COMMIT."""
         ids = session_ids[:_PREFETCH_MAX]
         keys = [lock_key(i) for i in ids]
         rows = self._sql(_LOCK_READ_MANY, (keys, ids)).fetchall()
@@ -533,7 +533,7 @@ class PostgresStore(Store):
         self._take(lock_key(session_id))
         self._wrote = True
         self._sql("INSERT INTO sessions (id, kind, created_ms) VALUES (%s, %s, %s) "
-                          "ON CONFLICT (id) DO NOTHING", (session_id, kind, created_ms))
+                  "ON CONFLICT (id) DO NOTHING", (session_id, kind, created_ms))
         self._sql(_INSERT_MEMBERS, (0, members, session_id))
         self._known.pop(session_id, None)  # read again (locked) when next used
 
@@ -544,9 +544,9 @@ class PostgresStore(Store):
         self._wrote = True
         state[1] += 1
         self._sql("UPDATE sessions SET last_seq = %s, members_version = %s "
-                          "WHERE id = %s", (state[0], state[1], session_id))
+                  "WHERE id = %s", (state[0], state[1], session_id))
         self._sql("DELETE FROM members WHERE session_id = %s "
-                          "AND NOT (user_id = ANY(%s::text[]))", (session_id, members))
+                  "AND NOT (user_id = ANY(%s::text[]))", (session_id, members))
         self._sql(_INSERT_MEMBERS, (state[0], members, session_id))
         return state[0], state[1]
 
@@ -590,7 +590,7 @@ class PostgresStore(Store):
         # A change the sender had not heard of committed first (read under
         # the session's lock, so the members are those of that version).
         members = self._sql("SELECT user_id FROM members WHERE session_id = %s",
-                                    (session_id,)).fetchall()
+                            (session_id,)).fetchall()
         return state[0], [user for (user,) in members]
 
     def probe(self) -> None:
@@ -685,6 +685,9 @@ class PostgresStore(Store):
         self._batches += 1
         if len(self._cache) > _CACHE_MAX:
             self._cache.clear()
+        if len(self._contended) > _CACHE_MAX:
+            self._contended = {i: until for i, until in self._contended.items()
+                               if until >= self._batches}
         for session_id, state in self._known.items():
             if state is None:
                 self._cache.pop(session_id, None)
