@@ -15,11 +15,21 @@ the nodes, so subscribers and publishers are spread across them:
 3. GradAgenda groups (``--rooms`` of ``--room-size``): stored messages/s
    (a message counts once its sender has its confirmed broadcast).
 
+``--mixed`` runs the mixed-writer case instead (issue 18): ``--users``
+GradAgenda users, user i on node i mod N, all members of ``--groups``
+shared groups, each sending into the groups in turn with ``--window``
+unconfirmed, for ``--duration`` seconds; then the same users all on the
+first node. It reports stored messages/s, confirmation latency, the
+answers ``storage busy`` (and any other failure) and the deadlocks
+PostgreSQL counted (``pg_stat_database``), and the spread run's share of
+the one-node figure.
+
 Each node's CPU is read from /proc. Everything runs on loopback and stops
 by itself; a run takes about ``3 x --duration`` seconds per node count.
 
     python scripts/cluster_bench.py
     python scripts/cluster_bench.py --nodes 1,2 --subscribers 200 --duration 8 --json
+    python scripts/cluster_bench.py --mixed --nodes 3 --users 3 --groups 4 --window 32
 """
 
 from __future__ import annotations
@@ -217,6 +227,170 @@ def bench(count: int, workdir: Path, redis: Redis, admin: str, args: argparse.Na
         database.drop()
 
 
+# --- the mixed-writer case (--mixed) ---------------------------------------------------
+
+
+async def mixed_clients(ports: list[int], users: int, groups: int, window: int,
+                        duration: float) -> dict[str, Any]:
+    """User i on ``ports[i % len(ports)]``; all in ``groups`` groups; each
+    sends with ``window`` unconfirmed for ``duration`` seconds."""
+    from scripts.gradagenda_bench import BenchSocket
+    from chatd.tokens import mint
+
+    names = [f"mixed-{i}" for i in range(users)]
+    group_ids: list[str] = []
+    created = trio.Event()
+    started = trio.Event()
+    joined = 0
+    latencies: list[float] = []
+    counts = {"confirmed": 0, "busy": 0, "failed": 0, "delivered": 0}
+    failures: dict[str, int] = {}
+    stop_at = [0.0]
+
+    async def user(index: int) -> None:
+        nonlocal joined
+        ws = await BenchSocket.connect(ports[index % len(ports)], "/gradagenda")
+        incoming = ws.messages()
+        await ws.send(json.dumps({"type": "authenticate", "cdid": "auth", "user-id": names[index],
+                                  "device-id": "bench",
+                                  "token": mint(JWT_SECRET, names[index])}).encode())
+        assert json.loads(await anext(incoming))["status"] == "succeeded"
+        if index == 0:
+            for g in range(groups):
+                await ws.send(json.dumps({"type": "request-mutable-session-creation",
+                                          "cdid": f"create{g}", "user-id": names}).encode())
+                while True:
+                    info = json.loads(await anext(incoming))
+                    if info.get("cdid") == f"create{g}":
+                        break
+                assert info["status"] == "created", info
+                group_ids.append(info["session-id"])
+            created.set()
+        else:
+            await created.wait()
+            known: set[str] = set()
+            while not set(group_ids) <= known:  # this node has heard of every group
+                info = json.loads(await anext(incoming))
+                if info.get("type") == "providing-session-info":
+                    known.add(info["session-id"])
+        joined += 1
+        if joined == users:
+            started.set()
+        await started.wait()
+        sent_at: dict[str, float] = {}
+        sent = 0
+
+        async def send_one() -> None:
+            nonlocal sent
+            cdid = str(sent)
+            sent_at[cdid] = time.perf_counter()
+            await ws.send(json.dumps({
+                "type": "request-sending-a-message", "cdid": cdid,
+                "session-id": group_ids[sent % groups],
+                "message": {"type": "text", "body": f"{names[index]} {cdid}"},
+                "sender-timestamp": int(time.time() * 1000)}).encode())
+            sent += 1
+
+        for _ in range(window):
+            await send_one()
+        with trio.move_on_after(duration + 30):
+            async for payload in incoming:
+                frame = json.loads(payload)
+                cdid = frame.get("cdid")
+                if frame.get("type") == "message-broadcast":
+                    if cdid is None:
+                        counts["delivered"] += 1
+                        continue
+                    counts["confirmed"] += 1
+                    latencies.append(time.perf_counter() - sent_at.pop(cdid))
+                elif cdid in sent_at:
+                    sent_at.pop(cdid)
+                    text = frame.get("message", "")
+                    counts["busy" if "busy" in text else "failed"] += 1
+                    failures[text] = failures.get(text, 0) + 1
+                else:
+                    continue
+                if time.perf_counter() < stop_at[0]:
+                    await send_one()
+                elif not sent_at:
+                    break
+        await ws.stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(users):
+            nursery.start_soon(user, i)
+        await started.wait()
+        begin = time.perf_counter()
+        stop_at[0] = begin + duration
+    elapsed = time.perf_counter() - begin
+    latencies.sort()
+
+    def pct(q: float) -> float | None:
+        return round(1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1) \
+            if latencies else None
+
+    return {"stored_per_s": round(counts["confirmed"] / elapsed), **counts,
+            "failures": failures, "p50_ms": pct(0.5), "p99_ms": pct(0.99),
+            "seconds": round(elapsed, 2)}
+
+
+def deadlocks(database: Database) -> int:
+    import psycopg
+
+    with psycopg.connect(database.admin, autocommit=True) as conn:
+        return conn.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = %s",
+                            (database.name,)).fetchone()[0]
+
+
+def bench_mixed(count: int, workdir: Path, redis: Redis, admin: str,
+                args: argparse.Namespace) -> dict[str, Any]:
+    """The mixed-writer case on ``count`` nodes, then all users on one."""
+    results: dict[str, Any] = {"nodes": count, "users": args.users, "groups": args.groups,
+                               "window": args.window, "load_average": os.getloadavg()[0]}
+    for layout in ("spread", "one node"):
+        database = Database(admin)
+        nodes = [Node(f"n{i + 1}-{layout[0]}", workdir, redis.url, database.url)
+                 for i in range(count)]
+        try:
+            deadline = time.monotonic() + 30
+            while not all(node.ready() for node in nodes):
+                if time.monotonic() > deadline:
+                    raise SystemExit("cluster_bench: the nodes did not become ready")
+                time.sleep(0.1)
+            ports = [n.port for n in nodes] if layout == "spread" else [nodes[0].port]
+            before = [read_cpu_seconds(n.proc.pid) or 0.0 for n in nodes]
+            started = time.monotonic()
+            result = trio.run(mixed_clients, ports, args.users, args.groups, args.window,
+                              args.duration)
+            seconds = time.monotonic() - started
+            result["node_cpu_pct"] = [round(100 * ((read_cpu_seconds(n.proc.pid) or 0.0) - b)
+                                            / seconds) for n, b in zip(nodes, before)]
+            result["deadlocks"] = deadlocks(database)
+            results[layout] = result
+        finally:
+            for node in nodes:
+                node.stop()
+            database.drop()
+    one = results["one node"]["stored_per_s"]
+    results["spread_share_of_one_node"] = round(results["spread"]["stored_per_s"] / one, 2) \
+        if one else None
+    return results
+
+
+def mixed_table(result: dict[str, Any]) -> str:
+    lines = [f"mixed writers: {result['users']} users, {result['groups']} shared groups, "
+             f"window {result['window']}, {result['nodes']} nodes "
+             f"(load {result['load_average']:.2f})",
+             "layout     stored/s  p50 ms  p99 ms  busy  failed  deadlocks  node CPU %"]
+    for layout in ("spread", "one node"):
+        r = result[layout]
+        lines.append(f"{layout:<9} {r['stored_per_s']:>9,}  {r['p50_ms'] or 0:>6.1f}  "
+                     f"{r['p99_ms'] or 0:>6.1f}  {r['busy']:>4}  {r['failed']:>6}  "
+                     f"{r['deadlocks']:>9}  {'/'.join(str(c) for c in r['node_cpu_pct'])}")
+    lines.append(f"spread / one node: {result['spread_share_of_one_node']}")
+    return "\n".join(lines)
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = ["nodes  fan-out peak deliveries/s  p99 ms  | at {f}: rate  delivered  p99 ms  "
              "| GradAgenda stored/s  deliveries/s  p99 ms | node CPU % (peak)"]
@@ -249,6 +423,11 @@ def main() -> int:
         "CHATD_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"),
         help="a PostgreSQL URL allowed to create databases")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
+    p.add_argument("--mixed", action="store_true",
+                   help="run the mixed-writer case only (members of each group on every node)")
+    p.add_argument("--users", type=int, default=3, help="--mixed: users, one device each "
+                   "(default 3)")
+    p.add_argument("--groups", type=int, default=4, help="--mixed: shared groups (default 4)")
     args = p.parse_args()
     raise_fd_limit()
     counts = [int(c) for c in args.nodes.split(",")]
@@ -257,11 +436,19 @@ def main() -> int:
     results = []
     try:
         for count in counts:
+            if args.mixed:
+                results.append(bench_mixed(count, workdir, redis, args.pg_admin, args))
+                print(mixed_table(results[-1]))
+                continue
             results.append(bench(count, workdir, redis, args.pg_admin, args))
             print(f"{count} node(s) done", file=sys.stderr)
     finally:
         redis.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+    if args.mixed:
+        if args.json:
+            print(json.dumps(results))
+        return 0
     print(table(results).replace("{f}", f"{args.fraction:.0%}"))
     if args.json:
         print(json.dumps(results))

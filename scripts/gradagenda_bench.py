@@ -2,7 +2,9 @@
 """Stored GradAgenda messages per second, as confirmed to their senders.
 
 Starts chatd as a subprocess with a real SQLite file (in a temporary
-directory, unless --store names one), logs in --clients users, puts them
+directory, unless --store names one; or a PostgreSQL database,
+``--store postgresql://...``: the JSON's ``store`` says which ran, with
+its durability settings), logs in --clients users, puts them
 all in one group session, and has each send --messages text messages,
 keeping up to --window unconfirmed (pipelined, not one at a time). A
 message counts once its sender has received its broadcast, which chatd
@@ -255,10 +257,28 @@ def run_once(args: argparse.Namespace) -> dict:
             if "store writer:" in line:
                 jobs, commits = (int(w) for w in line.split() if w.isdigit())
                 result["messages_per_commit"] = round(jobs / max(commits, 1), 1)
-        result["store"] = "file (WAL, synchronous=FULL)" if store != ":memory:" else store
+        result["store"] = describe_store(store)
         result["cpus"] = os.cpu_count()
         result["load_average"] = round(load, 2)
         return result
+
+
+def describe_store(store: str) -> str:
+    """What ran: the backend and its durability settings, as the server
+    reports them for PostgreSQL (no password)."""
+    if store == ":memory:":
+        return store
+    if not store.startswith(("postgresql://", "postgres://")):
+        return "SQLite file (WAL, synchronous=FULL)"
+    import psycopg
+
+    from chatd.store.postgres import display_name
+    with psycopg.connect(store, connect_timeout=5) as conn:
+        version, commit, fsync = conn.execute(
+            "SELECT current_setting('server_version'), current_setting('synchronous_commit'), "
+            "current_setting('fsync')").fetchone()
+    return (f"PostgreSQL {version} {display_name(store)} "
+            f"(synchronous_commit={commit}, fsync={fsync})")
 
 
 #: Figures whose median the --repeat summary gives.
@@ -284,7 +304,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--messages", type=int, default=2000, help="per client")
     parser.add_argument("--window", type=int, default=32, help="unconfirmed messages per client")
-    parser.add_argument("--store", help="SQLite file (default: a fresh one in a temp dir)")
+    parser.add_argument("--store", help="SQLite file (default: a fresh one in a temp dir) or "
+                        "postgresql://USER@HOST:PORT/DB (its tables are kept between runs)")
     parser.add_argument("--repeat", type=int, default=1, help="runs, then their medians")
     parser.add_argument("--max-others", type=float, default=0.3,
                         help="share of a core other processes may take before a run is "

@@ -18,9 +18,10 @@ Failures are of two kinds (docs/storage.md):
   a connection was lost before COMMIT was sent, a serialization failure or
   a deadlock; nothing of the batch was stored and running it again is
   safe. The writer retries for up to ``busy_timeout`` seconds.
-- anything else is *persistent* (disk full, read-only, corrupt, a COMMIT
-  whose outcome is unknown, a bug): the writer stops writing until chatd
-  is restarted (fail-stop).
+- ``CommitUnknown``: the COMMIT may or may not have succeeded and the
+  server could not tell in time; never run again, answered busy.
+- anything else is *persistent* (disk full, read-only, corrupt, a bug):
+  the writer stops writing until chatd is restarted (fail-stop).
 """
 
 from __future__ import annotations
@@ -175,10 +176,14 @@ class Store(abc.ABC):
     # --- transactions -----------------------------------------------------
 
     @abc.abstractmethod
-    def run_batch(self, jobs: list[Callable[[Store], Any]]) -> list[Any]:
+    def run_batch(self, jobs: list[Callable[[Store], Any]], deadline: float | None = None
+                  ) -> list[Any]:
         """Run ``jobs`` in one transaction and commit; their results once it
-        has committed. On any exception nothing of the batch is stored —
-        except a persistent ``CommitUnknown``, when that cannot be known."""
+        has committed. ``deadline`` (``time.monotonic()``; default: the busy
+        timeout from now): a backend that can hang on a network gives up
+        by then, as a transient failure. On any exception nothing of the
+        batch is stored — except ``CommitUnknown``, when that cannot be
+        known."""
 
     @abc.abstractmethod
     def is_transient(self, exc: BaseException) -> bool:
@@ -191,8 +196,10 @@ class Store(abc.ABC):
 
 
 class CommitUnknown(StoreError):
-    """The connection was lost while COMMIT was under way: the batch may or
-    may not be stored, so it is never run again (persistent)."""
+    """The connection was lost while COMMIT was under way and the server
+    could not say in time whether it committed: the batch may or may not
+    be stored, so it is never run again (the writer answers it busy and
+    goes on writing)."""
 
 
 def history_query(mark: str, session_id: str, before: int | None, after: int | None,

@@ -8,35 +8,68 @@ opened again after it is lost.
 - **Migrations** are versioned (table ``chatd_schema``) and run in one
   transaction under an advisory lock, so nodes starting at once migrate
   once; a database newer than this chatd is refused.
-- **seq**: each session row keeps ``last_seq``; an append increments it
-  and inserts the message in the same statement, inside the batch's
-  transaction. The row lock that the UPDATE takes is held until COMMIT,
-  so nodes appending to one session at once queue on it: ``seq`` is
-  gap-free and never duplicated, and a rolled-back batch leaves no gap.
+- **seq and locks**: each session row keeps ``last_seq``. Every write of
+  a session first takes the session's advisory lock (``lock_key``), held
+  until COMMIT, so nodes writing one session queue on it; the batch then
+  allocates the seqs itself and sends its messages in one statement with
+  COMMIT. ``seq`` is gap-free and never duplicated, a rolled-back batch
+  leaves no gap, and a batch waits only for keys above every key it holds
+  (else it tries, and on a miss runs again with its keys locked in order),
+  so no interleaving of nodes and sessions can deadlock. A batch that
+  only appends to sessions this node wrote last guesses their state from
+  its last commit and checks it in the same query as its messages and
+  COMMIT (one round trip); a wrong guess fails that query before COMMIT
+  and the batch runs again, locking first.
+- **Bounded**: every batch has a deadline (the writer's busy timeout); a
+  watchdog cuts the socket of one still running then, and connect,
+  statement, lock and idle-in-transaction timeouts plus TCP keepalives and
+  ``tcp_user_timeout`` bound the rest.
 - **Transient** failures (docs/storage.md): the connection lost before
-  COMMIT or impossible to open (server restarting, unreachable), SQLSTATE
-  class 08 (connection), 40001 (serialization), 40P01 (deadlock), 55P03
-  (``lock_timeout``, set to the busy timeout), 57P01/57P02/57P03 (admin
-  shutdown, crash shutdown, starting up), 53300 (too many connections).
-  Everything else is persistent — disk full, read-only, a constraint — as
-  is a COMMIT whose outcome is unknown because the connection dropped
-  while it was under way (``CommitUnknown``: never run twice).
+  COMMIT or impossible to open (server restarting, stopped, unreachable),
+  SQLSTATE class 08 (connection), 40001 (serialization), 40P01 (deadlock),
+  55P03 (``lock_timeout``), 57014 (``statement_timeout``), 25P03 (idle in
+  transaction), 57P01/57P02/57P03 (admin shutdown, crash shutdown,
+  starting up), 53300 (too many connections). Everything else is
+  persistent — disk full, read-only, a constraint.
+- **A COMMIT cut off** (the connection lost once it may have been sent):
+  the transaction id taken before it is looked up (``txid_status``) on a
+  new connection, for up to the busy timeout more: committed, the batch's
+  results stand; rolled back, it is transient (run again); unknown still,
+  ``CommitUnknown`` (answered busy; what it became is logged once known).
+  A batch is never run again after its COMMIT may have succeeded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import secrets
+import socket
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from chatd.store.base import MESSAGE_COLUMNS, CommitUnknown, Store, StoredSession, StoreError
 
 log = logging.getLogger("chatd.store")
+
+
+class _QuietPipelineLoss(logging.Filter):
+    """psycopg warns when it cannot end a pipeline on a lost connection;
+    the store handles (and logs) that loss itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("error ignored terminating <psycopg.Pipeline")
+
+
+logging.getLogger("psycopg").addFilter(_QuietPipelineLoss())
 
 MIGRATIONS: list[str] = [
     # 1: server settings, e.g. the secrets generated for the embedded default.
@@ -84,21 +117,89 @@ MIGRATIONS: list[str] = [
 
 #: SQLSTATEs after which running the batch again is safe and may pass
 #: (postgresql.org/docs/current/errcodes-appendix.html).
-_TRANSIENT_STATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300"}
+_TRANSIENT_STATES = {"40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03", "53300",
+                     "25P03"}
 #: Key of the advisory lock held while migrating.
 _MIGRATION_LOCK = 0x63686174  # "chat"
 
-# The UPDATE takes the session's row lock, which set_members takes too: a
-# message and a membership change of one session are stored one after the
-# other, and the version returned is the one the message was stored under.
-_APPEND = (f"WITH s AS (UPDATE sessions SET last_seq = last_seq + 1 WHERE id = %s "
-           f"RETURNING id, last_seq, members_version) "
-           f"INSERT INTO messages (session_id, {MESSAGE_COLUMNS}) "
-           f"SELECT id, last_seq, %s, %s, %s, %s FROM s "
-           f"RETURNING seq, (SELECT members_version FROM s)")
+# Every write of a session first takes the session's transaction-level
+# advisory lock (key: ``lock_key(id)``), so writes of one session queue on
+# it, including the creation of a session that does not exist yet, and row
+# locks never wait. A batch waits for a key only if it is above every key
+# it holds; a key below is tried, and if another node has it the batch
+# starts again with every key it needs locked in ascending order: no cycle
+# of waits can form, so no deadlock (docs/storage.md).
+#
+# Locked and read in one statement: the row lock (FOR NO KEY UPDATE) makes
+# READ COMMITTED return the newest committed row, whatever the snapshot,
+# and the join yields a row only once the advisory lock is held.
+_LOCK_READ = ("SELECT s.last_seq, s.members_version, txid_current() "
+              "FROM (SELECT pg_advisory_xact_lock(%s)) AS l, sessions AS s "
+              "WHERE s.id = %s FOR NO KEY UPDATE OF s")
+_READ = ("SELECT last_seq, members_version, txid_current() FROM sessions WHERE id = %s "
+         "FOR NO KEY UPDATE")
+_LOCK = "SELECT pg_advisory_xact_lock(%s), txid_current()"
+# Several sessions locked in ascending key order and read, in one
+# statement: the aggregate takes every lock before the join yields a row.
+_LOCK_READ_MANY = ("SELECT s.id, s.last_seq, s.members_version, txid_current() "
+                   "FROM (SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT k FROM "
+                   "unnest(%s::bigint[]) WITH ORDINALITY AS t(k, i) ORDER BY i) AS o) AS l, "
+                   "sessions AS s WHERE s.id = ANY(%s) FOR NO KEY UPDATE OF s")
+#: At most this many sessions are locked ahead of a batch (``_prefetch``).
+_PREFETCH_MAX = 64
+# A batch that only appends to sessions this node wrote last: locks, check
+# of the guessed states (a division by zero if one is wrong: the rest of
+# the query, COMMIT included, is then skipped), messages and COMMIT, all
+# in one simple query.
+_CHECK = ("SELECT 1 / (count(*) = %s)::int FROM sessions AS s, json_array_elements(%s::json) "
+          "AS v WHERE s.id = v->>0 AND s.last_seq = (v->>1)::bigint "
+          "AND s.members_version = (v->>2)::bigint")
+# What became of such a batch whose COMMIT was cut off: its own rows.
+_STORED_ROWS = ("SELECT count(*) FROM messages AS m, json_array_elements(%s::json) AS r "
+                "WHERE m.session_id = r->>0 AND m.seq = (r->>1)::bigint "
+                "AND m.sender_id = r->>2 AND m.message = r->>3 "
+                "AND m.server_timestamp = (r->>5)::bigint")
+#: Sessions remembered (``_cache``), and batches during which a session
+#: whose guess was wrong (another node wrote it) is not guessed again.
+_CACHE_MAX, _CONTENDED_FOR = 10_000, 1000
+_TRY_LOCK = "SELECT pg_try_advisory_xact_lock(%s)"
+_LOCK_ALL = ("SELECT count(pg_advisory_xact_lock(k)) FROM "
+             "(SELECT k FROM unnest(%s::bigint[]) WITH ORDINALITY AS t(k, i) ORDER BY i) AS o")
+# A batch's messages and the sessions' new last seq, in one statement
+# with two JSON arguments ([[session, seq, sender, message, sent, stored],
+# ...] and [[session, last seq], ...]): sent with COMMIT in one simple
+# query, so a batch's writes and its COMMIT cost one round trip.
+_FLUSH = ("WITH m AS (INSERT INTO messages (session_id, seq, sender_id, message, "
+          "sender_timestamp, server_timestamp) "
+          "SELECT r->>0, (r->>1)::bigint, r->>2, r->>3, (r->>4)::bigint, (r->>5)::bigint "
+          "FROM json_array_elements(%s::json) AS r) "
+          "UPDATE sessions AS s SET last_seq = (v->>1)::bigint "
+          "FROM json_array_elements(%s::json) AS v WHERE s.id = v->>0")
 _INSERT_MEMBERS = ("INSERT INTO members (session_id, user_id, since_seq) "
                    "SELECT id, u, %s FROM sessions, unnest(%s::text[]) AS u WHERE id = %s "
                    "ON CONFLICT DO NOTHING")
+_JSON = msgspec.json.Encoder()
+#: Seconds between two tries to learn what became of a cut-off COMMIT.
+_RESOLVE_PAUSE = 0.1
+
+
+def lock_key(name: str) -> int:
+    """The advisory lock key of a session id (or another lock name): a
+    signed 64-bit hash, the same on every node."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big",
+                          signed=True)
+
+
+#: The key ``probe`` writes under (its row is shared by every node).
+_PROBE_KEY = lock_key("\0chatd probe")
+
+
+class _Reorder(Exception):
+    """A key below one already held is taken elsewhere: run the batch again
+    with ``keys`` locked first, in ascending order."""
+
+    def __init__(self, keys: set[int]) -> None:
+        self.keys = keys
 
 
 def display_name(url: str) -> str:
@@ -131,7 +232,24 @@ class PostgresStore(Store):
         except psycopg.ProgrammingError as exc:
             raise StoreError(f"store {self.name}: {_one_line(exc)}") from None
         self._conn: psycopg.Connection | None = None
+        self._socket: socket.socket | None = None
         self._cur: psycopg.Cursor | None = None
+        self._watchdog = _Watchdog()
+        #: Transaction ids of cut-off COMMITs not yet known committed or not.
+        self._unresolved: list[tuple[int, int]] = []
+        #: The same for batches sent in one query: (their rows, server pid).
+        self._unresolved_rows: list[tuple[str, int]] = []
+        #: Sessions appended to by the last batch, and those of the one
+        #: before that too (locked ahead of the next batch).
+        self._last: set[str] = set()
+        self._hint: list[str] = []
+        #: session -> (last seq, members version) as this node last
+        #: committed them: guessed, and checked at COMMIT (``_guess``).
+        self._cache: dict[str, tuple[int, int]] = {}
+        #: session -> batch number until which it is not guessed.
+        self._contended: dict[str, int] = {}
+        self._batches = 0
+        self._begin_batch()
         try:
             self._conn = self._connect()
         except psycopg.Error as exc:
@@ -143,23 +261,47 @@ class PostgresStore(Store):
                 self.close()
                 raise
 
-    def _connect(self) -> psycopg.Connection:
-        conn = psycopg.connect(self.url, autocommit=False, application_name="chatd",
-                               connect_timeout=max(2, math.ceil(self.busy_timeout)),
-                               # Notice a peer that vanished without a word.
-                               keepalives=1, keepalives_idle=10, keepalives_interval=5,
-                               keepalives_count=3)
-        # A row lock held elsewhere (another node, an operator) fails the
-        # batch as transient instead of stalling the writer for good.
-        conn.execute(f"SET lock_timeout = {max(1, int(self.busy_timeout * 1000))}")
-        conn.commit()
+    def _connect(self, deadline: float | None = None) -> psycopg.Connection:
+        """A new connection, within ``deadline`` (``time.monotonic()``) if
+        given, else within the busy timeout (libpq waits 2 s at least)."""
+        budget = self.busy_timeout if deadline is None else deadline - time.monotonic()
+        wait_ms = max(1, int(self.busy_timeout * 1000))
+        conn = psycopg.connect(self.url, autocommit=True, application_name="chatd",
+                               connect_timeout=max(2, math.ceil(budget)),
+                               # Notice a peer that vanished without a word, and
+                               # give up on data the peer never acknowledges.
+                               keepalives=1, keepalives_idle=5, keepalives_interval=2,
+                               keepalives_count=3, tcp_user_timeout=wait_ms)
+        try:
+            # A lock held elsewhere (another node, an operator) or a
+            # statement that runs away fails the batch as transient; a
+            # node that stalls inside a transaction loses it instead of
+            # holding its sessions' locks (docs/storage.md).
+            conn.execute(f"SET lock_timeout = {max(1, wait_ms // 4)}; "
+                         f"SET statement_timeout = {wait_ms}; "
+                         f"SET idle_in_transaction_session_timeout = {wait_ms}")
+            # The watchdog's handle on the socket, valid as long as this
+            # object, whatever libpq does with its own descriptor.
+            self._socket = socket.socket(fileno=os.dup(conn.pgconn.socket))
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
-    def _connection(self) -> psycopg.Connection:
+    def _connection(self, deadline: float | None = None) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = None
-            self._conn = self._connect()
+            self._drop()
+            self._conn = self._connect(deadline)
         return self._conn
+
+    def _drop(self) -> None:
+        """Forget the connection (closed, or to be closed)."""
+        conn, self._conn = self._conn, None
+        sock, self._socket = self._socket, None
+        if conn is not None:
+            conn.close()
+        if sock is not None:
+            sock.close()
 
     def lock(self) -> None:
         """Nothing to do: every node of a cluster shares the database."""
@@ -220,99 +362,522 @@ class PostgresStore(Store):
                 for sid, kind, version, users, since in rows]
 
     # --- inside run_batch ------------------------------------------------------
+    #
+    # Within a batch the store keeps what it read of each session it
+    # touched (``_known``: last seq and members version, under the lock),
+    # allocates each message's seq itself and sends the batch's messages
+    # in one statement at the end (``_flush``), with COMMIT: a batch costs
+    # one round trip per session it touches, plus one, however many
+    # messages it holds, or one in all when it guesses (docs/storage.md).
+
+    def _begin_batch(self) -> None:
+        self._held: set[int] = set()
+        self._top: int | None = None
+        self._known: dict[str, list[int] | None] = {}
+        self._rows: list[tuple] = []
+        self._dirty: set[str] = set()
+        self._xid: int | None = None
+        self._wrote = False
+        self._begun = False
+        self._appended: set[str] = set()
+        self._sent_rows: str | None = None
+        self._pid = 0
+        #: Sessions whose state was guessed from ``_cache``, not yet checked.
+        self._guessed: dict[str, tuple[int, int]] = {}
+        self._guessing = True
+
+    def _hold(self, key: int) -> None:
+        self._held.add(key)
+        if self._top is None or key > self._top:
+            self._top = key
+
+    def _in_order(self, key: int) -> bool:
+        """Whether waiting for ``key`` is safe: it is above every key held."""
+        return self._top is None or key > self._top
+
+    def _take(self, key: int) -> None:
+        """Hold the advisory lock ``key`` until the batch ends."""
+        if self._guessed:
+            self._start()  # the guesses' locks first: they bear on the order
+        if key in self._held:
+            return
+        if self._in_order(key):
+            self._xid = self._sql(_LOCK, (key,)).fetchone()[1]
+        elif not self._sql(_TRY_LOCK, (key,)).fetchone()[0]:
+            raise _Reorder(self._held | {key})
+        self._hold(key)
+
+    def _session(self, session_id: str) -> list[int] | None:
+        """[last seq, members version] of a session, locked for this batch;
+        None if it does not exist."""
+        try:
+            return self._known[session_id]
+        except KeyError:
+            pass
+        if self._guessing and self._top is None:
+            guess = self._cache.get(session_id)
+            if guess is not None and self._contended.get(session_id, -1) < self._batches:
+                self._guessed[session_id] = guess
+                state = self._known[session_id] = list(guess)
+                return state
+        if self._guessed:
+            self._start()  # the guesses' locks first: they bear on the order
+        key = lock_key(session_id)
+        if key in self._held:
+            row = self._sql(_READ, (session_id,)).fetchone()
+        elif self._in_order(key):
+            row = self._sql(_LOCK_READ, (key, session_id)).fetchone()
+            if row is not None:  # else the lock may not have been taken
+                self._hold(key)
+        else:
+            self._take(key)
+            row = self._sql(_READ, (session_id,)).fetchone()
+        if row is not None:
+            self._xid = row[2]
+        state = self._known[session_id] = None if row is None else [row[0], row[1]]
+        return state
+
+    def _sql(self, query: str, args: Sequence[Any] = ()) -> psycopg.Cursor:
+        """Run one statement in the batch's transaction. The connection is
+        in autocommit mode, so the first one is sent with BEGIN in one
+        simple query (``ClientCursor``: arguments bound by psycopg): no
+        round trip of its own for BEGIN."""
+        if self._begun or self._guessed:
+            self._start()
+            return self._cur.execute(query, args)
+        self._begun = True
+        self._guessing = False
+        cur = self._first
+        cur.execute("BEGIN; " + query, args)
+        cur.nextset()
+        return cur
+
+    def _start(self) -> None:
+        """Begin the batch's transaction if it has not begun, checking the
+        sessions guessed so far."""
+        if self._begun:
+            return
+        self._begun = True
+        self._guessing = False
+        self._cur.execute("BEGIN")
+        if self._guessed:
+            self._check_guesses()
+
+    def _prefetch(self, session_ids: list[str]) -> None:
+        """Lock and read ``session_ids`` (ascending key order, at most
+        ``_PREFETCH_MAX``) in one round trip, at the start of a batch (when
+        no key is held, so waiting is safe): a batch that writes several
+        sessions, as the last batches did, then waits for them all at once
+        instead of one round trip each. A session locked ahead for nothing
+        stays locked until COMMIT."""
+        ids = session_ids[:_PREFETCH_MAX]
+        keys = [lock_key(i) for i in ids]
+        rows = self._sql(_LOCK_READ_MANY, (keys, ids)).fetchall()
+        if not rows:
+            return  # the locks may not have been taken: each is taken when needed
+        for key in keys:
+            self._hold(key)
+        for session_id, last_seq, version, xid in rows:
+            self._known[session_id] = [last_seq, version]
+            self._xid = xid
+
+    def _check_guesses(self) -> None:
+        """A statement is due with sessions guessed: lock and read them
+        first (nothing else is held), and start again if a guess was wrong."""
+        ids = sorted(self._guessed, key=lock_key)
+        rows = self._cur.execute(_LOCK_READ_MANY, ([lock_key(i) for i in ids], ids)).fetchall()
+        actual = {session_id: (last_seq, version) for session_id, last_seq, version, _ in rows}
+        if rows:
+            for session_id in ids:
+                self._hold(lock_key(session_id))
+            self._xid = rows[0][3]
+        if any(actual.get(i) != guess for i, guess in self._guessed.items()):
+            self._wrong_guess()
+        self._guessed = {}
+
+    def _wrong_guess(self) -> None:
+        """Another node wrote a guessed session: run the batch again with
+        them locked first, and do not guess them for a while."""
+        for session_id in self._guessed:
+            self._cache.pop(session_id, None)
+            self._contended[session_id] = self._batches + _CONTENDED_FOR
+        raise _Reorder(self._held | {lock_key(i) for i in self._guessed})
+
+    def _commit_guessed(self) -> None:
+        """Only appends to guessed sessions: the whole batch in one query."""
+        ids = sorted(self._guessed, key=lock_key)
+        check = _JSON.encode([(i, *self._guessed[i]) for i in ids]).decode()
+        rows = _JSON.encode(self._rows).decode()
+        seqs = _JSON.encode([(i, self._known[i][0]) for i in self._dirty]).decode()
+        self._pid = self._conn.info.backend_pid
+        self._sent_rows = rows
+        try:
+            self._first.execute(f"BEGIN; {_LOCK_ALL}; {_CHECK}; {_FLUSH}; COMMIT",
+                                ([lock_key(i) for i in ids], len(ids), check, rows, seqs))
+        except psycopg.errors.DivisionByZero:
+            self._conn.rollback()
+            self._wrong_guess()
+
+    def _flush(self, commit: bool = False) -> None:
+        """Write the messages and seqs held back, before a read, or with
+        ``commit`` before and with COMMIT, in one simple query."""
+        if commit and self._guessed and not self._begun:
+            return self._commit_guessed()
+        if not self._dirty:
+            if commit and self._begun:
+                self._cur.execute("COMMIT")
+            return
+        self._start()
+        rows = _JSON.encode(self._rows).decode()
+        seqs = _JSON.encode([(i, self._known[i][0]) for i in self._dirty]).decode()
+        self._rows = []
+        self._dirty.clear()
+        self._first.execute(_FLUSH + ("; COMMIT" if commit else ""), (rows, seqs))
 
     def create_session(self, session_id: str, kind: str, members: list[str],
                        created_ms: int) -> None:
-        self._cur.execute("INSERT INTO sessions (id, kind, created_ms) VALUES (%s, %s, %s) "
-                          "ON CONFLICT (id) DO NOTHING", (session_id, kind, created_ms))
-        self._cur.execute(_INSERT_MEMBERS, (0, members, session_id))
+        self._take(lock_key(session_id))
+        self._wrote = True
+        self._sql("INSERT INTO sessions (id, kind, created_ms) VALUES (%s, %s, %s) "
+                  "ON CONFLICT (id) DO NOTHING", (session_id, kind, created_ms))
+        self._sql(_INSERT_MEMBERS, (0, members, session_id))
+        self._known.pop(session_id, None)  # read again (locked) when next used
 
     def set_members(self, session_id: str, members: list[str]) -> tuple[int, int] | None:
-        row = self._cur.execute("UPDATE sessions SET members_version = members_version + 1 "
-                                "WHERE id = %s RETURNING last_seq, members_version",
-                                (session_id,)).fetchone()
-        if row is None:
+        state = self._session(session_id)
+        if state is None:
             return None  # deleted (by this node or another) before this change
-        self._cur.execute("DELETE FROM members WHERE session_id = %s "
-                          "AND NOT (user_id = ANY(%s::text[]))", (session_id, members))
-        self._cur.execute(_INSERT_MEMBERS, (row[0], members, session_id))
-        return row[0], row[1]
+        self._wrote = True
+        state[1] += 1
+        self._sql("UPDATE sessions SET last_seq = %s, members_version = %s "
+                  "WHERE id = %s", (state[0], state[1], session_id))
+        self._sql("DELETE FROM members WHERE session_id = %s "
+                  "AND NOT (user_id = ANY(%s::text[]))", (session_id, members))
+        self._sql(_INSERT_MEMBERS, (state[0], members, session_id))
+        return state[0], state[1]
 
     def delete_session(self, session_id: str) -> None:
-        self._cur.execute("DELETE FROM sessions WHERE id = %s", (session_id,))
+        if self._session(session_id) is None:
+            return
+        self._wrote = True
+        self._rows = [row for row in self._rows if row[0] != session_id]
+        self._dirty.discard(session_id)
+        self._sql("DELETE FROM sessions WHERE id = %s", (session_id,))
+        self._known[session_id] = None
+
+    def _append(self, session_id: str, sender_id: str, message: str, sender_timestamp: int,
+                server_timestamp: int) -> list[int] | None:
+        state = self._session(session_id)
+        if state is None:
+            return None
+        self._wrote = True
+        state[0] += 1
+        self._dirty.add(session_id)
+        self._appended.add(session_id)
+        self._rows.append((session_id, state[0], sender_id, message, sender_timestamp,
+                           server_timestamp))
+        return state
 
     def append_message(self, session_id: str, sender_id: str, message: str,
                        sender_timestamp: int, server_timestamp: int) -> int | None:
-        row = self._cur.execute(_APPEND, (session_id, sender_id, message, sender_timestamp,
-                                          server_timestamp)).fetchone()
-        return row[0] if row else None
+        state = self._append(session_id, sender_id, message, sender_timestamp,
+                             server_timestamp)
+        return None if state is None else state[0]
 
     def append_checked(self, session_id: str, sender_id: str, message: str,
                        sender_timestamp: int, server_timestamp: int,
                        version: int) -> tuple[int | None, list[str] | None]:
-        row = self._cur.execute(_APPEND, (session_id, sender_id, message, sender_timestamp,
-                                          server_timestamp)).fetchone()
-        if row is None:
+        state = self._append(session_id, sender_id, message, sender_timestamp,
+                             server_timestamp)
+        if state is None:
             return None, None
-        if row[1] == version:
-            return row[0], None
-        # A change the sender had not heard of committed first; this new
-        # statement's snapshot sees it (READ COMMITTED).
-        members = self._cur.execute("SELECT user_id FROM members WHERE session_id = %s",
-                                    (session_id,)).fetchall()
-        return row[0], [user for (user,) in members]
+        if state[1] == version:
+            return state[0], None
+        # A change the sender had not heard of committed first (read under
+        # the session's lock, so the members are those of that version).
+        members = self._sql("SELECT user_id FROM members WHERE session_id = %s",
+                            (session_id,)).fetchall()
+        return state[0], [user for (user,) in members]
+
+    def probe(self) -> None:
+        self._take(_PROBE_KEY)
+        self._wrote = True
+        super().probe()
 
     mark = "%s"
 
     def _execute(self, query: str, args: Sequence[Any]) -> psycopg.Cursor:
-        return self._cur.execute(query, args)
+        self._flush()
+        return self._sql(query, args)
 
-    def run_batch(self, jobs: list[Callable[[Store], Any]]) -> list[Any]:
-        conn = self._connection()
+    # --- transactions ----------------------------------------------------------
+
+    def run_batch(self, jobs: list[Callable[[Store], Any]], deadline: float | None = None
+                  ) -> list[Any]:
+        """Run ``jobs`` in one transaction. ``deadline`` (``time.monotonic()``,
+        default: the busy timeout from now) bounds it: whatever still hangs
+        then (a stopped server, a silent network) is cut off, as a lost
+        connection. A COMMIT cut off is resolved (``_resolve``)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.busy_timeout
+        conn = self._connection(deadline)
+        self._watchdog.arm(self._socket, deadline)
         try:
-            with conn.cursor() as self._cur:
-                results = [job(self) for job in jobs]
-        except BaseException:
-            self._rollback()
-            raise
+            return self._run(conn, jobs, deadline)
         finally:
+            self._watchdog.disarm()
             self._cur = None
-        try:
-            conn.commit()
-        except psycopg.Error as exc:
-            if not conn.closed:
-                raise  # the server answered: the transaction was rolled back
-            self._conn = None
-            raise CommitUnknown(f"store {self.name}: the connection was lost during COMMIT "
-                                f"({_one_line(exc)}): the last batch may or may not be "
-                                "stored") from exc
-        return results
+            self._begin_batch()
+
+    def _run(self, conn: psycopg.Connection, jobs: list[Callable[[Store], Any]],
+             deadline: float) -> list[Any]:
+        keys: set[int] = set()
+        while True:
+            committing = False
+            try:
+                with conn.cursor() as self._cur, psycopg.ClientCursor(conn) as self._first:
+                    if self._unresolved or self._unresolved_rows:
+                        self._report_unresolved()
+                    if keys:  # run again: every key it needs first, in order
+                        self._sql(_LOCK_ALL, (sorted(keys),))
+                        for key in keys:
+                            self._hold(key)
+                    elif self._hint:
+                        self._prefetch(self._hint)
+                    results = [job(self) for job in jobs]
+                    if self._wrote and self._xid is None and self._begun:
+                        self._xid = self._sql("SELECT txid_current()").fetchone()[0]
+                    committing = True
+                    self._flush(commit=True)
+                    self._remember()
+                    # Sessions appended to in this batch and the last one
+                    # are likely in the next: locked ahead (``_prefetch``).
+                    self._hint = sorted((i for i in self._appended & self._last
+                                         if self._contended.get(i, -1) >= self._batches),
+                                        key=lock_key)
+                    self._last = self._appended
+                return results
+            except _Reorder as reorder:
+                keys |= reorder.keys
+                self._rollback()
+                self._begin_batch()
+                conn = self._connection(deadline)
+                self._watchdog.arm(self._socket, deadline)
+                continue
+            except psycopg.Error as exc:
+                lost = conn.closed
+                self._rollback()
+                if not (committing and lost and self._wrote):
+                    raise  # nothing was stored (or nothing written: read again)
+                error = exc
+            except BaseException:
+                self._rollback()
+                raise
+            # The connection was lost once COMMIT may have been sent.
+            if self._xid is None and self._sent_rows is not None:
+                committed = self._resolve_rows(self._sent_rows, self._pid,
+                                               deadline + self.busy_timeout)
+            else:
+                committed = self._resolve(self._xid, deadline + self.busy_timeout)
+            if committed:
+                self._remember()
+                return results
+            raise _AbortedCommit(f"store {self.name}: the connection was lost during COMMIT "
+                                 f"({_one_line(error)}) and the server rolled the batch "
+                                 "back") from error
+
+    def _remember(self) -> None:
+        """After COMMIT: what this batch read and wrote, for the next guesses."""
+        self._batches += 1
+        if len(self._cache) > _CACHE_MAX:
+            self._cache.clear()
+        if len(self._contended) > _CACHE_MAX:
+            self._contended = {i: until for i, until in self._contended.items()
+                               if until >= self._batches}
+        for session_id, state in self._known.items():
+            if state is None:
+                self._cache.pop(session_id, None)
+            else:
+                self._cache[session_id] = (state[0], state[1])
+
+    def _resolve_rows(self, rows: str, pid: int, until: float) -> bool:
+        """Whether a batch of guessed appends committed, cut off without a
+        transaction id: once its server process (``pid``) has ended, its
+        messages are stored or not, all or none."""
+        self._drop()
+        cause = "the server did not answer"
+        while True:
+            try:
+                conn = self._connection(until)
+                self._watchdog.arm(self._socket, until)
+                try:
+                    alive = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                         (pid,)).fetchone()[0]
+                    stored = conn.execute(_STORED_ROWS, (rows,)).fetchone()[0]
+                finally:
+                    self._watchdog.disarm()
+                if not alive:
+                    log.info("store %s: the COMMIT cut off %s", self.name,
+                             "committed" if stored else "was rolled back")
+                    return bool(stored)
+                cause = f"its server process {pid} is still running"
+            except psycopg.Error as exc:
+                self._drop()
+                cause = _one_line(exc)
+            if time.monotonic() + _RESOLVE_PAUSE >= until:
+                self._unresolved_rows.append((rows, pid))
+                raise CommitUnknown(f"store {self.name}: the connection was lost during "
+                                    f"COMMIT and the server could not tell in time whether "
+                                    f"it committed ({cause}): the last batch may or may not "
+                                    "be stored")
+            time.sleep(_RESOLVE_PAUSE)
+
+    def _resolve(self, xid: int, until: float) -> bool:
+        """Whether the transaction ``xid`` committed, asked on a new
+        connection until ``until`` (``time.monotonic()``); raises
+        ``CommitUnknown`` if the server cannot tell by then."""
+        self._drop()
+        cause = "the server did not answer"
+        while True:
+            try:
+                conn = self._connection(until)
+                self._watchdog.arm(self._socket, until)
+                try:
+                    status = conn.execute("SELECT txid_status(%s)", (xid,)).fetchone()[0]
+                    conn.rollback()
+                finally:
+                    self._watchdog.disarm()
+                if status in ("committed", "aborted"):
+                    log.info("store %s: the COMMIT cut off (transaction %d) %s", self.name,
+                             xid, "committed" if status == "committed" else "was rolled back")
+                    return status == "committed"
+                cause = f"transaction {xid} is {status or 'too old to tell'}"
+            except psycopg.Error as exc:
+                self._drop()
+                cause = _one_line(exc)
+            if time.monotonic() + _RESOLVE_PAUSE >= until:
+                self._unresolved.append((xid, time.monotonic()))
+                raise CommitUnknown(f"store {self.name}: the connection was lost during "
+                                    f"COMMIT and the server could not tell in time whether "
+                                    f"it committed ({cause}): the last batch may or may not "
+                                    "be stored")
+            time.sleep(_RESOLVE_PAUSE)
+
+    def _report_unresolved(self) -> None:
+        """Log what became of the COMMITs answered as unknown, now that the
+        server answers (in the batch's transaction: no round trip saved)."""
+        for item in list(self._unresolved_rows):
+            rows, pid = item
+            if self._sql("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                         (pid,)).fetchone()[0]:
+                continue  # still running: ask again next time
+            self._unresolved_rows.remove(item)
+            if self._sql(_STORED_ROWS, (rows,)).fetchone()[0]:
+                log.warning("store %s: a COMMIT answered 'storage busy' did commit: its "
+                            "writes are stored", self.name)
+            else:
+                log.info("store %s: a COMMIT answered 'storage busy' was rolled back as "
+                         "answered", self.name)
+        if not self._unresolved:
+            return
+        xids = [xid for xid, _ in self._unresolved]
+        rows = self._sql("SELECT x, txid_status(x) FROM unnest(%s::bigint[]) AS x",
+                         (xids,)).fetchall()
+        still = set()
+        for xid, status in rows:
+            if status == "committed":
+                log.warning("store %s: the COMMIT of transaction %d, answered 'storage busy', "
+                            "did commit: its writes are stored", self.name, xid)
+            elif status == "aborted" or status is None:
+                log.info("store %s: the COMMIT of transaction %d, answered 'storage busy', "
+                         "was rolled back as answered", self.name, xid)
+            else:
+                still.add(xid)
+        self._unresolved = [item for item in self._unresolved if item[0] in still]
 
     def _rollback(self) -> None:
         conn = self._conn
         if conn is None or conn.closed:
-            self._conn = None
+            self._drop()
             return
         try:
             conn.rollback()
         except psycopg.Error:
-            conn.close()
-            self._conn = None
+            self._drop()
 
     def is_transient(self, exc: BaseException | None) -> bool:
+        if isinstance(exc, _AbortedCommit):
+            return True
         if isinstance(exc, CommitUnknown) or not isinstance(exc, psycopg.Error):
             return False
         state = exc.sqlstate
         if state is None:
             # No answer from the server: it could not be reached, or the
             # connection was lost (before COMMIT: the batch rolled back).
-            return isinstance(exc, psycopg.OperationalError)
+            return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
         return state.startswith("08") or state in _TRANSIENT_STATES
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._drop()
+        self._watchdog.close()
+
+
+class _AbortedCommit(StoreError):
+    """The connection was lost during COMMIT and the server has since said
+    the transaction rolled back: nothing was stored (transient)."""
+
+
+class _Watchdog:
+    """Cuts off (``shutdown``) the socket of a batch still running at its
+    deadline, so that a call blocked on a server that stopped answering (a
+    paused process, a black-holed path, a half-open connection) fails as a
+    lost connection. One daemon thread per store, woken once per deadline
+    at most, not once per batch."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._socket: socket.socket | None = None
+        self._deadline: float | None = None
+        #: When the thread wakes next (None: only when notified).
+        self._wakes: float | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def arm(self, sock: socket.socket | None, deadline: float) -> None:
+        with self._cond:
+            self._socket, self._deadline = sock, deadline
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="chatd-pg-watchdog",
+                                                daemon=True)
+                self._thread.start()
+            elif self._wakes is None or self._wakes > deadline:
+                self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._socket = self._deadline = None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _watch(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                if self._deadline is not None and now >= self._deadline:
+                    sock, self._socket, self._deadline = self._socket, None, None
+                    if sock is not None:
+                        log.debug("store watchdog: cutting off a batch past its deadline")
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                    continue
+                self._wakes = self._deadline
+                self._cond.wait(None if self._deadline is None else self._deadline - now)
+                self._wakes = None
 
 
 def _one_line(exc: BaseException) -> str:

@@ -353,7 +353,8 @@ class SQLiteStore(Store):
         self._transaction()
         return self.db.execute(query, args)
 
-    def run_batch(self, jobs: list[Callable[[Store], Any]]) -> list[Any]:
+    def run_batch(self, jobs: list[Callable[[Store], Any]], deadline: float | None = None
+                  ) -> list[Any]:
         with self._in_use:
             try:
                 results = [job(self) for job in jobs]

@@ -20,17 +20,22 @@ decided what next:
   before COMMIT, serialization failure, deadlock, server shutting down):
   nothing was stored, so the batch is run again, with jobs queued
   meanwhile joining it, after a growing pause (10 ms doubling to 250 ms),
-  for up to ``store.busy_timeout`` seconds from the first failure. Past
-  that the batch is reported failed with ``Failure(busy=True)`` and later
-  jobs are tried afresh: writes resume by themselves once the store is back.
+  until ``store.busy_timeout`` seconds after its first try began (each
+  try is given that deadline: ``Store.run_batch`` cuts off what still
+  hangs then). Past that the batch is reported failed with
+  ``Failure(busy=True)`` and later jobs are tried afresh: writes resume by
+  themselves once the store is back. The store being lost is logged once
+  (WARNING) and its return once (INFO).
 - *persistent* (anything else): logged once with its cause, reported with
   ``Failure(busy=False)``, and every later job is refused (fail-stop): what
   was confirmed is stored, and nothing more is confirmed until a restart
   reloads the committed state.
 
-A batch is never run again after its COMMIT was sent: a COMMIT whose
-outcome is unknown (the connection dropped) is persistent
-(``CommitUnknown``), so no job is ever stored twice.
+A batch is never run again after its COMMIT may have succeeded: a COMMIT
+whose outcome the store could not learn (``CommitUnknown``: the
+connection dropped and the server stayed out of reach) is reported
+``Failure(busy=True)`` without a retry, and writing goes on; no job is
+ever stored twice.
 
 After a failed batch the writer pauses until the service has dealt with
 it: ``resume()`` hands back every job queued meanwhile (they were accepted
@@ -51,7 +56,7 @@ from typing import Any, NamedTuple
 
 import trio
 
-from chatd.store.base import Store
+from chatd.store.base import CommitUnknown, Store
 
 log = logging.getLogger("chatd.store")
 
@@ -100,6 +105,8 @@ class Writer:
         #: followed by a commit, and its cause.
         self.busy_since: float | None = None
         self.busy_cause = ""
+        #: Jobs answered busy since the store was lost (logged when back).
+        self.busy_answered = 0
         #: Transactions committed and the jobs in them (logged at shutdown).
         self.commits = 0
         self.committed_jobs = 0
@@ -183,16 +190,18 @@ class Writer:
     async def _settle(self, outcome: _Outcome) -> None:
         """Handle one batch's outcome: report it, after retrying it while
         the store is busy; on a failure, pause the thread."""
-        jobs, results, error = outcome
+        jobs, results, error, deadline = outcome
         try:
             failure = None
             if error is not None:
-                results, failure = await self._retry(jobs, error)
+                results, failure = await self._retry(jobs, error, deadline)
             if failure is None:
                 if self.busy_since is not None:
-                    log.warning("store %s takes writes again after %.1f s", self.store.name,
-                                time.monotonic() - self.busy_since)
+                    log.info("store %s is back: takes writes again after %.1f s "
+                             "(%d writes answered busy meanwhile)", self.store.name,
+                             time.monotonic() - self.busy_since, self.busy_answered)
                     self.busy_since = None
+                    self.busy_answered = 0
                 self.commits += 1
                 self.committed_jobs += len(jobs)
             else:
@@ -201,36 +210,48 @@ class Writer:
             self._pending -= len(jobs)  # reported, or abandoned by a cancellation
         await self.report(jobs, results, failure)
 
-    async def _retry(self, jobs: list[Job], error: BaseException
+    async def _retry(self, jobs: list[Job], error: BaseException, deadline: float
                      ) -> tuple[list[Any] | None, Failure | None]:
         """The thread waits: run the batch again, extended in place by jobs
-        queued meanwhile, while it fails transiently, within the busy
-        timeout. (results, None) once it commits, else (None, why not)."""
-        name, deadline, pause = self.store.name, None, RETRY_FIRST
+        queued meanwhile, while it fails transiently, until ``deadline``
+        (its first try's start plus the busy timeout). (results, None) once
+        it commits, else (None, why not)."""
+        name, pause = self.store.name, RETRY_FIRST
         while error is not None:
             now = time.monotonic()
+            if isinstance(error, CommitUnknown):
+                # Never run again; the store logs what it became once known.
+                self._lost(error, now)
+                log.warning("%s: %d writes answered busy", _one_line(error), len(jobs))
+                self.busy_answered += len(jobs)
+                return None, Failure(busy=True, cause=_one_line(error))
             if not self.store.is_transient(error):
                 log.error("store %s: commit of %d jobs failed; refusing further writes "
                           "until restart", name, len(jobs), exc_info=error)
                 self.failure = Failure(busy=False, cause=_one_line(error))
                 return None, self.failure
-            self.busy_cause = _one_line(error)
-            if self.busy_since is None:
-                self.busy_since = now
-                log.warning("store %s busy (%s): retrying for up to %g s", name,
-                            self.busy_cause, self.store.busy_timeout)
-            if deadline is None:
-                deadline = now + self.store.busy_timeout
+            self._lost(error, now)
             if now >= deadline:
-                log.warning("store %s still busy after %g s (%s): %d writes answered busy",
-                            name, self.store.busy_timeout, self.busy_cause, len(jobs))
+                log.debug("store %s still busy after %g s (%s): %d writes answered busy",
+                          name, self.store.busy_timeout, self.busy_cause, len(jobs))
+                self.busy_answered += len(jobs)
                 return None, Failure(busy=True, cause=self.busy_cause)
             await trio.sleep(min(pause, deadline - now))
             pause = min(pause * 2, RETRY_MAX)
             jobs += self._take_queued()
-            self._running_thread().retry(jobs)
-            _, results, error = await self._outcomes.receive()
+            self._running_thread().retry(jobs, deadline)
+            _, results, error, _ = await self._outcomes.receive()
         return results, None
+
+    def _lost(self, error: BaseException, now: float) -> None:
+        """Note a transient failure; the first since the last commit is
+        logged, once, as the store being lost."""
+        self.busy_cause = _one_line(error)
+        if self.busy_since is None:
+            self.busy_since = now
+            log.warning("store %s lost (%s): retrying each write for up to %g s, then "
+                        "answering it 'storage busy', until the store is back",
+                        self.store.name, self.busy_cause, self.store.busy_timeout)
 
     def _take_queued(self) -> list[Job]:
         """The jobs the thread has not taken (it waits after a failure)."""
@@ -310,15 +331,17 @@ class Writer:
             await thread.stop()
         while True:
             try:
-                jobs, _, _ = self._outcomes.receive_nowait()
+                jobs, _, _, _ = self._outcomes.receive_nowait()
             except trio.WouldBlock:
                 return
             self._pending -= len(jobs)
 
 
-#: What the thread reports of one batch: (jobs, results, None) if it
-#: committed, (jobs, None, the exception) if not.
-_Outcome = tuple[list[Job], list[Any] | None, BaseException | None]
+#: What the thread reports of one batch: (jobs, results, None, deadline)
+#: if it committed, (jobs, None, the exception, deadline) if not; its
+#: ``deadline`` (``time.monotonic()``) is its first try's start plus the
+#: busy timeout.
+_Outcome = tuple[list[Job], list[Any] | None, BaseException | None, float]
 
 
 class _WriterThread:
@@ -337,13 +360,13 @@ class _WriterThread:
         self._store = store
         self._jobs = jobs
         self._outcomes = outcomes
-        self._orders: queue.SimpleQueue[list[Job] | bool] = queue.SimpleQueue()
+        self._orders: queue.SimpleQueue[tuple[list[Job], float] | bool] = queue.SimpleQueue()
         self._token = trio.lowlevel.current_trio_token()
         self._stopped = trio.Event()
         threading.Thread(target=self._serve, name=name, daemon=True).start()
 
-    def retry(self, jobs: list[Job]) -> None:
-        self._orders.put(jobs)
+    def retry(self, jobs: list[Job], deadline: float) -> None:
+        self._orders.put((jobs, deadline))
 
     def go(self) -> None:
         self._orders.put(True)
@@ -356,13 +379,14 @@ class _WriterThread:
     def _serve(self) -> None:
         try:
             while (batch := self._take()) is not None:
+                deadline = time.monotonic() + self._store.busy_timeout
                 while batch:
-                    if self._run(batch):
+                    if self._run(batch, deadline):
                         break
                     order = self._orders.get()  # failed: wait for the writer task
                     if order is False:
                         return
-                    batch = order if order is not True else None
+                    batch, deadline = order if order is not True else (None, 0.0)
         finally:
             self._report(self._stopped.set)
 
@@ -385,14 +409,14 @@ class _WriterThread:
                     return batch
                 job = self._jobs.get()
 
-    def _run(self, batch: list[Job]) -> bool:
+    def _run(self, batch: list[Job], deadline: float) -> bool:
         """Run ``batch`` in one transaction and report it; whether it committed."""
         try:
-            results = self._store.run_batch([job.run for job in batch])
+            results = self._store.run_batch([job.run for job in batch], deadline)
         except BaseException as exc:  # the writer task decides what it means
-            self._report(self._outcomes.send_nowait, (batch, None, exc))
+            self._report(self._outcomes.send_nowait, (batch, None, exc, deadline))
             return False
-        self._report(self._outcomes.send_nowait, (batch, results, None))
+        self._report(self._outcomes.send_nowait, (batch, results, None, deadline))
         return True
 
     def _report(self, fn: Callable[..., None], *args: Any) -> None:
