@@ -155,6 +155,16 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
     # Seconds a store write is retried while the database is locked or
     # busy before the asker is told "busy".
     store_busy_timeout: float = 5.0
+    # --- moderation and the server API (issue 22; docs/api.md) ---
+    # The server API's key: absent, the API is off; null, one is generated
+    # and kept in the store (the embedded default); a string, that key.
+    api_key: str | None | UnsetType = UNSET
+    # GradAgenda retention: the most messages kept per session and their
+    # longest age in seconds (null: no limit), pruned every
+    # retention-interval seconds; the API can set them per session.
+    retention_count: int | None = None
+    retention_age: float | None = None
+    retention_interval: float = 60.0
 
     def __post_init__(self) -> None:
         # Runs inside msgspec's decode, so a ValueError here becomes a
@@ -166,6 +176,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
                 raise ValueError(f"{key.replace('_', '-')} {problem}: set a real secret, or "
                                  "leave the key out (or null) to have one generated and kept "
                                  "in the store")
+        _check_moderation(self)  # issue 22
         if self.max_frame_bytes < 64:
             raise ValueError("max-frame-bytes must be at least 64")
         if self.auth_timeout <= 0:
@@ -244,6 +255,21 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
         return [EndpointConfig(path=self.ws_path, protocol="multichat")]
 
 
+def _check_moderation(config: Config) -> None:
+    """The server API's and retention's keys (docs/api.md); ValueError naming the key."""
+    if isinstance(config.api_key, str):
+        problem = secret_problem(config.api_key)
+        if problem:
+            raise ValueError(f"api-key {problem}: set a real key, null to have one generated "
+                             "and kept in the store, or leave the key out (API off)")
+    if config.retention_count is not None and config.retention_count < 1:
+        raise ValueError("retention-count must be at least 1 (or null: no limit)")
+    if config.retention_age is not None and not config.retention_age > 0:
+        raise ValueError("retention-age must be positive seconds (or null: no limit)")
+    if not config.retention_interval > 0:
+        raise ValueError("retention-interval must be positive")
+
+
 #: A node id: what other nodes, Redis keys and logs call this node.
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -316,7 +342,8 @@ def default_config() -> Config:
                  EndpointConfig(path="/", protocol="multichat")]
     endpoints += [EndpointConfig(path=f"/{p}", protocol=p)
                   for p in PROTOCOLS if p != "multichat"]
-    return Config(endpoints=endpoints)
+    # The server API on, with a key generated and kept in the store (issue 22).
+    return Config(endpoints=endpoints, api_key=None)
 
 
 def decode_config(data: bytes | str) -> Config:
@@ -382,6 +409,11 @@ def effective_config(config: Config, *, show_secrets: bool = False) -> dict[str,
             value = config.web_client_path
         elif field.name in ("secret_key", "jwt_secret") and value is not None and not show_secrets:
             value = REDACTED
+        elif field.name == "api_key":  # issue 22: absent (off) stays absent
+            if value is UNSET:
+                continue
+            if value is not None and not show_secrets:
+                value = REDACTED
         out[field.encode_name] = msgspec.to_builtins(value)
     return out
 
