@@ -49,7 +49,7 @@ from chatd.handshake import Request, response
 from chatd.http import _WEB_HEADERS
 from chatd.moderation import (
     MAX_DURATION, NOTICE_SENDER, TARGETS, Moderation, Operate, Operator, Rule, _CALLER, audit,
-    new_rule_id, now_ms,
+    name_keys, new_rule_id, now_ms,
 )
 from chatd.router import DEFERRED, Router
 from chatd.store import moderation as db
@@ -421,8 +421,9 @@ class Api:
         else:
             target, value = _target(body, TARGETS)
             value = _normal(target, value, action)
+            keys = name_keys(value) if target == "name" else frozenset()
             lifted = [r for r in rules if r.row.action == action and r.row.target == target
-                      and r.row.value == value
+                      and (r.row.value == value or not r.keys.isdisjoint(keys))
                       and (body.room is UNSET or r.row.room == body.room)]
         if not lifted:
             raise ApiError(404, f"un{action}: no such {action}")

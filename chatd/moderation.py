@@ -458,10 +458,14 @@ class Moderation:
         if item.op == "rule":
             rule = Rule(db.RuleRow(*item.rule))
             self.rules[rule.row.id] = rule
-            if rule.row.action == "ban":
-                return self.disconnect(lambda c: self._client_rule("ban", c) is rule,
-                                       1008, _reason("banned", rule))
-            return 0
+            if rule.row.action != "ban":
+                return 0
+            closed = 0
+            for client in list(self.server.connections):
+                if client.close_code is None and self._client_rule("ban", client) is rule:
+                    refuse(client, rule)  # the protocol's refusal, then 1008
+                    closed += 1
+            return closed
         if item.op == "unrule":
             for rule_id in item.ids:
                 self.rules.pop(rule_id, None)
