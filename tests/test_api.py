@@ -378,3 +378,46 @@ async def test_retention_by_age_is_pruned_in_the_background(chat, tmp_path):
             await trio.sleep(0.05)  # waiting for the pruner's pass itself
     history = await api(port, "history", {"session": session})
     assert [m["message"]["body"] for m in history["messages"]] == ["newest"]
+
+
+# --- chatd admin -------------------------------------------------------------------
+
+
+def test_chatd_admin_reads_address_and_key_from_the_config(process, tmp_path):
+    import json as _json
+
+    from tests.test_cli import chatd
+
+    config = tmp_path / "config.json"
+    config.write_text(_json.dumps({
+        "host": "127.0.0.1:0", "store": str(tmp_path / "chatd.db"), "api-key": None,
+        "endpoints": [{"path": "/socialvp", "protocol": "socialvp"}]}))
+    server = process("serve", "--config", str(config)).start()
+    assert KEY not in server.output()
+    config.write_text(_json.dumps({
+        "host": f"127.0.0.1:{server.port}", "store": str(tmp_path / "chatd.db"), "api-key": None,
+        "endpoints": [{"path": "/socialvp", "protocol": "socialvp"}]}))
+    key = chatd("admin", "key", "--config", str(config), cwd=tmp_path)
+    assert key.returncode == 0 and key.stdout.strip()
+    assert key.stdout.strip() not in server.output()  # the key is never logged
+    done = chatd("admin", "ban", "name=12345", "duration=60", "reason=spam", "--config",
+                 str(config), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    answer = _json.loads(done.stdout)
+    assert answer["name"] == "12345" and answer["reason"] == "spam"
+    listed = chatd("admin", "bans", "--config", str(config), cwd=tmp_path)
+    assert [b["name"] for b in _json.loads(listed.stdout)["bans"]] == ["12345"]
+    wrong = chatd("admin", "unban", "name=nobody", "--config", str(config), cwd=tmp_path)
+    assert wrong.returncode == 1
+    assert wrong.stderr == "chatd: admin unban: 404 unban: no such ban\n"
+    bad = chatd("admin", "ban", "oops", "--config", str(config), cwd=tmp_path)
+    assert bad.returncode == 1 and bad.stderr == "chatd: admin ban: 'oops' is not FIELD=VALUE\n"
+    # The audit trail: once per action, with whom, why and from where.
+    audit = [line for line in server.output().splitlines() if "chatd.audit" in line
+             or "ban name" in line]
+    assert len(audit) == 1 and "'12345'" in audit[0] and "spam" in audit[0]
+    assert "127.0.0.1" in audit[0]
+    server.stop()
+    down = chatd("admin", "info", "--config", str(config), cwd=tmp_path)
+    assert down.returncode == 1 and "cannot reach the server API" in down.stderr
+    assert len(down.stderr.splitlines()) == 1
