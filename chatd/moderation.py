@@ -512,10 +512,10 @@ class Moderation:
             for members in local.receivers.values():
                 for client in members.values():
                     out.append(self._who(client, node))
-            remote = lobby.remote.get(room)
-            for key, member in (remote.members.items() if remote is not None else ()):
-                out.append({"name": member.claim.name.shown, "protocol": member.protocol,
-                            "node": key[0], "address": None, "since": None})
+        remote = lobby.remote.get(room)
+        for key, member in (remote.members.items() if remote is not None else ()):
+            out.append({"name": member.claim.name.shown, "protocol": member.protocol,
+                        "node": key[0], "address": None, "since": None, "device": None})
         sessions = self.sessions
         session = sessions.sessions.get(room) if sessions is not None else None
         if session is not None:
