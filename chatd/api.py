@@ -32,7 +32,7 @@ import ipaddress
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator
 from importlib import resources
 from typing import Any
@@ -51,7 +51,7 @@ from chatd.moderation import (
     MAX_DURATION, NOTICE_SENDER, TARGETS, Moderation, Operate, Operator, Rule, _CALLER, audit,
     name_keys, new_rule_id, now_ms,
 )
-from chatd.router import DEFERRED, Router
+from chatd.router import DEFERRED, Router, RouterError
 from chatd.store import moderation as db
 
 log = logging.getLogger("chatd.api")
@@ -67,6 +67,8 @@ _KEY_BUCKETS = 10_000
 #: Close codes ``disconnect`` may send (RFC 6455 section 7.4).
 _CLOSE_CODES = {1000, 1001, 1008, 1011, 1012, 1013} | set(range(3000, 5000))
 _JSON = "application/json"
+#: Actions kept for ``activity``.
+RECENT = 100
 
 
 class ApiError(Exception):
@@ -166,6 +168,8 @@ class Api:
         #: why -> authentication failures ("missing", "wrong", "limited").
         self.auth_failures: Counter[str] = Counter()
         self._page = _load_page()
+        #: The last ``RECENT`` actions on this node, for the admin page.
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
         self._methods: dict[str, tuple[type, Callable[[Any, str], Awaitable[Any]]]] = {
             "publish": (PublishIn, self.publish),
             "presence": (PresenceIn, self.presence),
@@ -181,6 +185,7 @@ class Api:
             "delete-message": (DeleteMessageIn, self.delete_message),
             "erase-user": (EraseUserIn, self.erase_user),
             "retention": (RetentionIn, self.retention),
+            "activity": (ListIn, self.activity),
         }
         metrics.registry.register(self)
 
@@ -287,8 +292,15 @@ class Api:
     async def _in_router(self, fn: Callable[[Operate], Any]) -> Any:
         try:
             return await self.router.call(Operate(client=_CALLER, fn=fn))
-        except trio.ClosedResourceError:
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise ApiError(503, "the server is shutting down") from None
+        except RouterError as exc:  # a bug, logged with its traceback by the router
+            raise ApiError(500, f"internal error: {exc}") from None
+
+    def _audit(self, message: str, *args: Any) -> None:
+        """Log one operator action on ``chatd.audit`` and keep it for ``activity``."""
+        audit.info(message, *args)
+        self.recent.append({"time": time.time(), "action": message % args})
 
     async def _stored(self, run: Callable, then: Callable[[Any], Any] = lambda r: r) -> Any:
         """Run a store job; ``then(result)`` in the router task once committed."""
@@ -320,7 +332,7 @@ class Api:
             room = body.room
             reached = await self._in_router(lambda cmd: moderation.notice(room, body.text))
             moderation.actions["publish"] += 1
-            audit.info("publish to room %r by %s: %r", room, actor, _short(body.text, 200))
+            self._audit("publish to room %r by %s: %r", room, actor, _short(body.text, 200))
             return {"room": room, "sender": NOTICE_SENDER, "delivered": reached}
         session = body.session
 
@@ -332,7 +344,7 @@ class Api:
 
         result = _raise(await self._in_router(start))
         moderation.actions["publish"] += 1
-        audit.info("publish to session %r by %s: %r", session, actor, _short(body.text, 200))
+        self._audit("publish to session %r by %s: %r", session, actor, _short(body.text, 200))
         return result
 
     async def presence(self, body: PresenceIn, actor: str) -> Any:
@@ -376,7 +388,7 @@ class Api:
                          reason=reason)
         count = await self._in_router(lambda cmd: self.moderation.apply(item))
         self.moderation.actions["disconnect"] += 1
-        audit.info("disconnect %s %r with %d (%s) by %s: %d here", target, value, body.code,
+        self._audit("disconnect %s %r with %d (%r) by %s: %d here", target, value, body.code,
                    reason, actor, count)
         return {"disconnected": count}
 
@@ -404,8 +416,8 @@ class Api:
 
         result = await self._stored(lambda s: db.add_rule(s, row), then)
         moderation.actions[action] += 1
-        audit.info("%s %s (%s) by %s: %d connections closed here", action, rule.describe(),
-                   row.reason or "no reason given", actor, result["disconnected"])
+        self._audit("%s %s (%r) by %s: %d connections closed here", action, rule.describe(),
+                    row.reason or "no reason given", actor, result["disconnected"])
         return result
 
     async def unban(self, body: LiftIn, actor: str) -> Any:
@@ -433,8 +445,12 @@ class Api:
                            lambda _: moderation.apply(Moderated(op="unrule", ids=ids)))
         moderation.actions[f"un{action}"] += 1
         for rule in lifted:
-            audit.info("un%s %s by %s", action, rule.describe(), actor)
+            self._audit("un%s %s by %s", action, rule.describe(), actor)
         return {"lifted": [r.as_json() for r in lifted]}
+
+    async def activity(self, body: ListIn, actor: str) -> Any:
+        """The last actions taken on this node, newest first."""
+        return {"actions": list(reversed(self.recent))}
 
     async def bans(self, body: ListIn, actor: str) -> Any:
         return {"bans": self._rules("ban")}
@@ -472,7 +488,7 @@ class Api:
         if not deleted:
             raise ApiError(404, "delete-message: no such message")
         self.moderation.actions["delete-message"] += 1
-        audit.info("delete-message %d of session %r by %s", body.seq, body.session, actor)
+        self._audit("delete-message %d of session %r by %s", body.seq, body.session, actor)
         return {"session": body.session, "seq": body.seq, "deleted": True}
 
     async def erase_user(self, body: EraseUserIn, actor: str) -> Any:
@@ -504,7 +520,7 @@ class Api:
         changed = await self._in_router(leave_sessions)
         erased = await self._stored(lambda s: db.erase_messages(s, user, NOTICE_SENDER))
         self.moderation.actions["erase-user"] += 1
-        audit.info("erase-user %r by %s: %d messages, %d sessions left, %d deleted", user, actor,
+        self._audit("erase-user %r by %s: %d messages, %d sessions left, %d deleted", user, actor,
                    erased, changed["sessions-left"], changed["sessions-deleted"])
         return {"user": user, "messages": erased, **changed}
 
@@ -524,7 +540,7 @@ class Api:
                 await self._stored(lambda s: db.set_retention(
                     s, body.session, count, None if age is None else int(age * 1000)))
                 moderation.actions["retention"] += 1
-                audit.info("retention of session %r set to count %s, age %s s by %s",
+                self._audit("retention of session %r set to count %s, age %s s by %s",
                            body.session, count, age, actor)
             stored = await self._stored(db.retention)
             count, age_ms = stored.get(body.session, (moderation.retention_count, None if
@@ -539,7 +555,7 @@ class Api:
                 return DEFERRED
 
             out["pruned"] = _raise(await self._in_router(start))
-            audit.info("retention pruned %d messages now, asked by %s", out["pruned"], actor)
+            self._audit("retention pruned %d messages now, asked by %s", out["pruned"], actor)
         return out
 
     # --- metrics -----------------------------------------------------------------
