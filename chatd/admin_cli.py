@@ -105,7 +105,8 @@ def _key(config: Config) -> str:
     if isinstance(key, str):
         return key
     if key is not None:
-        raise ValueError("the server API is off: set api-key in the config (docs/api.md)")
+        raise ValueError("the server API is off (api-key is false): set api-key in the config "
+                         "(docs/api.md)")
     from chatd.store import StoreError, read_setting
 
     try:

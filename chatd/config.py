@@ -156,9 +156,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
     # busy before the asker is told "busy".
     store_busy_timeout: float = 5.0
     # --- moderation and the server API (issue 22; docs/api.md) ---
-    # The server API's key: absent, the API is off; null, one is generated
-    # and kept in the store (the embedded default); a string, that key.
-    api_key: str | None | UnsetType = UNSET
+    # The server API's key: false (the default), the API is off; null, one
+    # is generated and kept in the store (the embedded default); a string,
+    # that key.
+    api_key: str | bool | None = False
     # GradAgenda retention: the most messages kept per session and their
     # longest age in seconds (null: no limit), pruned every
     # retention-interval seconds; the API can set them per session.
@@ -257,11 +258,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
 
 def _check_moderation(config: Config) -> None:
     """The server API's and retention's keys (docs/api.md); ValueError naming the key."""
+    if config.api_key is True:
+        raise ValueError("api-key true is not a key: set a key, null to have one generated "
+                         "and kept in the store, or false (API off)")
     if isinstance(config.api_key, str):
         problem = secret_problem(config.api_key)
         if problem:
             raise ValueError(f"api-key {problem}: set a real key, null to have one generated "
-                             "and kept in the store, or leave the key out (API off)")
+                             "and kept in the store, or false (API off)")
     if config.retention_count is not None and config.retention_count < 1:
         raise ValueError("retention-count must be at least 1 (or null: no limit)")
     if config.retention_age is not None and not config.retention_age > 0:
@@ -409,11 +413,8 @@ def effective_config(config: Config, *, show_secrets: bool = False) -> dict[str,
             value = config.web_client_path
         elif field.name in ("secret_key", "jwt_secret") and value is not None and not show_secrets:
             value = REDACTED
-        elif field.name == "api_key":  # issue 22: absent (off) stays absent
-            if value is UNSET:
-                continue
-            if value is not None and not show_secrets:
-                value = REDACTED
+        elif field.name == "api_key" and isinstance(value, str) and not show_secrets:
+            value = REDACTED  # issue 22
         out[field.encode_name] = msgspec.to_builtins(value)
     return out
 

@@ -467,9 +467,9 @@ class Server:
 
     async def _start_api(self) -> None:
         """The API with the configured key, or one generated and kept in the
-        store (``api-key: null``); none when ``api-key`` is absent."""
+        store (``api-key: null``); none when ``api-key`` is false."""
         key = self.config.api_key
-        if not isinstance(key, str) and key is not None:
+        if key is False:
             return
         if key is None:
             key, new = await trio.to_thread.run_sync(self.store.secret, "api-key")

@@ -65,7 +65,7 @@ async def test_missing_and_wrong_keys_get_401_then_429_and_are_counted(chat, tmp
 
 
 async def test_the_api_is_off_without_a_key_and_generated_on_the_default(chat, tmp_path):
-    port = await start(chat, tmp_path, api_key=msgspec_unset())
+    port = await start(chat, tmp_path, api_key=False)
     got, _, _ = await trio.to_thread.run_sync(lambda: post(port, "info", {}))
     assert got == 405  # no API: the listener serves GET only
     chat.server.shutdown()
@@ -74,11 +74,6 @@ async def test_the_api_is_off_without_a_key_and_generated_on_the_default(chat, t
     from chatd.store import read_setting
     key = read_setting(server.config.store, "api-key")
     assert key and (await api(server.port, "info", {}, key=key))["connections"]["total"] == 0
-
-
-def msgspec_unset():
-    from msgspec import UNSET
-    return UNSET
 
 
 async def test_bad_requests_get_conventional_statuses(chat, tmp_path):
@@ -422,3 +417,80 @@ def test_chatd_admin_reads_address_and_key_from_the_config(process, tmp_path):
     down = chatd("admin", "info", "--config", str(config), cwd=tmp_path)
     assert down.returncode == 1 and "cannot reach the server API" in down.stderr
     assert len(down.stderr.splitlines()) == 1
+
+
+# --- the config keys, and the decode boundary --------------------------------------
+
+
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@pytest.mark.parametrize("value, says", [
+    (True, "api-key true is not a key"),
+    ("", "api-key is empty"),
+    ("change me", "placeholder"),
+    ("********", "mask"),
+])
+def test_an_unusable_api_key_is_refused_naming_the_key(value, says):
+    import json as _json
+
+    from chatd.config import ConfigError, decode_config
+
+    with pytest.raises(ConfigError, match=says):
+        decode_config(_json.dumps({"api-key": value}))
+
+
+def test_check_config_hides_the_api_key_and_shows_off_and_generated():
+    from chatd.config import REDACTED, decode_config, effective_config
+
+    assert effective_config(decode_config('{"api-key": "k-0123456789abcdef"}'))["api-key"] \
+        == REDACTED
+    assert effective_config(decode_config("{}"))["api-key"] is False
+    assert effective_config(decode_config('{"api-key": null}'))["api-key"] is None
+    with pytest.raises(Exception, match="retention-count"):
+        decode_config('{"retention-count": 0}')
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=4),
+    max_leaves=12)
+_fields = st.sampled_from(["name", "user", "address", "device", "room", "session", "text",
+                           "duration", "reason", "code", "id", "seq", "limit", "count", "age",
+                           "prune", "before", "after"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["publish", "presence", "info", "disconnect", "ban", "unban", "bans",
+                        "mute", "unmute", "mutes", "history", "delete-message", "erase-user",
+                        "retention", "activity"]),
+       st.dictionaries(_fields, _json_values, max_size=5))
+def test_any_body_is_a_4xx_answer_or_accepted_never_a_crash(method, body):
+    """The API's decode boundary: whatever JSON a caller sends, decoding and
+    the target checks raise only what becomes a 400."""
+    import msgspec
+
+    from chatd import api as api_module
+
+    kinds = {"publish": api_module.PublishIn, "presence": api_module.PresenceIn,
+             "info": api_module.InfoIn, "disconnect": api_module.DisconnectIn,
+             "ban": api_module.BanIn, "unban": api_module.LiftIn, "bans": api_module.ListIn,
+             "mute": api_module.MuteIn, "unmute": api_module.LiftIn,
+             "mutes": api_module.ListIn, "history": api_module.HistoryIn,
+             "delete-message": api_module.DeleteMessageIn,
+             "erase-user": api_module.EraseUserIn, "retention": api_module.RetentionIn,
+             "activity": api_module.ListIn}
+    try:
+        decoded = msgspec.json.decode(msgspec.json.encode(body), type=kinds[method])
+    except msgspec.ValidationError:
+        return
+    if isinstance(decoded, api_module._Target):
+        allowed = ("name", "user", "device", "address") if method == "disconnect" \
+            else api_module.TARGETS
+        try:
+            api_module._target(decoded, allowed)
+        except api_module.ApiError as exc:
+            assert exc.status == 400
