@@ -494,3 +494,25 @@ def test_any_body_is_a_4xx_answer_or_accepted_never_a_crash(method, body):
             api_module._target(decoded, allowed)
         except api_module.ApiError as exc:
             assert exc.status == 400
+
+
+async def test_a_ban_survives_kill_9(process, tmp_path):
+    import json as _json
+    import signal
+
+    from tests.conftest import open_websocket_url
+
+    config = tmp_path / "config.json"
+    config.write_text(_json.dumps({
+        "host": "127.0.0.1:0", "store": str(tmp_path / "chatd.db"), "api-key": KEY,
+        "endpoints": [{"path": "/socialvp", "protocol": "socialvp"}]}))
+    server = process("serve", "--config", str(config)).start()
+    answer = await api(server.port, "ban", {"name": "mallory", "reason": "spam"})
+    assert answer["name"] == "mallory"  # answered once committed
+    server.stop(signal.SIGKILL)
+    server.start()
+    async with open_websocket_url(f"ws://127.0.0.1:{server.port}/socialvp") as ws:
+        assert await ws.get_message()  # init
+        await ws.send_message(_json.dumps({"command": "identify", "name": "Mallory"}))
+        refusal = _json.loads(await ws.get_message())
+    assert refusal == {"type": "outcome", "success": False, "code": 403, "message": "Banned: spam!"}
