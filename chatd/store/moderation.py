@@ -156,25 +156,26 @@ def prune(store: Store, now_ms: int, max_count: int | None, max_age_ms: int | No
     stays. How many rows were deleted."""
     m = store.mark
     overrides = retention(store)
+    if max_count is None and max_age_ms is None:
+        sessions = list(overrides)  # only those with settings of their own
+    else:
+        sessions = [row[0] for row in store._execute(
+            "SELECT DISTINCT session_id FROM messages", ()).fetchall()]
     deleted = 0
-    sessions = [row[0] for row in store._execute(
-        "SELECT DISTINCT session_id FROM messages", ()).fetchall()]
     for session_id in sessions:
         count, age = overrides.get(session_id, (max_count, max_age_ms))
-        if count is None and age is None:
-            continue
         newest = _newest(store, session_id)
-        floor = newest  # delete seq < floor ...
+        # Never the newest: its seq must stay the highest stored (see above).
+        keep_from = newest
         if count is not None:
-            floor = min(floor, newest - count + 1)
-        cursor = store._execute(f"DELETE FROM messages WHERE session_id = {m} AND seq < {m}",
-                                (session_id, floor)) if count is not None and floor > 0 else None
-        deleted += _rowcount(cursor)
+            keep_from = min(keep_from, newest - count + 1)
+            deleted += _rowcount(store._execute(
+                f"DELETE FROM messages WHERE session_id = {m} AND seq < {m}",
+                (session_id, keep_from)))
         if age is not None:
-            cursor = store._execute(
+            deleted += _rowcount(store._execute(
                 f"DELETE FROM messages WHERE session_id = {m} AND seq < {m} "
-                f"AND server_timestamp < {m}", (session_id, newest, now_ms - age))
-            deleted += _rowcount(cursor)
+                f"AND server_timestamp < {m}", (session_id, newest, now_ms - age)))
     return deleted
 
 
