@@ -554,7 +554,6 @@ class Moderation:
         session = sessions.sessions.get(session_id) if sessions is not None else None
         if session is None:
             return answer("no such session")
-        members = session.members
         sent = stored = now_ms()
         message = msgspec.json.encode({"type": "text", "body": text})
 
@@ -564,7 +563,7 @@ class Moderation:
             event = StoredMessage(session_id=session_id, seq=seq, sender_id=NOTICE_SENDER,
                                   message=msgspec.Raw(message), sender_timestamp=sent,
                                   server_timestamp=stored)
-            deliver_stored(sessions, members, event)
+            sessions.deliver_stored(event)
             answer({"session": session_id, "seq": seq, "sender": NOTICE_SENDER,
                     "server-timestamp": stored})
 
@@ -666,27 +665,6 @@ def _error_frame(client: Client, reason: str, cdid: Any, *, code: int,
         data = client.protocol.encode(Status(cdid=cdid, ok=False, message=reason))
         return text_frame(data) if data is not None else None
     return None  # multichat, wschat: no error form
-
-
-def deliver_stored(sessions: Sessions, members: frozenset[str], event: StoredMessage) -> None:
-    """Deliver a stored GradAgenda message that no client sent (a notice):
-    to every local device of ``members``, and, in a cluster, on each
-    member's channel and through the local feeds (which keep ``seq``
-    order and drop duplicates), as ``Sessions.send_message`` does."""
-    if not sessions.broker.shared:
-        sessions._deliver(members, event)
-        return
-    from chatd.broker.base import user_channel
-    from chatd.broker.wire import Stored
-
-    item = Stored(session_id=event.session_id, seq=event.seq, sender_id=event.sender_id,
-                  message=event.message, sender_timestamp=event.sender_timestamp,
-                  server_timestamp=event.server_timestamp)
-    frames: dict[type, bytes | None] = {}
-    for user in members:
-        sessions.broker.publish(user_channel(user), item)
-        if user in sessions.feeds:
-            sessions._offer(user, event, frames=frames)
 
 
 def _call(callback: Callable[..., None], *args: Any) -> None:

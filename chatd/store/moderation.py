@@ -2,7 +2,7 @@
 GradAgenda message removals the server API asks for.
 
 One schema for both backends, written in the SQL they share, and used
-only through ``Store._execute`` inside ``Store.run_batch`` (a writer job),
+only through ``Store.execute`` inside ``Store.run_batch`` (a writer job),
 so neither backend's class changes: each function here is a job step
 taking the store. The tables are created on first use (``ensure_schema``,
 ``CREATE TABLE IF NOT EXISTS``; on PostgreSQL under a transaction-scoped
@@ -72,34 +72,34 @@ class RuleRow(NamedTuple):
 
 def ensure_schema(store: Store) -> None:
     if store.mark == "%s":
-        store._execute(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})", ())
+        store.execute(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})", ())
     for statement in SCHEMA:
-        store._execute(statement, ())
+        store.execute(statement, ())
 
 
 def load_rules(store: Store, now_ms: int) -> list[RuleRow]:
     """Every rule in force at ``now_ms``, oldest first; expired rows are deleted."""
     m = store.mark
-    store._execute(f"DELETE FROM moderation_rules WHERE expires_ms IS NOT NULL "
+    store.execute(f"DELETE FROM moderation_rules WHERE expires_ms IS NOT NULL "
                    f"AND expires_ms <= {m}", (now_ms,))
-    rows = store._execute(f"SELECT {_RULE_COLUMNS} FROM moderation_rules "
+    rows = store.execute(f"SELECT {_RULE_COLUMNS} FROM moderation_rules "
                           "ORDER BY created_ms, id", ()).fetchall()
     return [RuleRow(*row) for row in rows]
 
 
 def add_rule(store: Store, rule: RuleRow) -> None:
     marks = ", ".join([store.mark] * len(RuleRow._fields))
-    store._execute(f"INSERT INTO moderation_rules ({_RULE_COLUMNS}) VALUES ({marks})",
+    store.execute(f"INSERT INTO moderation_rules ({_RULE_COLUMNS}) VALUES ({marks})",
                    tuple(rule))
 
 
 def remove_rules(store: Store, ids: list[str]) -> None:
     for rule_id in ids:
-        store._execute(f"DELETE FROM moderation_rules WHERE id = {store.mark}", (rule_id,))
+        store.execute(f"DELETE FROM moderation_rules WHERE id = {store.mark}", (rule_id,))
 
 
 def _newest(store: Store, session_id: str) -> int:
-    row = store._execute(f"SELECT MAX(seq) FROM messages WHERE session_id = {store.mark}",
+    row = store.execute(f"SELECT MAX(seq) FROM messages WHERE session_id = {store.mark}",
                          (session_id,)).fetchone()
     return row[0] or 0
 
@@ -108,16 +108,16 @@ def delete_message(store: Store, session_id: str, seq: int, sender: str) -> bool
     """Remove message ``seq`` of the session (blank it if it is the newest,
     sent by ``sender``); False if there is no such message."""
     m = store.mark
-    found = store._execute(f"SELECT message FROM messages WHERE session_id = {m} AND seq = {m}",
+    found = store.execute(f"SELECT message FROM messages WHERE session_id = {m} AND seq = {m}",
                            (session_id, seq)).fetchone()
     if found is None or found[0] == TOMBSTONE:
         return False
     if seq == _newest(store, session_id):
-        store._execute(f"UPDATE messages SET message = {m}, sender_id = {m} "
+        store.execute(f"UPDATE messages SET message = {m}, sender_id = {m} "
                        f"WHERE session_id = {m} AND seq = {m}",
                        (TOMBSTONE, sender, session_id, seq))
     else:
-        store._execute(f"DELETE FROM messages WHERE session_id = {m} AND seq = {m}",
+        store.execute(f"DELETE FROM messages WHERE session_id = {m} AND seq = {m}",
                        (session_id, seq))
     return True
 
@@ -126,7 +126,7 @@ def erase_messages(store: Store, user_id: str, sender: str) -> int:
     """Remove every message ``user_id`` sent (blanking each session's newest
     one); how many."""
     m = store.mark
-    rows = store._execute(f"SELECT session_id, seq FROM messages WHERE sender_id = {m}",
+    rows = store.execute(f"SELECT session_id, seq FROM messages WHERE sender_id = {m}",
                           (user_id,)).fetchall()
     for session_id, seq in rows:
         delete_message(store, session_id, seq, sender)
@@ -136,15 +136,15 @@ def erase_messages(store: Store, user_id: str, sender: str) -> int:
 def set_retention(store: Store, session_id: str, max_count: int | None,
                   max_age_ms: int | None) -> None:
     m = store.mark
-    store._execute(f"DELETE FROM moderation_retention WHERE session_id = {m}", (session_id,))
+    store.execute(f"DELETE FROM moderation_retention WHERE session_id = {m}", (session_id,))
     if max_count is not None or max_age_ms is not None:
-        store._execute(f"INSERT INTO moderation_retention (session_id, max_count, max_age_ms) "
+        store.execute(f"INSERT INTO moderation_retention (session_id, max_count, max_age_ms) "
                        f"VALUES ({m}, {m}, {m})", (session_id, max_count, max_age_ms))
 
 
 def retention(store: Store) -> dict[str, tuple[int | None, int | None]]:
     """Per-session settings: session -> (max_count, max_age_ms)."""
-    rows = store._execute("SELECT session_id, max_count, max_age_ms FROM moderation_retention",
+    rows = store.execute("SELECT session_id, max_count, max_age_ms FROM moderation_retention",
                           ()).fetchall()
     return {session_id: (count, age) for session_id, count, age in rows}
 
@@ -159,7 +159,7 @@ def prune(store: Store, now_ms: int, max_count: int | None, max_age_ms: int | No
     if max_count is None and max_age_ms is None:
         sessions = list(overrides)  # only those with settings of their own
     else:
-        sessions = [row[0] for row in store._execute(
+        sessions = [row[0] for row in store.execute(
             "SELECT DISTINCT session_id FROM messages", ()).fetchall()]
     deleted = 0
     for session_id in sessions:
@@ -169,11 +169,11 @@ def prune(store: Store, now_ms: int, max_count: int | None, max_age_ms: int | No
         keep_from = newest
         if count is not None:
             keep_from = min(keep_from, newest - count + 1)
-            deleted += _rowcount(store._execute(
+            deleted += _rowcount(store.execute(
                 f"DELETE FROM messages WHERE session_id = {m} AND seq < {m}",
                 (session_id, keep_from)))
         if age is not None:
-            deleted += _rowcount(store._execute(
+            deleted += _rowcount(store.execute(
                 f"DELETE FROM messages WHERE session_id = {m} AND seq < {m} "
                 f"AND server_timestamp < {m}", (session_id, newest, now_ms - age)))
     return deleted
