@@ -82,3 +82,32 @@ async def test_bans_mutes_notices_and_disconnects_reach_every_node(cluster):
         while not (presence := await api(n4.port, "presence", {"room": "lobby"}))["clients"]:
             await trio.sleep(0.05)
     assert {(c["name"], c["node"]) for c in presence["clients"]} == {("wendy", "n2")}
+
+
+async def test_a_session_notice_is_stored_once_and_reaches_members_on_every_node(cluster):
+    from tests.test_cluster_gradagenda import login
+    from tests.test_gradagenda import create, message
+
+    n1, n2, n3 = await cluster.nodes_up("n1", "n2", "n3", **{"api-key": KEY})
+    alice = await login(cluster, n1, "alice")
+    bob = await login(cluster, n2, "bob")
+    session = (await create(alice, "bob"))["session-id"]
+    await until(bob, lambda f: f.get("type") == "providing-session-info")
+    await alice.send(message(session, "first", cdid="m1"))
+    assert (await alice.recv())["seq"] == 1
+    assert (await until(bob, lambda f: f.get("type") == "message-broadcast"))["seq"] == 1
+    with trio.fail_after(GUARD):  # until n3 has heard of the session
+        while True:
+            answer = await api(n3.port, "publish", {"session": session, "text": "notice"},
+                               status=None)
+            if answer.get("seq"):
+                break
+            assert answer == {"error": "no such session"}
+            await trio.sleep(0.05)
+    assert answer["seq"] == 2 and answer["sender"] == "chatd"
+    for peer in (alice, bob):
+        frame = await until(peer, lambda f: f.get("type") == "message-broadcast")
+        assert (frame["seq"], frame["sender-id"], frame["message"]["body"]) == (2, "chatd",
+                                                                              "notice")
+    await bob.send(message(session, "after", cdid="m2"))
+    assert (await until(alice, lambda f: f.get("type") == "message-broadcast"))["seq"] == 3
