@@ -246,15 +246,20 @@ async def test_a_muted_client_reads_but_gets_its_error_and_nothing_reaches_the_r
     assert await listener.recv() == {"type": "outcome", "success": False, "code": 403,
                                      "message": "You are muted in this room!"}
     await mc.send({"action": "client-message", "content": "spam"})  # dropped, counted
+    ws = await wschat(chat)
+    await api(port, "mute", {"name": "wes", "room": "lobby"})
+    await ws.send(signed("wes", "spam"))  # dropped, counted: no echo, nobody gets it
     # Muted clients still read: a notice reaches them; no spam came before it.
     await api(port, "publish", {"room": "lobby", "text": "calm"})
     assert (await w.recv())["data"] == "calm"
     assert (await listener.recv())["message"] == "calm"
     assert (await mc.recv())["content"] == "calm"
+    assert (await ws.recv())["msg"] == "calm"  # the notice, and no echo of "spam" before it
     metrics = chat.server.metrics.exposition().decode()
     assert 'chatd_moderation_refused_total{protocol="multichat",rule="mute"} 1.0' in metrics
+    assert 'chatd_moderation_refused_total{protocol="wschat",rule="mute"} 1.0' in metrics
     mutes = await api(port, "mutes", {})
-    assert sorted(m["name"] for m in mutes["mutes"]) == ["bridge", "sam", "wendy"]
+    assert sorted(m["name"] for m in mutes["mutes"]) == ["bridge", "sam", "wendy", "wes"]
     await api(port, "unmute", {"name": "wendy", "room": "lobby"})
     await w.send({"type": "message", "data": "sorry"})
     assert (await mc.recv())["content"] == "sorry"
@@ -300,6 +305,12 @@ async def test_disconnect_presence_and_info(chat, tmp_path):
     assert await api(port, "disconnect", {"device": "phone"}) == {"disconnected": 1}
     assert await phone.closed() == 1008
     await api(port, "disconnect", {"name": "sam", "code": 1006}, status=400)
+    mc = await chat.multichat("bridge")
+    ws = await wschat(chat)
+    answer = await api(port, "disconnect", {"address": "127.0.0.1", "reason": "maintenance"})
+    assert answer == {"disconnected": 3}
+    for peer in (svp, mc, ws):
+        assert await peer.closed() == 1008
 
 
 # --- GradAgenda history, deletion, erasure, retention ------------------------------
