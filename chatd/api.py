@@ -67,6 +67,8 @@ _KEY_BUCKETS = 10_000
 #: Close codes ``disconnect`` may send (RFC 6455 section 7.4).
 _CLOSE_CODES = {1000, 1001, 1008, 1011, 1012, 1013} | set(range(3000, 5000))
 _JSON = "application/json"
+#: Methods that change nothing (logged at debug when they succeed).
+_READS = {"presence", "info", "bans", "mutes", "history", "activity"}
 #: Actions kept for ``activity``.
 RECENT = 100
 
@@ -206,8 +208,11 @@ class Api:
         status, body = await self._call(method, request, trailing, receive, client)
         label = method if method in self._methods else "unknown"
         self.requests[(label, status)] += 1
-        log.info("api %s from %s: %d", _short(method), client, status,
-                 extra={"peer": client, "code": status})
+        # Reads that succeed (the admin page polls) and refusals past the
+        # wrong-key limit (a brute force) are logged at debug only.
+        quiet = (status == 200 and label in _READS) or status == 429
+        log.log(logging.DEBUG if quiet else logging.INFO, "api %s from %s: %d", _short(method),
+                client, status, extra={"peer": client, "code": status})
         headers: tuple[tuple[str, str], ...] = ()
         if status == 401:
             headers = (("WWW-Authenticate", 'Bearer realm="chatd"'),)
