@@ -15,7 +15,6 @@ error is one line on stderr and exit 1 (docs/api.md).
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import sys
@@ -133,4 +132,4 @@ def _address(config: Config) -> tuple[str, int, str]:
     return host, port, scheme
 
 
-__all__ = ["add_parser", "run", "argparse"]
+__all__ = ["add_parser", "run"]

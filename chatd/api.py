@@ -44,7 +44,6 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from chatd import names
 from chatd.broker.wire import Moderated
-from chatd.events import StoredMessage
 from chatd.handshake import Request, response
 from chatd.http import _WEB_HEADERS
 from chatd.moderation import (
@@ -656,4 +655,4 @@ def _cut(text: str, limit: int = 123) -> str:
     return text if len(data) <= limit else data[:limit].decode(errors="ignore")
 
 
-__all__ = ["Api", "ApiError", "PAGE", "PREFIX", "StoredMessage"]
+__all__ = ["Api", "ApiError", "PAGE", "PREFIX"]

@@ -60,7 +60,7 @@ from chatd import names
 from chatd.broker.base import CLUSTER, Remote
 from chatd.broker.wire import Moderated
 from chatd.events import (
-    Event, Join, Leave, Login, Message, Publish, Request, SendMessage, Status, StoredMessage,
+    Join, Leave, Login, Message, Publish, Request, SendMessage, Status, StoredMessage,
 )
 from chatd.router import DEFERRED, Router
 from chatd.store import Failure, Job, Writer
@@ -674,5 +674,4 @@ def _call(callback: Callable[..., None], *args: Any) -> None:
         log.exception("answering a moderation store job failed")
 
 
-__all__ = ["NOTICE_SENDER", "Moderation", "Operate", "Operator", "Rule", "audit", "refuse",
-           "Event"]
+__all__ = ["NOTICE_SENDER", "Moderation", "Operate", "Operator", "Rule", "audit", "refuse"]

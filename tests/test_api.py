@@ -3,14 +3,17 @@ clients of every protocol."""
 
 from __future__ import annotations
 
+import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from trio_websocket import ConnectionRejected
 
 from chatd.config import default_config
 from tests.api_helpers import KEY, api, post
-from tests.conftest import JWT_SECRET, SECRET, GUARD
+from tests.conftest import GUARD, JWT_SECRET, SECRET
 from tests.lobby_peers import INIT, signed, socialvp, wcp, wschat
-from tests.test_gradagenda import auth, create, login, message, ok
+from tests.test_gradagenda import auth, create, login, message
 
 
 def config(tmp_path, **extra):
@@ -431,11 +434,6 @@ def test_chatd_admin_reads_address_and_key_from_the_config(process, tmp_path):
 
 
 # --- the config keys, and the decode boundary --------------------------------------
-
-
-import pytest  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 
 @pytest.mark.parametrize("value, says", [
