@@ -418,7 +418,8 @@ class Moderation:
     def _login(self, inner: Callable, cmd: Login) -> Any:
         client = cmd.client
         if is_reserved(cmd.user_id):
-            refuse(client, None, cmd.cdid, "this user-id is reserved for the server's notices")
+            refuse(client, None, cmd.cdid, "this user-id is reserved for the server's notices",
+                   what="refused")
             return DEFERRED
         if self.rules:
             rule = self.find("ban", name_list=(cmd.user_id,), ids=(cmd.user_id,),
@@ -631,9 +632,10 @@ def _cut(text: str, limit: int = 123) -> str:
     return text if len(data) <= limit else data[:limit].decode(errors="ignore")
 
 
-def refuse(client: Client, rule: Rule | None, cdid: Any = None, text: str = "") -> None:
+def refuse(client: Client, rule: Rule | None, cdid: Any = None, text: str = "",
+           what: str = "banned") -> None:
     """Refuse a banned client in its protocol's form, then close it 1008."""
-    reason = _reason("banned", rule, text)
+    reason = _reason(what, rule, text)
     frame = _error_frame(client, reason, cdid, code=403, socialvp_text=f"Banned: "
                          f"{text or (rule.row.reason if rule else '') or 'by the operator'}!")
     if frame is not None:

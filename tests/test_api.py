@@ -525,3 +525,24 @@ async def test_a_ban_survives_kill_9(process, tmp_path):
         await ws.send_message(_json.dumps({"command": "identify", "name": "Mallory"}))
         refusal = _json.loads(await ws.get_message())
     assert refusal == {"type": "outcome", "success": False, "code": 403, "message": "Banned: spam!"}
+
+
+async def test_with_admin_host_the_api_and_page_move_there(chat, tmp_path):
+    from tests.test_http import get, http
+
+    server = await chat.start(config(tmp_path, admin_host="127.0.0.1:0"))
+    admin = server.admin_ports[0]
+    assert (await api(admin, "info", {}))["connections"]["total"] == 0
+    assert (await http(admin, get("/admin/")))[0] == 200
+    got, _, _ = await trio.to_thread.run_sync(lambda: post(server.port, "info", {}))
+    assert got == 405  # the public listener serves no API
+    assert (await http(server.port, get("/admin/")))[0] == 404
+
+
+async def test_the_notice_senders_name_cannot_log_in_to_gradagenda(chat, tmp_path):
+    await start(chat, tmp_path)
+    peer = await chat.connect("/gradagenda")
+    await peer.send(auth("chatd"))
+    answer = await peer.recv()
+    assert answer["status"] == "failed" and "reserved" in answer["message"]
+    assert await peer.closed() == 1008
