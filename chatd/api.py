@@ -45,9 +45,9 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from chatd import names
 from chatd.broker.wire import Moderated
 from chatd.handshake import Request, response
-from chatd.http import _WEB_HEADERS
+from chatd.http import CONTENT_SECURITY_POLICY
 from chatd.moderation import (
-    MAX_DURATION, NOTICE_SENDER, TARGETS, Moderation, Operate, Operator, Rule, _CALLER, audit,
+    API_CALLER, MAX_DURATION, NOTICE_SENDER, TARGETS, Moderation, Operate, Operator, Rule, audit,
     name_keys, new_rule_id, now_ms,
 )
 from chatd.router import DEFERRED, Router, RouterError
@@ -66,6 +66,11 @@ _KEY_BUCKETS = 10_000
 #: Close codes ``disconnect`` may send (RFC 6455 section 7.4).
 _CLOSE_CODES = {1000, 1001, 1008, 1011, 1012, 1013} | set(range(3000, 5000))
 _JSON = "application/json"
+#: Sent with the admin page's files: the web client's policy (this origin
+#: only, no inline script) and headers (chatd.http).
+PAGE_HEADERS = (("Content-Security-Policy", CONTENT_SECURITY_POLICY),
+                ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
+                ("Cache-Control", "no-cache"))
 #: Methods that change nothing (logged at debug when they succeed).
 _READS = {"presence", "info", "bans", "mutes", "history", "activity"}
 #: Actions kept for ``activity``.
@@ -289,13 +294,13 @@ class Api:
         if found is None:
             return response(404, "not found\n", head_only=head)
         body, kind = found
-        return response(200, body, content_type=kind, headers=_WEB_HEADERS, head_only=head)
+        return response(200, body, content_type=kind, headers=PAGE_HEADERS, head_only=head)
 
     # --- the router --------------------------------------------------------------
 
     async def _in_router(self, fn: Callable[[Operate], Any]) -> Any:
         try:
-            return await self.router.call(Operate(client=_CALLER, fn=fn))
+            return await self.router.call(Operate(client=API_CALLER, fn=fn))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise ApiError(503, "the server is shutting down") from None
         except RouterError as exc:  # a bug, logged with its traceback by the router

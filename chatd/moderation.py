@@ -190,7 +190,7 @@ class _Caller:
         return result
 
 
-_CALLER = _Caller()
+API_CALLER = _Caller()
 
 
 class Operator:
