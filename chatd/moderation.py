@@ -645,8 +645,9 @@ def refuse(client: Client, rule: Rule | None, cdid: Any = None, text: str = "",
 
 def muted_answer(client: Client, rule: Rule, cdid: Any = None) -> bytes | None:
     """The protocol's error for a muted client's message, or None (none exists)."""
-    until = ("" if rule.row.expires_ms is None
-             else f" until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(rule.row.expires_ms / 1000))}")
+    expires = rule.row.expires_ms
+    until = ("" if expires is None else
+             f" until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(expires / 1000))}")
     reason = _reason(f"muted{until}", rule)
     return _error_frame(client, reason, cdid, code=403,
                         socialvp_text=f"You are muted in this room{until}!")

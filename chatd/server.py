@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import trio
 
+from chatd.api import Api
 from chatd.broker import Broker, LocalBroker, generated_node_id, open_broker
 from chatd.client import Flusher
 from chatd.cluster import Cluster
@@ -38,10 +39,9 @@ from chatd.handshake import (
 )
 from chatd.http import Routes
 from chatd.limits import ConnectionLedger
-from chatd.api import Api
-from chatd.moderation import Moderation
 from chatd.lobby import Lobby
 from chatd.metrics import Metrics
+from chatd.moderation import Moderation
 from chatd.protocols import PROTOCOL_CLASSES
 from chatd.protocols.base import Context, Protocol
 from chatd.proxy import Address, ProxyHeaderError, forwarded_address, in_networks, parse_networks
