@@ -1,4 +1,5 @@
-"""The command line: ``chatd serve``, ``chatd check-config``, ``chatd token``.
+"""The command line: ``chatd serve``, ``chatd check-config``, ``chatd token``,
+``chatd admin`` (``chatd.admin_cli``).
 
 Every mistake an operator can make on the command line or in the config
 ends in one line on stderr that names the thing (``chatd: ...``) and a
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="the server's store, if its config does not name it "
                             "(as with 'chatd serve --store')")
 
+    from chatd import admin_cli  # the server API's command (issue 22)
+    admin_cli.add_parser(commands)
+
     args = parser.parse_args(argv)
     try:
         config, path = resolve_config(args.path if args.command == "check-config" else args.config)
@@ -94,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             config.store = args.store
         if args.command == "token":
             return _token(config, args.user_id, args.ttl)
+        if args.command == "admin":
+            return admin_cli.run(config, args.method, args.fields)
         if args.host:
             config.host = args.host
             config.bind  # validates

@@ -200,6 +200,17 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
     # Seconds a store write is retried while the database is locked or
     # busy before the asker is told "busy".
     store_busy_timeout: float = 5.0
+    # --- moderation and the server API (issue 22; docs/api.md) ---
+    # The server API's key: false (the default), the API is off; null, one
+    # is generated and kept in the store (the embedded default); a string,
+    # that key.
+    api_key: str | bool | None = False
+    # GradAgenda retention: the most messages kept per session and their
+    # longest age in seconds (null: no limit), pruned every
+    # retention-interval seconds; the API can set them per session.
+    retention_count: int | None = None
+    retention_age: float | None = None
+    retention_interval: float = 60.0
 
     def __post_init__(self) -> None:
         # Runs inside msgspec's decode, so a ValueError here becomes a
@@ -214,6 +225,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
         _check_frame_limit("", self.max_frame_bytes)
         for endpoint in self.endpoints or ():
             _check_frame_limit(f"endpoints: {endpoint.path!r}: ", endpoint.max_frame_bytes)
+        _check_moderation(self)  # issue 22
         if self.auth_timeout <= 0:
             raise ValueError("auth-timeout must be positive")
         if self.outbox_size < 1:
@@ -320,6 +332,23 @@ DEFAULT_MAX_CONNECTIONS = 20000
 #: Descriptors chatd holds besides connections: listeners, the store, the
 #: broker, logs, worker threads' files.
 SPARE_FILES = 64
+def _check_moderation(config: Config) -> None:
+    """The server API's and retention's keys (docs/api.md); ValueError naming the key."""
+    if config.api_key is True:
+        raise ValueError("api-key true is not a key: set a key, null to have one generated "
+                         "and kept in the store, or false (API off)")
+    if isinstance(config.api_key, str):
+        problem = secret_problem(config.api_key)
+        if problem:
+            raise ValueError(f"api-key {problem}: set a real key, null to have one generated "
+                             "and kept in the store, or false (API off)")
+    if config.retention_count is not None and config.retention_count < 1:
+        raise ValueError("retention-count must be at least 1 (or null: no limit)")
+    if config.retention_age is not None and not config.retention_age > 0:
+        raise ValueError("retention-age must be positive seconds (or null: no limit)")
+    if not config.retention_interval > 0:
+        raise ValueError("retention-interval must be positive")
+
 
 #: A node id: what other nodes, Redis keys and logs call this node.
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -394,9 +423,10 @@ def default_config() -> Config:
     endpoints += [EndpointConfig(path=f"/{p}", protocol=p)
                   for p in PROTOCOLS if p != "multichat"]
     # Bound to loopback and serving its own web client: pages from
-    # elsewhere have no business opening a WebSocket to it.
+    # elsewhere have no business opening a WebSocket to it. The server API
+    # is on, with a key generated and kept in the store (issue 22).
     return Config(endpoints=endpoints, max_frame_bytes=DEFAULT_FRAME_BYTES,
-                  allowed_origins="same-origin")
+                  allowed_origins="same-origin", api_key=None)
 
 
 def decode_config(data: bytes | str) -> Config:
@@ -465,6 +495,8 @@ def effective_config(config: Config, *, show_secrets: bool = False) -> dict[str,
             value = config.web_client_path
         elif field.name in ("secret_key", "jwt_secret") and value is not None and not show_secrets:
             value = REDACTED
+        elif field.name == "api_key" and isinstance(value, str) and not show_secrets:
+            value = REDACTED  # issue 22
         out[field.encode_name] = msgspec.to_builtins(value)
     return out
 

@@ -72,6 +72,11 @@ class Router:
     def handle(self, command_type: type[Command], handler: Callable[[Any], Any]) -> None:
         self._handlers[command_type] = handler
 
+    def handler(self, command_type: type[Command]) -> Callable[[Any], Any] | None:
+        """The handler registered for ``command_type``, if any (moderation
+        wraps the handlers it enforces rules in: chatd.moderation)."""
+        return self._handlers.get(command_type)
+
     @property
     def queued(self) -> int:
         """Commands waiting for the router (the queue depth)."""

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import trio
 
+from chatd.api import Api
 from chatd.broker import Broker, LocalBroker, generated_node_id, open_broker
 from chatd.client import Flusher
 from chatd.cluster import Cluster
@@ -41,6 +42,7 @@ from chatd.limits import ConnectionLedger
 from chatd.logs import ClientSource, client_lines, client_source, report_suppressed
 from chatd.lobby import Lobby
 from chatd.metrics import Metrics
+from chatd.moderation import Moderation
 from chatd.protocols import PROTOCOL_CLASSES
 from chatd.protocols.base import Context, Protocol
 from chatd.proxy import Address, ProxyHeaderError, forwarded_address, in_networks, parse_networks
@@ -113,6 +115,9 @@ class Server:
         self._handshakes: set[trio.CancelScope] = set()
         self._spawn = None
         self._shutdown_deadline = float("inf")
+        # Moderation and the server API (issue 22): set up in ``run``.
+        self.moderation: Moderation | None = None
+        self.api: Api | None = None
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -161,8 +166,14 @@ class Server:
             self.cluster = Cluster(self.broker, self.lobby, sessions, rooms)
             self.services.append(self.cluster)
             self.metrics.registry.register(self.cluster)
+        # Moderation (issue 22): installed last, it wraps the others' handlers.
+        self.moderation = Moderation(self, config.retention_count, config.retention_age,
+                                     config.retention_interval)
+        self.services.append(self.moderation)
+        self.metrics.registry.register(self.moderation)
         try:
             await self._resolve_secrets()
+            await self._start_api()  # issue 22
             self._mount()
             async with trio.open_nursery() as nursery:
                 for service in self.services:
@@ -369,6 +380,10 @@ class Server:
         if refusal is not None:
             await self._refuse(transport, client, refusal, head)
             return None, counted
+        if self.routes.admin and self._serves_api(request):  # the server API (issue 22)
+            await _answer(transport, await self.api.answer(
+                request, reader.trailing, transport.receive, str(client)))
+            return None, counted
         mount = self._route(request.path)
         if not request.wants_websocket:
             if mount is not None:
@@ -391,6 +406,10 @@ class Server:
             refusal = check_upgrade(request)
         if refusal is None and not self._origin_allowed(request):
             refusal = Refusal(403, "origin not allowed")
+        if refusal is None and self.moderation is not None:  # address bans (issue 22)
+            banned = self.moderation.address_refusal(client.ip)
+            if banned is not None:
+                refusal = Refusal(403, banned)
         if refusal is not None:
             await self._refuse(transport, client, refusal, head)
             return None, counted
@@ -417,6 +436,10 @@ class Server:
                 except BadRequest as exc:
                     if exc.refusal is not None:
                         await _answer(transport, refusal_response(exc.refusal))
+                    return
+                if self._serves_api(request):  # the server API (issue 22)
+                    await _answer(transport, await self.api.answer(
+                        request, reader.trailing, transport.receive, str(_peer_address(stream))))
                     return
                 _, data = await self.admin_routes.answer(request)
                 await _answer(transport, data)
@@ -461,6 +484,24 @@ class Server:
                          key, self.store.name, value)
             if value is not None:
                 self.secrets[key] = value
+
+    # --- the server API (issue 22; chatd.api) ----------------------------------
+
+    def _serves_api(self, request: Request) -> bool:
+        return (self.api is not None and not request.wants_websocket
+                and self.api.serves(request.path))
+
+    async def _start_api(self) -> None:
+        """The API with the configured key, or one generated and kept in the
+        store (``api-key: null``); none when ``api-key`` is false."""
+        key = self.config.api_key
+        if key is False:
+            return
+        if key is None:
+            key, new = await trio.to_thread.run_sync(self.store.secret, "api-key")
+            log.info("%s api-key (kept in %s; 'chatd admin key' prints it)",
+                     "generated" if new else "stored", self.store.name)
+        self.api = Api(self.moderation, self.router, key, self.metrics)
 
     def _mount(self) -> None:
         config = self.config
@@ -516,6 +557,11 @@ class Server:
             admin_host, _ = config.admin_bind
             log.info("health and metrics: http://%s/healthz, /readyz, /metrics",
                      _show_host(admin_host, self.admin_ports[0]))
+        if self.api is not None:  # issue 22
+            api_host, api_port = (config.admin_bind[0], self.admin_ports[0]) if self.admin_ports \
+                else (host, self.port)
+            log.info("server API: http://%s/api/, admin page: http://%s/admin/",
+                     _show_host(api_host, api_port), _show_host(api_host, api_port))
         if config.allowed_origins is None:
             log.warning("allowed-origins is not set: any web page can open a WebSocket "
                         "to chatd (docs/security.md)")

@@ -814,6 +814,27 @@ class Sessions:
         data = asker.protocol.encode(msgspec.structs.replace(event, cdid=cdid))
         asker.answered(text_frame(data) if data is not None else None)
 
+    # --- moderation (issue 22; chatd.moderation) -------------------------------
+
+    def deliver_stored(self, event: StoredMessage) -> None:
+        """Deliver a committed message that no client sent (a server notice)
+        as ``send_message`` delivers one: every local device of every member,
+        and in a cluster each member's channel and this node's feeds (which
+        keep ``seq`` order and drop duplicates)."""
+        session = self.sessions.get(event.session_id)
+        members = session.members if session is not None else frozenset()
+        if not self.broker.shared:
+            self._deliver(members, event)
+            return
+        item = Stored(session_id=event.session_id, seq=event.seq, sender_id=event.sender_id,
+                      message=event.message, sender_timestamp=event.sender_timestamp,
+                      server_timestamp=event.server_timestamp)
+        frames: dict[tuple, bytes | None] = {}
+        for user in members:
+            self.broker.publish(user_channel(user), item)
+            if user in self.feeds:
+                self._act(self.feeds.offer(user, Entry(event)), frames)
+
 
 def _answer(asker: Client, event: Event, cdid: Any) -> None:
     """The asker's one answer: ``event`` carrying its ``cdid``."""

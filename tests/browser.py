@@ -16,6 +16,7 @@ import os
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any
 
 import pytest
@@ -182,7 +183,8 @@ class Context:
     async def open(self, url: str, viewport: dict | None = None) -> Tab:
         """A new page showing ``url``, at ``viewport`` size if given."""
         context = self.context
-        origin = url.split("/app/")[0]
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"  # the web client's and the admin page's
 
         async def make():
             page = await context.new_page()

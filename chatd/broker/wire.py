@@ -143,7 +143,26 @@ class Stored(Item, kw_only=True):
     server_timestamp: int
 
 
-AnyItem = Said | Joined | Left | Presence | Whisper | SyncRequest | Heartbeat | SessionChanged | Stored
+# --- moderation (channel chatd:cluster; chatd.moderation) ---------------------------------
+
+
+class Moderated(Item, kw_only=True):
+    """An operator's action, for every node to carry out: ``op`` is
+    ``rule`` (a ban or mute added: ``rule`` is its stored row as a list),
+    ``unrule`` (rules ``ids`` lifted) or ``disconnect`` (the connections
+    ``target`` ``value`` names, closed with ``code`` and ``reason``)."""
+
+    op: str
+    rule: list[Any] = []
+    ids: list[str] = []
+    target: str = ""
+    value: str = ""
+    code: int = 1008
+    reason: str = ""
+
+
+AnyItem = (Said | Joined | Left | Presence | Whisper | SyncRequest | Heartbeat | SessionChanged
+           | Stored | Moderated)
 
 
 class Batch(msgspec.Struct, kw_only=True):

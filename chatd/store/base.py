@@ -194,6 +194,14 @@ class Store(abc.ABC):
     def close(self) -> None:
         """Close the connection (and release the lock)."""
 
+    # --- tables of other modules (issue 22: chatd.store.moderation) ---------------
+
+    def execute(self, query: str, args: Sequence[Any] = ()) -> Any:
+        """Run one statement of a module that keeps its own tables, inside
+        ``run_batch`` (in the batch's transaction), with ``mark`` as the
+        parameter marker; its cursor (``fetchone``, ``fetchall``, ``rowcount``)."""
+        return self._execute(query, args)
+
 
 class CommitUnknown(StoreError):
     """The connection was lost while COMMIT was under way and the server
