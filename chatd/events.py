@@ -212,6 +212,19 @@ class Status(Event, kw_only=True):
     message: str | None = None
 
 
+class Refused(Event, kw_only=True):
+    """An operator's rule refused what the client did (``chatd.moderation``,
+    docs/api.md), in each protocol's own error form: ``message`` where the
+    protocol has an error text (wcp ``error``; GradAgenda a failed
+    ``status-response`` echoing ``cdid``), ``sentence`` for socialvp's
+    ``outcome`` 403 (its original server's style, "Banned: spam!").
+    multichat and wschat have no error form: nothing is sent."""
+
+    message: str
+    sentence: str
+    cdid: Any = None
+
+
 class SessionInfo(Event, kw_only=True):
     """``kind`` is "direct" or "mutable"; ``status`` "created", "modified",
     "deleted" or "unchanged". ``cdid`` is set on the asker's copy only."""

@@ -50,17 +50,15 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from chatd import names
+from chatd import hub, names
 from chatd.broker import Broker, LocalBroker
 from chatd.broker.base import ClaimDone, NamesLost, node_channel, room_channel
 from chatd.broker.wire import Joined, Left, Member, Presence, Said, Whisper
 from chatd.events import Direct, Event, Join, Leave, Message, Publish, SendDirect, UserJoined, UserLeft
 from chatd.router import DEFERRED, Router
-from chatd.transport import text_frame
 
 if TYPE_CHECKING:
     from chatd.client import Client
@@ -261,12 +259,8 @@ class Lobby:
         target = room.names.get(address)
         if target is None:
             return self._send_remote(room, client, address, cmd)
-        data = target.protocol.encode(Direct(sender=client.name or "", to=target.name or cmd.to,
-                                             payload=cmd.payload, time_ns=time.time_ns()))
-        if data is None:
-            return False
-        target.deliver(text_frame(data))
-        return True
+        return hub.send(target, Direct(sender=client.name or "", to=target.name or cmd.to,
+                                       payload=cmd.payload, time_ns=time.time_ns()))
 
     def _send_remote(self, room: Room, client: Client, address: str, cmd: SendDirect) -> bool:
         remote = self.remote.get(room.name)
@@ -318,7 +312,7 @@ class Lobby:
         if remote is not None:
             claims += [member.claim for member in remote.members.values()]
         if claims:
-            client.stream(_roster_frames(client.protocol, claims))
+            hub.stream(client, (claim.announcement() for claim in claims))
 
     # --- commands behind a claim in flight ---------------------------------------
 
@@ -540,10 +534,8 @@ class Lobby:
             log.info("a direct message from another node for %r in room %s is lost: its holder "
                      "left", item.to, item.room)
             return
-        data = target.protocol.encode(Direct(sender=item.sender, to=item.to, payload=item.payload,
-                                             time_ns=item.time_ns))
-        if data is not None:
-            target.deliver(text_frame(data))
+        hub.send(target, Direct(sender=item.sender, to=item.to, payload=item.payload,
+                                time_ns=item.time_ns))
 
     def remote_joined(self, node: str, item: Joined) -> bool:
         """Apply another node's claim; False if a change of that node was
@@ -670,25 +662,9 @@ class Lobby:
 
     @staticmethod
     def fanout(room: Room, event: Event, exclude: Client | None = None) -> None:
-        """Encode once per protocol present, then hand the same frame to each."""
-        for protocol, members in room.receivers.items():
-            data = protocol.encode(event)
-            if data is None:
-                continue
-            frame = text_frame(data)
-            skip = None if protocol.echo else exclude
-            for client in members.values():
-                if client is not skip:
-                    client.deliver(frame)
-
-
-def _roster_frames(protocol: type[Protocol], claims: list[Claim]) -> Iterator[bytes]:
-    """The roster's frame payloads, each made when the writer asks for it."""
-    encode = protocol.encode
-    for claim in claims:
-        data = encode(claim.announcement())
-        if data is not None:
-            yield data
+        """Everyone in ``room`` gets ``event`` (``exclude``, the sender, only
+        where its protocol echoes): ``chatd.hub`` encodes it."""
+        hub.broadcast(room.receivers, event, exclude)
 
 
 @cache

@@ -56,16 +56,15 @@ import msgspec
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from chatd import names
+from chatd import hub, names
 from chatd.broker.base import CLUSTER, Remote
 from chatd.broker.wire import Moderated
 from chatd.events import (
-    Join, Leave, Login, Message, Publish, Request, SendMessage, Status, StoredMessage,
+    Join, Leave, Login, Message, Publish, Refused, Request, SendMessage, StoredMessage,
 )
 from chatd.router import DEFERRED, Router
 from chatd.store import Failure, Job, Writer
 from chatd.store import moderation as db
-from chatd.transport import text_frame
 
 if TYPE_CHECKING:
     from chatd.client import Client
@@ -405,9 +404,7 @@ class Moderation:
             rule = self._client_rule("mute", client, client.room, (cmd.sender,))
             if rule is not None:
                 self.refused[("mute", client.protocol.name)] += 1
-                frame = muted_answer(client, rule)
-                if frame is not None:
-                    client.deliver(frame)
+                hub.send(client, muted(rule))
                 return None
         return inner(cmd)
 
@@ -438,7 +435,7 @@ class Moderation:
             rule = self._client_rule("mute", client, cmd.session_id)
             if rule is not None:
                 self.refused[("mute", client.protocol.name)] += 1
-                client.answered(muted_answer(client, rule, cmd.cdid))
+                hub.answer(client, muted(rule, cmd.cdid))
                 return None
         return inner(cmd)
 
@@ -636,38 +633,19 @@ def refuse(client: Client, rule: Rule | None, cdid: Any = None, text: str = "",
            what: str = "banned") -> None:
     """Refuse a banned client in its protocol's form, then close it 1008."""
     reason = _reason(what, rule, text)
-    frame = _error_frame(client, reason, cdid, code=403, socialvp_text=f"Banned: "
-                         f"{text or (rule.row.reason if rule else '') or 'by the operator'}!")
-    if frame is not None:
-        client.deliver(frame)
+    hub.send(client, Refused(message=reason, cdid=cdid, sentence=(
+        f"Banned: {text or (rule.row.reason if rule else '') or 'by the operator'}!")))
     client.kill(1008, _cut(reason))
 
 
-def muted_answer(client: Client, rule: Rule, cdid: Any = None) -> bytes | None:
-    """The protocol's error for a muted client's message, or None (none exists)."""
+def muted(rule: Rule, cdid: Any = None) -> Refused:
+    """A muted client's message refused, in its protocol's form (none on
+    multichat and wschat: the message is dropped and counted)."""
     expires = rule.row.expires_ms
     until = ("" if expires is None else
              f" until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(expires / 1000))}")
-    reason = _reason(f"muted{until}", rule)
-    return _error_frame(client, reason, cdid, code=403,
-                        socialvp_text=f"You are muted in this room{until}!")
-
-
-def _error_frame(client: Client, reason: str, cdid: Any, *, code: int,
-                 socialvp_text: str) -> bytes | None:
-    protocol = client.protocol.name
-    if protocol == "socialvp":
-        from chatd.protocols.socialvp import outcome
-
-        return text_frame(outcome(False, code, socialvp_text).data)
-    if protocol == "wcp":
-        from chatd.protocols.wcp import error
-
-        return text_frame(error(reason).data)
-    if protocol == "gradagenda":
-        data = client.protocol.encode(Status(cdid=cdid, ok=False, message=reason))
-        return text_frame(data) if data is not None else None
-    return None  # multichat, wschat: no error form
+    return Refused(message=_reason(f"muted{until}", rule), cdid=cdid,
+                   sentence=f"You are muted in this room{until}!")
 
 
 def _call(callback: Callable[..., None], *args: Any) -> None:

@@ -65,12 +65,13 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
 
+from chatd import hub
 from chatd.broker import Broker, LocalBroker
 from chatd.broker.base import CLUSTER, user_channel
 from chatd.broker.wire import SessionChanged, Stored
@@ -82,7 +83,6 @@ from chatd.feeds import FILL_PAGE, Action, Answer, Deliver, Entry, Feeds, Read, 
 from chatd.router import DEFERRED, Router
 from chatd.store import Failure, Job, Store, Writer
 from chatd.store.base import StoredSession
-from chatd.transport import text_frame
 
 if TYPE_CHECKING:
     from chatd.client import Client
@@ -477,7 +477,7 @@ class Sessions:
             targets = members if current is None else frozenset(current)
             for user in targets:
                 self.broker.publish(user_channel(user), item)
-            frames: dict[tuple, bytes | None] = {}
+            frames: dict[tuple, hub.Frames] = {}
             for user in targets:
                 # A member this node does not know of yet gets it when the
                 # change arrives (its feed starts with a read of the store).
@@ -677,25 +677,21 @@ class Sessions:
         self._act(self.feeds.place({session_id: row.members for session_id, row in stored.items()},
                                    self.logins))
 
-    def _act(self, actions: list[Action], frames: dict[tuple, bytes | None] | None = None,
+    def _act(self, actions: list[Action], frames: dict[tuple, hub.Frames] | None = None,
              ) -> None:
         """Carry out what the feeds decided (``chatd.feeds``); ``frames``:
-        each message framed once per protocol, across calls that share it."""
+        each message's ``hub.Frames``, shared by the calls for one message."""
         if frames is None:
             frames = {}
         for action in actions:
             kind = type(action)
             if kind is Deliver:
                 event, asker = action.entry.event, action.entry.asker
-                for client in self.devices.get(action.user, {}).values():
-                    if client is asker:
-                        continue
-                    key = (event.session_id, event.seq, client.protocol)
-                    if key not in frames:
-                        data = client.protocol.encode(event)
-                        frames[key] = text_frame(data) if data is not None else None
-                    if frames[key] is not None:
-                        client.deliver(frames[key])
+                key = (event.session_id, event.seq)
+                framed = frames.get(key)
+                if framed is None:
+                    framed = frames[key] = hub.Frames(event)
+                framed.deliver(self.devices.get(action.user, {}).values(), exclude=asker)
                 if asker is not None:
                     _answer(asker, event, action.entry.cdid)
             elif kind is Answer:
@@ -709,17 +705,15 @@ class Sessions:
                             "skipped", action.session_id, action.first, action.last, action.user,
                             action.why)
 
-    def _deliver(self, users: Iterable[str], event: Event) -> None:
-        """Every local device of ``users`` gets ``event``, framed once per protocol."""
-        frames: dict[type, bytes | None] = {}
+    def _deliver(self, users: Iterable[str], event: Event, exclude: Client | None = None,
+                 ) -> None:
+        """Every local device of ``users`` (but ``exclude``) gets ``event``."""
+        hub.Frames(event).deliver(self._devices_of(users), exclude)
+
+    def _devices_of(self, users: Iterable[str]) -> Iterator[Client]:
+        devices = self.devices
         for user in users:
-            for client in self.devices.get(user, {}).values():
-                protocol = client.protocol
-                if protocol not in frames:
-                    data = protocol.encode(event)
-                    frames[protocol] = text_frame(data) if data is not None else None
-                if frames[protocol] is not None:
-                    client.deliver(frames[protocol])
+            yield from devices.get(user, {}).values()
 
     # --- helpers ---------------------------------------------------------------
 
@@ -793,26 +787,13 @@ class Sessions:
 
     @staticmethod
     def _fail(client: Client, cdid: Any, message: str) -> None:
-        data = client.protocol.encode(Status(cdid=cdid, ok=False, message=message))
-        client.answered(text_frame(data) if data is not None else None)
+        hub.answer(client, Status(cdid=cdid, ok=False, message=message))
 
     def _fanout(self, users: Iterable[str], event: Event, asker: Client, cdid: Any) -> None:
-        """Every device of every user gets ``event``, framed once per protocol;
-        the asker's own connection gets a copy carrying its ``cdid``."""
-        frames: dict[type, bytes | None] = {}
-        for user in users:
-            for client in self.devices.get(user, {}).values():
-                if client is asker:
-                    continue
-                protocol = client.protocol
-                if protocol not in frames:
-                    data = protocol.encode(event)
-                    frames[protocol] = text_frame(data) if data is not None else None
-                frame = frames[protocol]
-                if frame is not None:
-                    client.deliver(frame)
-        data = asker.protocol.encode(msgspec.structs.replace(event, cdid=cdid))
-        asker.answered(text_frame(data) if data is not None else None)
+        """Every device of every user gets ``event``; the asker's own
+        connection gets a copy carrying its ``cdid``."""
+        self._deliver(users, event, exclude=asker)
+        _answer(asker, event, cdid)
 
     # --- moderation (issue 22; chatd.moderation) -------------------------------
 
@@ -829,7 +810,7 @@ class Sessions:
         item = Stored(session_id=event.session_id, seq=event.seq, sender_id=event.sender_id,
                       message=event.message, sender_timestamp=event.sender_timestamp,
                       server_timestamp=event.server_timestamp)
-        frames: dict[tuple, bytes | None] = {}
+        frames: dict[tuple, hub.Frames] = {}
         for user in members:
             self.broker.publish(user_channel(user), item)
             if user in self.feeds:
@@ -838,8 +819,7 @@ class Sessions:
 
 def _answer(asker: Client, event: Event, cdid: Any) -> None:
     """The asker's one answer: ``event`` carrying its ``cdid``."""
-    data = asker.protocol.encode(msgspec.structs.replace(event, cdid=cdid))
-    asker.answered(text_frame(data) if data is not None else None)
+    hub.answer(asker, msgspec.structs.replace(event, cdid=cdid))
 
 
 def _call(callback: Callable[..., None], *args: Any) -> None:
