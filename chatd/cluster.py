@@ -44,6 +44,7 @@ from chatd.broker.base import (
 from chatd.broker.wire import (
     Heartbeat, Joined, Left, Presence, Said, SessionChanged, Stored, SyncRequest, Whisper,
 )
+from chatd.router import Service
 
 if TYPE_CHECKING:
     from chatd.lobby import Lobby
@@ -64,7 +65,7 @@ class _Node:
         self.heard = heard
 
 
-class Cluster:
+class Cluster(Service):
     """``rooms``: the lobby rooms this node's endpoints serve (their
     channels are subscribed for the node's whole life); ``sessions`` is
     None when no GradAgenda endpoint is mounted."""

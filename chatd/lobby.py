@@ -58,7 +58,7 @@ from chatd.broker import Broker, LocalBroker
 from chatd.broker.base import ClaimDone, NamesLost, node_channel, room_channel
 from chatd.broker.wire import Joined, Left, Member, Presence, Said, Whisper
 from chatd.events import Direct, Event, Join, Leave, Message, Publish, SendDirect, UserJoined, UserLeft
-from chatd.router import DEFERRED, Router
+from chatd.router import DEFERRED, Router, Service
 
 if TYPE_CHECKING:
     from chatd.client import Client
@@ -158,7 +158,7 @@ class _Pending:
         self.keys = keys
 
 
-class Lobby:
+class Lobby(Service):
     def __init__(self, broker: Broker | None = None) -> None:
         self.broker: Broker = broker if broker is not None else LocalBroker()
         self.rooms: dict[str, Room] = {}

@@ -43,7 +43,6 @@ router task, answered at once or after a store commit.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import logging
 import secrets
@@ -60,9 +59,9 @@ from chatd import hub, names
 from chatd.broker.base import CLUSTER, Remote
 from chatd.broker.wire import Moderated
 from chatd.events import (
-    Join, Leave, Login, Message, Publish, Refused, Request, SendMessage, StoredMessage,
+    Join, Leave, Login, Logout, Message, Publish, Refused, Request, SendMessage, StoredMessage,
 )
-from chatd.router import DEFERRED, Router
+from chatd.router import DEFERRED, PASS, Router, Service
 from chatd.store import Failure, Job, Writer
 from chatd.store import moderation as db
 
@@ -214,7 +213,7 @@ class Operator:
         return True
 
 
-class Moderation:
+class Moderation(Service):
     """The service. ``server`` gives what the API looks at (connections,
     lobby, sessions, store, broker, metrics)."""
 
@@ -252,13 +251,11 @@ class Moderation:
 
     def install(self, router: Router) -> None:
         self.router = router
-        wrappers: dict[type, Callable] = {Join: self._join, Publish: self._publish,
-                                          Leave: self._leave, Login: self._login,
-                                          SendMessage: self._send_message, Remote: self._remote}
-        for command_type, wrapper in wrappers.items():
-            inner = router.handler(command_type)
-            if inner is not None:
-                router.handle(command_type, functools.partial(wrapper, inner))
+        guards: dict[type, Callable] = {Join: self._join, Publish: self._publish,
+                                        Leave: self._left, Login: self._login, Logout: self._left,
+                                        SendMessage: self._send_message, Remote: self._remote}
+        for command_type, check in guards.items():
+            router.guard(command_type, check)
         router.handle(Operate, lambda cmd: cmd.fn(cmd))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -368,9 +365,9 @@ class Moderation:
         self.refused[("ban", "handshake")] += 1
         return _reason("banned", rule)
 
-    # --- the wrapped handlers -------------------------------------------------------
+    # --- the guards (chatd.router: PASS lets the command go on) ------------------------
 
-    def _join(self, inner: Callable, cmd: Join) -> Any:
+    def _join(self, cmd: Join) -> Any:
         client = cmd.client
         if cmd.register and cmd.name is not None:
             if is_reserved(cmd.name) or is_reserved(cmd.display_name):
@@ -383,11 +380,10 @@ class Moderation:
             refuse(client, rule)
             self.refused[("ban", client.protocol.name)] += 1
             return DEFERRED  # never answered: the connection is closing
-        result = inner(cmd)
         self.since.setdefault(client.id, time.time())
-        return result
+        return PASS
 
-    def _publish(self, inner: Callable, cmd: Publish) -> Any:
+    def _publish(self, cmd: Publish) -> Any:
         client = cmd.client
         if cmd.sender is not None and cmd.sender != client.name:
             if is_reserved(cmd.sender):
@@ -406,13 +402,13 @@ class Moderation:
                 self.refused[("mute", client.protocol.name)] += 1
                 hub.send(client, muted(rule))
                 return None
-        return inner(cmd)
+        return PASS
 
-    def _leave(self, inner: Callable, cmd: Leave) -> Any:
+    def _left(self, cmd: Leave | Logout) -> Any:
         self.since.pop(cmd.client.id, None)
-        return inner(cmd)
+        return PASS
 
-    def _login(self, inner: Callable, cmd: Login) -> Any:
+    def _login(self, cmd: Login) -> Any:
         client = cmd.client
         if is_reserved(cmd.user_id):
             refuse(client, None, cmd.cdid, "this user-id is reserved for the server's notices",
@@ -425,11 +421,10 @@ class Moderation:
                 refuse(client, rule, cmd.cdid)
                 self.refused[("ban", client.protocol.name)] += 1
                 return DEFERRED
-        result = inner(cmd)
         self.since.setdefault(client.id, time.time())
-        return result
+        return PASS
 
-    def _send_message(self, inner: Callable, cmd: SendMessage) -> Any:
+    def _send_message(self, cmd: SendMessage) -> Any:
         if self.rules:
             client = cmd.client
             rule = self._client_rule("mute", client, cmd.session_id)
@@ -437,13 +432,13 @@ class Moderation:
                 self.refused[("mute", client.protocol.name)] += 1
                 hub.answer(client, muted(rule, cmd.cdid))
                 return None
-        return inner(cmd)
+        return PASS
 
-    def _remote(self, inner: Callable, cmd: Remote) -> Any:
+    def _remote(self, cmd: Remote) -> Any:
         for item in cmd.items:
             if isinstance(item, Moderated):
                 self.apply(item, remote=cmd.origin)
-        return inner(cmd)
+        return PASS
 
     # --- actions (router task) ------------------------------------------------------
 

@@ -80,7 +80,7 @@ from chatd.events import (
     ModifySession, ReadHistory, SendMessage, SessionInfo, Status, StoredMessage,
 )
 from chatd.feeds import FILL_PAGE, Action, Answer, Deliver, Entry, Feeds, Read, Reload
-from chatd.router import DEFERRED, Router
+from chatd.router import DEFERRED, Router, Service
 from chatd.store import Failure, Job, Store, Writer
 from chatd.store.base import StoredSession
 
@@ -153,7 +153,7 @@ class StoreDone(Command, kw_only=True):
     failure: Failure | None
 
 
-class Sessions:
+class Sessions(Service):
     """The ``max_*`` arguments are the config keys of the same names."""
 
     def __init__(self, store: Store, max_pending: int = 10_000, *,
