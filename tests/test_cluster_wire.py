@@ -124,8 +124,8 @@ def test_the_lobby_applies_any_batch_from_another_node_without_raising(received)
     flusher.flush()
     for frame in transport.frames:  # every frame sent is a text frame of valid JSON
         assert frame[0] == 0x81
-    lobby.node_gone("n2")
-    lobby.node_gone("n3")
+    lobby.node_gone("n2", "b2")
+    lobby.node_gone("n3", "b3")
     assert not any(remote.members for remote in lobby.remote.values())
     # alice lost her name only if another node's claim of it came in.
     assert [m.name for m in lobby.presence("lobby").members] in ([], ["alice"])
