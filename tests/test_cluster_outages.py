@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import re
 
+import pytest
 import trio
 
 from tests.cluster_helpers import (  # noqa: F401
@@ -120,8 +121,14 @@ async def test_a_redis_pause_and_restart_log_one_warning_and_one_info_and_no_tra
 # --- B: names across an empty Redis restart ------------------------------------------
 
 
-async def test_holders_keep_their_names_across_an_empty_redis_restart_against_challengers(
-        cluster, redis_server):
+#: Seconds for a name's key to expire in Redis (``name_ttl``) after its
+#: last renewal, and a margin.
+NAME_TTL = 15 + 2
+
+
+@pytest.mark.parametrize("outage", ["empty restart", "pause past the names' expiry"])
+async def test_holders_keep_their_names_across_a_redis_outage_against_challengers(
+        cluster, redis_server, outage):
     n1, n2, n3 = nodes = await cluster.nodes_up("n1", "n2", "n3")
     holders = {"sam": await socialvp(cluster, n1, "sam"),
                "wendy": await wcp(cluster, n2, "wendy", "Wendy W."),
@@ -143,10 +150,20 @@ async def test_holders_keep_their_names_across_an_empty_redis_restart_against_ch
             attempts[0] += 1
 
     async def restart() -> None:
-        redis_server.kill()
+        if outage == "empty restart":
+            redis_server.kill()
+        else:
+            redis_server.pause()
         for node in nodes:
             await cluster.ready(node, want=False)
-        redis_server.start()  # empty: every name key is gone
+        if outage == "empty restart":
+            redis_server.start()  # empty: every name key is gone
+        else:
+            # The condition under test: every name's key expires while
+            # Redis is stopped (challengers' claims sent meanwhile wait in
+            # its sockets, and run the moment it resumes).
+            await trio.sleep(NAME_TTL)
+            redis_server.resume()
         for node in nodes:
             await cluster.ready(node)
         # Past the grace too: claims now are decided by the names re-claimed.

@@ -51,7 +51,9 @@ departure is announced only when the name is free.
 connected and comes back to find it gone knows that no node could reach
 Redis meanwhile (a restart, empty or not; a pause; a partition of Redis):
 names may have expired or been lost with it. It then sets
-``chatd:grace`` for ``name_grace`` seconds, during which no new name is
+``chatd:grace`` for ``name_grace`` seconds (so does a claim that finds
+``chatd:alive`` gone: one sent before a pause, which Redis runs as soon
+as it resumes, before any node is back), during which no new name is
 granted to anyone (claims wait for its end) while every node that comes
 back claims its own names again (``REFRESH`` ignores the grace). So the
 clients holding names when Redis came back keep them, and nobody is
@@ -97,32 +99,40 @@ REFRESH_CHUNK = 500
 USER_PREFIX = user_channel("")
 #: Seconds between two log lines about dropped items.
 DROP_LOG_INTERVAL = 10.0
+#: Seconds a claim made during a grace may wait past its end.
+GRACE_MARGIN = 1.0
 
 #: While this key exists no new name is granted (the grace after a shared
 #: outage); every node renews ALIVE_KEY with each heartbeat.
 GRACE_KEY = "chatd:grace"
 ALIVE_KEY = "chatd:alive"
 
-# KEYS[1]: GRACE_KEY; KEYS[2 .. ARGV[3] + 1]: the look-alike keys of a name
-# to claim; the KEYS after them: keys the owner gives up in the same step
-# (a rename). ARGV[1]: owner; ARGV[2]: expiry (ms); ARGV[3]: keys to claim.
-# Nil if the owner holds the claimed keys now (and the others are freed);
-# the holder of the first key held by someone else; or, during the grace,
-# the milliseconds it still lasts (nothing changed in both cases).
+# KEYS[1]: GRACE_KEY; KEYS[2]: ALIVE_KEY; KEYS[3 .. ARGV[3] + 2]: the
+# look-alike keys of a name to claim; the KEYS after them: keys the owner
+# gives up in the same step (a rename). ARGV[1]: owner; ARGV[2]: expiry
+# (ms); ARGV[3]: keys to claim; ARGV[4]: the grace (ms). Nil if the owner
+# holds the claimed keys now (and the others are freed); the holder of the
+# first key held by someone else; or, during the grace, the milliseconds
+# it still lasts (nothing changed in both cases). ALIVE_KEY gone means no
+# node renewed it lately (a shared outage; a claim sent before a pause,
+# run by Redis once it resumes): the grace starts here.
 CLAIM = """
 local n = tonumber(ARGV[3])
 if n > 0 then
+  if redis.call('EXISTS', KEYS[2]) == 0 then
+    redis.call('SET', KEYS[1], '1', 'PX', ARGV[4], 'NX')
+  end
   local grace = redis.call('PTTL', KEYS[1])
   if grace > 0 then return grace end
 end
-for i = 2, n + 1 do
+for i = 3, n + 2 do
   local holder = redis.call('GET', KEYS[i])
   if holder and holder ~= ARGV[1] then return holder end
 end
-for i = 2, n + 1 do
+for i = 3, n + 2 do
   redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
 end
-for i = n + 2, #KEYS do
+for i = n + 3, #KEYS do
   if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]) end
 end
 return false
@@ -278,7 +288,6 @@ class RedisBroker(Broker):
         self._down_since = 0.0
         self._down_reason = ""
         self._dropped_in_outage = 0
-        self._grace_logged = 0.0
         self._reason = f"broker {self.shown}: connecting"
         #: trio time this node's own heartbeat last came back, and of the
         #: current subscription.
@@ -301,9 +310,14 @@ class RedisBroker(Broker):
 
     def claim(self, room: str, keys: Iterable[str], owner: str, token: Any,
               drop: Iterable[str] = ()) -> None:
+        # A claim waits at most ``claim_timeout`` seconds, or, made during a
+        # grace, until just after its end.
+        now = trio.current_time()
+        deadline = now + self.claim_timeout
+        if now < self._grace_until:
+            deadline = max(deadline, self._grace_until + GRACE_MARGIN)
         self._queue.append(_Claim([name_key(room, k) for k in sorted(keys)], owner, token,
-                                  trio.current_time() + self.claim_timeout,
-                                  [name_key(room, k) for k in sorted(drop)]))
+                                  deadline, [name_key(room, k) for k in sorted(drop)]))
         self._wake.set()
         return None
 
@@ -413,7 +427,7 @@ class RedisBroker(Broker):
                         grace = await self._resume(
                             [ALIVE_KEY, GRACE_KEY],
                             ["1" if self._connected_before else "0", self._alive_ms,
-                             int(self.name_grace * 1000)])
+                             self._grace_ms])
                 except Exception as exc:
                     await self._down(f"cannot reach it: {_describe(exc)}")
                     await self._expire_claims()
@@ -433,17 +447,14 @@ class RedisBroker(Broker):
                 pending, self._releases = self._releases, []
                 self._queue.extendleft(reversed([_Refresh(), *pending]))
                 await self._check_up()
-            now = trio.current_time()
-            if self._later and now >= self._grace_until:
-                # The grace is over: the claims held back go first, in order,
-                # with a fresh deadline (they waited for the grace, not Redis).
-                later, self._later = self._later, []
-                for op in later:
-                    op.deadline = now + self.claim_timeout
-                self._queue.extendleft(reversed(later))
+            if self._later:
+                await self._release_later()
             if not self._queue:
                 self._wake = trio.Event()
-                with trio.move_on_at(self._grace_until if self._later else math.inf):
+                wake_at = math.inf
+                if self._later:
+                    wake_at = min(self._grace_until, *(op.deadline for op in self._later))
+                with trio.move_on_at(wake_at):
                     await self._wake.wait()
                 continue
             ops = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
@@ -458,6 +469,21 @@ class RedisBroker(Broker):
             finally:
                 self._busy = False
 
+    async def _release_later(self) -> None:
+        """Claims held back for the grace: refused once past their deadline;
+        the others go first, in order, once it is over."""
+        now = trio.current_time()
+        keep = []
+        for op in self._later:
+            if now > op.deadline:
+                await self._post(ClaimDone(token=op.token, ok=False))
+            else:
+                keep.append(op)
+        self._later = keep
+        if keep and now >= self._grace_until:
+            self._later = []
+            self._queue.extendleft(reversed(keep))
+
     def _hold_claims(self, grace_ms: Any) -> None:
         """Note a grace of ``grace_ms`` milliseconds (none if not > 0)."""
         if isinstance(grace_ms, int) and grace_ms > 0:
@@ -470,6 +496,10 @@ class RedisBroker(Broker):
     @property
     def _alive_ms(self) -> int:
         return int(self.probe_timeout * 1000)
+
+    @property
+    def _grace_ms(self) -> int:
+        return int(self.name_grace * 1000)
 
     async def _send(self, ops: list[Any]) -> None:
         """Run ``ops`` in one pipeline (raises if any command fails), then
@@ -513,8 +543,9 @@ class RedisBroker(Broker):
                         expired.append(op)
                     else:
                         answers.append((op, self._claim(
-                            [GRACE_KEY, *op.keys, *op.drop],
-                            [op.owner, self._ttl_ms, len(op.keys)], client=pipe)))
+                            [GRACE_KEY, ALIVE_KEY, *op.keys, *op.drop],
+                            [op.owner, self._ttl_ms, len(op.keys), self._grace_ms],
+                            client=pipe)))
                 elif kind is _Release:
                     answers.append((op, self._release(op.keys, [op.owner], client=pipe)))
                 elif kind is _Alive:
@@ -533,7 +564,8 @@ class RedisBroker(Broker):
             kind = type(op)
             if kind is _Claim:
                 if isinstance(result, int):  # the grace: try again when it ends
-                    self._hold_claims(result)
+                    self._hold_claims(max(result, 1))
+                    op.deadline = max(op.deadline, self._grace_until + GRACE_MARGIN)
                     self._later.append(op)
                     continue
                 ok = result is None
@@ -578,6 +610,8 @@ class RedisBroker(Broker):
             if kind is _Publish:
                 dropped += 1
             elif kind is _Claim:
+                if any(op is later for later in self._later):
+                    continue  # held back for the grace, not sent: still waiting
                 keys = [key for key in op.keys if self._held.get(key) != op.owner]
                 if keys:
                     self._releases.append(_Release(keys, op.owner))
