@@ -237,6 +237,10 @@ class Cluster:
         yield events
         yield CounterMetricFamily("chatd_cluster_outages", "Times the broker went down",
                                   value=stats.get("outages", 0))
+        yield CounterMetricFamily("chatd_cluster_name_graces",
+                                  "Graces after an outage every node shared, during which new "
+                                  "names waited while nodes claimed their own again",
+                                  value=stats.get("graces", 0))
         yield GaugeMetricFamily("chatd_cluster_broker_up", "1 while the broker delivers",
                                 value=1 if self.broker.ready() is None else 0)
         yield GaugeMetricFamily("chatd_cluster_nodes", "Other nodes heard from",

@@ -139,6 +139,7 @@ async def test_holders_keep_their_names_across_a_redis_outage_against_challenger
     # that do not hold it.
     contested = [(n2, "sam"), (n3, "Sam"), (n1, "wendy"), (n3, "Wendy W."), (n1, "sol"),
                  (n2, "ѕol")]
+    marks = [len(log_lines(node)) for node in nodes]
     granted: list[tuple[str, str]] = []
     over = trio.Event()
     attempts = [0]
@@ -189,9 +190,14 @@ async def test_holders_keep_their_names_across_a_redis_outage_against_challenger
     await holders["wendy"].send({"type": "message", "data": "still wendy"})
     assert (await until(holders["sol"], lambda f: f.get("from") == "wendy")) == {
         "type": "broadcast", "from": "wendy", "message": "still wendy"}
-    for node in nodes:
+    for node, mark in zip(nodes, marks):
         assert "name lost" not in node.output()
         assert "taken by other nodes" not in node.output()
+        # One WARNING and one INFO for the outage, nothing at ERROR.
+        warnings, errors, infos = outage_lines(log_lines(node, mark))
+        assert errors == [] and len(warnings) == 1 and len(infos) == 1, (warnings, errors, infos)
+        assert "new names wait" in infos[0]  # the grace (up to 6 s)
+        assert await metric(cluster, node, "chatd_cluster_name_graces_total") >= 1
 
 
 # --- C: a name announced gone is free -------------------------------------------------
@@ -284,3 +290,20 @@ async def test_a_node_stopped_cleanly_says_so_and_is_not_taken_for_dead(cluster)
 async def cluster_restart(cluster: Cluster, node: Node) -> Node:
     await trio.to_thread.run_sync(node.start)
     return node
+
+
+async def test_a_node_restarted_at_once_has_its_old_names_free_when_announced_gone(cluster):
+    n1, n2 = await cluster.nodes_up("n1", "n2")
+    await socialvp(cluster, n1, "sam")
+    await wcp(cluster, n1, "wendy")
+    watcher = await wcp(cluster, n2, "watcher")
+    assert {(await watcher.recv())["user_id"] for _ in range(2)} == {"sam", "wendy"}
+    n1.kill9()
+    await cluster_restart(cluster, n1)  # a new process (boot) long before n1 is missed
+    await log_shows(n2, r"node n1 restarted")
+    left: set[str] = set()
+    while len(left) < 2:  # each name claimable as soon as its leave is heard
+        name = (await until(watcher, lambda f: f["type"] == "user_left"))["user_id"]
+        left.add(name)
+        assert await identify(cluster, n2 if name == "sam" else n1, name) == 300
+    assert left == {"sam", "wendy"}
