@@ -485,13 +485,18 @@ class RedisBroker(Broker):
             self._queue.extendleft(reversed(keep))
 
     def _hold_claims(self, grace_ms: Any) -> None:
-        """Note a grace of ``grace_ms`` milliseconds (none if not > 0)."""
+        """Note a grace of ``grace_ms`` milliseconds (none if not > 0): the
+        claims waiting now wait for its end (Redis answers again, and the
+        answer will be right then; refusing a free name is not)."""
         if isinstance(grace_ms, int) and grace_ms > 0:
             until = trio.current_time() + grace_ms / 1000
             if until > self._grace_until:
                 if self._grace_until <= trio.current_time():
                     self.counters["graces"] += 1
                 self._grace_until = until
+                for op in [*self._queue, *self._later]:
+                    if type(op) is _Claim:
+                        op.deadline = max(op.deadline, until + GRACE_MARGIN)
 
     @property
     def _alive_ms(self) -> int:
