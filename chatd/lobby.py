@@ -450,9 +450,17 @@ class Lobby:
         if departure is None:
             return
         if len(departure) == 3:
-            room = self.rooms.get(departure[0])
-            if room is not None:
-                self.fanout(room, departure[1], exclude=departure[2])
+            room_name, event, client = departure
+            room = self.rooms.get(room_name)
+            if room is None:
+                return
+            # Another holder's join may have come first (its claim was
+            # granted once the release ran): the name is not gone then.
+            address = names.parse(event.name).address
+            remote = self.remote.get(room_name)
+            if address not in room.names and (remote is None
+                                              or address not in remote.addresses):
+                self.fanout(room, event, exclude=client)
             return
         room_name, member = departure
         remote = self.remote.get(room_name)
@@ -473,14 +481,20 @@ class Lobby:
             for client_id in ids & room.claims.keys():
                 self._lose(room, room.names[room.claims[client_id].name.address])
 
-    def _lose(self, room: Room, client: Client) -> None:
+    def _lose(self, room: Room, client: Client, taken: frozenset[str] = frozenset()) -> None:
+        """``client``'s name went to another node (which holds ``taken``,
+        if known): it is disconnected and its leave announced, at once if
+        the other claim covers every key of it (the other's join follows),
+        else once the rest is released."""
         log.warning("%r lost its name %r in room %s to another node: disconnecting it",
                     client, client.name, room.name)
-        # The name is the other holder's now: this leave is announced at
-        # once, the other's join follows.
-        claim, _ = self._release(room, client)
+        claim, token = self._release(room, client)
         if claim is not None and claim.announced:
-            self.fanout(room, UserLeft(name=claim.name.shown), exclude=client)
+            event = UserLeft(name=claim.name.shown)
+            if token is None or claim.keys <= taken:
+                self.fanout(room, event, exclude=client)
+            else:
+                self._departures[token] = (room.name, event, client)
         client.kill(*NAME_LOST)
 
     # --- other nodes (chatd.cluster calls these) ------------------------------------
@@ -614,8 +628,11 @@ class Lobby:
                 self._drop_remote(room_name, remote, other)
             if room is not None:
                 holder = room.holders.get(look)
-                if holder is not None and holder.id in room.claims:
-                    self._lose(room, holder)
+                held = room.claims.get(holder.id) if holder is not None else None
+                # Only a name granted here is lost; a claim still asked for
+                # (a rename under way) will simply be refused.
+                if held is not None and look in held.keys:
+                    self._lose(room, holder, claim.keys)
         if old is not None:
             self._unindex(remote, old)
         remote.members[key] = RemoteMember(key, claim, member.protocol)

@@ -205,6 +205,7 @@ def test_a_name_announced_gone_is_free_in_the_registry_on_every_path(ops):
     clients: dict[int, Client] = {}
     remote: dict[int, tuple[int, str]] = {}
     remote_ids = itertools.count(1)
+    roster: set[str] = set()
     version = 0
     for op in ops:
         kind = op[0]
@@ -252,6 +253,24 @@ def test_a_name_announced_gone_is_free_in_the_registry_on_every_path(ops):
                                         for f in frames[i + 1:] if f["type"] == "user_joined"))
             held = {key for key in keys if key in broker.registry}
             assert held <= joined_next, (frame, broker.registry)
+        for frame in frames:  # the watcher's roster, as a wcp client keeps it
+            if frame["type"] == "user_joined":
+                roster.add(frame["user_id"])
+            elif frame["type"] == "user_left":
+                roster.discard(frame["user_id"])
+    while broker.queue:  # every answer in: the roster told is the names held
+        broker.step(lobby)
+    flusher.flush()
+    for frame in [json.loads(text) for text in _texts(b"".join(watched.frames))]:
+        if frame["type"] == "user_joined":
+            roster.add(frame["user_id"])
+        elif frame["type"] == "user_left":
+            roster.discard(frame["user_id"])
+    room = lobby.rooms["lobby"]
+    held_names = {claim.name.shown for claim in room.claims.values()}
+    if "lobby" in lobby.remote:
+        held_names |= {m.claim.name.shown for m in lobby.remote["lobby"].members.values()}
+    assert roster == held_names
 
 
 def _texts(data: bytes) -> list[bytes]:
