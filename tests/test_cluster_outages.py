@@ -154,8 +154,8 @@ async def test_holders_keep_their_names_across_a_redis_outage_against_challenger
     newcomer: list[int] = []
 
     async def newcomer_claims() -> None:
-        # A name nobody held, asked for as soon as Redis is back: it waits
-        # for the grace, and is then given, not refused.
+        # A name nobody held, asked for once the nodes are back (during the
+        # grace, usually): it is given, not refused.
         newcomer.append(await identify(cluster, n2, "newcomer"))
 
     async def restart() -> None:
@@ -173,9 +173,9 @@ async def test_holders_keep_their_names_across_a_redis_outage_against_challenger
             # its sockets, and run the moment it resumes).
             await trio.sleep(NAME_TTL)
             redis_server.resume()
-        nursery.start_soon(newcomer_claims)
         for node in nodes:
             await cluster.ready(node)
+        nursery.start_soon(newcomer_claims)
         # Past the grace too: claims now are decided by the names re-claimed.
         done = attempts[0]
         with trio.fail_after(4 * GUARD):

@@ -101,6 +101,9 @@ USER_PREFIX = user_channel("")
 DROP_LOG_INTERVAL = 10.0
 #: Seconds a claim made during a grace may wait past its end.
 GRACE_MARGIN = 1.0
+#: Most seconds any claim waits, grace included: below ``auth-timeout``'s
+#: default (10 s), which would close the client waiting for its name.
+CLAIM_WAIT_MAX = 8.0
 
 #: While this key exists no new name is granted (the grace after a shared
 #: outage); every node renews ALIVE_KEY with each heartbeat.
@@ -197,6 +200,12 @@ class _Claim:
     deadline: float
     #: Keys the owner gives up in the same step (a rename).
     drop: list[str]
+    #: The latest the deadline may be moved to (``CLAIM_WAIT_MAX``).
+    cap: float
+
+    def wait_for(self, grace_until: float) -> None:
+        """Wait until just after a grace that ends at ``grace_until``."""
+        self.deadline = min(self.cap, max(self.deadline, grace_until + GRACE_MARGIN))
 
 
 @dataclass(slots=True)
@@ -313,11 +322,12 @@ class RedisBroker(Broker):
         # A claim waits at most ``claim_timeout`` seconds, or, made during a
         # grace, until just after its end.
         now = trio.current_time()
-        deadline = now + self.claim_timeout
+        op = _Claim([name_key(room, k) for k in sorted(keys)], owner, token,
+                    now + self.claim_timeout, [name_key(room, k) for k in sorted(drop)],
+                    now + max(self.claim_timeout, CLAIM_WAIT_MAX))
         if now < self._grace_until:
-            deadline = max(deadline, self._grace_until + GRACE_MARGIN)
-        self._queue.append(_Claim([name_key(room, k) for k in sorted(keys)], owner, token,
-                                  deadline, [name_key(room, k) for k in sorted(drop)]))
+            op.wait_for(self._grace_until)
+        self._queue.append(op)
         self._wake.set()
         return None
 
@@ -496,7 +506,7 @@ class RedisBroker(Broker):
                 self._grace_until = until
                 for op in [*self._queue, *self._later]:
                     if type(op) is _Claim:
-                        op.deadline = max(op.deadline, until + GRACE_MARGIN)
+                        op.wait_for(until)
 
     @property
     def _alive_ms(self) -> int:
@@ -570,7 +580,7 @@ class RedisBroker(Broker):
             if kind is _Claim:
                 if isinstance(result, int):  # the grace: try again when it ends
                     self._hold_claims(max(result, 1))
-                    op.deadline = max(op.deadline, self._grace_until + GRACE_MARGIN)
+                    op.wait_for(self._grace_until)
                     self._later.append(op)
                     continue
                 ok = result is None
