@@ -11,8 +11,12 @@ router never awaits the network. It also keeps the cluster's membership:
   heartbeat (every second) keeps it alive. A node silent for
   ``Broker.node_timeout`` seconds while this node's own subscription
   works is taken for dead (``kill -9``, a lost network): its names are
-  announced as gone (``user_left``, ``quit``). A node whose ``boot``
-  changed restarted: what it held before is gone the same way.
+  released on its behalf, then announced as gone (``user_left``,
+  ``quit``), so a name announced gone can be claimed at once. A node whose
+  ``boot`` changed restarted: what it held before is gone the same way. A
+  node that stops (SIGTERM) says ``Bye``: it is forgotten at once, its
+  names likewise (logged at INFO, not taken for dead), and anything of
+  that process that comes later is ignored.
 - **Presence.** Each node numbers its claims and releases per room; a
   heartbeat carries the numbers, so a node that missed one (a dropped
   pub/sub message) asks for that node's whole ``Presence`` again. When the
@@ -42,7 +46,7 @@ from chatd.broker.base import (
     user_channel,
 )
 from chatd.broker.wire import (
-    Heartbeat, Joined, Left, Presence, Said, SessionChanged, Stored, SyncRequest, Whisper,
+    Bye, Heartbeat, Joined, Left, Presence, Said, SessionChanged, Stored, SyncRequest, Whisper,
 )
 from chatd.router import Service
 
@@ -81,6 +85,8 @@ class Cluster(Service):
         self.up = False
         self.router: Router | None = None
         self._asked: dict[tuple[str, str], float] = {}
+        #: node -> the boot of its process that said ``Bye``.
+        self.departed: dict[str, str] = {}
         self._user_prefix = user_channel("")
 
     # --- service life ------------------------------------------------------------
@@ -111,6 +117,8 @@ class Cluster(Service):
 
     def remote(self, cmd: Remote) -> None:
         origin = cmd.origin
+        if self.departed.get(origin) == cmd.boot:
+            return  # that process said Bye: nothing of it is news any more
         self._heard(origin, cmd.boot)
         lobby = self.lobby
         for item in cmd.items:
@@ -141,6 +149,9 @@ class Cluster(Service):
             elif kind is SessionChanged:
                 if self.sessions is not None:
                     self.sessions.remote_changed(item)
+            elif kind is Bye:
+                self._left(origin, cmd.boot)
+                return
 
     def _heard(self, origin: str, boot: str) -> None:
         now = trio.current_time()
@@ -148,9 +159,10 @@ class Cluster(Service):
         if node is None:
             log.info("node %s is in the cluster", origin)
             self.nodes[origin] = _Node(boot, now)
+            self.departed.pop(origin, None)
         elif node.boot != boot:
             log.warning("node %s restarted: the names it held before are gone", origin)
-            self.lobby.node_gone(origin)
+            self.lobby.node_gone(origin, node.boot)
             node.boot, node.heard = boot, now
         else:
             node.heard = now
@@ -176,10 +188,20 @@ class Cluster(Service):
             if now - node.heard > self.broker.node_timeout:
                 log.warning("node %s silent for %.0f s: taken for dead; its names are released",
                             name, now - node.heard)
-                del self.nodes[name]
-                self.lobby.node_gone(name)
-                for key in [key for key in self._asked if key[0] == name]:
-                    del self._asked[key]
+                self._forget(name, node.boot)
+
+    def _left(self, name: str, boot: str) -> None:
+        """``name`` said ``Bye``: it stopped, and released its names."""
+        log.info("node %s left the cluster (stopped): its clients' departures are announced",
+                 name)
+        self.departed[name] = boot
+        self._forget(name, boot)
+
+    def _forget(self, name: str, boot: str) -> None:
+        self.nodes.pop(name, None)
+        self.lobby.node_gone(name, boot)
+        for key in [key for key in self._asked if key[0] == name]:
+            del self._asked[key]
 
     def broker_up(self, cmd: BrokerUp) -> None:
         self.up = True
@@ -216,6 +238,10 @@ class Cluster(Service):
         yield events
         yield CounterMetricFamily("chatd_cluster_outages", "Times the broker went down",
                                   value=stats.get("outages", 0))
+        yield CounterMetricFamily("chatd_cluster_name_graces",
+                                  "Graces after an outage every node shared, during which new "
+                                  "names waited while nodes claimed their own again",
+                                  value=stats.get("graces", 0))
         yield GaugeMetricFamily("chatd_cluster_broker_up", "1 while the broker delivers",
                                 value=1 if self.broker.ready() is None else 0)
         yield GaugeMetricFamily("chatd_cluster_nodes", "Other nodes heard from",

@@ -42,6 +42,15 @@ lobby keeps a view of the names held on other nodes (for the wcp roster,
 direct messages and announcements), numbered per node and room so that a
 missed change is noticed and the whole view of that node asked for again.
 With ``LocalBroker`` (one node) all of this reduces to the local registry.
+
+**A departure is announced once its name is free**, on every path: a
+client's leave is announced when the broker has released its name
+(``Released``), a rename gives up the old name in the same atomic step
+that claims the new one, a node gone (dead, restarted or stopped) has its
+names released on its behalf before they are announced, and another
+node's ``Left`` or ``Presence`` comes after that node's release (one
+publisher per node, in order). So a name announced gone can be claimed at
+once, on any node.
 """
 
 from __future__ import annotations
@@ -55,7 +64,7 @@ from typing import TYPE_CHECKING, Any
 
 from chatd import hub, names
 from chatd.broker import Broker, LocalBroker
-from chatd.broker.base import ClaimDone, NamesLost, node_channel, room_channel
+from chatd.broker.base import ClaimDone, NamesLost, Released, node_channel, room_channel
 from chatd.broker.wire import Joined, Left, Member, Presence, Said, Whisper
 from chatd.events import Direct, Event, Join, Leave, Message, Publish, SendDirect, UserJoined, UserLeft
 from chatd.router import DEFERRED, Router, Service
@@ -121,14 +130,17 @@ class Room:
 
 
 class RemoteMember:
-    """A name held on another node: ``key`` is (node, client id there)."""
+    """A name held on another node: ``key`` is (node, client id there).
+    ``departing``: its node is gone and its release is under way; it is
+    announced gone once done (``Lobby.released``)."""
 
-    __slots__ = ("key", "claim", "protocol")
+    __slots__ = ("key", "claim", "protocol", "departing")
 
     def __init__(self, key: tuple[str, int], claim: Claim, protocol: str) -> None:
         self.key = key
         self.claim = claim
         self.protocol = protocol
+        self.departing = False
 
 
 class RemoteRoom:
@@ -169,6 +181,10 @@ class Lobby(Service):
         #: client id -> lobby commands waiting behind its claim in flight.
         self.waiting: dict[int, deque[Any]] = {}
         self._pending: dict[int, _Pending] = {}
+        #: release token -> the departure to announce once it is done: a
+        #: local leave (room name, event, leaver) or another node's member
+        #: (room name, member).
+        self._departures: dict[int, tuple[str, UserLeft, Client] | tuple[str, RemoteMember]] = {}
         self._tokens = itertools.count(1)
         self._handlers = {Join: self.join, Publish: self.publish, SendDirect: self.send_direct,
                           Leave: self.leave}
@@ -177,6 +193,7 @@ class Lobby(Service):
         for command_type, handler in self._handlers.items():
             router.handle(command_type, handler)
         router.handle(ClaimDone, self.claim_done)
+        router.handle(Released, self.released)
         router.handle(NamesLost, self.names_lost)
 
     # --- handlers ----------------------------------------------------------
@@ -287,9 +304,13 @@ class Lobby(Service):
             return
         if not members:
             del room.receivers[client.protocol]
-        claim = self._release(room, client)
+        claim, token = self._release(room, client)
         if claim is not None and claim.announced:
-            self.fanout(room, UserLeft(name=claim.name.shown), exclude=client)
+            event = UserLeft(name=claim.name.shown)
+            if token is None:
+                self.fanout(room, event, exclude=client)
+            else:  # announced once the name is free (``released``)
+                self._departures[token] = (room.name, event, client)
         self._forget_if_empty(room)
 
     def _forget_if_empty(self, room: Room) -> None:
@@ -389,9 +410,12 @@ class Lobby(Service):
                 return False
         old = room.claims.get(client.id)
         new_keys = claim.keys - old.keys if old is not None else claim.keys
-        if new_keys:
+        # A rename gives up the old name's other keys in the same step: its
+        # leave, announced with the new join, comes once it is free.
+        drop = old.keys - claim.keys if old is not None else frozenset()
+        if new_keys or drop:
             token = next(self._tokens)
-            ok = self.broker.claim(room.name, new_keys, self._owner(client), token)
+            ok = self.broker.claim(room.name, new_keys, self._owner(client), token, drop=drop)
             if ok is None:
                 self._pending[token] = _Pending(cmd, room, client, claim, new_keys)
                 self.waiting[client.id] = deque()
@@ -419,7 +443,7 @@ class Lobby(Service):
     def _take(self, room: Room, client: Client, claim: Claim) -> None:
         """Make ``claim`` the client's, announcing what changed."""
         self._supersede(room, claim.keys)
-        old = self._release(room, client, keep=claim.keys)
+        old, _ = self._release(room, client, keep=claim.keys, freed=True)
         claim.sharers = [client]
         claim.owner = self._owner(client)
         claim.member = client.id
@@ -439,15 +463,17 @@ class Lobby(Service):
                 client.id, claim.name.shown, client.display_name, client.protocol.name,
                 claim.announced), version=0))
 
-    def _release(self, room: Room, client: Client,
-                 keep: frozenset[str] = frozenset()) -> Claim | None:
+    def _release(self, room: Room, client: Client, keep: frozenset[str] = frozenset(), *,
+                 freed: bool = False) -> tuple[Claim | None, int | None]:
         """Give up what ``client`` holds in ``room`` (but ``keep``, the keys
-        of its new claim); what it held, if that is now free (None if it
-        held nothing, or shares a claim others still hold: nothing to
-        announce)."""
+        of its new claim; ``freed``: the broker has freed the others
+        already, with the claim). What it held, if that is now free, and
+        the token of the release under way (None if the name is free now:
+        its departure may be announced at once); (None, None) if it held
+        nothing, or shares a claim others still hold: nothing to announce."""
         claim = room.claims.pop(client.id, None)
         if claim is None:
-            return None
+            return None, None
         if len(claim.sharers) > 1:
             claim.sharers.remove(client)
             heir = claim.sharers[0]
@@ -456,18 +482,46 @@ class Lobby(Service):
             for key in claim.keys:
                 if room.holders.get(key) is client:
                     room.holders[key] = heir
-            return None
+            return None, None
         if room.names.get(claim.name.address) is client:
             del room.names[claim.name.address]
         for key in claim.keys:
             if key not in keep and room.holders.get(key) is client:
                 del room.holders[key]
+        token = None
         if self.broker.shared:
-            self.broker.release(room.name, claim.keys - keep, claim.owner or self._owner(client))
+            if not freed:
+                token = next(self._tokens)
+                if self.broker.release(room.name, claim.keys - keep,
+                                       claim.owner or self._owner(client), token):
+                    token = None
             if not keep:
                 self._tell(room.name, Left(room=room.name, client=claim.member or client.id,
                                            version=0))
-        return claim
+        return claim, token
+
+    def released(self, done: Released) -> None:
+        """A release is done: announce the departure that waited for it."""
+        departure = self._departures.pop(done.token, None)
+        if departure is None:
+            return
+        if len(departure) == 3:
+            room_name, event, client = departure
+            room = self.rooms.get(room_name)
+            if room is None:
+                return
+            # Another holder's join may have come first (its claim was
+            # granted once the release ran): the name is not gone then.
+            address = names.parse(event.name).address
+            remote = self.remote.get(room_name)
+            if address not in room.names and (remote is None
+                                              or address not in remote.addresses):
+                self.fanout(room, event, exclude=client)
+            return
+        room_name, member = departure
+        remote = self.remote.get(room_name)
+        if remote is not None and member.departing and remote.members.get(member.key) is member:
+            self._drop_remote(room_name, remote, member.key)
 
     def _owner(self, client: Client) -> str:
         return f"{self.broker.node}:{self.broker.boot}:{client.id}"
@@ -482,18 +536,25 @@ class Lobby(Service):
                 if claim.owner in owners and claim.sharers:
                     self._lose(room, claim.sharers[0])
 
-    def _lose(self, room: Room, client: Client) -> None:
-        """``client``'s name is another node's now: it and every bridge
-        sharing the name with it are disconnected."""
+    def _lose(self, room: Room, client: Client, taken: frozenset[str] = frozenset()) -> None:
+        """``client``'s name went to another node (which holds ``taken``,
+        if known): it and every bridge sharing the name with it are
+        disconnected, and the leave announced, at once if the other claim
+        covers every key of it (the other's join follows), else once the
+        rest is released."""
         claim = room.claims.get(client.id)
         holders = list(claim.sharers) if claim is not None and claim.sharers else [client]
         log.warning("%r lost its name %r in room %s to another node: disconnecting %s",
                     client, client.name, room.name,
                     "it" if len(holders) == 1 else f"its {len(holders)} holders")
         for holder in holders:
-            released = self._release(room, holder)
+            released, token = self._release(room, holder)
             if released is not None and released.announced:
-                self.fanout(room, UserLeft(name=released.name.shown), exclude=holder)
+                event = UserLeft(name=released.name.shown)
+                if token is None or released.keys <= taken:
+                    self.fanout(room, event, exclude=holder)
+                else:
+                    self._departures[token] = (room.name, event, holder)
             holder.kill(*NAME_LOST)
 
     # --- other nodes (chatd.cluster calls these) ------------------------------------
@@ -561,12 +622,21 @@ class Lobby(Service):
         for member in item.members:
             self._add_remote(node, item.room, member)
 
-    def node_gone(self, node: str) -> None:
-        """``node`` died or restarted: its names are gone (announced)."""
+    def node_gone(self, node: str, boot: str) -> None:
+        """``node`` (its process ``boot``) died, restarted or stopped: its
+        names are released on its behalf (so no claim waits for them to
+        expire), then announced gone (``released``)."""
         for room, remote in self.remote.items():
             remote.versions.pop(node, None)
-            for key in [key for key in remote.members if key[0] == node]:
-                self._drop_remote(room, remote, key)
+            for key, member in list(remote.members.items()):
+                if key[0] != node or member.departing:
+                    continue
+                member.departing = True
+                token = next(self._tokens)
+                if self.broker.release(room, member.claim.keys, f"{node}:{boot}:{key[1]}", token):
+                    self._drop_remote(room, remote, key)
+                else:
+                    self._departures[token] = (room, member)
 
     def stale_rooms(self, node: str, versions: dict[str, int], served: set[str]) -> list[str]:
         """The rooms of ``served`` whose view of ``node`` is behind the
@@ -604,6 +674,8 @@ class Lobby(Service):
         room = self.rooms.get(room_name)
         old = remote.members.get(key)
         if old is not None and old.claim.announcement() == claim.announcement():
+            # Its node is back (it was taken for dead): it still holds it.
+            old.departing = False
             return
         # The broker gave these names to ``node``: whoever else shows them
         # here lost them (a departure not heard of yet, or a name that
@@ -614,8 +686,11 @@ class Lobby(Service):
                 self._drop_remote(room_name, remote, other)
             if room is not None:
                 holder = room.holders.get(look)
-                if holder is not None and holder.id in room.claims:
-                    self._lose(room, holder)
+                held = room.claims.get(holder.id) if holder is not None else None
+                # Only a name granted here is lost; a claim still asked for
+                # (a rename under way) will simply be refused.
+                if held is not None and look in held.keys:
+                    self._lose(room, holder, claim.keys)
         if old is not None:
             self._unindex(remote, old)
         remote.members[key] = RemoteMember(key, claim, member.protocol)

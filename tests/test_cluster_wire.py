@@ -4,17 +4,22 @@ the lobby applies any well-formed batch without raising."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from chatd import names as names_module
 from chatd.broker import wire
+from chatd.broker.base import ClaimDone, Released
 from chatd.broker.local import LocalBroker
-from chatd.broker.wire import Batch, Joined, Left, Member, Presence, Said, WireError, Whisper
+from chatd.broker.wire import (
+    Batch, Bye, Joined, Left, Member, Presence, Said, WireError, Whisper,
+)
 from chatd.client import Client, Flusher
-from chatd.events import Join
+from chatd.events import Join, Leave, Publish
 from chatd.lobby import Lobby
 from chatd.protocols.wcp import Wcp
 from tests.strategies import json_values, odd_frames
@@ -36,6 +41,7 @@ items = st.one_of(
               members=st.lists(members, max_size=4)),
     st.builds(Whisper, room=st.just("lobby"), client=st.integers(-5, 5), sender=texts, to=texts,
               payload=json_values, time_ns=st.integers(0, 2**62)),
+    st.builds(Bye),
 )
 BATCH_SHAPES = [{"origin": "n2", "boot": "b", "items": []},
                 {"origin": "n2", "boot": "b", "items": [{"t": "said", "room": "lobby",
@@ -119,13 +125,164 @@ def test_the_lobby_applies_any_batch_from_another_node_without_raising(received)
             lobby.remote_left(node, item)
         elif kind is Presence:
             lobby.remote_presence(node, item)
+        elif kind is Bye:
+            lobby.node_gone(node, "b")
         else:
             lobby.remote_whisper(item)
     flusher.flush()
     for frame in transport.frames:  # every frame sent is a text frame of valid JSON
         assert frame[0] == 0x81
-    lobby.node_gone("n2")
-    lobby.node_gone("n3")
+    lobby.node_gone("n2", "b2")
+    lobby.node_gone("n3", "b3")
     assert not any(remote.members for remote in lobby.remote.values())
     # alice lost her name only if another node's claim of it came in.
     assert [m.name for m in lobby.presence("lobby").members] in ([], ["alice"])
+
+
+class OrderedBroker(LocalBroker):
+    """The contract ``RedisBroker`` keeps, in process: one registry of name
+    keys; claims and releases queued in order and run (``step``) when the
+    test says, their answers posted to the lobby as the router would."""
+
+    shared = True
+
+    def __init__(self) -> None:
+        super().__init__("n1", "b1")
+        self.registry: dict[str, str] = {}
+        self.queue: list[tuple] = []
+
+    def claim(self, room, keys, owner, token, drop=()):
+        self.queue.append(("claim", list(keys), owner, token, list(drop)))
+        return None
+
+    def release(self, room, keys, owner, token=None):
+        self.queue.append(("release", list(keys), owner, token, []))
+        return None if token is not None else True
+
+    def step(self, lobby: Lobby) -> None:
+        kind, keys, owner, token, drop = self.queue.pop(0)
+        if kind == "release":
+            for key in keys:
+                if self.registry.get(key) == owner:
+                    del self.registry[key]
+            if token is not None:
+                lobby.released(Released(token=token))
+            return
+        ok = all(self.registry.get(key, owner) == owner for key in keys)
+        if ok:
+            self.registry.update(dict.fromkeys(keys, owner))
+            for key in drop:
+                if self.registry.get(key) == owner:
+                    del self.registry[key]
+        lobby.claim_done(ClaimDone(token=token, ok=ok))
+
+
+NAMES = ["sam", "Sam", "ѕam", "wes", "wendy"]
+operations = st.lists(st.one_of(
+    st.tuples(st.just("join"), st.integers(0, 3), st.sampled_from(NAMES)),
+    st.tuples(st.just("rename"), st.integers(0, 3), st.sampled_from(NAMES)),
+    st.tuples(st.just("leave"), st.integers(0, 3)),
+    st.tuples(st.just("remote join"), st.integers(0, 3), st.sampled_from(NAMES)),
+    st.tuples(st.just("remote leave"), st.integers(0, 3)),
+    st.tuples(st.just("node gone")),
+    st.tuples(st.just("step")), st.tuples(st.just("step")), st.tuples(st.just("step")),
+), max_size=40)
+
+
+@FUZZ
+@given(operations)
+def test_a_name_announced_gone_is_free_in_the_registry_on_every_path(ops):
+    """Whatever the interleaving of local claims, renames and leaves, other
+    nodes' claims and leaves, a node gone and the broker's answers: when a
+    watcher is told a name left, no key of it is held in the registry,
+    unless by a holder whose join it is told next (a name taken over)."""
+    broker = OrderedBroker()
+    lobby = Lobby(broker)
+    flusher = Flusher()
+    watched = _Transport()
+    watcher = Client(Wcp, "lobby", "peer", "/wcp", 4096, watched, flusher)
+    assert lobby.join(Join(client=watcher, register=False)) is True
+    clients: dict[int, Client] = {}
+    remote: dict[int, tuple[int, str]] = {}
+    remote_ids = itertools.count(1)
+    roster: set[str] = set()
+    version = 0
+    for op in ops:
+        kind = op[0]
+        if kind in ("join", "rename"):
+            client = clients.get(op[1])
+            if kind == "join" and client is None:
+                client = clients[op[1]] = Client(Wcp, "lobby", "peer", "/wcp", 4096, _Transport(),
+                                                 flusher)
+                lobby.join(Join(client=client, name=op[2], register=True, announce=True))
+            elif kind == "rename" and client is not None:
+                lobby.publish(Publish(client=client, payload="x", sender=op[2]))
+        elif kind == "leave" and op[1] in clients:
+            lobby.leave(Leave(client=clients.pop(op[1])))
+        elif kind == "remote join" and op[1] not in remote:
+            # n2's clients, numbered as a node numbers its clients: never twice.
+            client_id = next(remote_ids)
+            keys = names_module.parse(op[2]).keys
+            owner = f"n2:b2:{client_id}"
+            if all(broker.registry.get(key, owner) == owner for key in keys):
+                broker.registry.update(dict.fromkeys(keys, owner))
+                remote[op[1]] = (client_id, op[2])
+                version += 1
+                lobby.remote_joined("n2", Joined(room="lobby", member=Member(
+                    client_id, op[2], None, "socialvp", True), version=version))
+        elif kind == "remote leave" and op[1] in remote:
+            client_id, name = remote.pop(op[1])
+            for key in names_module.parse(name).keys:
+                if broker.registry.get(key) == f"n2:b2:{client_id}":
+                    del broker.registry[key]
+            version += 1
+            lobby.remote_left("n2", Left(room="lobby", client=client_id, version=version))
+        elif kind == "node gone":
+            remote.clear()
+            lobby.node_gone("n2", "b2")
+        elif kind == "step" and broker.queue:
+            broker.step(lobby)
+        flusher.flush()
+        frames = [json.loads(text) for text in _texts(b"".join(watched.frames))]
+        watched.frames.clear()
+        for i, frame in enumerate(frames):
+            if frame["type"] != "user_left":
+                continue
+            keys = names_module.parse(frame["user_id"]).keys
+            joined_next = set().union(*(names_module.parse(f["user_id"]).keys
+                                        for f in frames[i + 1:] if f["type"] == "user_joined"))
+            held = {key for key in keys if key in broker.registry}
+            assert held <= joined_next, (frame, broker.registry)
+        for frame in frames:  # the watcher's roster, as a wcp client keeps it
+            if frame["type"] == "user_joined":
+                roster.add(frame["user_id"])
+            elif frame["type"] == "user_left":
+                roster.discard(frame["user_id"])
+    while broker.queue:  # every answer in: the roster told is the names held
+        broker.step(lobby)
+    flusher.flush()
+    for frame in [json.loads(text) for text in _texts(b"".join(watched.frames))]:
+        if frame["type"] == "user_joined":
+            roster.add(frame["user_id"])
+        elif frame["type"] == "user_left":
+            roster.discard(frame["user_id"])
+    room = lobby.rooms["lobby"]
+    held_names = {claim.name.shown for claim in room.claims.values()}
+    if "lobby" in lobby.remote:
+        held_names |= {m.claim.name.shown for m in lobby.remote["lobby"].members.values()}
+    assert roster == held_names
+
+
+def _texts(data: bytes) -> list[bytes]:
+    """The payloads of the unmasked text frames in ``data`` (RFC 6455 5.2)."""
+    texts = []
+    while data:
+        assert data[0] == 0x81
+        length, start = data[1], 2
+        if length == 126:
+            length, start = int.from_bytes(data[2:4], "big"), 4
+        elif length == 127:
+            length, start = int.from_bytes(data[2:10], "big"), 10
+        texts.append(data[start:start + length])
+        data = data[start + length:]
+    return texts

@@ -65,6 +65,14 @@ class ClaimDone(Command, kw_only=True):
     ok: bool
 
 
+class Released(Command, kw_only=True):
+    """The answer to ``Broker.release`` with a ``token``: the keys are free
+    in the cluster's registry now (or the broker went down meanwhile, and
+    frees them once it is back, before any claim of this node)."""
+
+    token: Any
+
+
 class NamesLost(Command, kw_only=True):
     """Names this node held that another node holds now (they expired while
     this node could not refresh them): ``owners`` are the ``claim`` owners."""
@@ -119,14 +127,23 @@ class Broker(abc.ABC):
         one). Dropped, and counted, if the broker is down or its queue full."""
 
     @abc.abstractmethod
-    def claim(self, room: str, keys: Iterable[str], owner: str, token: Any) -> bool | None:
+    def claim(self, room: str, keys: Iterable[str], owner: str, token: Any,
+              drop: Iterable[str] = ()) -> bool | None:
         """Hold the look-alike ``keys`` of a name in ``room`` for ``owner``
-        (``NODE:BOOT:CLIENT``), atomically, cluster-wide. True or False if
-        known at once; None when ``ClaimDone(token, ok)`` will tell."""
+        (``NODE:BOOT:CLIENT``), atomically, cluster-wide, and give up
+        ``drop`` (keys of the name it held: a rename) in the same step, only
+        if the claim succeeds. True or False if known at once; None when
+        ``ClaimDone(token, ok)`` will tell."""
 
     @abc.abstractmethod
-    def release(self, room: str, keys: Iterable[str], owner: str) -> None:
-        """Give up ``keys`` in ``room``, where ``owner`` still holds them."""
+    def release(self, room: str, keys: Iterable[str], owner: str,
+                token: Any = None) -> bool | None:
+        """Give up ``keys`` in ``room``, where ``owner`` still holds them
+        (this node's client, or a client of a node gone). True if they are
+        free now, or cannot be confirmed (the broker is down: they are freed
+        once it is back, before any claim of this node); None when
+        ``Released(token)`` will tell (only with a ``token``). A departure
+        is announced once its name is free (docs/cluster.md)."""
 
     @abc.abstractmethod
     def subscribe(self, channels: Iterable[str]) -> bool:

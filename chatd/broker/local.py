@@ -30,11 +30,12 @@ class LocalBroker(Broker):
     def publish(self, channel: str, item: Item) -> None:
         pass
 
-    def claim(self, room: str, keys: Iterable[str], owner: str, token: Any) -> bool:
+    def claim(self, room: str, keys: Iterable[str], owner: str, token: Any,
+              drop: Iterable[str] = ()) -> bool:
         return True
 
-    def release(self, room: str, keys: Iterable[str], owner: str) -> None:
-        pass
+    def release(self, room: str, keys: Iterable[str], owner: str, token: Any = None) -> bool:
+        return True
 
     def subscribe(self, channels: Iterable[str]) -> bool:
         return True

@@ -25,24 +25,49 @@ seconds while the publisher works, the subscription is taken for dead
 and made again, and /readyz reports not ready meanwhile.
 
 **Outages.** A failed command, a lost connection or a probe that does not
-come back: the broker is down (``BrokerDown``, /readyz not ready); both
-tasks reconnect with backoff (0.1 s doubling to 2 s). While down, items
-published are dropped and counted, name claims wait up to
-``claim_timeout`` seconds and are then refused, releases are kept and
-sent once Redis is back. Back up, the publisher first claims again every
-name this node holds (``NamesLost`` for those another node took
-meanwhile), the subscriber subscribes again to every channel, and
+come back: the broker is down (``BrokerDown``, /readyz not ready, one
+WARNING saying why); both tasks reconnect with backoff (0.1 s doubling
+to 2 s). While down, items published are dropped and counted, name
+claims wait up to ``claim_timeout`` seconds and are then refused,
+releases are kept and sent once Redis is back. Back up, the publisher
+first claims again every name this node holds (``NamesLost`` for those
+another node took meanwhile) and sends the releases kept, before any
+new claim; the subscriber subscribes again to every channel, one INFO
+line says the outage is over (how long, why, what was dropped) and
 ``BrokerUp(resumed=True)`` lets the services repair what was missed.
+coredis's own log lines (its reconnect failures come with tracebacks at
+ERROR) are chatd's to report: they are logged at DEBUG, in one line.
 
 **Names** (docs/cluster.md): one key per room and look-alike key,
 ``chatd:name:ROOM:KEY``, holding ``NODE:BOOT:CLIENT``, with an expiry of
 ``name_ttl`` seconds that the holding node renews every ``refresh``
-seconds: a node that dies (``kill -9``) leaves its names to expire.
+seconds: a node that dies (``kill -9``) leaves its names to expire, and
+the node that takes it for dead releases them at once (``release`` on
+its behalf). A release answers ``Released`` once Redis has run it, so a
+departure is announced only when the name is free.
+
+**The grace after a shared outage.** Every node renews ``chatd:alive``
+(expiry ``probe_timeout``) with each heartbeat. A node that had been
+connected and comes back to find it gone knows that no node could reach
+Redis meanwhile (a restart, empty or not; a pause; a partition of Redis):
+names may have expired or been lost with it. It then sets
+``chatd:grace`` for ``name_grace`` seconds (so does a claim that finds
+``chatd:alive`` gone: one sent before a pause, which Redis runs as soon
+as it resumes, before any node is back), during which no new name is
+granted to anyone (claims wait for its end) while every node that comes
+back claims its own names again (``REFRESH`` ignores the grace). So the
+clients holding names when Redis came back keep them, and nobody is
+closed for an outage every node shared.
+
+**Leaving.** ``aclose`` (SIGTERM) releases every name this node still
+holds and publishes ``Bye`` on ``chatd:cluster``, so the other nodes
+forget it at once instead of waiting ``node_timeout`` for its silence.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
@@ -55,10 +80,10 @@ from coredis.retry import NoRetryPolicy
 
 from chatd.broker import wire
 from chatd.broker.base import (
-    CLUSTER, Broker, BrokerDown, BrokerUp, ClaimDone, NamesLost, Remote, Subscribed, Tick,
-    node_channel, user_channel,
+    CLUSTER, Broker, BrokerDown, BrokerUp, ClaimDone, NamesLost, Released, Remote, Subscribed,
+    Tick, node_channel, user_channel,
 )
-from chatd.broker.wire import Heartbeat, Item
+from chatd.broker.wire import Bye, Heartbeat, Item
 
 log = logging.getLogger("chatd.broker")
 
@@ -74,19 +99,57 @@ REFRESH_CHUNK = 500
 USER_PREFIX = user_channel("")
 #: Seconds between two log lines about dropped items.
 DROP_LOG_INTERVAL = 10.0
+#: Seconds a claim made during a grace may wait past its end.
+GRACE_MARGIN = 1.0
+#: Most seconds any claim waits, grace included: below ``auth-timeout``'s
+#: default (10 s), which would close the client waiting for its name.
+CLAIM_WAIT_MAX = 8.0
 
-# KEYS: the look-alike keys of one name; ARGV[1]: owner; ARGV[2]: expiry (ms).
-# Nil if the owner holds them all now, else the holder of the first held by
-# someone else (nothing changed).
+#: While this key exists no new name is granted (the grace after a shared
+#: outage); every node renews ALIVE_KEY with each heartbeat.
+GRACE_KEY = "chatd:grace"
+ALIVE_KEY = "chatd:alive"
+
+# KEYS[1]: GRACE_KEY; KEYS[2]: ALIVE_KEY; KEYS[3 .. ARGV[3] + 2]: the
+# look-alike keys of a name to claim; the KEYS after them: keys the owner
+# gives up in the same step (a rename). ARGV[1]: owner; ARGV[2]: expiry
+# (ms); ARGV[3]: keys to claim; ARGV[4]: the grace (ms). Nil if the owner
+# holds the claimed keys now (and the others are freed); the holder of the
+# first key held by someone else; or, during the grace, the milliseconds
+# it still lasts (nothing changed in both cases). ALIVE_KEY gone means no
+# node renewed it lately (a shared outage; a claim sent before a pause,
+# run by Redis once it resumes): the grace starts here.
 CLAIM = """
-for i = 1, #KEYS do
+local n = tonumber(ARGV[3])
+if n > 0 then
+  if redis.call('EXISTS', KEYS[2]) == 0 then
+    redis.call('SET', KEYS[1], '1', 'PX', ARGV[4], 'NX')
+  end
+  local grace = redis.call('PTTL', KEYS[1])
+  if grace > 0 then return grace end
+end
+for i = 3, n + 2 do
   local holder = redis.call('GET', KEYS[i])
   if holder and holder ~= ARGV[1] then return holder end
 end
-for i = 1, #KEYS do
+for i = 3, n + 2 do
   redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
 end
+for i = n + 3, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]) end
+end
 return false
+"""
+# KEYS: ALIVE_KEY, GRACE_KEY; ARGV[1]: '1' if this node was connected
+# before; ARGV[2]: ALIVE_KEY's expiry (ms); ARGV[3]: the grace (ms). Run by
+# a node (re)connecting: starts the grace if no node renewed ALIVE_KEY
+# meanwhile. The milliseconds the grace still lasts (<= 0: none).
+RESUME = """
+if ARGV[1] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[3], 'NX')
+end
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
+return redis.call('PTTL', KEYS[2])
 """
 # KEYS: keys; ARGV[1]: owner. Deletes the keys the owner still holds.
 RELEASE = """
@@ -135,16 +198,31 @@ class _Claim:
     owner: str
     token: Any
     deadline: float
+    #: Keys the owner gives up in the same step (a rename).
+    drop: list[str]
+    #: The latest the deadline may be moved to (``CLAIM_WAIT_MAX``).
+    cap: float
+
+    def wait_for(self, grace_until: float) -> None:
+        """Wait until just after a grace that ends at ``grace_until``."""
+        self.deadline = min(self.cap, max(self.deadline, grace_until + GRACE_MARGIN))
 
 
 @dataclass(slots=True)
 class _Release:
     keys: list[str]
     owner: str
+    #: ``Released(token)`` is posted once Redis has run it (None: nobody waits).
+    token: Any = None
 
 
 @dataclass(slots=True)
 class _Refresh:
+    pass
+
+
+@dataclass(slots=True)
+class _Alive:
     pass
 
 
@@ -167,7 +245,7 @@ class RedisBroker(Broker):
     def __init__(self, url: str, node: str, boot: str, *, heartbeat: float = 1.0,
                  probe_timeout: float = 5.0, node_timeout: float = 10.0, name_ttl: float = 15.0,
                  refresh: float = 5.0, claim_timeout: float = 5.0, command_timeout: float = 2.0,
-                 queue_size: int = 10_000) -> None:
+                 name_grace: float = 6.0, queue_size: int = 10_000) -> None:
         self.url = url
         self.shown = shown_url(url)
         self.node = node
@@ -179,6 +257,7 @@ class RedisBroker(Broker):
         self.refresh = refresh
         self.claim_timeout = claim_timeout
         self.command_timeout = command_timeout
+        self.name_grace = name_grace
         self.queue_size = queue_size
         self.owner_prefix = f"{node}:{boot}:"
         self.counters: Counter[str] = Counter()
@@ -188,6 +267,8 @@ class RedisBroker(Broker):
         self._claim = self._client.register_script(CLAIM)
         self._release = self._client.register_script(RELEASE)
         self._refresh = self._client.register_script(REFRESH)
+        self._resume = self._client.register_script(RESUME)
+        quiet_coredis()
         self._router: Any = None
         self._versions: Callable[[], dict[str, int]] = dict
         self._queue: deque[Any] = deque()
@@ -199,14 +280,23 @@ class RedisBroker(Broker):
         self._changed = trio.Event()
         #: Redis key -> owner, for every name this node holds there.
         self._held: dict[str, str] = {}
-        #: Releases not sent yet because Redis was down: key -> owner.
-        self._releases: dict[str, str] = {}
+        #: Releases not sent yet because Redis was down, in order.
+        self._releases: list[_Release] = []
+        #: Claims held back until the grace ends (trio time), in order.
+        self._later: list[_Claim] = []
+        self._grace_until = 0.0
+        #: Whether the publisher has been connected before (a grace may be due).
+        self._connected_before = False
         self._pub_ok = False
         self._sub_ok = False
         self._up = False
         self._was_up = False
-        #: Whether the current outage was logged and posted.
+        #: Whether the current outage was logged and posted; when it began
+        #: (trio time), why, and the events dropped since.
         self._reported = False
+        self._down_since = 0.0
+        self._down_reason = ""
+        self._dropped_in_outage = 0
         self._reason = f"broker {self.shown}: connecting"
         #: trio time this node's own heartbeat last came back, and of the
         #: current subscription.
@@ -227,21 +317,36 @@ class RedisBroker(Broker):
         self._publishes += 1
         self._wake.set()
 
-    def claim(self, room: str, keys: Iterable[str], owner: str, token: Any) -> None:
-        self._queue.append(_Claim([name_key(room, k) for k in sorted(keys)], owner, token,
-                                  trio.current_time() + self.claim_timeout))
+    def claim(self, room: str, keys: Iterable[str], owner: str, token: Any,
+              drop: Iterable[str] = ()) -> None:
+        # A claim waits at most ``claim_timeout`` seconds, or, made during a
+        # grace, until just after its end.
+        now = trio.current_time()
+        op = _Claim([name_key(room, k) for k in sorted(keys)], owner, token,
+                    now + self.claim_timeout, [name_key(room, k) for k in sorted(drop)],
+                    now + max(self.claim_timeout, CLAIM_WAIT_MAX))
+        if now < self._grace_until:
+            op.wait_for(self._grace_until)
+        self._queue.append(op)
         self._wake.set()
         return None
 
-    def release(self, room: str, keys: Iterable[str], owner: str) -> None:
+    def release(self, room: str, keys: Iterable[str], owner: str,
+                token: Any = None) -> bool | None:
         keys = [name_key(room, k) for k in keys]
         if not keys:
-            return
+            return True
         for key in keys:
             if self._held.get(key) == owner:
                 del self._held[key]
-        self._queue.append(_Release(keys, owner))
+        if not self._pub_ok:
+            # Kept for when Redis is back, ahead of any claim; nothing can
+            # be confirmed meanwhile, so the caller announces now.
+            self._releases.append(_Release(keys, owner))
+            return True
+        self._queue.append(_Release(keys, owner, token))
         self._wake.set()
+        return None if token is not None else True
 
     def subscribe(self, channels: Iterable[str]) -> bool:
         self._channels.update(channels)
@@ -294,8 +399,22 @@ class RedisBroker(Broker):
             raise cancelled from None
 
     async def aclose(self) -> None:
-        """Send what is queued (the names released at shutdown, the last
-        leaves), for at most ``command_timeout`` seconds, then stop."""
+        """Leave the cluster: release every name this node still holds, say
+        ``Bye`` on ``chatd:cluster`` (after what is queued: the last leaves),
+        wait for it all to be sent, for at most ``command_timeout`` seconds,
+        then stop."""
+        if self._pub_ok:
+            by_owner: dict[str, list[str]] = {}
+            for key, owner in self._held.items():
+                by_owner.setdefault(owner, []).append(key)
+            self._held.clear()
+            for owner, keys in by_owner.items():
+                self._queue.append(_Release(keys, owner))
+            self._queue.append(_Publish(CLUSTER, Bye()))
+            self._publishes += 1
+            self._wake.set()
+            log.info("broker %s: leaving the cluster (%d names released)", self.shown,
+                     sum(len(keys) for keys in by_owner.values()))
         with trio.move_on_after(self.command_timeout):
             while self._pub_ok and (self._queue or self._busy):
                 await trio.sleep(0.01)
@@ -315,9 +434,12 @@ class RedisBroker(Broker):
             if not self._pub_ok:
                 try:
                     with trio.fail_after(self.command_timeout):
-                        await self._client.ping()
+                        grace = await self._resume(
+                            [ALIVE_KEY, GRACE_KEY],
+                            ["1" if self._connected_before else "0", self._alive_ms,
+                             self._grace_ms])
                 except Exception as exc:
-                    await self._down(f"cannot reach {self.shown}: {_describe(exc)}")
+                    await self._down(f"cannot reach it: {_describe(exc)}")
                     await self._expire_claims()
                     with trio.move_on_after(backoff):
                         await self._wake.wait()
@@ -326,18 +448,24 @@ class RedisBroker(Broker):
                     backoff = min(backoff * 2, BACKOFF_MAX)
                     continue
                 backoff = BACKOFF_FIRST
+                self._connected_before = True
+                self._hold_claims(grace)
                 self._pub_ok = True
                 # Names first: they are this node's, and nobody may take them
-                # before it says so again (a Redis restart lost them).
-                self._queue.appendleft(_Refresh())
-                if self._releases:
-                    pending, self._releases = self._releases, {}
-                    for key, owner in pending.items():
-                        self._queue.append(_Release([key], owner))
+                # before it says so again (a Redis restart lost them). Then
+                # the releases kept while down, before any new claim.
+                pending, self._releases = self._releases, []
+                self._queue.extendleft(reversed([_Refresh(), *pending]))
                 await self._check_up()
+            if self._later:
+                await self._release_later()
             if not self._queue:
                 self._wake = trio.Event()
-                await self._wake.wait()
+                wake_at = math.inf
+                if self._later:
+                    wake_at = min(self._grace_until, *(op.deadline for op in self._later))
+                with trio.move_on_at(wake_at):
+                    await self._wake.wait()
                 continue
             ops = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
             self._publishes -= sum(1 for op in ops if type(op) is _Publish)
@@ -346,10 +474,47 @@ class RedisBroker(Broker):
                 await self._send(ops)
             except Exception as exc:
                 self._pub_ok = False
-                await self._down(f"{self.shown}: {_describe(exc)}")
+                await self._down(_describe(exc))
                 await self._failed(ops)
             finally:
                 self._busy = False
+
+    async def _release_later(self) -> None:
+        """Claims held back for the grace: refused once past their deadline;
+        the others go first, in order, once it is over."""
+        now = trio.current_time()
+        keep = []
+        for op in self._later:
+            if now > op.deadline:
+                await self._post(ClaimDone(token=op.token, ok=False))
+            else:
+                keep.append(op)
+        self._later = keep
+        if keep and now >= self._grace_until:
+            self._later = []
+            self._queue.extendleft(reversed(keep))
+
+    def _hold_claims(self, grace_ms: Any) -> None:
+        """Note a grace of ``grace_ms`` milliseconds (none if not > 0): the
+        claims waiting now wait for its end (Redis answers again, and the
+        answer will be right then; refusing a free name is not)."""
+        if isinstance(grace_ms, int) and grace_ms > 0:
+            until = trio.current_time() + grace_ms / 1000
+            if until > self._grace_until:
+                if self._grace_until <= trio.current_time():
+                    self.counters["graces"] += 1
+                self._grace_until = until
+                for op in [*self._queue, *self._later]:
+                    if type(op) is _Claim:
+                        op.wait_for(until)
+
+    @property
+    def _alive_ms(self) -> int:
+        return int(self.probe_timeout * 1000)
+
+    @property
+    def _grace_ms(self) -> int:
+        return int(self.name_grace * 1000)
 
     async def _send(self, ops: list[Any]) -> None:
         """Run ``ops`` in one pipeline (raises if any command fails), then
@@ -387,13 +552,19 @@ class RedisBroker(Broker):
                     continue
                 index += 1
                 if kind is _Claim:
-                    if now > op.deadline:
+                    if op.keys and now < self._grace_until:
+                        self._later.append(op)
+                    elif now > op.deadline:
                         expired.append(op)
                     else:
-                        answers.append((op, self._claim(op.keys, [op.owner, self._ttl_ms],
-                                                        client=pipe)))
+                        answers.append((op, self._claim(
+                            [GRACE_KEY, ALIVE_KEY, *op.keys, *op.drop],
+                            [op.owner, self._ttl_ms, len(op.keys), self._grace_ms],
+                            client=pipe)))
                 elif kind is _Release:
                     answers.append((op, self._release(op.keys, [op.owner], client=pipe)))
+                elif kind is _Alive:
+                    pipe.set(ALIVE_KEY, "1", px=self._alive_ms)
                 else:
                     for chunk in self._refresh_chunks():
                         owners = [self._held[key] for key in chunk]
@@ -405,13 +576,25 @@ class RedisBroker(Broker):
         lost: list[str] = []
         for op, request in answers:
             result = await request
-            if isinstance(op, _Claim):
+            kind = type(op)
+            if kind is _Claim:
+                if isinstance(result, int):  # the grace: try again when it ends
+                    self._hold_claims(max(result, 1))
+                    op.wait_for(self._grace_until)
+                    self._later.append(op)
+                    continue
                 ok = result is None
                 if ok:
+                    for key in op.drop:
+                        if self._held.get(key) == op.owner:
+                            del self._held[key]
                     for key in op.keys:
                         self._held[key] = op.owner
                 await self._post(ClaimDone(token=op.token, ok=ok))
-            elif isinstance(op, list):
+            elif kind is _Release:
+                if op.token is not None:
+                    await self._post(Released(token=op.token))
+            else:
                 for position in result or ():
                     key = op[int(position) - 1]
                     owner = self._held.pop(key, None)
@@ -433,38 +616,45 @@ class RedisBroker(Broker):
     async def _failed(self, ops: list[Any]) -> None:
         """A pipeline failed: some of it may have run. Claims are refused and
         their keys released once Redis is back (the script may have run);
-        releases wait for Redis; published items are lost (counted)."""
+        releases wait for Redis (those awaited are told done: the broker is
+        down, nothing is confirmed meanwhile); published items are lost
+        (counted)."""
         dropped = 0
         for op in ops:
             kind = type(op)
             if kind is _Publish:
                 dropped += 1
             elif kind is _Claim:
-                for key in op.keys:
-                    if self._held.get(key) != op.owner:
-                        self._releases[key] = op.owner
+                if any(op is later for later in self._later):
+                    continue  # held back for the grace, not sent: still waiting
+                keys = [key for key in op.keys if self._held.get(key) != op.owner]
+                if keys:
+                    self._releases.append(_Release(keys, op.owner))
                 await self._post(ClaimDone(token=op.token, ok=False))
             elif kind is _Release:
-                for key in op.keys:
-                    self._releases[key] = op.owner
+                self._releases.append(_Release(op.keys, op.owner))
+                if op.token is not None:
+                    await self._post(Released(token=op.token))
         self._drop(dropped, "the broker failed")
         await self._expire_claims()
 
     async def _expire_claims(self) -> None:
-        """While down: refuse claims past their deadline, drop queued items,
-        keep releases for later."""
+        """While down: refuse claims past their deadline (those held back
+        for a grace included), drop queued items, keep releases for later."""
         now = trio.current_time()
         keep: deque[Any] = deque()
         dropped = 0
-        for op in self._queue:
+        later, self._later = self._later, []
+        for op in [*later, *self._queue]:
             kind = type(op)
             if kind is _Publish:
                 dropped += 1
             elif kind is _Claim and now > op.deadline:
                 await self._post(ClaimDone(token=op.token, ok=False))
             elif kind is _Release:
-                for key in op.keys:
-                    self._releases[key] = op.owner
+                self._releases.append(_Release(op.keys, op.owner))
+                if op.token is not None:
+                    await self._post(Released(token=op.token))
             elif kind is _Claim:
                 keep.append(op)
         self._queue = keep
@@ -472,9 +662,15 @@ class RedisBroker(Broker):
         self._drop(dropped, "the broker is down")
 
     def _drop(self, count: int, why: str) -> None:
+        """Count ``count`` items lost. During an outage the line that ends it
+        says how many; otherwise (a full queue) a WARNING every
+        ``DROP_LOG_INTERVAL`` seconds."""
         if not count:
             return
         self.counters["dropped"] += count
+        if self._reported:
+            self._dropped_in_outage += count
+            return
         self._dropped_since_log += count
         now = trio.current_time()
         if now - self._dropped_logged >= DROP_LOG_INTERVAL:
@@ -510,7 +706,7 @@ class RedisBroker(Broker):
             except Exception as exc:
                 self._sub_ok = False
                 self._active = set()
-                await self._down(f"{self.shown}: {_describe(exc)}")
+                await self._down(_describe(exc))
             await trio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
@@ -576,6 +772,7 @@ class RedisBroker(Broker):
             if self._pub_ok:
                 # Not counted against queue-size: the probe must go out.
                 self._queue.append(_Publish(CLUSTER, Heartbeat(rooms=self._versions())))
+                self._queue.append(_Alive())
                 self._publishes += 1
                 if trio.current_time() >= next_refresh:
                     next_refresh = trio.current_time() + self.refresh
@@ -587,7 +784,9 @@ class RedisBroker(Broker):
     # --- state -----------------------------------------------------------------------
 
     async def _down(self, reason: str) -> None:
-        self._reason = f"broker {reason}"
+        """Redis is lost (``reason``, without the URL): the first task to
+        notice logs it (one WARNING per outage) and tells the router."""
+        self._reason = f"broker {self.shown}: {reason}"
         self._up = False
         # Whichever task noticed, the publisher starts over too: it claims
         # this node's names again once Redis answers (a restart lost them).
@@ -602,25 +801,70 @@ class RedisBroker(Broker):
             log.debug("broker %s: dropping connections: %s", self.shown, _describe(exc))
         if not self._reported:
             self._reported = True
+            self._down_since = trio.current_time()
+            self._down_reason = reason
+            self._dropped_in_outage = 0
             self.counters["outages"] += 1
-            log.warning("broker down: %s", reason)
+            log.warning("broker %s lost: %s; nothing crosses nodes and no new name is given "
+                        "until it is back", self.shown, reason)
             await self._post(BrokerDown(reason=reason))
 
     async def _check_up(self) -> None:
         if self._pub_ok and self._sub_ok and not self._up:
             self._up = True
-            self._reported = False
             resumed, self._was_up = self._was_up, True
-            if resumed:  # the end of an outage an operator was warned of
-                log.warning("broker %s: connected again: repairing what was missed", self.shown)
+            if self._reported:
+                # The end of an outage the operator was warned of (also one
+                # at start: Redis was not there yet).
+                now = trio.current_time()
+                grace = self._grace_until - now
+                log.info("broker %s back after %.1f s (lost: %s); %d events for other nodes "
+                         "were dropped meanwhile%s%s", self.shown, now - self._down_since,
+                         self._down_reason, self._dropped_in_outage,
+                         f"; new names wait {grace:.1f} s more while every node claims its own "
+                         "again" if grace > 0 else "",
+                         ": repairing what was missed" if resumed else "")
             else:
                 log.info("broker %s: connected", self.shown)
+            self._reported = False
             await self._post(BrokerUp(resumed=resumed))
 
 
+def quiet_coredis() -> None:
+    """Route coredis's own log lines to DEBUG, each on one line: it logs
+    every failed reconnection at ERROR with a traceback (and lost
+    connections at INFO with one), which chatd handles and reports itself
+    (one WARNING per outage, one INFO at its end). Seen at ``log-level
+    debug`` only. Idempotent."""
+    logger = logging.getLogger("coredis")
+    if not any(isinstance(f, _ToDebug) for f in logger.filters):
+        logger.addFilter(_ToDebug())
+
+
+class _ToDebug(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not log.isEnabledFor(logging.DEBUG):
+            return False
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.getMessage()} ({_describe(record.exc_info[1])})"
+            record.args = ()
+        record.exc_info = record.exc_text = record.stack_info = None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+#: coredis's text for a failed pipeline command quotes the command and all
+#: its arguments (a PUBLISH carries client text): kept out of the log.
+_PIPELINE_ERROR = re.compile(r"^Command # \d+ \(.*\) of pipeline caused error: ", re.S)
+
+
 def _describe(exc: BaseException) -> str:
-    """One line for a failure, from inside exception groups too."""
+    """One line for a failure, from inside exception groups too, without
+    the arguments of a failed pipeline command; at most 300 characters."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
-    text = " ".join(str(exc).split())
+    text = _PIPELINE_ERROR.sub("", str(exc))
+    text = " ".join(text.split())
+    if len(text) > 300:
+        text = text[:300] + "…"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

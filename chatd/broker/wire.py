@@ -110,6 +110,12 @@ class Heartbeat(Item, kw_only=True):
     rooms: dict[str, int] = {}
 
 
+class Bye(Item, kw_only=True):
+    """The origin is stopping (SIGTERM): it has released its names and
+    sends nothing more; the receivers forget it at once (its names are
+    announced gone) instead of waiting for its silence."""
+
+
 class SessionChanged(Item, kw_only=True):
     """A GradAgenda session was created, modified or deleted on the origin
     (committed). ``members`` are the members now (before, for "deleted"),
@@ -161,8 +167,8 @@ class Moderated(Item, kw_only=True):
     reason: str = ""
 
 
-AnyItem = (Said | Joined | Left | Presence | Whisper | SyncRequest | Heartbeat | SessionChanged
-           | Stored | Moderated)
+AnyItem = (Said | Joined | Left | Presence | Whisper | SyncRequest | Heartbeat | Bye
+           | SessionChanged | Stored | Moderated)
 
 
 class Batch(msgspec.Struct, kw_only=True):
