@@ -23,7 +23,7 @@ import msgspec
 class Command(msgspec.Struct, tag=True, kw_only=True):
     """Something a connection asks of the router."""
 
-    client: Any = None  # chatd.client.Client, set by the connection task
+    client: Any = None  # chatd.outbox.Client, set by the connection task
 
 
 class Request(Command, kw_only=True):

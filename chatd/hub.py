@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from chatd.transport import text_frame
 
 if TYPE_CHECKING:
-    from chatd.client import Client
+    from chatd.outbox import Client
     from chatd.events import Event
     from chatd.protocols.base import Protocol
 

@@ -56,7 +56,7 @@ import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from chatd import hub, names
-from chatd.broker.base import CLUSTER, Remote
+from chatd.broker.base import CLUSTER
 from chatd.broker.wire import Moderated
 from chatd.events import (
     Join, Leave, Login, Logout, Message, Publish, Refused, Request, SendMessage, StoredMessage,
@@ -66,7 +66,7 @@ from chatd.store import Failure, Job, Writer
 from chatd.store import moderation as db
 
 if TYPE_CHECKING:
-    from chatd.client import Client
+    from chatd.outbox import Client
     from chatd.server import Server
     from chatd.sessions import Sessions
 
@@ -253,10 +253,14 @@ class Moderation(Service):
         self.router = router
         guards: dict[type, Callable] = {Join: self._join, Publish: self._publish,
                                         Leave: self._left, Login: self._login, Logout: self._left,
-                                        SendMessage: self._send_message, Remote: self._remote}
+                                        SendMessage: self._send_message}
         for command_type, check in guards.items():
             router.guard(command_type, check)
         router.handle(Operate, lambda cmd: cmd.fn(cmd))
+
+    def remote_items(self) -> dict[type, Any]:
+        """Another node's operator action: carried out here too."""
+        return {Moderated: lambda remote, item: self.apply(item, remote=remote.origin)}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load the rules (before the listener opens: a restarted server
@@ -434,11 +438,6 @@ class Moderation(Service):
                 return None
         return PASS
 
-    def _remote(self, cmd: Remote) -> Any:
-        for item in cmd.items:
-            if isinstance(item, Moderated):
-                self.apply(item, remote=cmd.origin)
-        return PASS
 
     # --- actions (router task) ------------------------------------------------------
 

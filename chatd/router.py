@@ -8,7 +8,7 @@ command type.
 
 The router works in passes: it waits for one command, then handles what
 else is already queued (up to ``pass_size``), then flushes every
-connection it delivered to, once (``chatd.client.Flusher``). Under load
+connection it delivered to, once (``chatd.outbox.Flusher``). Under load
 several events leave in one write per connection; on a quiet server a
 pass is one command and nothing waits.
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from chatd.client import Flusher
+from chatd.outbox import Flusher
 from chatd.events import Command, Request
 
 log = logging.getLogger("chatd.router")
@@ -81,6 +81,28 @@ class Service:
 
     async def aclose(self) -> None:
         pass
+
+    # --- several nodes (``chatd.cluster`` calls these; docs/cluster.md) -----------
+
+    def remote_items(self) -> dict[type, Callable[[Any, Any], None]]:
+        """What this service handles of what other nodes publish: item type
+        (``chatd.broker.wire``) -> ``handler(remote, item)``, where
+        ``remote`` is the ``chatd.broker.base.Remote`` that carried it
+        (origin node, its boot, the channel's user). One service per type;
+        what a service publishes it sends with ``Broker.publish``."""
+        return {}
+
+    def broker_up(self) -> None:
+        """The broker delivers (first, and after every outage)."""
+
+    def broker_down(self) -> None:
+        """The broker stopped delivering (an outage)."""
+
+    def subscribed(self, users: list[str]) -> None:
+        """The channels of ``users`` deliver now."""
+
+    def node_gone(self, node: str, boot: str) -> None:
+        """``node``'s process ``boot`` died, restarted or stopped."""
 
 
 class Router:

@@ -30,7 +30,7 @@ import trio
 
 from chatd.api import Api
 from chatd.broker import Broker, LocalBroker, generated_node_id, open_broker
-from chatd.client import Flusher
+from chatd.outbox import Flusher
 from chatd.cluster import Cluster
 from chatd.config import SPARE_FILES, Config, ConfigError, check_cluster, tls_context
 from chatd.connection import Connection
@@ -140,7 +140,8 @@ class Server:
             for listener in listeners + admin_listeners:
                 await listener.aclose()
             raise StartupError(str(exc)) from None
-        self.lobby = Lobby(self.broker)
+        rooms = {e.room for e in config.mounted() if e.protocol != "gradagenda"}
+        self.lobby = Lobby(self.broker, rooms)
         self.services.append(self.lobby)
         try:
             # Blocking: connecting to PostgreSQL, or waiting out a locked file.
@@ -159,16 +160,18 @@ class Server:
                                     config.max_messages_per_user_per_session),
                                 broker=self.broker)
             self.services.append(sessions)
-        if self.broker.shared:
-            rooms = {e.room for e in config.mounted() if e.protocol != "gradagenda"}
-            self.cluster = Cluster(self.broker, self.lobby, sessions, rooms)
-            self.services.append(self.cluster)
-            self.metrics.registry.register(self.cluster)
         # Moderation (issue 22): guards the others' handlers.
         self.moderation = Moderation(self, config.retention_count, config.retention_age,
                                      config.retention_interval)
         self.services.append(self.moderation)
         self.metrics.registry.register(self.moderation)
+        if self.broker.shared:
+            # Last: it dispatches other nodes' items to the services above.
+            self.cluster = Cluster(self.broker, list(self.services), self.lobby.heartbeat)
+            self.services.append(self.cluster)
+            self.metrics.registry.register(self.cluster)
+            if sessions is not None:
+                self.metrics.registry.register(sessions)
         try:
             await self._resolve_secrets()
             await self._start_api()  # issue 22

@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from chatd import hub
 from chatd.broker import Broker, LocalBroker
@@ -85,7 +86,7 @@ from chatd.store import Failure, Job, Store, Writer
 from chatd.store.base import StoredSession
 
 if TYPE_CHECKING:
-    from chatd.client import Client
+    from chatd.outbox import Client
 
 log = logging.getLogger("chatd.sessions")
 
@@ -301,7 +302,7 @@ class Sessions(Service):
         if over:
             return over
 
-        def done(seq: int) -> None:
+        def created(seq: int) -> None:
             waiting, session.waiting = session.waiting or [], None
             self._changed(session, "created", members, (), seq)
             for request in waiting:
@@ -317,7 +318,7 @@ class Sessions(Service):
             store.create_session(session.id, "direct", members, now_ms())
             return newest_seq(store, session.id) if self.broker.shared else 0
 
-        refused = self._write(create, done, failed, undo=lambda: self._remove(session))
+        refused = self._write(create, created, failed, undo=lambda: self._remove(session))
         if refused:
             return refused
         session.waiting = [cmd]
@@ -346,7 +347,7 @@ class Sessions(Service):
             store.set_creator(session.id, me)
             return None
 
-        def done(refused: _Refused | None) -> None:
+        def created(refused: _Refused | None) -> None:
             if refused is not None:
                 self._remove(session)
                 return self._fail(client, cmd.cdid, str(refused))
@@ -355,7 +356,7 @@ class Sessions(Service):
 
         refused = self._write(
             create,
-            done,
+            created,
             lambda answer: self._fail(client, cmd.cdid, answer),
             undo=lambda: self._remove(session))
         if refused:
@@ -378,12 +379,12 @@ class Sessions(Service):
         def change(store: Store) -> tuple[int, int]:
             return store.set_members(session.id, members) or (0, session.version)
 
-        def done(result: tuple[int, int]) -> None:
+        def changed(result: tuple[int, int]) -> None:
             seq, session.version = result
             self._fanout(old | new, info, client, cmd.cdid)
             self._changed(session, "modified", members, old, seq)
 
-        refused = self._write(change, done,
+        refused = self._write(change, changed,
                               lambda answer: self._fail(client, cmd.cdid, answer),
                               undo=lambda: self._set_members(session, old))
         if refused:
@@ -396,11 +397,11 @@ class Sessions(Service):
         if isinstance(session, str):
             return self._fail(client, cmd.cdid, session)
         info, members = session.info("deleted"), session.members
-        def done(_: None) -> None:
+        def deleted(_: None) -> None:
             self._fanout(members, info, client, cmd.cdid)
             self._changed(session, "deleted", info.members, (), 0)
 
-        refused = self._write(lambda store: store.delete_session(session.id), done,
+        refused = self._write(lambda store: store.delete_session(session.id), deleted,
                               lambda answer: self._fail(client, cmd.cdid, answer),
                               undo=lambda: self._add(session))
         if refused:
@@ -501,7 +502,7 @@ class Sessions(Service):
             return session
         session_id = session.id
 
-        def done(rows: list[tuple]) -> None:
+        def read(rows: list[tuple]) -> None:
             Router.resolve(cmd, [
                 StoredMessage(session_id=session_id, seq=seq, sender_id=sender,
                               message=msgspec.Raw(message.encode()), sender_timestamp=sent,
@@ -511,7 +512,7 @@ class Sessions(Service):
         refused = self._write(
             lambda store: store.history(session_id, before=cmd.before, after=cmd.after,
                                         limit=cmd.limit),
-            done, lambda answer: Router.resolve(cmd, answer))
+            read, lambda answer: Router.resolve(cmd, answer))
         return refused or DEFERRED
 
     # --- several nodes (broker.shared) ---------------------------------------------
@@ -552,7 +553,13 @@ class Sessions(Service):
         self._act(self.feeds.follow(item.session_id, item.status, item.members,
                                     item.old_members, item.seq if since is None else None, since))
 
-    def remote_stored(self, user: str, item: Stored) -> None:
+    def remote_items(self) -> dict[type, Any]:
+        """Other nodes' GradAgenda traffic (docs/cluster.md): committed
+        session changes, and committed messages on members' channels."""
+        return {SessionChanged: lambda _, item: self.remote_changed(item),
+                Stored: lambda remote, item: self.remote_stored(remote.user, item)}
+
+    def remote_stored(self, user: str | None, item: Stored) -> None:
         """A message another node committed, for ``user``."""
         if user in self.feeds:
             self._act(self.feeds.offer(user, Entry(StoredMessage(
@@ -560,11 +567,10 @@ class Sessions(Service):
                 message=item.message, sender_timestamp=item.sender_timestamp,
                 server_timestamp=item.server_timestamp))))
 
-    def subscribed(self, channels: list[str]) -> None:
+    def subscribed(self, users: list[str]) -> None:
         """Users' channels deliver now: read what they may have missed before."""
-        for channel in channels:
-            user = channel.removeprefix(user_channel(""))
-            if channel != user and user in self.feeds:
+        for user in users:
+            if user in self.feeds:
                 self._acked.add(user)
                 if user not in self.logins:
                     self._act(self.feeds.catch_up(user))
@@ -572,10 +578,19 @@ class Sessions(Service):
     def broker_down(self) -> None:
         self._acked.clear()
 
-    def resumed(self) -> None:
-        """The broker is back after an outage: sessions changed elsewhere
-        meanwhile are reloaded from the store (``reload``)."""
+    def broker_up(self) -> None:
+        """The broker delivers, first or after an outage: sessions changed
+        elsewhere meanwhile (or between loading them at start and
+        subscribing) are reloaded from the store (``reload``)."""
         self.reload()
+
+    def collect(self) -> Iterator[Metric]:
+        """Prometheus families, on a cluster node (the server registers it)."""
+        yield CounterMetricFamily("chatd_cluster_gradagenda_gaps_skipped",
+                                  "GradAgenda gaps the store could not fill", value=self.skipped)
+
+    def describe(self) -> list[Any]:
+        return []
 
     def _baseline(self, user: str, session_ids: list[str]) -> None:
         """Read where each of the sessions stands for ``user``'s first device
