@@ -1,11 +1,24 @@
 """Several nodes as one service: the router service for cross-node traffic.
 
-A router service beside the lobby and the GradAgenda sessions
-(``chatd.router``). The broker's subscriber task posts what other nodes
-publish as ``Remote`` commands; this service hands each item to the
-service it concerns (``Lobby.remote_*``, ``Sessions.remote_*``), in the
-router task like every local command, so state needs no locks and the
-router never awaits the network. It also keeps the cluster's membership:
+A router service beside the others (``chatd.router``). Cross-node
+traffic is symmetric: each service sends what it has to tell other nodes
+with ``Broker.publish`` (one call out), and says what it handles of
+theirs in ``Service.remote_items`` (item type -> handler). The broker's
+subscriber task posts what other nodes publish as ``Remote`` commands;
+``Cluster.remote`` hands each item to the one service that registered
+its type (one dispatch in), in the router task like every local command,
+so state needs no locks and the router never awaits the network. What
+happens when a remote X arrives is in the ``remote_items`` of the
+service that owns X:
+
+- ``Lobby``: ``said``, ``whisper``, ``joined``, ``left``, ``presence``,
+  ``heartbeat`` (presence versions), ``syncrequest``;
+- ``Sessions``: ``sessionchanged``, ``stored``;
+- ``Moderation``: ``moderated``;
+- this service: ``bye``.
+
+It also keeps the cluster's membership, and tells every service of it
+(``Service.node_gone``, ``broker_up``, ``broker_down``, ``subscribed``):
 
 - **Nodes.** A node is known from the first thing it publishes; its
   heartbeat (every second) keeps it alive. A node silent for
@@ -17,15 +30,10 @@ router never awaits the network. It also keeps the cluster's membership:
   node that stops (SIGTERM) says ``Bye``: it is forgotten at once, its
   names likewise (logged at INFO, not taken for dead), and anything of
   that process that comes later is ignored.
-- **Presence.** Each node numbers its claims and releases per room; a
-  heartbeat carries the numbers, so a node that missed one (a dropped
-  pub/sub message) asks for that node's whole ``Presence`` again. When the
-  broker (re)connects, this node publishes its own presence in each room
-  and asks every node for theirs, so the wcp roster is complete.
 - **Outages.** Each ``BrokerUp`` (the first, and every one after an
-  outage): presence is exchanged again, the GradAgenda sessions reload
-  from the store (changes made elsewhere meanwhile are applied and told)
-  and every feed catches up (``Sessions.resumed``).
+  outage): the lobby exchanges presence again, the GradAgenda sessions
+  reload from the store (changes made elsewhere meanwhile are applied and
+  told) and every feed catches up.
 
 With ``LocalBroker`` the server installs no ``Cluster`` at all.
 """
@@ -33,31 +41,21 @@ With ``LocalBroker`` the server installs no ``Cluster`` at all.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from chatd.broker import Broker
-from chatd.broker.base import (
-    CLUSTER, BrokerDown, BrokerUp, Remote, Subscribed, Tick, node_channel, room_channel,
-    user_channel,
-)
-from chatd.broker.wire import (
-    Bye, Heartbeat, Joined, Left, Presence, Said, SessionChanged, Stored, SyncRequest, Whisper,
-)
+from chatd.broker.base import BrokerDown, BrokerUp, Remote, Subscribed, Tick, channel_user
+from chatd.broker.wire import Bye
+from chatd.router import Service
 
 if TYPE_CHECKING:
-    from chatd.lobby import Lobby
     from chatd.router import Router
-    from chatd.sessions import Sessions
 
 log = logging.getLogger("chatd.cluster")
-
-#: Seconds before the same node is asked again for its presence in a room.
-ASK_INTERVAL = 5.0
 
 
 class _Node:
@@ -68,25 +66,29 @@ class _Node:
         self.heard = heard
 
 
-class Cluster:
-    """``rooms``: the lobby rooms this node's endpoints serve (their
-    channels are subscribed for the node's whole life); ``sessions`` is
-    None when no GradAgenda endpoint is mounted."""
+class Cluster(Service):
+    """``services``: the node's other router services, whose
+    ``remote_items`` it dispatches to; ``heartbeat``: what this node's
+    heartbeat carries (the lobby's presence versions per room)."""
 
-    def __init__(self, broker: Broker, lobby: Lobby, sessions: Sessions | None,
-                 rooms: set[str]) -> None:
+    def __init__(self, broker: Broker, services: Iterable[Service],
+                 heartbeat: Callable[[], dict[str, int]]) -> None:
         self.broker = broker
-        self.lobby = lobby
-        self.sessions = sessions
-        self.rooms = set(rooms)
+        self.services = list(services)
+        self.heartbeat = heartbeat
         self.nodes: dict[str, _Node] = {}
         #: Whether the broker delivers now.
         self.up = False
         self.router: Router | None = None
-        self._asked: dict[tuple[str, str], float] = {}
         #: node -> the boot of its process that said ``Bye``.
         self.departed: dict[str, str] = {}
-        self._user_prefix = user_channel("")
+        #: item type -> its handler, from every service's ``remote_items``.
+        self.handlers: dict[type, Callable[[Remote, Any], None]] = {Bye: self._bye}
+        for service in self.services:
+            for kind, handler in service.remote_items().items():
+                if kind in self.handlers:
+                    raise RuntimeError(f"two services handle remote {kind.__name__} items")
+                self.handlers[kind] = handler
 
     # --- service life ------------------------------------------------------------
 
@@ -97,10 +99,9 @@ class Cluster:
         router.handle(BrokerUp, self.broker_up)
         router.handle(BrokerDown, self.broker_down)
         router.handle(Tick, self.tick)
-        self.broker.subscribe(room_channel(room) for room in sorted(self.rooms))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self.broker.run(self.router, self.versions, task_status=task_status)
+        await self.broker.run(self.router, self.heartbeat, task_status=task_status)
 
     async def ready(self) -> str | None:
         return self.broker.ready()
@@ -108,49 +109,28 @@ class Cluster:
     async def aclose(self) -> None:
         await self.broker.aclose()
 
-    def versions(self) -> dict[str, int]:
-        """This node's presence version in each room it serves (heartbeats)."""
-        return {room: self.lobby.versions.get(room, 0) for room in sorted(self.rooms)}
-
     # --- what other nodes said ----------------------------------------------------------
 
     def remote(self, cmd: Remote) -> None:
+        """One dispatch in: each item to the service that handles its type."""
         origin = cmd.origin
         if self.departed.get(origin) == cmd.boot:
             return  # that process said Bye: nothing of it is news any more
         self._heard(origin, cmd.boot)
-        lobby = self.lobby
+        handlers = self.handlers
         for item in cmd.items:
-            kind = type(item)
-            if kind is Said:
-                lobby.remote_said(item)
-            elif kind is Stored:
-                if self.sessions is not None and cmd.channel.startswith(self._user_prefix):
-                    self.sessions.remote_stored(cmd.channel[len(self._user_prefix):], item)
-            elif kind is Joined:
-                if not lobby.remote_joined(origin, item):
-                    self._ask(origin, [item.room])
-            elif kind is Left:
-                if not lobby.remote_left(origin, item):
-                    self._ask(origin, [item.room])
-            elif kind is Heartbeat:
-                stale = lobby.stale_rooms(origin, item.rooms, self.rooms)
-                if stale:
-                    self._ask(origin, stale)
-            elif kind is Presence:
-                self._asked.pop((origin, item.room), None)
-                lobby.remote_presence(origin, item)
-            elif kind is Whisper:
-                lobby.remote_whisper(item)
-            elif kind is SyncRequest:
-                for room in sorted(self.rooms.intersection(item.rooms or self.rooms)):
-                    self.broker.publish(node_channel(origin), lobby.presence(room))
-            elif kind is SessionChanged:
-                if self.sessions is not None:
-                    self.sessions.remote_changed(item)
-            elif kind is Bye:
-                self._left(origin, cmd.boot)
-                return
+            handler = handlers.get(type(item))
+            if handler is not None:
+                handler(cmd, item)
+            if self.departed.get(origin) == cmd.boot:
+                return  # it said Bye: what follows is not news either
+
+    def _bye(self, cmd: Remote, _: Bye) -> None:
+        """``cmd.origin`` stopped (SIGTERM), and released its names."""
+        log.info("node %s left the cluster (stopped): its clients' departures are announced",
+                 cmd.origin)
+        self.departed[cmd.origin] = cmd.boot
+        self._forget(cmd.origin, cmd.boot)
 
     def _heard(self, origin: str, boot: str) -> None:
         now = trio.current_time()
@@ -161,20 +141,11 @@ class Cluster:
             self.departed.pop(origin, None)
         elif node.boot != boot:
             log.warning("node %s restarted: the names it held before are gone", origin)
-            self.lobby.node_gone(origin, node.boot)
+            for service in self.services:
+                service.node_gone(origin, node.boot)
             node.boot, node.heard = boot, now
         else:
             node.heard = now
-
-    def _ask(self, node: str, rooms: list[str]) -> None:
-        """Ask ``node`` for its whole presence in ``rooms`` (not too often)."""
-        now = trio.current_time()
-        rooms = [room for room in rooms
-                 if now - self._asked.get((node, room), -math.inf) >= ASK_INTERVAL]
-        if rooms:
-            for room in rooms:
-                self._asked[(node, room)] = now
-            self.broker.publish(node_channel(node), SyncRequest(rooms=rooms))
 
     # --- the broker's state --------------------------------------------------------------
 
@@ -189,18 +160,10 @@ class Cluster:
                             name, now - node.heard)
                 self._forget(name, node.boot)
 
-    def _left(self, name: str, boot: str) -> None:
-        """``name`` said ``Bye``: it stopped, and released its names."""
-        log.info("node %s left the cluster (stopped): its clients' departures are announced",
-                 name)
-        self.departed[name] = boot
-        self._forget(name, boot)
-
     def _forget(self, name: str, boot: str) -> None:
         self.nodes.pop(name, None)
-        self.lobby.node_gone(name, boot)
-        for key in [key for key in self._asked if key[0] == name]:
-            del self._asked[key]
+        for service in self.services:
+            service.node_gone(name, boot)
 
     def broker_up(self, cmd: BrokerUp) -> None:
         self.up = True
@@ -208,22 +171,19 @@ class Cluster:
         now = trio.current_time()
         for node in self.nodes.values():
             node.heard = now
-        for room in sorted(self.rooms):
-            self.broker.publish(room_channel(room), self.lobby.presence(room))
-        self.broker.publish(CLUSTER, SyncRequest(rooms=sorted(self.rooms)))
-        # Also the first time: sessions changed elsewhere between loading
-        # them at start and subscribing were not heard of.
-        if self.sessions is not None:
-            self.sessions.resumed()
+        for service in self.services:
+            service.broker_up()
 
     def broker_down(self, _: BrokerDown) -> None:
         self.up = False
-        if self.sessions is not None:
-            self.sessions.broker_down()
+        for service in self.services:
+            service.broker_down()
 
     def subscribed(self, cmd: Subscribed) -> None:
-        if self.sessions is not None:
-            self.sessions.subscribed(cmd.channels)
+        users = [user for channel in cmd.channels if (user := channel_user(channel)) is not None]
+        if users:
+            for service in self.services:
+                service.subscribed(users)
 
     # --- metrics ----------------------------------------------------------------------------
 
@@ -247,9 +207,6 @@ class Cluster:
                                 value=len(self.nodes))
         yield GaugeMetricFamily("chatd_cluster_names_held", "Names this node holds in the broker",
                                 value=stats.get("names", 0))
-        skipped = self.sessions.skipped if self.sessions is not None else 0
-        yield CounterMetricFamily("chatd_cluster_gradagenda_gaps_skipped",
-                                  "GradAgenda gaps the store could not fill", value=skipped)
 
     def describe(self) -> list[Any]:
         return []

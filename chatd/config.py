@@ -148,8 +148,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
     connect_rate_per_ip: float = 50.0
     connect_burst_per_ip: int = 200
     # Frames a second one connection may send, and the burst it may save
-    # up; frames over it are dropped with the protocol's error answer, and
-    # a client still sending after another burst's worth is closed 1008.
+    # up; a client over it is read later (throttled: TCP pushes back on
+    # it), and nothing it sent is dropped (chatd.connection).
     message_rate: float = 100.0
     message_burst: int = 200
     # Keepalive: ping a connection silent for ping-interval seconds; close

@@ -61,7 +61,7 @@ from websockets.protocol import Protocol as WSProtocol
 from websockets.protocol import Side, State
 
 from chatd import names
-from chatd.client import Client, Flusher
+from chatd.outbox import Client, Flusher
 from chatd.events import Answered, Command, Leave, Request
 from chatd.protocols.base import AuthFailed, Close, Context, Output, Protocol, Send, Stream
 from chatd.router import Router

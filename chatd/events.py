@@ -23,7 +23,7 @@ import msgspec
 class Command(msgspec.Struct, tag=True, kw_only=True):
     """Something a connection asks of the router."""
 
-    client: Any = None  # chatd.client.Client, set by the connection task
+    client: Any = None  # chatd.outbox.Client, set by the connection task
 
 
 class Request(Command, kw_only=True):
@@ -210,6 +210,19 @@ class Status(Event, kw_only=True):
     cdid: Any
     ok: bool
     message: str | None = None
+
+
+class Refused(Event, kw_only=True):
+    """An operator's rule refused what the client did (``chatd.moderation``,
+    docs/api.md), in each protocol's own error form: ``message`` where the
+    protocol has an error text (wcp ``error``; GradAgenda a failed
+    ``status-response`` echoing ``cdid``), ``sentence`` for socialvp's
+    ``outcome`` 403 (its original server's style, "Banned: spam!").
+    multichat and wschat have no error form: nothing is sent."""
+
+    message: str
+    sentence: str
+    cdid: Any = None
 
 
 class SessionInfo(Event, kw_only=True):

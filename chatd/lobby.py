@@ -57,25 +57,32 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from chatd import names
+import trio
+
+from chatd import hub, names
 from chatd.broker import Broker, LocalBroker
-from chatd.broker.base import ClaimDone, NamesLost, Released, node_channel, room_channel
-from chatd.broker.wire import Joined, Left, Member, Presence, Said, Whisper
+from chatd.broker.base import (
+    CLUSTER, ClaimDone, NamesLost, Released, Remote, node_channel, owner, room_channel,
+)
+from chatd.broker.wire import Heartbeat, Joined, Left, Member, Presence, Said, SyncRequest, Whisper
 from chatd.events import Direct, Event, Join, Leave, Message, Publish, SendDirect, UserJoined, UserLeft
-from chatd.router import DEFERRED, Router
-from chatd.transport import text_frame
+from chatd.router import DEFERRED, Router, Service
 
 if TYPE_CHECKING:
-    from chatd.client import Client
+    from chatd.outbox import Client
     from chatd.protocols.base import Protocol
 
 log = logging.getLogger("chatd.lobby")
+
+#: Seconds before the same node is asked again for its presence in a room.
+ASK_INTERVAL = 5.0
 
 #: The close code and reason for a holder whose name another node took
 #: while this node could not renew it (docs/cluster.md): reconnect.
@@ -172,9 +179,13 @@ class _Pending:
         self.keys = keys
 
 
-class Lobby:
-    def __init__(self, broker: Broker | None = None) -> None:
+class Lobby(Service):
+    """``rooms``: the rooms this node's endpoints serve; with a shared
+    broker, their channels are subscribed for the node's whole life."""
+
+    def __init__(self, broker: Broker | None = None, rooms: Iterable[str] = ()) -> None:
         self.broker: Broker = broker if broker is not None else LocalBroker()
+        self.served = set(rooms)
         self.rooms: dict[str, Room] = {}
         #: Other nodes' names, by room (cluster).
         self.remote: dict[str, RemoteRoom] = {}
@@ -188,6 +199,8 @@ class Lobby:
         #: (room name, member).
         self._departures: dict[int, tuple[str, UserLeft, Client] | tuple[str, RemoteMember]] = {}
         self._tokens = itertools.count(1)
+        #: (node, room) -> when this node last asked it for its presence there.
+        self._asked: dict[tuple[str, str], float] = {}
         self._handlers = {Join: self.join, Publish: self.publish, SendDirect: self.send_direct,
                           Leave: self.leave}
 
@@ -197,6 +210,24 @@ class Lobby:
         router.handle(ClaimDone, self.claim_done)
         router.handle(Released, self.released)
         router.handle(NamesLost, self.names_lost)
+        if self.broker.shared:
+            self.broker.subscribe(room_channel(room) for room in sorted(self.served))
+
+    def remote_items(self) -> dict[type, Any]:
+        """Other nodes' lobby traffic (docs/cluster.md): messages, direct
+        messages, presence changes and snapshots, heartbeats' presence
+        versions, and requests for this node's presence."""
+        return {
+            Said: lambda _, item: self.remote_said(item),
+            Whisper: lambda _, item: self.remote_whisper(item),
+            Joined: lambda remote, item: self._heard_of(remote.origin, item.room,
+                                                        self.remote_joined(remote.origin, item)),
+            Left: lambda remote, item: self._heard_of(remote.origin, item.room,
+                                                      self.remote_left(remote.origin, item)),
+            Presence: self._on_presence,
+            Heartbeat: self._on_heartbeat,
+            SyncRequest: self._on_sync_request,
+        }
 
     # --- handlers ----------------------------------------------------------
 
@@ -278,12 +309,8 @@ class Lobby:
         target = room.names.get(address)
         if target is None:
             return self._send_remote(room, client, address, cmd)
-        data = target.protocol.encode(Direct(sender=client.name or "", to=target.name or cmd.to,
-                                             payload=cmd.payload, time_ns=time.time_ns()))
-        if data is None:
-            return False
-        target.deliver(text_frame(data))
-        return True
+        return hub.send(target, Direct(sender=client.name or "", to=target.name or cmd.to,
+                                       payload=cmd.payload, time_ns=time.time_ns()))
 
     def _send_remote(self, room: Room, client: Client, address: str, cmd: SendDirect) -> bool:
         remote = self.remote.get(room.name)
@@ -339,7 +366,7 @@ class Lobby:
         if remote is not None:
             claims += [member.claim for member in remote.members.values()]
         if claims:
-            client.stream(_roster_frames(client.protocol, claims))
+            hub.stream(client, (claim.announcement() for claim in claims))
 
     # --- commands behind a claim in flight ---------------------------------------
 
@@ -530,7 +557,7 @@ class Lobby:
             self._drop_remote(room_name, remote, member.key)
 
     def _owner(self, client: Client) -> str:
-        return f"{self.broker.node}:{self.broker.boot}:{client.id}"
+        return owner(self.broker.node, self.broker.boot, client.id)
 
     def names_lost(self, lost: NamesLost) -> None:
         """Names another node took while this one could not renew them: their
@@ -563,7 +590,7 @@ class Lobby:
                     self._departures[token] = (room.name, event, holder)
             holder.kill(*NAME_LOST)
 
-    # --- other nodes (chatd.cluster calls these) ------------------------------------
+    # --- other nodes (``remote_items``; docs/cluster.md) -------------------------------
 
     def _tell(self, room: str, item: Joined | Left) -> None:
         """Publish a presence change of this node, numbered."""
@@ -601,10 +628,8 @@ class Lobby:
             log.info("a direct message from another node for %r in room %s is lost: its holder "
                      "left", item.to, item.room)
             return
-        data = target.protocol.encode(Direct(sender=item.sender, to=item.to, payload=item.payload,
-                                             time_ns=item.time_ns))
-        if data is not None:
-            target.deliver(text_frame(data))
+        hub.send(target, Direct(sender=item.sender, to=item.to, payload=item.payload,
+                                time_ns=item.time_ns))
 
     def remote_joined(self, node: str, item: Joined) -> bool:
         """Apply another node's claim; False if a change of that node was
@@ -634,6 +659,8 @@ class Lobby:
         """``node`` (its process ``boot``) died, restarted or stopped: its
         names are released on its behalf (so no claim waits for them to
         expire), then announced gone (``released``)."""
+        for key in [key for key in self._asked if key[0] == node]:
+            del self._asked[key]
         for room, remote in self.remote.items():
             remote.versions.pop(node, None)
             for key, member in list(remote.members.items()):
@@ -641,10 +668,50 @@ class Lobby:
                     continue
                 member.departing = True
                 token = next(self._tokens)
-                if self.broker.release(room, member.claim.keys, f"{node}:{boot}:{key[1]}", token):
+                if self.broker.release(room, member.claim.keys, owner(node, boot, key[1]), token):
                     self._drop_remote(room, remote, key)
                 else:
                     self._departures[token] = (room, member)
+
+    # --- presence kept in step with other nodes' ------------------------------------
+
+    def broker_up(self) -> None:
+        """This node's presence to every node, and everyone's asked for."""
+        for room in sorted(self.served):
+            self.broker.publish(room_channel(room), self.presence(room))
+        self.broker.publish(CLUSTER, SyncRequest(rooms=sorted(self.served)))
+
+    def heartbeat(self) -> dict[str, int]:
+        """This node's presence version in each room it serves."""
+        return {room: self.versions.get(room, 0) for room in sorted(self.served)}
+
+    def _heard_of(self, node: str, room: str, in_step: bool) -> None:
+        if not in_step:
+            self._ask(node, [room])
+
+    def _on_presence(self, remote: Remote, item: Presence) -> None:
+        self._asked.pop((remote.origin, item.room), None)
+        self.remote_presence(remote.origin, item)
+
+    def _on_heartbeat(self, remote: Remote, item: Heartbeat) -> None:
+        stale = self.stale_rooms(remote.origin, item.rooms, self.served)
+        if stale:
+            self._ask(remote.origin, stale)
+
+    def _on_sync_request(self, remote: Remote, item: SyncRequest) -> None:
+        for room in sorted(self.served.intersection(item.rooms or self.served)):
+            self.broker.publish(node_channel(remote.origin), self.presence(room))
+
+    def _ask(self, node: str, rooms: list[str]) -> None:
+        """Ask ``node`` for its whole presence in ``rooms`` (not more often
+        than every ``ASK_INTERVAL`` seconds a room)."""
+        now = trio.current_time()
+        rooms = [room for room in rooms
+                 if now - self._asked.get((node, room), -math.inf) >= ASK_INTERVAL]
+        if rooms:
+            for room in rooms:
+                self._asked[(node, room)] = now
+            self.broker.publish(node_channel(node), SyncRequest(rooms=rooms))
 
     def stale_rooms(self, node: str, versions: dict[str, int], served: set[str]) -> list[str]:
         """The rooms of ``served`` whose view of ``node`` is behind the
@@ -745,25 +812,9 @@ class Lobby:
 
     @staticmethod
     def fanout(room: Room, event: Event, exclude: Client | None = None) -> None:
-        """Encode once per protocol present, then hand the same frame to each."""
-        for protocol, members in room.receivers.items():
-            data = protocol.encode(event)
-            if data is None:
-                continue
-            frame = text_frame(data)
-            skip = None if protocol.echo else exclude
-            for client in members.values():
-                if client is not skip:
-                    client.deliver(frame)
-
-
-def _roster_frames(protocol: type[Protocol], claims: list[Claim]) -> Iterator[bytes]:
-    """The roster's frame payloads, each made when the writer asks for it."""
-    encode = protocol.encode
-    for claim in claims:
-        data = encode(claim.announcement())
-        if data is not None:
-            yield data
+        """Everyone in ``room`` gets ``event`` (``exclude``, the sender, only
+        where its protocol echoes): ``chatd.hub`` encodes it."""
+        hub.broadcast(room.receivers, event, exclude)
 
 
 @cache

@@ -43,7 +43,6 @@ router task, answered at once or after a store commit.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import logging
 import secrets
@@ -56,19 +55,18 @@ import msgspec
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from chatd import names
-from chatd.broker.base import CLUSTER, Remote
+from chatd import hub, names
+from chatd.broker.base import CLUSTER
 from chatd.broker.wire import Moderated
 from chatd.events import (
-    Join, Leave, Login, Message, Publish, Request, SendMessage, Status, StoredMessage,
+    Join, Leave, Login, Logout, Message, Publish, Refused, Request, SendMessage, StoredMessage,
 )
-from chatd.router import DEFERRED, Router
+from chatd.router import DEFERRED, PASS, Router, Service
 from chatd.store import Failure, Job, Writer
 from chatd.store import moderation as db
-from chatd.transport import text_frame
 
 if TYPE_CHECKING:
-    from chatd.client import Client
+    from chatd.outbox import Client
     from chatd.server import Server
     from chatd.sessions import Sessions
 
@@ -215,7 +213,7 @@ class Operator:
         return True
 
 
-class Moderation:
+class Moderation(Service):
     """The service. ``server`` gives what the API looks at (connections,
     lobby, sessions, store, broker, metrics)."""
 
@@ -253,14 +251,16 @@ class Moderation:
 
     def install(self, router: Router) -> None:
         self.router = router
-        wrappers: dict[type, Callable] = {Join: self._join, Publish: self._publish,
-                                          Leave: self._leave, Login: self._login,
-                                          SendMessage: self._send_message, Remote: self._remote}
-        for command_type, wrapper in wrappers.items():
-            inner = router.handler(command_type)
-            if inner is not None:
-                router.handle(command_type, functools.partial(wrapper, inner))
+        guards: dict[type, Callable] = {Join: self._join, Publish: self._publish,
+                                        Leave: self._left, Login: self._login, Logout: self._left,
+                                        SendMessage: self._send_message}
+        for command_type, check in guards.items():
+            router.guard(command_type, check)
         router.handle(Operate, lambda cmd: cmd.fn(cmd))
+
+    def remote_items(self) -> dict[type, Any]:
+        """Another node's operator action: carried out here too."""
+        return {Moderated: lambda remote, item: self.apply(item, remote=remote.origin)}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load the rules (before the listener opens: a restarted server
@@ -369,9 +369,9 @@ class Moderation:
         self.refused[("ban", "handshake")] += 1
         return _reason("banned", rule)
 
-    # --- the wrapped handlers -------------------------------------------------------
+    # --- the guards (chatd.router: PASS lets the command go on) ------------------------
 
-    def _join(self, inner: Callable, cmd: Join) -> Any:
+    def _join(self, cmd: Join) -> Any:
         client = cmd.client
         if cmd.register and cmd.name is not None:
             if is_reserved(cmd.name) or is_reserved(cmd.display_name):
@@ -384,11 +384,10 @@ class Moderation:
             refuse(client, rule)
             self.refused[("ban", client.protocol.name)] += 1
             return DEFERRED  # never answered: the connection is closing
-        result = inner(cmd)
         self.since.setdefault(client.id, time.time())
-        return result
+        return PASS
 
-    def _publish(self, inner: Callable, cmd: Publish) -> Any:
+    def _publish(self, cmd: Publish) -> Any:
         client = cmd.client
         if cmd.sender is not None and cmd.sender != client.name:
             if is_reserved(cmd.sender):
@@ -405,17 +404,15 @@ class Moderation:
             rule = self._client_rule("mute", client, client.room, (cmd.sender,))
             if rule is not None:
                 self.refused[("mute", client.protocol.name)] += 1
-                frame = muted_answer(client, rule)
-                if frame is not None:
-                    client.deliver(frame)
+                hub.send(client, muted(rule))
                 return None
-        return inner(cmd)
+        return PASS
 
-    def _leave(self, inner: Callable, cmd: Leave) -> Any:
+    def _left(self, cmd: Leave | Logout) -> Any:
         self.since.pop(cmd.client.id, None)
-        return inner(cmd)
+        return PASS
 
-    def _login(self, inner: Callable, cmd: Login) -> Any:
+    def _login(self, cmd: Login) -> Any:
         client = cmd.client
         if is_reserved(cmd.user_id):
             refuse(client, None, cmd.cdid, "this user-id is reserved for the server's notices",
@@ -428,25 +425,19 @@ class Moderation:
                 refuse(client, rule, cmd.cdid)
                 self.refused[("ban", client.protocol.name)] += 1
                 return DEFERRED
-        result = inner(cmd)
         self.since.setdefault(client.id, time.time())
-        return result
+        return PASS
 
-    def _send_message(self, inner: Callable, cmd: SendMessage) -> Any:
+    def _send_message(self, cmd: SendMessage) -> Any:
         if self.rules:
             client = cmd.client
             rule = self._client_rule("mute", client, cmd.session_id)
             if rule is not None:
                 self.refused[("mute", client.protocol.name)] += 1
-                client.answered(muted_answer(client, rule, cmd.cdid))
+                hub.answer(client, muted(rule, cmd.cdid))
                 return None
-        return inner(cmd)
+        return PASS
 
-    def _remote(self, inner: Callable, cmd: Remote) -> Any:
-        for item in cmd.items:
-            if isinstance(item, Moderated):
-                self.apply(item, remote=cmd.origin)
-        return inner(cmd)
 
     # --- actions (router task) ------------------------------------------------------
 
@@ -636,38 +627,19 @@ def refuse(client: Client, rule: Rule | None, cdid: Any = None, text: str = "",
            what: str = "banned") -> None:
     """Refuse a banned client in its protocol's form, then close it 1008."""
     reason = _reason(what, rule, text)
-    frame = _error_frame(client, reason, cdid, code=403, socialvp_text=f"Banned: "
-                         f"{text or (rule.row.reason if rule else '') or 'by the operator'}!")
-    if frame is not None:
-        client.deliver(frame)
+    hub.send(client, Refused(message=reason, cdid=cdid, sentence=(
+        f"Banned: {text or (rule.row.reason if rule else '') or 'by the operator'}!")))
     client.kill(1008, _cut(reason))
 
 
-def muted_answer(client: Client, rule: Rule, cdid: Any = None) -> bytes | None:
-    """The protocol's error for a muted client's message, or None (none exists)."""
+def muted(rule: Rule, cdid: Any = None) -> Refused:
+    """A muted client's message refused, in its protocol's form (none on
+    multichat and wschat: the message is dropped and counted)."""
     expires = rule.row.expires_ms
     until = ("" if expires is None else
              f" until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(expires / 1000))}")
-    reason = _reason(f"muted{until}", rule)
-    return _error_frame(client, reason, cdid, code=403,
-                        socialvp_text=f"You are muted in this room{until}!")
-
-
-def _error_frame(client: Client, reason: str, cdid: Any, *, code: int,
-                 socialvp_text: str) -> bytes | None:
-    protocol = client.protocol.name
-    if protocol == "socialvp":
-        from chatd.protocols.socialvp import outcome
-
-        return text_frame(outcome(False, code, socialvp_text).data)
-    if protocol == "wcp":
-        from chatd.protocols.wcp import error
-
-        return text_frame(error(reason).data)
-    if protocol == "gradagenda":
-        data = client.protocol.encode(Status(cdid=cdid, ok=False, message=reason))
-        return text_frame(data) if data is not None else None
-    return None  # multichat, wschat: no error form
+    return Refused(message=_reason(f"muted{until}", rule), cdid=cdid,
+                   sentence=f"You are muted in this room{until}!")
 
 
 def _call(callback: Callable[..., None], *args: Any) -> None:

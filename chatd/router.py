@@ -8,7 +8,7 @@ command type.
 
 The router works in passes: it waits for one command, then handles what
 else is already queued (up to ``pass_size``), then flushes every
-connection it delivered to, once (``chatd.client.Flusher``). Under load
+connection it delivered to, once (``chatd.outbox.Flusher``). Under load
 several events leave in one write per connection; on a quiet server a
 pass is one command and nothing waits.
 
@@ -27,12 +27,14 @@ from typing import Any
 
 import trio
 
-from chatd.client import Flusher
+from chatd.outbox import Flusher
 from chatd.events import Command, Request
 
 log = logging.getLogger("chatd.router")
 
 DEFERRED = object()
+#: A guard's answer that lets the command go on to its handler.
+PASS = object()
 
 
 class RouterError(RuntimeError):
@@ -59,23 +61,89 @@ class _Reply:
             self.event.set()
 
 
+class Service:
+    """A part of the router's work: the lobby, GradAgenda sessions, the
+    cluster, moderation. The server calls, for every service in order:
+    ``install`` (register command handlers and guards) and ``run`` (in its
+    nursery, before the listener opens; cancelled last, once the router
+    has drained) at start; ``ready`` for /readyz; ``aclose`` at shutdown.
+    The defaults do nothing."""
+
+    def install(self, router: Router) -> None:
+        pass
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+
+    async def ready(self) -> str | None:
+        """None if the service can do its work now, else why not."""
+        return None
+
+    async def aclose(self) -> None:
+        pass
+
+    # --- several nodes (``chatd.cluster`` calls these; docs/cluster.md) -----------
+
+    def remote_items(self) -> dict[type, Callable[[Any, Any], None]]:
+        """What this service handles of what other nodes publish: item type
+        (``chatd.broker.wire``) -> ``handler(remote, item)``, where
+        ``remote`` is the ``chatd.broker.base.Remote`` that carried it
+        (origin node, its boot, the channel's user). One service per type;
+        what a service publishes it sends with ``Broker.publish``."""
+        return {}
+
+    def broker_up(self) -> None:
+        """The broker delivers (first, and after every outage)."""
+
+    def broker_down(self) -> None:
+        """The broker stopped delivering (an outage)."""
+
+    def subscribed(self, users: list[str]) -> None:
+        """The channels of ``users`` deliver now."""
+
+    def node_gone(self, node: str, boot: str) -> None:
+        """``node``'s process ``boot`` died, restarted or stopped."""
+
+
 class Router:
     def __init__(self, flusher: Flusher | None = None, buffer: int = 4096,
                  pass_size: int = 64) -> None:
         self._send, self._recv = trio.open_memory_channel[Command](buffer)
+        #: What ``_dispatch`` calls: each handler, behind its guard if any.
         self._handlers: dict[type, Callable[[Any], Any]] = {}
+        self._plain: dict[type, Callable[[Any], Any]] = {}
+        self._guards: dict[type, Callable[[Any], Any]] = {}
         self.flusher = flusher if flusher is not None else Flusher()
         self.pass_size = pass_size
         #: Set once ``run`` has handled every command and returned.
         self.closed = trio.Event()
 
     def handle(self, command_type: type[Command], handler: Callable[[Any], Any]) -> None:
-        self._handlers[command_type] = handler
+        """``handler(command)`` handles every ``command_type`` command."""
+        self._plain[command_type] = handler
+        self._compose(command_type)
 
-    def handler(self, command_type: type[Command]) -> Callable[[Any], Any] | None:
-        """The handler registered for ``command_type``, if any (moderation
-        wraps the handlers it enforces rules in: chatd.moderation)."""
-        return self._handlers.get(command_type)
+    def guard(self, command_type: type[Command], check: Callable[[Any], Any]) -> None:
+        """``check(command)`` runs before the handler of ``command_type``
+        (moderation's rules): it returns ``PASS`` to let the handler run,
+        else the command's result. One guard per command type."""
+        self._guards[command_type] = check
+        self._compose(command_type)
+
+    def _compose(self, command_type: type) -> None:
+        handler = self._plain.get(command_type)
+        check = self._guards.get(command_type)
+        if handler is None:
+            return
+        if check is None:
+            self._handlers[command_type] = handler
+            return
+
+        def guarded(command: Any) -> Any:
+            result = check(command)
+            return handler(command) if result is PASS else result
+
+        self._handlers[command_type] = guarded
 
     @property
     def queued(self) -> int:

@@ -30,7 +30,7 @@ import trio
 
 from chatd.api import Api
 from chatd.broker import Broker, LocalBroker, generated_node_id, open_broker
-from chatd.client import Flusher
+from chatd.outbox import Flusher
 from chatd.cluster import Cluster
 from chatd.config import SPARE_FILES, Config, ConfigError, check_cluster, tls_context
 from chatd.connection import Connection
@@ -47,7 +47,7 @@ from chatd.protocols import PROTOCOL_CLASSES
 from chatd.protocols.base import Context, Protocol
 from chatd.proxy import Address, ProxyHeaderError, forwarded_address, in_networks, parse_networks
 from chatd.proxy import parse_proxy_header, proxy_header_length
-from chatd.router import Router
+from chatd.router import Router, Service
 from chatd.sessions import Sessions
 from chatd.store import Store, StoreError, open_store
 from chatd.transport import Transport
@@ -78,17 +78,14 @@ class Server:
         self.flusher = Flusher(self.metrics.deliveries)
         self.router = Router(self.flusher)
         self.metrics.queue_depth = lambda: self.router.queued
-        self.lobby = Lobby()
-        self.lobby.install(self.router)
         #: Cross-node traffic (``chatd.broker``): in-process until ``run``
         #: opens the configured one; ``cluster`` is its router service.
         self.broker: Broker = LocalBroker()
+        self.lobby: Lobby | None = None
         self.cluster: Cluster | None = None
-        #: Router services beside the lobby. Each has ``install(router)``;
-        #: one with ``async run(task_status=...)`` gets a task in the server's
-        #: nursery before the listener opens (cancelled last, after the
-        #: router has drained), and ``async aclose()`` runs at shutdown.
-        self.services: list = []
+        #: The router's services (``chatd.router.Service``), made by ``run``
+        #: once the broker and the store are open, installed in this order.
+        self.services: list[Service] = []
         self.connections: set[Connection] = set()
         self.mounts: dict[str, Mount] = {}
         self.ports: list[int] = []
@@ -143,7 +140,9 @@ class Server:
             for listener in listeners + admin_listeners:
                 await listener.aclose()
             raise StartupError(str(exc)) from None
-        self.lobby.broker = self.broker
+        rooms = {e.room for e in config.mounted() if e.protocol != "gradagenda"}
+        self.lobby = Lobby(self.broker, rooms)
+        self.services.append(self.lobby)
         try:
             # Blocking: connecting to PostgreSQL, or waiting out a locked file.
             self.store = await trio.to_thread.run_sync(functools.partial(
@@ -161,16 +160,18 @@ class Server:
                                     config.max_messages_per_user_per_session),
                                 broker=self.broker)
             self.services.append(sessions)
-        if self.broker.shared:
-            rooms = {e.room for e in config.mounted() if e.protocol != "gradagenda"}
-            self.cluster = Cluster(self.broker, self.lobby, sessions, rooms)
-            self.services.append(self.cluster)
-            self.metrics.registry.register(self.cluster)
-        # Moderation (issue 22): installed last, it wraps the others' handlers.
+        # Moderation (issue 22): guards the others' handlers.
         self.moderation = Moderation(self, config.retention_count, config.retention_age,
                                      config.retention_interval)
         self.services.append(self.moderation)
         self.metrics.registry.register(self.moderation)
+        if self.broker.shared:
+            # Last: it dispatches other nodes' items to the services above.
+            self.cluster = Cluster(self.broker, list(self.services), self.lobby.heartbeat)
+            self.services.append(self.cluster)
+            self.metrics.registry.register(self.cluster)
+            if sessions is not None:
+                self.metrics.registry.register(sessions)
         try:
             await self._resolve_secrets()
             await self._start_api()  # issue 22
@@ -178,8 +179,7 @@ class Server:
             async with trio.open_nursery() as nursery:
                 for service in self.services:
                     service.install(self.router)
-                    if hasattr(service, "run"):
-                        await nursery.start(service.run)
+                    await nursery.start(service.run)
                 await nursery.start(self.router.run)
                 async with trio.open_nursery() as connections:
                     self._spawn = connections.start_soon
@@ -199,8 +199,7 @@ class Server:
                 with trio.move_on_at(self._shutdown_deadline):
                     await self.router.closed.wait()
                     for service in self.services:
-                        if hasattr(service, "aclose"):
-                            await service.aclose()
+                        await service.aclose()
                 nursery.cancel_scope.cancel()
         finally:
             self.store.close()
@@ -226,11 +225,9 @@ class Server:
         if self._stopping.is_set():
             return "shutting down"
         for service in self.services:
-            check = getattr(service, "ready", None)
-            if check is not None:
-                reason = await check()
-                if reason is not None:
-                    return reason
+            reason = await service.ready()
+            if reason is not None:
+                return reason
         return None
 
     async def _keepalive(self) -> None:

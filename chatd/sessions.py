@@ -65,12 +65,14 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
+from prometheus_client.core import CounterMetricFamily, Metric
 
+from chatd import hub
 from chatd.broker import Broker, LocalBroker
 from chatd.broker.base import CLUSTER, user_channel
 from chatd.broker.wire import SessionChanged, Stored
@@ -79,13 +81,12 @@ from chatd.events import (
     ModifySession, ReadHistory, SendMessage, SessionInfo, Status, StoredMessage,
 )
 from chatd.feeds import FILL_PAGE, Action, Answer, Deliver, Entry, Feeds, Read, Reload
-from chatd.router import DEFERRED, Router
+from chatd.router import DEFERRED, Router, Service
 from chatd.store import Failure, Job, Store, Writer
 from chatd.store.base import StoredSession
-from chatd.transport import text_frame
 
 if TYPE_CHECKING:
-    from chatd.client import Client
+    from chatd.outbox import Client
 
 log = logging.getLogger("chatd.sessions")
 
@@ -153,7 +154,7 @@ class StoreDone(Command, kw_only=True):
     failure: Failure | None
 
 
-class Sessions:
+class Sessions(Service):
     """The ``max_*`` arguments are the config keys of the same names."""
 
     def __init__(self, store: Store, max_pending: int = 10_000, *,
@@ -301,7 +302,7 @@ class Sessions:
         if over:
             return over
 
-        def done(seq: int) -> None:
+        def created(seq: int) -> None:
             waiting, session.waiting = session.waiting or [], None
             self._changed(session, "created", members, (), seq)
             for request in waiting:
@@ -317,7 +318,7 @@ class Sessions:
             store.create_session(session.id, "direct", members, now_ms())
             return newest_seq(store, session.id) if self.broker.shared else 0
 
-        refused = self._write(create, done, failed, undo=lambda: self._remove(session))
+        refused = self._write(create, created, failed, undo=lambda: self._remove(session))
         if refused:
             return refused
         session.waiting = [cmd]
@@ -346,7 +347,7 @@ class Sessions:
             store.set_creator(session.id, me)
             return None
 
-        def done(refused: _Refused | None) -> None:
+        def created(refused: _Refused | None) -> None:
             if refused is not None:
                 self._remove(session)
                 return self._fail(client, cmd.cdid, str(refused))
@@ -355,7 +356,7 @@ class Sessions:
 
         refused = self._write(
             create,
-            done,
+            created,
             lambda answer: self._fail(client, cmd.cdid, answer),
             undo=lambda: self._remove(session))
         if refused:
@@ -378,12 +379,12 @@ class Sessions:
         def change(store: Store) -> tuple[int, int]:
             return store.set_members(session.id, members) or (0, session.version)
 
-        def done(result: tuple[int, int]) -> None:
+        def changed(result: tuple[int, int]) -> None:
             seq, session.version = result
             self._fanout(old | new, info, client, cmd.cdid)
             self._changed(session, "modified", members, old, seq)
 
-        refused = self._write(change, done,
+        refused = self._write(change, changed,
                               lambda answer: self._fail(client, cmd.cdid, answer),
                               undo=lambda: self._set_members(session, old))
         if refused:
@@ -396,11 +397,11 @@ class Sessions:
         if isinstance(session, str):
             return self._fail(client, cmd.cdid, session)
         info, members = session.info("deleted"), session.members
-        def done(_: None) -> None:
+        def deleted(_: None) -> None:
             self._fanout(members, info, client, cmd.cdid)
             self._changed(session, "deleted", info.members, (), 0)
 
-        refused = self._write(lambda store: store.delete_session(session.id), done,
+        refused = self._write(lambda store: store.delete_session(session.id), deleted,
                               lambda answer: self._fail(client, cmd.cdid, answer),
                               undo=lambda: self._add(session))
         if refused:
@@ -477,7 +478,7 @@ class Sessions:
             targets = members if current is None else frozenset(current)
             for user in targets:
                 self.broker.publish(user_channel(user), item)
-            frames: dict[tuple, bytes | None] = {}
+            frames: dict[tuple, hub.Frames] = {}
             for user in targets:
                 # A member this node does not know of yet gets it when the
                 # change arrives (its feed starts with a read of the store).
@@ -501,7 +502,7 @@ class Sessions:
             return session
         session_id = session.id
 
-        def done(rows: list[tuple]) -> None:
+        def read(rows: list[tuple]) -> None:
             Router.resolve(cmd, [
                 StoredMessage(session_id=session_id, seq=seq, sender_id=sender,
                               message=msgspec.Raw(message.encode()), sender_timestamp=sent,
@@ -511,7 +512,7 @@ class Sessions:
         refused = self._write(
             lambda store: store.history(session_id, before=cmd.before, after=cmd.after,
                                         limit=cmd.limit),
-            done, lambda answer: Router.resolve(cmd, answer))
+            read, lambda answer: Router.resolve(cmd, answer))
         return refused or DEFERRED
 
     # --- several nodes (broker.shared) ---------------------------------------------
@@ -552,7 +553,13 @@ class Sessions:
         self._act(self.feeds.follow(item.session_id, item.status, item.members,
                                     item.old_members, item.seq if since is None else None, since))
 
-    def remote_stored(self, user: str, item: Stored) -> None:
+    def remote_items(self) -> dict[type, Any]:
+        """Other nodes' GradAgenda traffic (docs/cluster.md): committed
+        session changes, and committed messages on members' channels."""
+        return {SessionChanged: lambda _, item: self.remote_changed(item),
+                Stored: lambda remote, item: self.remote_stored(remote.user, item)}
+
+    def remote_stored(self, user: str | None, item: Stored) -> None:
         """A message another node committed, for ``user``."""
         if user in self.feeds:
             self._act(self.feeds.offer(user, Entry(StoredMessage(
@@ -560,11 +567,10 @@ class Sessions:
                 message=item.message, sender_timestamp=item.sender_timestamp,
                 server_timestamp=item.server_timestamp))))
 
-    def subscribed(self, channels: list[str]) -> None:
+    def subscribed(self, users: list[str]) -> None:
         """Users' channels deliver now: read what they may have missed before."""
-        for channel in channels:
-            user = channel.removeprefix(user_channel(""))
-            if channel != user and user in self.feeds:
+        for user in users:
+            if user in self.feeds:
                 self._acked.add(user)
                 if user not in self.logins:
                     self._act(self.feeds.catch_up(user))
@@ -572,10 +578,19 @@ class Sessions:
     def broker_down(self) -> None:
         self._acked.clear()
 
-    def resumed(self) -> None:
-        """The broker is back after an outage: sessions changed elsewhere
-        meanwhile are reloaded from the store (``reload``)."""
+    def broker_up(self) -> None:
+        """The broker delivers, first or after an outage: sessions changed
+        elsewhere meanwhile (or between loading them at start and
+        subscribing) are reloaded from the store (``reload``)."""
         self.reload()
+
+    def collect(self) -> Iterator[Metric]:
+        """Prometheus families, on a cluster node (the server registers it)."""
+        yield CounterMetricFamily("chatd_cluster_gradagenda_gaps_skipped",
+                                  "GradAgenda gaps the store could not fill", value=self.skipped)
+
+    def describe(self) -> list[Any]:
+        return []
 
     def _baseline(self, user: str, session_ids: list[str]) -> None:
         """Read where each of the sessions stands for ``user``'s first device
@@ -677,25 +692,21 @@ class Sessions:
         self._act(self.feeds.place({session_id: row.members for session_id, row in stored.items()},
                                    self.logins))
 
-    def _act(self, actions: list[Action], frames: dict[tuple, bytes | None] | None = None,
+    def _act(self, actions: list[Action], frames: dict[tuple, hub.Frames] | None = None,
              ) -> None:
         """Carry out what the feeds decided (``chatd.feeds``); ``frames``:
-        each message framed once per protocol, across calls that share it."""
+        each message's ``hub.Frames``, shared by the calls for one message."""
         if frames is None:
             frames = {}
         for action in actions:
             kind = type(action)
             if kind is Deliver:
                 event, asker = action.entry.event, action.entry.asker
-                for client in self.devices.get(action.user, {}).values():
-                    if client is asker:
-                        continue
-                    key = (event.session_id, event.seq, client.protocol)
-                    if key not in frames:
-                        data = client.protocol.encode(event)
-                        frames[key] = text_frame(data) if data is not None else None
-                    if frames[key] is not None:
-                        client.deliver(frames[key])
+                key = (event.session_id, event.seq)
+                framed = frames.get(key)
+                if framed is None:
+                    framed = frames[key] = hub.Frames(event)
+                framed.deliver(self.devices.get(action.user, {}).values(), exclude=asker)
                 if asker is not None:
                     _answer(asker, event, action.entry.cdid)
             elif kind is Answer:
@@ -709,17 +720,15 @@ class Sessions:
                             "skipped", action.session_id, action.first, action.last, action.user,
                             action.why)
 
-    def _deliver(self, users: Iterable[str], event: Event) -> None:
-        """Every local device of ``users`` gets ``event``, framed once per protocol."""
-        frames: dict[type, bytes | None] = {}
+    def _deliver(self, users: Iterable[str], event: Event, exclude: Client | None = None,
+                 ) -> None:
+        """Every local device of ``users`` (but ``exclude``) gets ``event``."""
+        hub.Frames(event).deliver(self._devices_of(users), exclude)
+
+    def _devices_of(self, users: Iterable[str]) -> Iterator[Client]:
+        devices = self.devices
         for user in users:
-            for client in self.devices.get(user, {}).values():
-                protocol = client.protocol
-                if protocol not in frames:
-                    data = protocol.encode(event)
-                    frames[protocol] = text_frame(data) if data is not None else None
-                if frames[protocol] is not None:
-                    client.deliver(frames[protocol])
+            yield from devices.get(user, {}).values()
 
     # --- helpers ---------------------------------------------------------------
 
@@ -793,26 +802,13 @@ class Sessions:
 
     @staticmethod
     def _fail(client: Client, cdid: Any, message: str) -> None:
-        data = client.protocol.encode(Status(cdid=cdid, ok=False, message=message))
-        client.answered(text_frame(data) if data is not None else None)
+        hub.answer(client, Status(cdid=cdid, ok=False, message=message))
 
     def _fanout(self, users: Iterable[str], event: Event, asker: Client, cdid: Any) -> None:
-        """Every device of every user gets ``event``, framed once per protocol;
-        the asker's own connection gets a copy carrying its ``cdid``."""
-        frames: dict[type, bytes | None] = {}
-        for user in users:
-            for client in self.devices.get(user, {}).values():
-                if client is asker:
-                    continue
-                protocol = client.protocol
-                if protocol not in frames:
-                    data = protocol.encode(event)
-                    frames[protocol] = text_frame(data) if data is not None else None
-                frame = frames[protocol]
-                if frame is not None:
-                    client.deliver(frame)
-        data = asker.protocol.encode(msgspec.structs.replace(event, cdid=cdid))
-        asker.answered(text_frame(data) if data is not None else None)
+        """Every device of every user gets ``event``; the asker's own
+        connection gets a copy carrying its ``cdid``."""
+        self._deliver(users, event, exclude=asker)
+        _answer(asker, event, cdid)
 
     # --- moderation (issue 22; chatd.moderation) -------------------------------
 
@@ -829,7 +825,7 @@ class Sessions:
         item = Stored(session_id=event.session_id, seq=event.seq, sender_id=event.sender_id,
                       message=event.message, sender_timestamp=event.sender_timestamp,
                       server_timestamp=event.server_timestamp)
-        frames: dict[tuple, bytes | None] = {}
+        frames: dict[tuple, hub.Frames] = {}
         for user in members:
             self.broker.publish(user_channel(user), item)
             if user in self.feeds:
@@ -838,8 +834,7 @@ class Sessions:
 
 def _answer(asker: Client, event: Event, cdid: Any) -> None:
     """The asker's one answer: ``event`` carrying its ``cdid``."""
-    data = asker.protocol.encode(msgspec.structs.replace(event, cdid=cdid))
-    asker.answered(text_frame(data) if data is not None else None)
+    hub.answer(asker, msgspec.structs.replace(event, cdid=cdid))
 
 
 def _call(callback: Callable[..., None], *args: Any) -> None:

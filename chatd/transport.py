@@ -54,7 +54,7 @@ class Transport:
     ``waiting_frames`` and ``waiting_bytes`` count what the kernel has not
     taken yet (the slow-consumer measure); an answer the client asked for,
     written with ``counted=False``, waits in the same order but is not
-    counted (``chatd.client``: answers are paced, not bounded).
+    counted (``chatd.outbox``: answers are paced, not bounded).
     ``drain()`` waits until everything written has gone to the kernel.
     ``close()`` ends the stream, abandoning what waits.
     """

@@ -54,7 +54,7 @@ BUCKETS = [
     ("chatd: connection task and its coroutine frames", "chatd/connection.py"),
     ("chatd: server's accept and handshake path", "chatd/server.py"),
     ("chatd: transport (socket wrapper, outbox)", "chatd/transport.py"),
-    ("chatd: client (outbox, flusher)", "chatd/client.py"),
+    ("chatd: client (outbox, flusher)", "chatd/outbox.py"),
     ("chatd: lobby and router entries", "chatd/lobby.py"),
     ("chatd: router", "chatd/router.py"),
     ("chatd: protocol object", "chatd/protocols/"),

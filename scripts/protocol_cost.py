@@ -36,7 +36,7 @@ from pathlib import Path
 
 import trio
 
-from chatd.client import Client
+from chatd.outbox import Client
 from chatd.events import Join, Publish
 from chatd.lobby import Lobby
 from chatd.protocols import PROTOCOL_CLASSES

@@ -287,7 +287,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from chatd.broker.local import LocalBroker  # noqa: E402
-from chatd.client import Client, Flusher  # noqa: E402
+from chatd.outbox import Client, Flusher  # noqa: E402
 from chatd.events import Join, Leave  # noqa: E402
 from chatd.lobby import Lobby  # noqa: E402
 from chatd.protocols.multichat import Multichat  # noqa: E402

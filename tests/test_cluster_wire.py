@@ -18,7 +18,7 @@ from chatd.broker.local import LocalBroker
 from chatd.broker.wire import (
     Batch, Bye, Joined, Left, Member, Presence, Said, WireError, Whisper,
 )
-from chatd.client import Client, Flusher
+from chatd.outbox import Client, Flusher
 from chatd.events import Join, Leave, Publish
 from chatd.lobby import Lobby
 from chatd.protocols.wcp import Wcp

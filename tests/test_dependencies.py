@@ -90,3 +90,24 @@ def test_no_library_method_is_patched():
                         root = root.value
                     assert not (isinstance(target, ast.Attribute) and isinstance(root, ast.Name)
                                 and root.id in names), f"{path.name}:{node.lineno} patches {root.id}"
+
+
+def test_the_undocumented_parts_of_websockets_chatd_reads_still_behave():
+    """``chatd/connection.py`` reads two attributes of websockets' sans-IO
+    ``Protocol`` that its documentation does not list: ``close_rcvd`` (the
+    peer's close frame, to echo its code) and ``parser_exc`` (why the
+    parser stopped, to pick the close code: RFC 6455 section 7.4.1).
+    pyproject.toml pins websockets to the major version they were tested
+    on; this test fails, naming them, on a release that changes them."""
+    from websockets.exceptions import ProtocolError
+    from websockets.frames import Close, Frame, Opcode
+    from websockets.protocol import SERVER, Protocol
+
+    ws = Protocol(SERVER)
+    assert ws.close_rcvd is None and ws.parser_exc is None
+    ws.receive_data(Frame(Opcode.CLOSE, Close(4321, "bye").serialize()).serialize(mask=True))
+    assert (ws.close_rcvd.code, ws.close_rcvd.reason) == (4321, "bye")
+
+    ws = Protocol(SERVER)
+    ws.receive_data(Frame(Opcode.TEXT, b"not masked").serialize(mask=False))
+    assert isinstance(ws.parser_exc, ProtocolError)

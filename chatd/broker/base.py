@@ -46,6 +46,18 @@ def user_channel(user: str) -> str:
     return f"chatd:user:{user}"
 
 
+def channel_user(channel: str) -> str | None:
+    """The user whose channel ``channel`` is (``user_channel``), or None."""
+    prefix = user_channel("")
+    return channel[len(prefix):] if channel.startswith(prefix) else None
+
+
+def owner(node: str, boot: str, client_id: int) -> str:
+    """A name's owner in the cluster's registry: the client ``client_id``
+    of ``node``'s process ``boot`` (``NamesLost.owners`` are these)."""
+    return f"{node}:{boot}:{client_id}"
+
+
 # --- what a broker posts to the router ---------------------------------------------
 
 
@@ -56,6 +68,11 @@ class Remote(Command, kw_only=True):
     boot: str
     channel: str
     items: list[Any]
+
+    @property
+    def user(self) -> str | None:
+        """The GradAgenda user whose channel carried the items, if any."""
+        return channel_user(self.channel)
 
 
 class ClaimDone(Command, kw_only=True):

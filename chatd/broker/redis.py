@@ -259,7 +259,6 @@ class RedisBroker(Broker):
         self.command_timeout = command_timeout
         self.name_grace = name_grace
         self.queue_size = queue_size
-        self.owner_prefix = f"{node}:{boot}:"
         self.counters: Counter[str] = Counter()
         self._client = coredis.Redis.from_url(
             url, retry_policy=NoRetryPolicy(), stream_timeout=command_timeout,

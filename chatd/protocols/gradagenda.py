@@ -34,7 +34,7 @@ from msgspec import Meta
 from chatd import names, tokens
 from chatd.events import (
     Command, CreateSession, DeleteSession, DirectSessionInfo, Event, ListSessions, Login, Logout,
-    ModifySession, ReadHistory, SendMessage, SessionInfo, Status, StoredMessage,
+    ModifySession, ReadHistory, Refused, SendMessage, SessionInfo, Status, StoredMessage,
 )
 from chatd.protocols.base import (
     AuthFailed, Close, NotJSON, Output, Protocol, SafeInt, Send, Stream, WrongShape, decode,
@@ -340,6 +340,8 @@ class GradAgenda(Protocol):
         if isinstance(event, Status):
             return dumps(StatusResponse(cdid=event.cdid, status="succeeded" if event.ok
                                         else "failed", message=event.message))
+        if isinstance(event, Refused):
+            return dumps(StatusResponse(cdid=event.cdid, status="failed", message=event.message))
         return None
 
 

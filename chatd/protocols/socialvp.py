@@ -26,7 +26,9 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from chatd import names
-from chatd.events import Command, Direct, Event, Join, Message, Publish, SendDirect, UserLeft
+from chatd.events import (
+    Command, Direct, Event, Join, Message, Publish, Refused, SendDirect, UserLeft,
+)
 from chatd.protocols.base import (
     AuthFailed, NotJSON, Output, Protocol, Send, WrongShape, decode, dumps,
 )
@@ -168,4 +170,6 @@ class SocialVP(Protocol):
             return dumps({"type": "message", "from": event.sender, "message": event.payload})
         if isinstance(event, UserLeft):
             return dumps({"type": "quit", "who": event.name})
+        if isinstance(event, Refused):
+            return outcome(False, 403, event.sentence).data
         return None

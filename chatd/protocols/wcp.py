@@ -26,7 +26,9 @@ from typing import Any
 import msgspec
 
 from chatd import names
-from chatd.events import Command, Direct, Event, Join, Leave, Message, Publish, UserJoined, UserLeft, payload_text
+from chatd.events import (
+    Command, Direct, Event, Join, Leave, Message, Publish, Refused, UserJoined, UserLeft, payload_text,
+)
 from chatd.protocols.base import (
     AuthFailed, Close, NotJSON, Output, Protocol, SafeFloat, SafeInt, Send, WrongShape, decode,
     dumps,
@@ -144,4 +146,6 @@ class Wcp(Protocol):
                           "display_name": event.display_name or event.name})
         if isinstance(event, UserLeft):
             return dumps({"type": "user_left", "user_id": event.name})
+        if isinstance(event, Refused):
+            return error(event.message).data
         return None

@@ -124,8 +124,8 @@ class SQLiteStore(Store):
     """A SQLite file (``path``) or ``:memory:``.
 
     ``lock``: take the one-server lock, then create or migrate the schema
-    (a server). Without it nothing is locked (tests, the transitional
-    ``Store(path)``). ``migrate=False`` opens an existing file as it is,
+    (a server). Without it nothing is locked (tests and tools that open a
+    store beside a server). ``migrate=False`` opens an existing file as it is,
     for tools that only read a running server's store.
 
     Raises ``StoreError`` (one line) if the file cannot be used: missing

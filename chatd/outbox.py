@@ -1,4 +1,4 @@
-"""The router's handle on one connection.
+"""The router's handle on one connection: its outbox of frames, flushed once a pass.
 
 The router only ever calls ``deliver`` (non-blocking), ``kill``
 (synchronous) and ``answer``: it never awaits a socket. ``deliver``
