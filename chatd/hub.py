@@ -1,6 +1,6 @@
 """Fan-out: router events to their recipients, encoded once per protocol.
 
-The one place where events become frames (DESIGN.md, "fan-out hub").
+The one place where events become frames (docs/design.md, rule 2).
 The services (``chatd.lobby``, ``chatd.sessions``, ``chatd.moderation``)
 decide *who* gets an event; this module decides *how*: each protocol
 present encodes it once (``Protocol.encode``: its wire JSON, or None when
