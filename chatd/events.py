@@ -169,9 +169,12 @@ class CreateSession(Answered, kw_only=True):
 
 
 class ModifySession(Answered, kw_only=True):
+    """``admins``: the new admin list (issue 23), None to leave it as it is."""
+
     cdid: str
     session_id: str
     members: list[str]
+    admins: list[str] | None = None
 
 
 class DeleteSession(Answered, kw_only=True):
@@ -221,6 +224,9 @@ class SessionInfo(Event, kw_only=True):
     status: str
     members: list[str]
     cdid: Any = None
+    #: A group's owners and admins (issue 23; chatd.roles); None for direct sessions.
+    owners: list[str] | None = None
+    admins: list[str] | None = None
 
 
 class StoredMessage(Event, kw_only=True):

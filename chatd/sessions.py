@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
+from chatd import roles as access
 from chatd.broker import Broker, LocalBroker
 from chatd.broker.base import CLUSTER, user_channel
 from chatd.broker.wire import SessionChanged, Stored
@@ -116,7 +117,7 @@ class _Refused(str):
 
 
 class Session:
-    __slots__ = ("id", "kind", "members", "version", "waiting", "sent")
+    __slots__ = ("id", "kind", "members", "version", "waiting", "sent", "roles")
 
     def __init__(self, session_id: str, kind: str, members: Iterable[str],
                  version: int = 0) -> None:
@@ -133,10 +134,17 @@ class Session:
         #: Messages stored or being stored here, by sender (None until the
         #: store has counted them: ``max-messages-per-user-per-session``).
         self.sent: dict[str, int] | None = None
+        #: Owners and admins (issue 23, chatd.roles); replaced, never mutated.
+        self.roles: dict[str, str] = {}
 
     def info(self, status: str) -> SessionInfo:
+        if self.kind != "mutable":
+            return SessionInfo(session_id=self.id, kind=self.kind, status=status,
+                               members=sorted(self.members))
         return SessionInfo(session_id=self.id, kind=self.kind, status=status,
-                           members=sorted(self.members))
+                           members=sorted(self.members),
+                           owners=access.listed(self.roles, access.OWNER),
+                           admins=access.listed(self.roles, access.ADMIN))
 
 
 def newest_seq(store: Store, session_id: str) -> int:
@@ -209,8 +217,17 @@ class Sessions:
         self.store.lock()
         for row in await trio.to_thread.run_sync(self.store.load_sessions):
             self._add(Session(row.id, row.kind, row.members, row.version))
+        await trio.to_thread.run_sync(self._load_roles)
         log.info("loaded %d sessions from %s", len(self.sessions), self.store.name)
         await self.writer.run(task_status=task_status)
+
+    def _load_roles(self) -> None:
+        """Each group's owners and admins, from the store (issue 23)."""
+        stored = self.store.run_batch([access.load_roles])[0]
+        for session_id, roles in stored.items():
+            session = self.sessions.get(session_id)
+            if session is not None:
+                session.roles = roles
 
     async def ready(self) -> str | None:
         """None if the store takes writes now, else why not (for /readyz)."""
@@ -328,6 +345,7 @@ class Sessions:
         client, me = cmd.client, cmd.client.user_id
         session = Session(new_session_id(), "mutable", {*cmd.members, me})
         session.sent = {}  # a new id: nobody has sent anything yet
+        session.roles = {me: access.OWNER}  # the creator owns it (chatd.roles)
         info = session.info("created")
         over = self._too_many_members(session.members) or self._over_cap(session.members)
         if over:
@@ -344,6 +362,7 @@ class Sessions:
                     "until its members delete it)")
             store.create_session(session.id, "mutable", info.members, now_ms())
             store.set_creator(session.id, me)
+            access.store_roles(store, session.id, session.roles)
             return None
 
         def done(refused: _Refused | None) -> None:
@@ -370,31 +389,46 @@ class Sessions:
         if not cmd.members:
             return self._fail(client, cmd.cdid, "a session needs participants; delete it instead")
         old, new = session.members, frozenset(cmd.members)
+        old_roles = session.roles
+        roles = access.change(old_roles, old, new, client.user_id, cmd.admins)
+        if isinstance(roles, str):
+            return self._fail(client, cmd.cdid, roles)
         over = self._too_many_members(new) or self._over_cap(new - old)
         if over:
             return self._fail(client, cmd.cdid, over)
         members = sorted(new)
-        info = SessionInfo(session_id=session.id, kind="mutable", status="modified", members=members)
+        info = SessionInfo(session_id=session.id, kind="mutable", status="modified", members=members,
+                           owners=access.listed(roles, access.OWNER),
+                           admins=access.listed(roles, access.ADMIN))
         def change(store: Store) -> tuple[int, int]:
-            return store.set_members(session.id, members) or (0, session.version)
+            result = store.set_members(session.id, members) or (0, session.version)
+            access.store_roles(store, session.id, roles)
+            return result
 
         def done(result: tuple[int, int]) -> None:
             seq, session.version = result
             self._fanout(old | new, info, client, cmd.cdid)
             self._changed(session, "modified", members, old, seq)
 
+        def undo() -> None:
+            self._set_members(session, old)
+            session.roles = old_roles
+
         refused = self._write(change, done,
-                              lambda answer: self._fail(client, cmd.cdid, answer),
-                              undo=lambda: self._set_members(session, old))
+                              lambda answer: self._fail(client, cmd.cdid, answer), undo=undo)
         if refused:
             return self._fail(client, cmd.cdid, refused)
         self._set_members(session, new)
+        session.roles = roles
 
     def delete(self, cmd: DeleteSession) -> None:
         client = cmd.client
         session = self._usable(client, cmd.session_id, change="deleted")
         if isinstance(session, str):
             return self._fail(client, cmd.cdid, session)
+        refusal = access.may_delete(session.roles, client.user_id)
+        if refusal:
+            return self._fail(client, cmd.cdid, refusal)
         info, members = session.info("deleted"), session.members
         def done(_: None) -> None:
             self._fanout(members, info, client, cmd.cdid)
@@ -526,7 +560,7 @@ class Sessions:
         members, old = sorted(members), sorted(old)
         self.broker.publish(CLUSTER, SessionChanged(
             session_id=session.id, kind=session.kind, status=status, members=members,
-            old_members=old, seq=seq, version=session.version))
+            old_members=old, seq=seq, version=session.version, roles=session.roles))
         self._act(self.feeds.follow(session.id, status, members, old, seq))
 
     def remote_changed(self, item: SessionChanged, since: dict[str, int] | None = None) -> None:
@@ -540,15 +574,20 @@ class Sessions:
             if session is not None:
                 self._remove(session)
         elif session is None:
-            self._add(Session(item.session_id, item.kind, members, item.version))
+            session = Session(item.session_id, item.kind, members, item.version)
+            session.roles = dict(item.roles)
+            self._add(session)
         else:
             if session.members != members:
                 self._set_members(session, members)
+            if item.version >= session.version:
+                session.roles = dict(item.roles)
             session.version = max(session.version, item.version)
         if item.kind == "mutable":
             self._deliver(members | set(item.old_members), SessionInfo(
                 session_id=item.session_id, kind=item.kind, status=item.status,
-                members=sorted(members)))
+                members=sorted(members), owners=access.listed(item.roles, access.OWNER),
+                admins=access.listed(item.roles, access.ADMIN)))
         self._act(self.feeds.follow(item.session_id, item.status, item.members,
                                     item.old_members, item.seq if since is None else None, since))
 
@@ -625,8 +664,10 @@ class Sessions:
         self._reloading = True
         before = {session_id: session.members for session_id, session in self.sessions.items()}
 
-        def loaded(rows: list[StoredSession] | None, failure: str | None = None) -> None:
+        def loaded(found: tuple[list[StoredSession], dict] | None,
+                   failure: str | None = None) -> None:
             self._reloading = False
+            rows, roles = found if found is not None else (None, {})
             if rows is None:
                 log.warning("could not reload the sessions after a broker outage: %s", failure)
                 self._place({})
@@ -639,14 +680,18 @@ class Sessions:
                     if session is None:
                         self._apply(SessionChanged(session_id=session_id, kind=row.kind,
                                                    status="created", members=sorted(members),
-                                                   version=row.version), row.members)
+                                                   version=row.version,
+                                                   roles=roles.get(session_id, {})), row.members)
                 elif session is not None and session.members is before[session_id] \
                         and session.members != members:
                     self._apply(SessionChanged(session_id=session_id, kind=row.kind,
                                                status="modified", members=sorted(members),
                                                old_members=sorted(session.members),
-                                               version=row.version), row.members)
+                                               version=row.version,
+                                               roles=roles.get(session_id, {})), row.members)
                 elif session is not None:
+                    if row.version >= session.version:
+                        session.roles = roles.get(session_id, {})
                     session.version = max(session.version, row.version)
             for session_id, members in before.items():
                 session = self.sessions.get(session_id)
@@ -660,7 +705,8 @@ class Sessions:
                     self._baseline(user, missing)
                 self._act(self.feeds.catch_up(user))
 
-        refused = self._write(lambda store: store.load_sessions(), loaded,
+        refused = self._write(lambda store: (store.load_sessions(), access.load_roles(store)),
+                              loaded,
                               lambda answer: loaded(None, answer))
         if refused:
             loaded(None, refused)

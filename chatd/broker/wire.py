@@ -125,6 +125,8 @@ class SessionChanged(Item, kw_only=True):
     old_members: list[str] = []
     seq: int = 0
     version: int = 0
+    #: A group's owners and admins after the change (issue 23; chatd.roles).
+    roles: dict[str, str] = {}
 
 
 # --- one GradAgenda user (channel chatd:user:USER) ---------------------------------------

@@ -73,6 +73,8 @@ class RequestMutableSessionCreation(_Action, tag="request-mutable-session-creati
 class RequestMutableSessionModification(_Action, tag="request-mutable-session-modification"):
     session_id: str
     user_id: list[str]
+    #: Issue 23 (chatd.roles): the new admin list; absent: unchanged.
+    admin_id: list[str] | None = None
 
 
 class RequestMutableSessionDeletion(_Action, tag="request-mutable-session-deletion"):
@@ -138,6 +140,9 @@ class ProvidingSessionInfo(_Out, tag="providing-session-info"):
     session_type: str
     status: str
     user_id: list[str]
+    #: Issue 23 (chatd.roles): a group's owners and admins; absent for direct sessions.
+    owner_id: list[str] | None = None
+    admin_id: list[str] | None = None
 
 
 class MessageBroadcast(_Out, tag="message-broadcast"):
@@ -251,9 +256,11 @@ class GradAgenda(Protocol):
         if not action.user_id:
             return self._fail(cdid, "a session needs participants; delete it instead")
         members = sorted(set(action.user_id))
-        return self._if_fits(cdid, len(dumps(_session_answer(cdid, members, action.session_id))),
+        admins = None if action.admin_id is None else sorted(set(action.admin_id))
+        return self._if_fits(cdid, len(dumps(_session_answer(cdid, members, action.session_id,
+                                                             admins))),
                              ModifySession(cdid=cdid, session_id=action.session_id,
-                                           members=members))
+                                           members=members, admins=admins))
 
     def _delete(self, action: RequestMutableSessionDeletion) -> list[Output]:
         return [DeleteSession(cdid=action.cdid, session_id=action.session_id)]
@@ -336,7 +343,8 @@ class GradAgenda(Protocol):
         if isinstance(event, SessionInfo):
             return dumps(ProvidingSessionInfo(cdid=event.cdid, session_id=event.session_id,
                                               session_type=event.kind, status=event.status,
-                                              user_id=event.members))
+                                              user_id=event.members, owner_id=event.owners,
+                                              admin_id=event.admins))
         if isinstance(event, Status):
             return dumps(StatusResponse(cdid=event.cdid, status="succeeded" if event.ok
                                         else "failed", message=event.message))
@@ -396,9 +404,14 @@ def _short(value: Any) -> str:
     return text if len(text) <= 64 else text[:60] + "...'"
 
 
-def _session_answer(cdid: str, members: list[str], session_id: str = _WIDEST_SESSION_ID) -> _Out:
+def _session_answer(cdid: str, members: list[str], session_id: str = _WIDEST_SESSION_ID,
+                    admins: list[str] | None = None) -> _Out:
+    """The widest ``providing-session-info`` for these members: as owner,
+    the longest member's id; as admins, those asked for (issue 23)."""
+    owner = [max(members, key=len)] if members else []
     return ProvidingSessionInfo(cdid=cdid, session_id=max(session_id, _WIDEST_SESSION_ID, key=len),
-                                session_type="mutable", status="unchanged", user_id=members)
+                                session_type="mutable", status="unchanged", user_id=members,
+                                owner_id=owner, admin_id=admins or [])
 
 
 def batch_frames(cdid: Any, actions: Iterable[bytes], limit: int) -> Iterator[bytes]:
