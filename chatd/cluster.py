@@ -42,7 +42,8 @@ from chatd.broker.base import (
     user_channel,
 )
 from chatd.broker.wire import (
-    Heartbeat, Joined, Left, Presence, Said, SessionChanged, Stored, SyncRequest, Whisper,
+    Heartbeat, Joined, Left, MarksMoved, Presence, Said, SessionChanged, Stored, SyncRequest,
+    Whisper,
 )
 
 if TYPE_CHECKING:
@@ -140,6 +141,9 @@ class Cluster:
             elif kind is SessionChanged:
                 if self.sessions is not None:
                     self.sessions.remote_changed(item)
+            elif kind is MarksMoved:  # issue 23
+                if self.sessions is not None and self.sessions.marks is not None:
+                    self.sessions.marks.remote(item)
 
     def _heard(self, origin: str, boot: str) -> None:
         now = trio.current_time()

@@ -239,3 +239,48 @@ class StoredMessage(Event, kw_only=True):
     sender_timestamp: int
     server_timestamp: int
     cdid: Any = None
+
+
+# --- GradAgenda delivery and read marks (issue 23; chatd.marks) -------------------
+
+
+class MarkMessages(Answered, kw_only=True):
+    """The asker's device got (``delivered``) / the person read (``read``)
+    the session's messages up to these seqs; None: not reported."""
+
+    cdid: str
+    session_id: str
+    delivered: int | None = None
+    read: int | None = None
+
+
+class ReadMarksSetting(Answered, kw_only=True):
+    """Whether the asker's read marks are shown to others."""
+
+    cdid: str
+    enabled: bool
+
+
+class ListMarks(Request, kw_only=True):
+    """The session's marks; result: a list of ``MarksInfo`` or an error text."""
+
+    cdid: str
+    session_id: str
+
+
+class FlushMarks(Command, kw_only=True):
+    """Time to tell members' devices the marks that moved."""
+
+
+class Mark(msgspec.Struct, array_like=True):
+    user: str
+    delivered: int
+    read: int | None
+
+
+class MarksInfo(Event, kw_only=True):
+    """Marks of some members of a session (``read`` None: not shown)."""
+
+    session_id: str
+    marks: list[Mark]
+    cdid: Any = None

@@ -38,6 +38,7 @@ from chatd.handshake import (
     BadRequest, HeadReader, Refusal, Request, accept_response, check_request, check_upgrade, refusal_response,
 )
 from chatd.http import Routes
+from chatd.marks import Marks
 from chatd.limits import ConnectionLedger
 from chatd.logs import ClientSource, client_lines, client_source, report_suppressed
 from chatd.lobby import Lobby
@@ -161,6 +162,7 @@ class Server:
                                     config.max_messages_per_user_per_session),
                                 broker=self.broker)
             self.services.append(sessions)
+            self.services.append(Marks(sessions, config.marks_flush_ms))  # issue 23
         if self.broker.shared:
             rooms = {e.room for e in config.mounted() if e.protocol != "gradagenda"}
             self.cluster = Cluster(self.broker, self.lobby, sessions, rooms)

@@ -83,6 +83,7 @@ from chatd.feeds import FILL_PAGE, Action, Answer, Deliver, Entry, Feeds, Read, 
 from chatd.router import DEFERRED, Router
 from chatd.store import Failure, Job, Store, Writer
 from chatd.store.base import StoredSession
+from chatd.store.marks import forget as forget_marks
 from chatd.transport import text_frame
 
 if TYPE_CHECKING:
@@ -190,6 +191,8 @@ class Sessions:
         self._reloading = False
         #: Users whose channel delivers (acknowledged since their first login here).
         self._acked: set[str] = set()
+        #: Delivery and read marks (issue 23: chatd.marks), set by that service.
+        self.marks: Any = None
 
     @property
     def skipped(self) -> int:
@@ -434,7 +437,11 @@ class Sessions:
             self._fanout(members, info, client, cmd.cdid)
             self._changed(session, "deleted", info.members, (), 0)
 
-        refused = self._write(lambda store: store.delete_session(session.id), done,
+        def delete(store: Store) -> None:
+            store.delete_session(session.id)
+            forget_marks(store, session.id)  # issue 23
+
+        refused = self._write(delete, done,
                               lambda answer: self._fail(client, cmd.cdid, answer),
                               undo=lambda: self._add(session))
         if refused:
@@ -446,7 +453,9 @@ class Sessions:
         change before this request is stored (a no-op job as a barrier)."""
         mine = self.joined.get(cmd.client.user_id, {}).values()
         listing = [session.info("unchanged") for session in mine if session.kind == "mutable"]
-        refused = self._write(lambda store: None, lambda _: Router.resolve(cmd, listing),
+        marks = self.marks  # each session's marks after it (issue 23)
+        refused = self._write(lambda store: marks.listing(listing, store) if marks else listing,
+                              lambda found: Router.resolve(cmd, found),
                               lambda answer: Router.resolve(cmd, answer))
         return refused or DEFERRED
 

@@ -129,6 +129,15 @@ class SessionChanged(Item, kw_only=True):
     roles: dict[str, str] = {}
 
 
+class MarksMoved(Item, kw_only=True):
+    """GradAgenda delivery and read marks the origin stored and flushed
+    (issue 23; chatd.marks): ``marks`` are ``[user, delivered, read]``,
+    ``read`` null when that user does not show read marks."""
+
+    session_id: str
+    marks: list[tuple[str, int, int | None]]
+
+
 # --- one GradAgenda user (channel chatd:user:USER) ---------------------------------------
 
 
@@ -164,7 +173,7 @@ class Moderated(Item, kw_only=True):
 
 
 AnyItem = (Said | Joined | Left | Presence | Whisper | SyncRequest | Heartbeat | SessionChanged
-           | Stored | Moderated)
+           | Stored | Moderated | MarksMoved)
 
 
 class Batch(msgspec.Struct, kw_only=True):

@@ -33,8 +33,9 @@ from msgspec import Meta
 
 from chatd import names, tokens
 from chatd.events import (
-    Command, CreateSession, DeleteSession, DirectSessionInfo, Event, ListSessions, Login, Logout,
-    ModifySession, ReadHistory, SendMessage, SessionInfo, Status, StoredMessage,
+    Command, CreateSession, DeleteSession, DirectSessionInfo, Event, ListMarks, ListSessions,
+    Login, Logout, MarkMessages, MarksInfo, ModifySession, ReadHistory, ReadMarksSetting,
+    SendMessage, SessionInfo, Status, StoredMessage,
 )
 from chatd.protocols.base import (
     AuthFailed, Close, NotJSON, Output, Protocol, SafeInt, Send, Stream, WrongShape, decode,
@@ -110,6 +111,23 @@ class RequestMessageHistory(_Action, tag="request-message-history"):
     limit: Annotated[int, Meta(ge=1)] = HISTORY_LIMIT
 
 
+# --- issue 23: delivery and read marks (chatd.marks) -----------------------------
+
+
+class RequestMarkingMessages(_Action, tag="request-marking-messages"):
+    session_id: str
+    delivered_seq: Seq | None = None
+    read_seq: Seq | None = None
+
+
+class RequestMarks(_Action, tag="request-marks"):
+    session_id: str
+
+
+class RequestReadMarksSetting(_Action, tag="request-read-marks-setting"):
+    enabled: bool
+
+
 class BatchModeAction(msgspec.Struct, tag_field="type", tag="batch-mode-action"):
     actions: list[msgspec.Raw]
     cdid: Any = None
@@ -118,7 +136,7 @@ class BatchModeAction(msgspec.Struct, tag_field="type", tag="batch-mode-action")
 Action = (Authenticate | RequestDirectSessionInfo | RequestMutableSessionCreation
           | RequestMutableSessionModification | RequestMutableSessionDeletion
           | RequestMutableSessionListing | RequestSendingAMessage | RequestMessageHistory
-          | BatchModeAction)
+          | RequestMarkingMessages | RequestMarks | RequestReadMarksSetting | BatchModeAction)
 _decoder = msgspec.json.Decoder(Action)
 ACTION_TYPES = {cls.__struct_config__.tag for cls in Action.__args__}
 
@@ -152,6 +170,17 @@ class MessageBroadcast(_Out, tag="message-broadcast"):
     sender_timestamp: int
     seq: int
     server_timestamp: int
+
+
+class MarkOut(msgspec.Struct, rename="kebab", omit_defaults=True):
+    user_id: str
+    delivered_seq: int
+    read_seq: int | None = None
+
+
+class ProvidingMarks(_Out, tag="providing-marks"):
+    session_id: str
+    marks: list[MarkOut]
 
 
 NOT_JSON = Close(1007, "frame is not valid JSON")
@@ -272,6 +301,19 @@ class GradAgenda(Protocol):
         return [ReadHistory(cdid=action.cdid, session_id=action.session_id, before=action.before,
                             after=action.after, limit=min(action.limit, HISTORY_LIMIT))]
 
+    def _mark(self, action: RequestMarkingMessages) -> list[Output]:
+        if action.delivered_seq is None and action.read_seq is None:
+            return self._fail(action.cdid, "request-marking-messages needs delivered-seq or "
+                                           "read-seq")
+        return [MarkMessages(cdid=action.cdid, session_id=action.session_id,
+                             delivered=action.delivered_seq, read=action.read_seq)]
+
+    def _marks(self, action: RequestMarks) -> list[Output]:
+        return [ListMarks(cdid=action.cdid, session_id=action.session_id)]
+
+    def _read_marks_setting(self, action: RequestReadMarksSetting) -> list[Output]:
+        return [ReadMarksSetting(cdid=action.cdid, enabled=action.enabled)]
+
     def _authenticate(self, action: Authenticate) -> list[Output]:
         try:
             self._check_token(action)
@@ -345,6 +387,10 @@ class GradAgenda(Protocol):
                                               session_type=event.kind, status=event.status,
                                               user_id=event.members, owner_id=event.owners,
                                               admin_id=event.admins))
+        if isinstance(event, MarksInfo):
+            return dumps(ProvidingMarks(cdid=event.cdid, session_id=event.session_id, marks=[
+                MarkOut(user_id=mark.user, delivered_seq=mark.delivered, read_seq=mark.read)
+                for mark in event.marks]))
         if isinstance(event, Status):
             return dumps(StatusResponse(cdid=event.cdid, status="succeeded" if event.ok
                                         else "failed", message=event.message))
@@ -361,6 +407,9 @@ _HANDLERS = {
     RequestMutableSessionListing: GradAgenda._list,
     RequestSendingAMessage: GradAgenda._send_message,
     RequestMessageHistory: GradAgenda._history,
+    RequestMarkingMessages: GradAgenda._mark,
+    RequestMarks: GradAgenda._marks,
+    RequestReadMarksSetting: GradAgenda._read_marks_setting,
 }
 #: Actions carrying names other users see (``_bad_name`` checks them).
 _NAMED = {Authenticate, RequestDirectSessionInfo, RequestMutableSessionCreation,
