@@ -64,6 +64,7 @@ from chatd.events import (
 )
 from chatd.router import DEFERRED, Router
 from chatd.store import Failure, Job, Writer
+from chatd.store import media as media_store
 from chatd.store import moderation as db
 from chatd.transport import text_frame
 
@@ -584,7 +585,12 @@ class Moderation:
                 log.info("retention removed %d stored messages", deleted)
             answer(deleted)
 
-        refused = self.submit(lambda s: db.prune(s, now_ms(), count, age_ms), done, answer)
+        def prune(s: Any) -> int:
+            deleted = db.prune(s, now_ms(), count, age_ms)
+            media_store.sweep(s, now_ms())  # media go with their messages (issue 23)
+            return deleted
+
+        refused = self.submit(prune, done, answer)
         if refused:
             answer(refused)
 

@@ -39,6 +39,7 @@ from chatd.handshake import (
 )
 from chatd.http import Routes
 from chatd.marks import Marks
+from chatd.media import Media
 from chatd.limits import ConnectionLedger
 from chatd.logs import ClientSource, client_lines, client_source, report_suppressed
 from chatd.lobby import Lobby
@@ -85,6 +86,7 @@ class Server:
         #: opens the configured one; ``cluster`` is its router service.
         self.broker: Broker = LocalBroker()
         self.cluster: Cluster | None = None
+        self.media: Media | None = None  # GradAgenda images and voice clips (issue 23)
         #: Router services beside the lobby. Each has ``install(router)``;
         #: one with ``async run(task_status=...)`` gets a task in the server's
         #: nursery before the listener opens (cancelled last, after the
@@ -163,6 +165,9 @@ class Server:
                                 broker=self.broker)
             self.services.append(sessions)
             self.services.append(Marks(sessions, config.marks_flush_ms))  # issue 23
+            self.media = Media(sessions, secret=lambda: self.secrets.get("jwt-secret"),
+                               leeway=config.jwt_leeway, max_bytes=config.media_max_bytes,
+                               quota=config.media_quota_bytes)
         if self.broker.shared:
             rooms = {e.room for e in config.mounted() if e.protocol != "gradagenda"}
             self.cluster = Cluster(self.broker, self.lobby, sessions, rooms)
@@ -385,6 +390,10 @@ class Server:
         if self.routes.admin and self._serves_api(request):  # the server API (issue 22)
             await _answer(transport, await self.api.answer(
                 request, reader.trailing, transport.receive, str(client)))
+            return None, counted
+        if self.media is not None and self.media.serves(request):  # issue 23
+            await _answer(transport, await self.media.answer(request, reader.trailing,
+                                                             transport.receive))
             return None, counted
         mount = self._route(request.path)
         if not request.wants_websocket:

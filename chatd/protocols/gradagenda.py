@@ -86,9 +86,14 @@ class RequestMutableSessionListing(_Action, tag="request-mutable-session-listing
     pass
 
 
-class MessageIn(msgspec.Struct):
+class MessageIn(msgspec.Struct, rename="kebab"):
     type: str
     body: Any
+    #: Issue 23: ``image`` (width, height) and ``voice`` (duration, ms) messages.
+    media_id: Any = None
+    width: Any = None
+    height: Any = None
+    duration: Any = None
 
 
 class TextMessage(msgspec.Struct):
@@ -96,6 +101,52 @@ class TextMessage(msgspec.Struct):
 
     type: str
     body: str
+
+
+class ImageMessage(msgspec.Struct, rename="kebab"):
+    """An image (issue 23, chatd.media): ``body`` is the text a client that
+    cannot show images shows (a caption, may be empty); pixels."""
+
+    type: str
+    body: str
+    media_id: str
+    width: int
+    height: int
+
+
+class VoiceMessage(msgspec.Struct, rename="kebab"):
+    """A voice clip (issue 23, chatd.media); ``duration`` in milliseconds."""
+
+    type: str
+    body: str
+    media_id: str
+    duration: int
+
+
+#: Largest width or height of an image, and duration of a voice clip (ms).
+MAX_PIXELS = 65_535
+MAX_DURATION_MS = 60 * 60 * 1000
+
+
+def _media_message(message: MessageIn) -> bytes | str:
+    """An image or voice message as stored, or why it is refused."""
+    if not isinstance(message.body, str):
+        return f"an {message.type} message's body must be a string (shown where it cannot be)"
+    if not isinstance(message.media_id, str) or not message.media_id.startswith("media-") \
+            or len(message.media_id) > 64:
+        return f"an {message.type} message needs the media-id its upload answered"
+    if message.type == "image":
+        for key in ("width", "height"):
+            value = getattr(message, key)
+            if type(value) is not int or not 1 <= value <= MAX_PIXELS:
+                return f"an image message needs '{key}': pixels, 1 to {MAX_PIXELS}"
+        return dumps(ImageMessage(type="image", body=message.body, media_id=message.media_id,
+                                  width=message.width, height=message.height))
+    value = message.duration
+    if type(value) is not int or not 1 <= value <= MAX_DURATION_MS:
+        return f"a voice message needs 'duration': milliseconds, 1 to {MAX_DURATION_MS}"
+    return dumps(VoiceMessage(type="voice", body=message.body, media_id=message.media_id,
+                              duration=value))
 
 
 class RequestSendingAMessage(_Action, tag="request-sending-a-message"):
@@ -335,11 +386,17 @@ class GradAgenda(Protocol):
 
     def _send_message(self, action: RequestSendingAMessage) -> list[Output]:
         cdid, message = action.cdid, action.message
-        if message.type != "text":
-            return self._fail(cdid, f"unsupported message type {message.type!r}: only 'text'")
-        if not isinstance(message.body, str):
+        if message.type in ("image", "voice"):  # issue 23
+            stored = _media_message(message)
+            if isinstance(stored, str):
+                return self._fail(cdid, stored)
+        elif message.type != "text":
+            return self._fail(cdid, f"unsupported message type {_short(message.type)}: "
+                                    "'text', 'image' or 'voice'")
+        elif not isinstance(message.body, str):
             return self._fail(cdid, "a text message's body must be a string")
-        stored = dumps(TextMessage(type="text", body=message.body))
+        else:
+            stored = dumps(TextMessage(type="text", body=message.body))
         return self._if_fits(cdid, broadcast_size(cdid, action.session_id, self.user_id, stored,
                                                   action.sender_timestamp),
                              SendMessage(cdid=cdid, session_id=action.session_id,
