@@ -107,8 +107,11 @@ class Media:
     ``max_bytes`` and ``quota``: config ``media-max-bytes``, ``media-quota-bytes``."""
 
     def __init__(self, sessions: Sessions, *, secret: Callable[[], str | None], leeway: float,
-                 max_bytes: int, quota: int) -> None:
+                 max_bytes: int, quota: int,
+                 banned: Callable[[str, str], str | None] = lambda user, ip: None) -> None:
         self.sessions = sessions
+        #: Why (user, address) is banned (chatd.moderation), or None.
+        self.banned = banned
         self.secret = secret
         self.leeway = leeway
         self.max_bytes = max_bytes
@@ -119,14 +122,16 @@ class Media:
         return request.path == PATH or request.path.startswith(PATH + "/")
 
     async def answer(self, request: Request, trailing: bytes,
-                     receive: Callable[[], Awaitable[bytes]]) -> bytes:
-        """The whole HTTP response to a request for ``PATH``."""
+                     receive: Callable[[], Awaitable[bytes]], client: str = "") -> bytes:
+        """The whole HTTP response to a request for ``PATH`` from ``client``
+        (its address, for address bans)."""
         head = request.method == "HEAD"
         try:
             if request.method == "POST" and request.path == PATH:
-                return await self._upload(request, trailing, receive)
+                return await self._upload(request, self._user(request, client), trailing, receive)
             if request.method in ("GET", "HEAD") and request.path.startswith(PATH + "/"):
-                return await self._download(request, request.path[len(PATH) + 1:], head)
+                return await self._download(self._user(request, client),
+                                            request.path[len(PATH) + 1:], head)
             raise MediaError(405, "POST /media to upload, GET /media/ID to download")
         except MediaError as exc:
             body = msgspec.json.encode({"error": str(exc)}) + b"\n"
@@ -134,7 +139,8 @@ class Media:
             return response(exc.status, body, content_type="application/json",
                             headers=HEADERS + extra, head_only=head)
 
-    def _user(self, request: Request) -> str:
+    def _user(self, request: Request, client: str) -> str:
+        """The user the request's token proves, unless refused (401, 403)."""
         value = request.header("authorization") or ""
         scheme, _, token = value.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -147,11 +153,13 @@ class Media:
                                    leeway=self.leeway)
         except tokens.TokenRefused as exc:
             raise MediaError(401, f"token refused: {exc}") from None
+        refusal = self.banned(claims["sub"], client)
+        if refusal:
+            raise MediaError(403, refusal)
         return claims["sub"]
 
-    async def _upload(self, request: Request, trailing: bytes,
+    async def _upload(self, request: Request, user: str, trailing: bytes,
                       receive: Callable[[], Awaitable[bytes]]) -> bytes:
-        user = self._user(request)
         session_id = (parse_qs(urlsplit(request.target).query).get("session-id") or [""])[0]
         if not session_id:
             raise MediaError(400, "say which session the file is for: ?session-id=")
@@ -173,8 +181,7 @@ class Media:
                                     "kind": kind, "size": len(data)}) + b"\n"
         return response(201, body, content_type="application/json", headers=HEADERS)
 
-    async def _download(self, request: Request, media_id: str, head: bool) -> bytes:
-        user = self._user(request)
+    async def _download(self, user: str, media_id: str, head: bool) -> bytes:
         found = await self._job(lambda store: stored.fetch(store, media_id, user))
         if found is True:
             raise MediaError(404, "no such media")

@@ -362,6 +362,13 @@ class Moderation:
                                                         client.user_id, *extra),
                          ids=ids, ip=parse_ip(client.peer))
 
+    def user_refusal(self, user_id: str, ip: str) -> str | None:
+        """Why a GradAgenda user's media upload or download (issue 23,
+        chatd.media) is refused (a ban of the user or the address), or None."""
+        rule = self.find("ban", name_list=(user_id,), ids=(user_id,),
+                         ip=parse_ip(ip)) if self.rules else None
+        return None if rule is None else _reason("banned", rule)
+
     def address_refusal(self, ip: str) -> str | None:
         """Why a handshake from ``ip`` is refused (an address ban), or None."""
         rule = self.find("ban", ip=parse_ip(ip)) if self.rules else None

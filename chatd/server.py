@@ -167,7 +167,9 @@ class Server:
             self.services.append(Marks(sessions, config.marks_flush_ms))  # issue 23
             self.media = Media(sessions, secret=lambda: self.secrets.get("jwt-secret"),
                                leeway=config.jwt_leeway, max_bytes=config.media_max_bytes,
-                               quota=config.media_quota_bytes)
+                               quota=config.media_quota_bytes,
+                               banned=lambda user, ip: self.moderation.user_refusal(user, ip)
+                               if self.moderation is not None else None)
         if self.broker.shared:
             rooms = {e.room for e in config.mounted() if e.protocol != "gradagenda"}
             self.cluster = Cluster(self.broker, self.lobby, sessions, rooms)
@@ -393,7 +395,7 @@ class Server:
             return None, counted
         if self.media is not None and self.media.serves(request):  # issue 23
             await _answer(transport, await self.media.answer(request, reader.trailing,
-                                                             transport.receive))
+                                                             transport.receive, client.ip))
             return None, counted
         mount = self._route(request.path)
         if not request.wants_websocket:

@@ -267,3 +267,18 @@ async def test_a_file_uploaded_on_one_node_is_served_by_another(cluster):  # noq
     status, headers, body = await download(n2.port, "bob", answer["media-id"])
     assert (status, headers["content-type"], body) == (200, "audio/ogg", ogg_opus())
     assert (await download(n2.port, "carol", answer["media-id"]))[0] == 403
+
+
+async def test_a_banned_user_can_neither_upload_nor_download(chat, tmp_path):
+    from tests.api_helpers import api
+    from tests.test_api import config
+    server = await chat.start(config(tmp_path))
+    alice = await login(chat, "alice")
+    session_id = (await create(alice, "bob"))["session-id"]
+    status, answer, _ = await upload(server.port, "bob", session_id, png())
+    assert status == 201
+    await api(server.port, "ban", {"user": "bob", "reason": "spam"})
+    status, refused, _ = await upload(server.port, "bob", session_id, png())
+    assert status == 403 and "banned" in refused["error"]
+    assert (await download(server.port, "bob", answer["media-id"]))[0] == 403
+    assert (await download(server.port, "alice", answer["media-id"]))[0] == 200
