@@ -11,7 +11,7 @@ Members learn the marks **coalesced**: a mark that moved is noted per
 session and user (a later one replaces it) and every ``marks-flush-ms``
 at most, one ``MarksInfo`` per session that has moved marks goes to every
 local device of its members (the reporting user's other devices
-included), through ``Sessions._deliver`` (encoded once per protocol),
+included), through ``Sessions.deliver`` (encoded once per protocol),
 and, in a cluster, one ``MarksMoved`` item on ``chatd:cluster`` so every
 other node does the same for its devices. However many messages and
 reports, a member's device gets at most one frame per session per flush.
@@ -36,7 +36,6 @@ from chatd.broker.base import CLUSTER
 from chatd.broker.wire import MarksMoved
 from chatd.events import (
     Event, FlushMarks, ListMarks, Mark, MarkMessages, MarksInfo, ReadMarksSetting, SessionInfo,
-    Status,
 )
 from chatd.router import DEFERRED, Router
 from chatd.store import marks as stored
@@ -106,34 +105,34 @@ class Marks:
 
     def mark(self, cmd: MarkMessages) -> None:
         sessions, client = self.sessions, cmd.client
-        session = sessions._usable(client, cmd.session_id)
+        session = sessions.usable(client, cmd.session_id)
         if isinstance(session, str):
-            return sessions._fail(client, cmd.cdid, session)
+            return sessions.fail(client, cmd.cdid, session)
         session_id, user = session.id, client.user_id
 
         def done(result: tuple[Shown, Shown]) -> None:
             before, after = result
-            _ok(client, cmd.cdid)
+            sessions.succeed(client, cmd.cdid)
             if after != before:
                 self.note(session_id, after)
 
-        refused = sessions._write(
+        refused = sessions.write(
             lambda store: stored.advance(store, session_id, user, cmd.delivered, cmd.read),
-            done, lambda answer: sessions._fail(client, cmd.cdid, answer))
+            done, lambda answer: sessions.fail(client, cmd.cdid, answer))
         if refused:
-            sessions._fail(client, cmd.cdid, refused)
+            sessions.fail(client, cmd.cdid, refused)
 
     def setting(self, cmd: ReadMarksSetting) -> None:
         sessions, client = self.sessions, cmd.client
         user, enabled = client.user_id, cmd.enabled
-        refused = sessions._write(lambda store: stored.set_read_marks(store, user, enabled),
-                                  lambda _: _ok(client, cmd.cdid),
-                                  lambda answer: sessions._fail(client, cmd.cdid, answer))
+        refused = sessions.write(lambda store: stored.set_read_marks(store, user, enabled),
+                                  lambda _: sessions.succeed(client, cmd.cdid),
+                                  lambda answer: sessions.fail(client, cmd.cdid, answer))
         if refused:
-            sessions._fail(client, cmd.cdid, refused)
+            sessions.fail(client, cmd.cdid, refused)
 
     def list_marks(self, cmd: ListMarks) -> str | object:
-        session = self.sessions._usable(cmd.client, cmd.session_id)
+        session = self.sessions.usable(cmd.client, cmd.session_id)
         if isinstance(session, str):
             return session
         session_id = session.id
@@ -141,7 +140,7 @@ class Marks:
         def done(found: dict[str, list[Shown]]) -> None:
             Router.resolve(cmd, self._members_only(session_id, found.get(session_id, [])))
 
-        refused = self.sessions._write(lambda store: stored.shown(store, [session_id]), done,
+        refused = self.sessions.write(lambda store: stored.shown(store, [session_id]), done,
                                        lambda answer: Router.resolve(cmd, answer))
         return refused or DEFERRED
 
@@ -185,14 +184,10 @@ class Marks:
         if session is None:
             return
         for event in self._members_only(session_id, marks):
-            self.sessions._deliver(session.members, event)
+            self.sessions.deliver(session.members, event)
 
     def _members_only(self, session_id: str, marks: list[Shown]) -> list[MarksInfo]:
         session = self.sessions.sessions.get(session_id)
         members = session.members if session is not None else frozenset()
         return chunks(session_id, [mark for mark in marks if mark[0] in members])
 
-
-def _ok(client: Any, cdid: Any) -> None:
-    from chatd.sessions import _answer
-    _answer(client, Status(cdid=cdid, ok=True), cdid)

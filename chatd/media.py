@@ -227,7 +227,7 @@ class Media:
             box["error"] = answer
             finished.set()
 
-        refused = self.sessions._write(run, done, failed)
+        refused = self.sessions.write(run, done, failed)
         if refused:
             raise MediaError(503, refused)
         await finished.wait()

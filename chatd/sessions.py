@@ -869,6 +869,30 @@ class Sessions:
         data = asker.protocol.encode(msgspec.structs.replace(event, cdid=cdid))
         asker.answered(text_frame(data) if data is not None else None)
 
+    # --- for the services beside this one (issue 23: chatd.marks, chatd.media) ---
+
+    def usable(self, client: Client, session_id: str) -> Session | str:
+        """The session if ``client`` is a member, else why not (``_usable``)."""
+        return self._usable(client, session_id)
+
+    def write(self, run: Callable[[Store], Any], done: Callable[[Any], None],
+              failed: Callable[[str], None]) -> str | None:
+        """Queue a store job (``_write``); the refusal text if it cannot."""
+        return self._write(run, done, failed)
+
+    def deliver(self, users: Iterable[str], event: Event) -> None:
+        """Every local device of ``users`` gets ``event`` (``_deliver``)."""
+        self._deliver(users, event)
+
+    def fail(self, client: Client, cdid: Any, message: str) -> None:
+        """The asker's one answer: a failed status (``_fail``)."""
+        self._fail(client, cdid, message)
+
+    @staticmethod
+    def succeed(client: Client, cdid: Any) -> None:
+        """The asker's one answer: a succeeded status."""
+        _answer(client, Status(cdid=cdid, ok=True), cdid)
+
     # --- moderation (issue 22; chatd.moderation) -------------------------------
 
     def deliver_stored(self, event: StoredMessage) -> None:
