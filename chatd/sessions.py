@@ -21,7 +21,9 @@ each asker is answered "storage busy" or "storage unavailable"
 (docs/storage.md). Memory then matches what is stored again.
 
 Authorisation: a group ("mutable") session is created with its creator as
-a member; only members may modify, delete, send into or read it. A direct
+a member and owner; only members may send into or read it, and only its
+owners and admins modify or delete it, though any member may leave
+(``chatd.roles``, issue 23). A direct
 session belongs to its two users, has an id derived from the sorted pair,
 and exists (durably) from the first time either of them asks for it; only
 then can messages be sent into it.
