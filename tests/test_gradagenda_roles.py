@@ -128,3 +128,34 @@ def test_who_may_change_what(asker, new, admins, allowed):
     result = roles.change({"o": "owner", "a": "admin"}, frozenset({"o", "a", "m"}),
                           frozenset(new), asker, admins)
     assert isinstance(result, dict) is allowed, result
+
+
+def test_groups_stored_before_roles_get_owners_when_the_store_is_migrated(tmp_path):
+    import sqlite3
+
+    from chatd.store import sqlite as backend
+    path = tmp_path / "v4.db"
+    db = sqlite3.connect(path)
+    for script in backend.MIGRATIONS[:4]:
+        db.executescript(script)
+    db.execute("PRAGMA user_version=4")
+    for sid, creator, members in (("g1", "alice", ["alice", "bob"]),
+                                  ("g2", None, ["carol", "dave"]),
+                                  ("g3", "eve", ["frank", "gina"]),
+                                  ("d1", None, ["x", "y"])):
+        db.execute("INSERT INTO sessions (id, kind, created_ms, created_by) VALUES (?, ?, 0, ?)",
+                   (sid, "direct" if sid == "d1" else "mutable", creator))
+        db.executemany("INSERT INTO members (session_id, user_id) VALUES (?, ?)",
+                       [(sid, user) for user in members])
+    db.commit()
+    db.close()
+    store = backend.SQLiteStore(str(path))
+    try:
+        assert store.schema_version == len(backend.MIGRATIONS)
+        assert store.run_batch([roles.load_roles])[0] == {
+            "g1": {"alice": "owner"},                    # its creator
+            "g2": {"carol": "owner", "dave": "owner"},   # no creator known: every member
+            "g3": {"frank": "owner", "gina": "owner"},   # its creator left: every member
+        }
+    finally:
+        store.close()
