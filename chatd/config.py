@@ -200,6 +200,13 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
     # Seconds a store write is retried while the database is locked or
     # busy before the asker is told "busy".
     store_busy_timeout: float = 5.0
+    # --- GradAgenda beyond 2014 (issue 23; docs/protocols.md) ---
+    # Milliseconds a session's delivery and read marks are gathered before
+    # members' devices are told (one providing-marks per session per flush).
+    marks_flush_ms: int = 250
+    # Bytes of one uploaded image or voice clip, and of all a user's media.
+    media_max_bytes: int = 5 * 1024 * 1024
+    media_quota_bytes: int = 100 * 1024 * 1024
     # --- moderation and the server API (issue 22; docs/api.md) ---
     # The server API's key: false (the default), the API is off; null, one
     # is generated and kept in the store (the embedded default); a string,
@@ -266,6 +273,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", kw_only
                 raise ValueError(f"{key.replace('_', '-')} must be at least 1")
         if self.max_members_per_session < 2:
             raise ValueError("max-members-per-session must be at least 2")
+        for key in ("marks_flush_ms", "media_max_bytes", "media_quota_bytes"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key.replace('_', '-')} must be at least 1")
         if self.store_busy_timeout < 0:
             raise ValueError("store-busy-timeout must not be negative")
         check_cluster(self)

@@ -169,9 +169,12 @@ class CreateSession(Answered, kw_only=True):
 
 
 class ModifySession(Answered, kw_only=True):
+    """``admins``: the new admin list (issue 23), None to leave it as it is."""
+
     cdid: str
     session_id: str
     members: list[str]
+    admins: list[str] | None = None
 
 
 class DeleteSession(Answered, kw_only=True):
@@ -234,6 +237,9 @@ class SessionInfo(Event, kw_only=True):
     status: str
     members: list[str]
     cdid: Any = None
+    #: A group's owners and admins (issue 23; chatd.roles); None for direct sessions.
+    owners: list[str] | None = None
+    admins: list[str] | None = None
 
 
 class StoredMessage(Event, kw_only=True):
@@ -245,4 +251,49 @@ class StoredMessage(Event, kw_only=True):
     message: Any  # msgspec.Raw: the message object as stored
     sender_timestamp: int
     server_timestamp: int
+    cdid: Any = None
+
+
+# --- GradAgenda delivery and read marks (issue 23; chatd.marks) -------------------
+
+
+class MarkMessages(Answered, kw_only=True):
+    """The asker's device got (``delivered``) / the person read (``read``)
+    the session's messages up to these seqs; None: not reported."""
+
+    cdid: str
+    session_id: str
+    delivered: int | None = None
+    read: int | None = None
+
+
+class ReadMarksSetting(Answered, kw_only=True):
+    """Whether the asker's read marks are shown to others."""
+
+    cdid: str
+    enabled: bool
+
+
+class ListMarks(Request, kw_only=True):
+    """The session's marks; result: a list of ``MarksInfo`` or an error text."""
+
+    cdid: str
+    session_id: str
+
+
+class FlushMarks(Command, kw_only=True):
+    """Time to tell members' devices the marks that moved."""
+
+
+class Mark(msgspec.Struct, array_like=True):
+    user: str
+    delivered: int
+    read: int | None
+
+
+class MarksInfo(Event, kw_only=True):
+    """Marks of some members of a session (``read`` None: not shown)."""
+
+    session_id: str
+    marks: list[Mark]
     cdid: Any = None

@@ -28,7 +28,7 @@ from chatd.metrics import CONTENT_TYPE, Metrics
 #: Served with every web client file: this origin only, no inline script or
 #: style, no framing, no plugins (the browser must not run what a peer sent).
 CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; "
-                           "img-src 'self' data:; connect-src 'self'; manifest-src 'self'; "
+                           "img-src 'self' data: blob:; media-src blob:; connect-src 'self'; manifest-src 'self'; "
                            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 _WEB_HEADERS = (("Content-Security-Policy", CONTENT_SECURITY_POLICY),
                 ("X-Content-Type-Options", "nosniff"),

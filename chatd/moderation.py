@@ -63,6 +63,7 @@ from chatd.events import (
 )
 from chatd.router import DEFERRED, PASS, Router, Service
 from chatd.store import Failure, Job, Writer
+from chatd.store import media as media_store
 from chatd.store import moderation as db
 
 if TYPE_CHECKING:
@@ -361,6 +362,13 @@ class Moderation(Service):
                                                         client.user_id, *extra),
                          ids=ids, ip=parse_ip(client.peer))
 
+    def user_refusal(self, user_id: str, ip: str) -> str | None:
+        """Why a GradAgenda user's media upload or download (issue 23,
+        chatd.media) is refused (a ban of the user or the address), or None."""
+        rule = self.find("ban", name_list=(user_id,), ids=(user_id,),
+                         ip=parse_ip(ip)) if self.rules else None
+        return None if rule is None else _reason("banned", rule)
+
     def address_refusal(self, ip: str) -> str | None:
         """Why a handshake from ``ip`` is refused (an address ban), or None."""
         rule = self.find("ban", ip=parse_ip(ip)) if self.rules else None
@@ -575,7 +583,12 @@ class Moderation(Service):
                 log.info("retention removed %d stored messages", deleted)
             answer(deleted)
 
-        refused = self.submit(lambda s: db.prune(s, now_ms(), count, age_ms), done, answer)
+        def prune(s: Any) -> int:
+            deleted = db.prune(s, now_ms(), count, age_ms)
+            media_store.sweep(s, now_ms())  # media go with their messages (issue 23)
+            return deleted
+
+        refused = self.submit(prune, done, answer)
         if refused:
             answer(refused)
 

@@ -38,6 +38,8 @@ from chatd.handshake import (
     BadRequest, HeadReader, Refusal, Request, accept_response, check_request, check_upgrade, refusal_response,
 )
 from chatd.http import Routes
+from chatd.marks import Marks
+from chatd.media import Media
 from chatd.limits import ConnectionLedger
 from chatd.logs import ClientSource, client_lines, client_source, report_suppressed
 from chatd.lobby import Lobby
@@ -83,6 +85,7 @@ class Server:
         self.broker: Broker = LocalBroker()
         self.lobby: Lobby | None = None
         self.cluster: Cluster | None = None
+        self.media: Media | None = None  # GradAgenda images and voice clips (issue 23)
         #: The router's services (``chatd.router.Service``), made by ``run``
         #: once the broker and the store are open, installed in this order.
         self.services: list[Service] = []
@@ -160,6 +163,12 @@ class Server:
                                     config.max_messages_per_user_per_session),
                                 broker=self.broker)
             self.services.append(sessions)
+            self.services.append(Marks(sessions, config.marks_flush_ms))  # issue 23
+            self.media = Media(sessions, secret=lambda: self.secrets.get("jwt-secret"),
+                               leeway=config.jwt_leeway, max_bytes=config.media_max_bytes,
+                               quota=config.media_quota_bytes,
+                               banned=lambda user, ip: self.moderation.user_refusal(user, ip)
+                               if self.moderation is not None else None)
         # Moderation (issue 22): guards the others' handlers.
         self.moderation = Moderation(self, config.retention_count, config.retention_age,
                                      config.retention_interval)
@@ -380,6 +389,10 @@ class Server:
         if self.routes.admin and self._serves_api(request):  # the server API (issue 22)
             await _answer(transport, await self.api.answer(
                 request, reader.trailing, transport.receive, str(client)))
+            return None, counted
+        if self.media is not None and self.media.serves(request):  # issue 23
+            await _answer(transport, await self.media.answer(request, reader.trailing,
+                                                             transport.receive, client.ip))
             return None, counted
         mount = self._route(request.path)
         if not request.wants_websocket:

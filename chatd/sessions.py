@@ -21,7 +21,9 @@ each asker is answered "storage busy" or "storage unavailable"
 (docs/storage.md). Memory then matches what is stored again.
 
 Authorisation: a group ("mutable") session is created with its creator as
-a member; only members may modify, delete, send into or read it. A direct
+a member and owner; only members may send into or read it, and only its
+owners and admins modify or delete it, though any member may leave
+(``chatd.roles``, issue 23). A direct
 session belongs to its two users, has an id derived from the sorted pair,
 and exists (durably) from the first time either of them asks for it; only
 then can messages be sent into it.
@@ -73,6 +75,7 @@ import trio
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from chatd import hub
+from chatd import roles as access
 from chatd.broker import Broker, LocalBroker
 from chatd.broker.base import CLUSTER, user_channel
 from chatd.broker.wire import SessionChanged, Stored
@@ -84,6 +87,7 @@ from chatd.feeds import FILL_PAGE, Action, Answer, Deliver, Entry, Feeds, Read, 
 from chatd.router import DEFERRED, Router, Service
 from chatd.store import Failure, Job, Store, Writer
 from chatd.store.base import StoredSession
+from chatd.store.marks import forget as forget_marks
 
 if TYPE_CHECKING:
     from chatd.outbox import Client
@@ -117,7 +121,7 @@ class _Refused(str):
 
 
 class Session:
-    __slots__ = ("id", "kind", "members", "version", "waiting", "sent")
+    __slots__ = ("id", "kind", "members", "version", "waiting", "sent", "roles")
 
     def __init__(self, session_id: str, kind: str, members: Iterable[str],
                  version: int = 0) -> None:
@@ -134,10 +138,17 @@ class Session:
         #: Messages stored or being stored here, by sender (None until the
         #: store has counted them: ``max-messages-per-user-per-session``).
         self.sent: dict[str, int] | None = None
+        #: Owners and admins (issue 23, chatd.roles); replaced, never mutated.
+        self.roles: dict[str, str] = {}
 
     def info(self, status: str) -> SessionInfo:
+        if self.kind != "mutable":
+            return SessionInfo(session_id=self.id, kind=self.kind, status=status,
+                               members=sorted(self.members))
         return SessionInfo(session_id=self.id, kind=self.kind, status=status,
-                           members=sorted(self.members))
+                           members=sorted(self.members),
+                           owners=access.listed(self.roles, access.OWNER),
+                           admins=access.listed(self.roles, access.ADMIN))
 
 
 def newest_seq(store: Store, session_id: str) -> int:
@@ -183,6 +194,8 @@ class Sessions(Service):
         self._reloading = False
         #: Users whose channel delivers (acknowledged since their first login here).
         self._acked: set[str] = set()
+        #: Delivery and read marks (issue 23: chatd.marks), set by that service.
+        self.marks: Any = None
 
     @property
     def skipped(self) -> int:
@@ -210,8 +223,17 @@ class Sessions(Service):
         self.store.lock()
         for row in await trio.to_thread.run_sync(self.store.load_sessions):
             self._add(Session(row.id, row.kind, row.members, row.version))
+        await trio.to_thread.run_sync(self._load_roles)
         log.info("loaded %d sessions from %s", len(self.sessions), self.store.name)
         await self.writer.run(task_status=task_status)
+
+    def _load_roles(self) -> None:
+        """Each group's owners and admins, from the store (issue 23)."""
+        stored = self.store.run_batch([access.load_roles])[0]
+        for session_id, roles in stored.items():
+            session = self.sessions.get(session_id)
+            if session is not None:
+                session.roles = roles
 
     async def ready(self) -> str | None:
         """None if the store takes writes now, else why not (for /readyz)."""
@@ -329,6 +351,7 @@ class Sessions(Service):
         client, me = cmd.client, cmd.client.user_id
         session = Session(new_session_id(), "mutable", {*cmd.members, me})
         session.sent = {}  # a new id: nobody has sent anything yet
+        session.roles = {me: access.OWNER}  # the creator owns it (chatd.roles)
         info = session.info("created")
         over = self._too_many_members(session.members) or self._over_cap(session.members)
         if over:
@@ -345,6 +368,7 @@ class Sessions(Service):
                     "until its members delete it)")
             store.create_session(session.id, "mutable", info.members, now_ms())
             store.set_creator(session.id, me)
+            access.store_roles(store, session.id, session.roles)
             return None
 
         def created(refused: _Refused | None) -> None:
@@ -371,37 +395,56 @@ class Sessions(Service):
         if not cmd.members:
             return self._fail(client, cmd.cdid, "a session needs participants; delete it instead")
         old, new = session.members, frozenset(cmd.members)
+        old_roles = session.roles
+        roles = access.change(old_roles, old, new, client.user_id, cmd.admins)
+        if isinstance(roles, str):
+            return self._fail(client, cmd.cdid, roles)
         over = self._too_many_members(new) or self._over_cap(new - old)
         if over:
             return self._fail(client, cmd.cdid, over)
         members = sorted(new)
-        info = SessionInfo(session_id=session.id, kind="mutable", status="modified", members=members)
+        info = SessionInfo(session_id=session.id, kind="mutable", status="modified", members=members,
+                           owners=access.listed(roles, access.OWNER),
+                           admins=access.listed(roles, access.ADMIN))
         def change(store: Store) -> tuple[int, int]:
-            return store.set_members(session.id, members) or (0, session.version)
+            result = store.set_members(session.id, members) or (0, session.version)
+            access.store_roles(store, session.id, roles)
+            return result
 
         def changed(result: tuple[int, int]) -> None:
             seq, session.version = result
             self._fanout(old | new, info, client, cmd.cdid)
             self._changed(session, "modified", members, old, seq)
 
+        def undo() -> None:
+            self._set_members(session, old)
+            session.roles = old_roles
+
         refused = self._write(change, changed,
-                              lambda answer: self._fail(client, cmd.cdid, answer),
-                              undo=lambda: self._set_members(session, old))
+                              lambda answer: self._fail(client, cmd.cdid, answer), undo=undo)
         if refused:
             return self._fail(client, cmd.cdid, refused)
         self._set_members(session, new)
+        session.roles = roles
 
     def delete(self, cmd: DeleteSession) -> None:
         client = cmd.client
         session = self._usable(client, cmd.session_id, change="deleted")
         if isinstance(session, str):
             return self._fail(client, cmd.cdid, session)
+        refusal = access.may_delete(session.roles, client.user_id)
+        if refusal:
+            return self._fail(client, cmd.cdid, refusal)
         info, members = session.info("deleted"), session.members
         def deleted(_: None) -> None:
             self._fanout(members, info, client, cmd.cdid)
             self._changed(session, "deleted", info.members, (), 0)
 
-        refused = self._write(lambda store: store.delete_session(session.id), deleted,
+        def delete(store: Store) -> None:
+            store.delete_session(session.id)
+            forget_marks(store, session.id)  # issue 23
+
+        refused = self._write(delete, deleted,
                               lambda answer: self._fail(client, cmd.cdid, answer),
                               undo=lambda: self._add(session))
         if refused:
@@ -413,7 +456,9 @@ class Sessions(Service):
         change before this request is stored (a no-op job as a barrier)."""
         mine = self.joined.get(cmd.client.user_id, {}).values()
         listing = [session.info("unchanged") for session in mine if session.kind == "mutable"]
-        refused = self._write(lambda store: None, lambda _: Router.resolve(cmd, listing),
+        marks = self.marks  # each session's marks after it (issue 23)
+        refused = self._write(lambda store: marks.listing(listing, store) if marks else listing,
+                              lambda found: Router.resolve(cmd, found),
                               lambda answer: Router.resolve(cmd, answer))
         return refused or DEFERRED
 
@@ -527,7 +572,7 @@ class Sessions(Service):
         members, old = sorted(members), sorted(old)
         self.broker.publish(CLUSTER, SessionChanged(
             session_id=session.id, kind=session.kind, status=status, members=members,
-            old_members=old, seq=seq, version=session.version))
+            old_members=old, seq=seq, version=session.version, roles=session.roles))
         self._act(self.feeds.follow(session.id, status, members, old, seq))
 
     def remote_changed(self, item: SessionChanged, since: dict[str, int] | None = None) -> None:
@@ -541,15 +586,20 @@ class Sessions(Service):
             if session is not None:
                 self._remove(session)
         elif session is None:
-            self._add(Session(item.session_id, item.kind, members, item.version))
+            session = Session(item.session_id, item.kind, members, item.version)
+            session.roles = dict(item.roles)
+            self._add(session)
         else:
             if session.members != members:
                 self._set_members(session, members)
+            if item.version >= session.version:
+                session.roles = dict(item.roles)
             session.version = max(session.version, item.version)
         if item.kind == "mutable":
             self._deliver(members | set(item.old_members), SessionInfo(
                 session_id=item.session_id, kind=item.kind, status=item.status,
-                members=sorted(members)))
+                members=sorted(members), owners=access.listed(item.roles, access.OWNER),
+                admins=access.listed(item.roles, access.ADMIN)))
         self._act(self.feeds.follow(item.session_id, item.status, item.members,
                                     item.old_members, item.seq if since is None else None, since))
 
@@ -640,8 +690,10 @@ class Sessions(Service):
         self._reloading = True
         before = {session_id: session.members for session_id, session in self.sessions.items()}
 
-        def loaded(rows: list[StoredSession] | None, failure: str | None = None) -> None:
+        def loaded(found: tuple[list[StoredSession], dict] | None,
+                   failure: str | None = None) -> None:
             self._reloading = False
+            rows, roles = found if found is not None else (None, {})
             if rows is None:
                 log.warning("could not reload the sessions after a broker outage: %s", failure)
                 self._place({})
@@ -654,14 +706,18 @@ class Sessions(Service):
                     if session is None:
                         self._apply(SessionChanged(session_id=session_id, kind=row.kind,
                                                    status="created", members=sorted(members),
-                                                   version=row.version), row.members)
+                                                   version=row.version,
+                                                   roles=roles.get(session_id, {})), row.members)
                 elif session is not None and session.members is before[session_id] \
                         and session.members != members:
                     self._apply(SessionChanged(session_id=session_id, kind=row.kind,
                                                status="modified", members=sorted(members),
                                                old_members=sorted(session.members),
-                                               version=row.version), row.members)
+                                               version=row.version,
+                                               roles=roles.get(session_id, {})), row.members)
                 elif session is not None:
+                    if row.version >= session.version:
+                        session.roles = roles.get(session_id, {})
                     session.version = max(session.version, row.version)
             for session_id, members in before.items():
                 session = self.sessions.get(session_id)
@@ -675,7 +731,8 @@ class Sessions(Service):
                     self._baseline(user, missing)
                 self._act(self.feeds.catch_up(user))
 
-        refused = self._write(lambda store: store.load_sessions(), loaded,
+        refused = self._write(lambda store: (store.load_sessions(), access.load_roles(store)),
+                              loaded,
                               lambda answer: loaded(None, answer))
         if refused:
             loaded(None, refused)
@@ -809,6 +866,30 @@ class Sessions(Service):
         connection gets a copy carrying its ``cdid``."""
         self._deliver(users, event, exclude=asker)
         _answer(asker, event, cdid)
+
+    # --- for the services beside this one (issue 23: chatd.marks, chatd.media) ---
+
+    def usable(self, client: Client, session_id: str) -> Session | str:
+        """The session if ``client`` is a member, else why not (``_usable``)."""
+        return self._usable(client, session_id)
+
+    def write(self, run: Callable[[Store], Any], done: Callable[[Any], None],
+              failed: Callable[[str], None]) -> str | None:
+        """Queue a store job (``_write``); the refusal text if it cannot."""
+        return self._write(run, done, failed)
+
+    def deliver(self, users: Iterable[str], event: Event) -> None:
+        """Every local device of ``users`` gets ``event`` (``_deliver``)."""
+        self._deliver(users, event)
+
+    def fail(self, client: Client, cdid: Any, message: str) -> None:
+        """The asker's one answer: a failed status (``_fail``)."""
+        self._fail(client, cdid, message)
+
+    @staticmethod
+    def succeed(client: Client, cdid: Any) -> None:
+        """The asker's one answer: a succeeded status."""
+        _answer(client, Status(cdid=cdid, ok=True), cdid)
 
     # --- moderation (issue 22; chatd.moderation) -------------------------------
 

@@ -111,7 +111,9 @@ class Tab:
 
     def listen(self) -> None:
         """Subscribe to the page's events (on the browser's loop)."""
-        page, own = self.page, (self.origin + "/", "ws" + self.origin[4:] + "/", "data:")
+        # blob: URLs the page made itself (GradAgenda media, issue 23) carry its origin.
+        page, own = self.page, (self.origin + "/", "ws" + self.origin[4:] + "/", "data:",
+                                "blob:" + self.origin + "/")
 
         def on_dialog(dialog) -> None:
             self.dialogs.append(dialog.message)

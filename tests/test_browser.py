@@ -8,6 +8,7 @@ requests off its own origin and Content-Security-Policy violations.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -22,8 +23,31 @@ from chatd.tokens import mint
 from tests.browser import Browser, Context
 from tests.conftest import GUARD, JWT_SECRET, SECRET, Peer, free_port
 from tests.lobby_peers import signed, socialvp, wcp, wschat
-from tests.test_gradagenda import login, message
+from tests.test_gradagenda import login as ga_login
+from tests.test_gradagenda import message
 from tests.test_http import get, http
+
+class MarksAside(Peer):
+    """A GradAgenda peer that sets aside the delivery and read marks the
+    pages send (issue 23): ``recv`` answers the next other frame, and
+    ``marks`` holds what was set aside."""
+
+    def __init__(self, ws) -> None:
+        super().__init__(ws)
+        self.marks: list[dict] = []
+
+    async def recv(self):
+        while True:
+            frame = await super().recv()
+            if frame.get("type") != "providing-marks":
+                return frame
+            self.marks.append(frame)
+
+
+async def login(chat, user: str, device: str = "phone") -> MarksAside:
+    peer = await ga_login(chat, user, device)
+    return MarksAside(peer.ws)
+
 
 XSS = "<img src=x onerror=alert(1)>"
 LAST = "#lobby-log .msg >> nth=-1"
@@ -710,3 +734,108 @@ async def test_the_lobby_sends_half_an_emoji_as_a_replacement_character_too(chat
     assert joined["user_id"] == "bob\ufffd"
     await bob.expect("#lobby-roster li", "to_have_text",
                      ["alice", "bob\ufffd (you)", "Wendy (wendy)"])
+
+
+# --- GradAgenda beyond 2014 (issue 23): marks, roles, images and voice clips ------------
+
+
+async def test_the_page_reports_and_shows_delivery_and_read_marks(chat, pages):
+    await chat.start()
+    bob = await login(chat, "bob")
+    tab = await sign_in(pages, chat, "alice")
+    await tab.click("text=New group")
+    await tab.fill("#ga-members", "bob")
+    await tab.press("#ga-members", "Enter")
+    session = (await bob.recv())["session-id"]
+    await bob.send(message(session, "read me", cdid="b1"))
+    assert (await bob.recv())["cdid"] == "b1"
+    await shows(tab, "bob", "read me", GA_LAST)
+    # The page, open on the session, says alice got and read it.
+    with trio.fail_after(GUARD):
+        while not any(m["user-id"] == "alice" and m.get("read-seq") == 1
+                      for frame in bob.marks for m in frame["marks"]):
+            await _next_marks(bob)
+    await bob.send({"type": "request-marking-messages", "cdid": "k1", "session-id": session,
+                    "read-seq": 1})
+    assert (await bob.recv())["cdid"] == "k1"
+    await tab.expect("#ga-session-marks", "to_have_text", "bob has read up to #1")
+    # Read marks off: the page still reports delivery only.
+    await tab.click("#ga-read-marks")
+    await tab.expect("#ga-read-marks", "not_to_be_checked")
+    await bob.send(message(session, "and this?", cdid="b2"))
+    assert (await bob.recv())["cdid"] == "b2"
+    with trio.fail_after(GUARD):
+        while not any(m["user-id"] == "alice" and m["delivered-seq"] == 2
+                      for frame in bob.marks for m in frame["marks"]):
+            await _next_marks(bob)
+    latest = [m for frame in bob.marks for m in frame["marks"] if m["user-id"] == "alice"][-1]
+    assert "read-seq" not in latest
+
+
+async def _next_marks(peer: MarksAside) -> None:
+    """Wait for the next frame; marks are set aside, anything else is unexpected."""
+    frame = json.loads(await peer.ws.get_message())
+    assert frame["type"] == "providing-marks", frame
+    peer.marks.append(frame)
+
+
+async def test_owners_and_admins_manage_members_and_anyone_leaves_from_the_page(chat, pages):
+    await chat.start()
+    bob = await login(chat, "bob")
+    tab = await sign_in(pages, chat, "alice")
+    await tab.click("text=New group")
+    await tab.fill("#ga-members", "bob, carol")
+    await tab.press("#ga-members", "Enter")
+    await tab.expect("#ga-session-roles", "to_have_text", "Owner: alice")
+    session = (await bob.recv())["session-id"]
+    await tab.click("text=Manage the group")
+    await tab.fill("#ga-manage-admins", "bob")
+    await tab.click("#ga-manage button[type=submit]")
+    got = await bob.recv()
+    assert (got["user-id"], got["admin-id"]) == (["alice", "bob", "carol"], ["bob"])
+    await tab.expect("#ga-session-roles", "to_have_text", "Owner: alice · Admins: bob")
+    # carol, a member, has no managing form, only "Leave".
+    carol = await sign_in(pages, chat, "carol")
+    await carol.click("#ga-sessions button")
+    await carol.expect("#ga-session-roles", "to_have_text", "Owner: alice · Admins: bob")
+    await carol.expect("#ga-manage-box", "to_be_hidden")
+    await carol.click("#ga-leave")
+    got = await bob.recv()
+    assert (got["session-id"], got["user-id"]) == (session, ["alice", "bob"])
+    await carol.expect("#ga-sessions button", "to_have_count", 0)
+    await tab.expect("#ga-session-members", "to_have_text", "Group members: alice (you), bob")
+    # A refusal is shown: bob (admin, on his raw client) is fine, the page's
+    # owner removes bob's admin role; then the member list form refuses nonsense.
+    await tab.fill("#ga-manage-members", "alice, bob")
+    await tab.fill("#ga-manage-admins", "dave")
+    await tab.click("#ga-manage button[type=submit]")
+    await tab.expect("#ga-manage-error", "to_contain_text", "dave")
+
+
+async def test_the_page_sends_and_shows_images_and_voice_clips(chat, pages):
+    from tests.test_gradagenda_media import download, ogg_opus, png, upload
+    server = await chat.start()
+    bob = await login(chat, "bob")
+    tab = await sign_in(pages, chat, "alice")
+    await tab.click("text=New group")
+    await tab.fill("#ga-members", "bob")
+    await tab.press("#ga-members", "Enter")
+    session = (await bob.recv())["session-id"]
+    await tab.expect("#ga-file", "to_be_enabled")
+    await tab.do(lambda page: page.set_input_files("#ga-file", files=[
+        {"name": "dot.png", "mimeType": "image/png", "buffer": png()}]))
+    got = await bob.recv()
+    sent = got["message"]
+    assert (sent["type"], sent["body"], sent["width"], sent["height"]) == ("image", "dot.png", 1, 1)
+    assert (await download(server.port, "bob", sent["media-id"]))[2] == png()
+    await tab.expect("#ga-log img", "to_have_count", 1)
+    await tab.expect("#ga-log img", "to_have_attribute", "src", re.compile(r"^blob:"))
+    # bob's voice clip, uploaded over HTTP, plays on the page.
+    status, answer, _ = await upload(server.port, "bob", session, ogg_opus())
+    assert status == 201
+    await bob.send({"type": "request-sending-a-message", "cdid": "v", "session-id": session,
+                    "message": {"type": "voice", "body": "listen", "media-id": answer["media-id"],
+                                "duration": 20}, "sender-timestamp": 1})
+    assert (await bob.recv())["cdid"] == "v"
+    await tab.expect("#ga-log audio", "to_have_count", 1)
+    await tab.expect("#ga-log audio", "to_have_attribute", "src", re.compile(r"^blob:"))

@@ -104,14 +104,30 @@ async def test_session_changes_reach_every_device_on_every_node(cluster):
     await bob.send(message(session_id, "hi from n2", cdid="b1"))
     assert (await bob.recv())["cdid"] == "b1"
     assert (await alice.recv())["message"]["body"] == "hi from n2"
-    # Modified on n2: every old and new member, on every node, hears it.
+    # Roles cross nodes (issue 23): alice, the owner, on n1 makes bob an
+    # admin; bob, on n2, adds carol (on n3); alice leaves, and the group
+    # passes to its admin, bob. Every old and new member, on every node,
+    # hears each change.
+    await alice.send({"type": "request-mutable-session-modification", "cdid": "adm",
+                      "session-id": session_id, "user-id": ["alice", "bob"],
+                      "admin-id": ["bob"]})
+    assert (await alice.recv())["cdid"] == "adm"
+    got = await bob.recv()
+    assert (got["owner-id"], got["admin-id"]) == (["alice"], ["bob"])
     await bob.send({"type": "request-mutable-session-modification", "cdid": "mod",
-                    "session-id": session_id, "user-id": ["bob", "carol"]})
+                    "session-id": session_id, "user-id": ["alice", "bob", "carol"]})
     answer = await bob.recv()
     assert (answer["status"], answer["cdid"]) == ("modified", "mod")
     for peer in (alice, carol):
         got = await peer.recv()
-        assert (got["status"], got["user-id"]) == ("modified", ["bob", "carol"])
+        assert (got["status"], got["user-id"]) == ("modified", ["alice", "bob", "carol"])
+    await alice.send({"type": "request-mutable-session-modification", "cdid": "bye",
+                      "session-id": session_id, "user-id": ["bob", "carol"]})
+    assert (await alice.recv())["cdid"] == "bye"
+    for peer in (bob, carol):
+        got = await peer.recv()
+        assert (got["user-id"], got["owner-id"], got["admin-id"]) == (
+            ["bob", "carol"], ["bob"], [])
     # alice is out everywhere; carol (on n3) is in and gets what follows.
     await alice.send(message(session_id, "still here?", cdid="a2"))
     assert (await alice.recv())["message"] == "not a member of this session"
@@ -124,11 +140,15 @@ async def test_session_changes_reach_every_device_on_every_node(cluster):
     await bob.send(message(pair["session-id"], "just us", cdid="b9"))
     assert (await bob.recv())["cdid"] == "b9"
     assert (await alice.recv())["message"]["body"] == "just us"
-    # Deleted on n3: everyone hears it, and nobody can use it on any node.
+    # carol, a member, may not delete it; bob, its owner now, may: everyone
+    # hears it, and nobody can use it on any node.
     await carol.send({"type": "request-mutable-session-deletion", "cdid": "del",
                       "session-id": session_id})
-    assert (await carol.recv())["status"] == "deleted"
+    assert (await carol.recv())["status"] == "failed"
+    await bob.send({"type": "request-mutable-session-deletion", "cdid": "del",
+                    "session-id": session_id})
     assert (await bob.recv())["status"] == "deleted"
+    assert (await carol.recv())["status"] == "deleted"
     await bob.send(message(session_id, "gone?", cdid="b2"))
     assert (await bob.recv())["message"] == "no such session"
 

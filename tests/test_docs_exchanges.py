@@ -13,6 +13,11 @@ on a fresh embedded-default server (all five endpoints, room ``lobby``,
   server closed it with ``CODE`` (and ``REASON``, if given);
 - a line starting with ``#`` is a comment.
 
+GradAgenda's exchanges (issue 23) need a token and ids the server makes:
+in a received JSON, a value ``"$NAME"`` matches anything and keeps it as
+``NAME``; in a sent one, ``$NAME`` is replaced by what was kept, and
+``$TOKEN:USER`` by a token for ``USER`` signed with the server's secret.
+
 After each line the runner waits until the server has nothing left to do
 (``wait_all_tasks_blocked``), so the lines happen in the order written.
 """
@@ -29,6 +34,7 @@ import trio.testing
 from trio_websocket import ConnectionClosed
 
 from chatd.config import default_config
+from chatd.tokens import mint
 from tests.conftest import GUARD, Peer
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocols.md"
@@ -56,15 +62,20 @@ def test_the_document_shows_exchanges_for_every_lobby_protocol():
     assert {"/multichat", "/socialvp", "/wschat", "/wcp"} <= paths, paths
 
 
-def matches(expected: Any, got: Any) -> bool:
+def matches(expected: Any, got: Any, kept: dict[str, Any] | None = None) -> bool:
     if expected == ANY:
+        return True
+    if isinstance(expected, str) and re.fullmatch(r"\$\w+", expected) and kept is not None:
+        if expected[1:] in kept:
+            return kept[expected[1:]] == got
+        kept[expected[1:]] = got
         return True
     if isinstance(expected, dict):
         return (isinstance(got, dict) and expected.keys() == got.keys()
-                and all(matches(v, got[k]) for k, v in expected.items()))
+                and all(matches(v, got[k], kept) for k, v in expected.items()))
     if isinstance(expected, list):
         return (isinstance(got, list) and len(expected) == len(got)
-                and all(matches(e, g) for e, g in zip(expected, got)))
+                and all(matches(e, g, kept) for e, g in zip(expected, got)))
     return expected == got and type(expected) is type(got)
 
 
@@ -72,8 +83,15 @@ def matches(expected: Any, got: Any) -> bool:
 async def test_each_documented_exchange_happens_as_written(chat, lines):
     config = default_config()
     config.secret_key = "s3cret"
-    await chat.start(config)
+    server = await chat.start(config)
     peers: dict[str, Peer] = {}
+    kept: dict[str, Any] = {}
+
+    def fill(text: str) -> str:
+        text = re.sub(r"\$TOKEN:(\w+)",
+                      lambda m: mint(server.secrets["jwt-secret"], m.group(1)), text)
+        return re.sub(r"\$(\w+)", lambda m: str(kept[m.group(1)]), text)
+
     for line in lines:
         name, _, rest = line.partition(" ")
         with trio.fail_after(GUARD):
@@ -82,11 +100,11 @@ async def test_each_documented_exchange_happens_as_written(chat, lines):
             elif rest.startswith("> binary "):
                 await peers[name].ws.send_message(bytes.fromhex(rest.removeprefix("> binary ")))
             elif rest.startswith("> "):
-                await peers[name].send(rest[2:])
+                await peers[name].send(fill(rest[2:]))
             elif rest.startswith("< "):
                 expected = json.loads(rest[2:])
                 got = await peers[name].recv()
-                assert matches(expected, got), (line, got)
+                assert matches(expected, got, kept), (line, got)
             elif rest == "closes":
                 await peers[name].close()
             elif rest.startswith("closed "):

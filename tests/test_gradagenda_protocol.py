@@ -312,3 +312,38 @@ def test_a_message_whose_answer_would_not_fit_is_refused_and_one_that_just_fits_
                                     message=send("x" * fits)[0].message, sender_timestamp=5,
                                     server_timestamp=_WIDEST_MS, cdid="m"))
     assert len(answer) == 400
+
+
+# --- issue 23: the new actions and message types, fuzzed ---------------------------------
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.text(max_size=30),
+                    st.lists(st.text(max_size=10), max_size=3), st.floats(allow_nan=False, allow_infinity=False))
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["request-marking-messages", "request-marks",
+                             "request-read-marks-setting", "request-mutable-session-modification",
+                             "request-sending-a-message"]),
+       fields=st.dictionaries(st.sampled_from(["session-id", "delivered-seq", "read-seq", "enabled",
+                                               "user-id", "admin-id", "sender-timestamp"]),
+                              _VALUES, max_size=5),
+       media=st.dictionaries(st.sampled_from(["type", "body", "media-id", "width", "height",
+                                              "duration"]), _VALUES, max_size=6))
+def test_the_new_actions_answer_a_command_or_a_failed_status_whatever_they_hold(
+        kind, fields, media):
+    p = logged_in()
+    action = {"type": kind, "cdid": "x", **fields}
+    if kind == "request-sending-a-message":
+        action["message"] = media
+    out = p.receive(json.dumps(action))
+    assert len(out) == 1, out
+    if isinstance(out[0], Send):
+        answer = json.loads(out[0].data)
+        assert (answer["status"], answer["cdid"]) == ("failed", "x"), answer
+    else:  # a command, only for a well-formed action
+        assert out[0].cdid == "x"
+        if isinstance(out[0], SendMessage):
+            stored = json.loads(bytes(out[0].message))
+            assert stored["type"] in ("text", "image", "voice")
+            if stored["type"] != "text":
+                assert stored["media-id"].startswith("media-")

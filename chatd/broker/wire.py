@@ -131,6 +131,17 @@ class SessionChanged(Item, kw_only=True):
     old_members: list[str] = []
     seq: int = 0
     version: int = 0
+    #: A group's owners and admins after the change (issue 23; chatd.roles).
+    roles: dict[str, str] = {}
+
+
+class MarksMoved(Item, kw_only=True):
+    """GradAgenda delivery and read marks the origin stored and flushed
+    (issue 23; chatd.marks): ``marks`` are ``[user, delivered, read]``,
+    ``read`` null when that user does not show read marks."""
+
+    session_id: str
+    marks: list[tuple[str, int, int | None]]
 
 
 # --- one GradAgenda user (channel chatd:user:USER) ---------------------------------------
@@ -168,7 +179,7 @@ class Moderated(Item, kw_only=True):
 
 
 AnyItem = (Said | Joined | Left | Presence | Whisper | SyncRequest | Heartbeat | Bye
-           | SessionChanged | Stored | Moderated)
+           | SessionChanged | Stored | Moderated | MarksMoved)
 
 
 class Batch(msgspec.Struct, kw_only=True):

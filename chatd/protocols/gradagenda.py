@@ -33,8 +33,9 @@ from msgspec import Meta
 
 from chatd import names, tokens
 from chatd.events import (
-    Command, CreateSession, DeleteSession, DirectSessionInfo, Event, ListSessions, Login, Logout,
-    ModifySession, ReadHistory, Refused, SendMessage, SessionInfo, Status, StoredMessage,
+    Command, CreateSession, DeleteSession, DirectSessionInfo, Event, ListMarks, ListSessions,
+    Login, Logout, MarkMessages, MarksInfo, ModifySession, ReadHistory, ReadMarksSetting,
+    Refused, SendMessage, SessionInfo, Status, StoredMessage,
 )
 from chatd.protocols.base import (
     AuthFailed, Close, NotJSON, Output, Protocol, SafeInt, Send, Stream, WrongShape, decode,
@@ -73,6 +74,8 @@ class RequestMutableSessionCreation(_Action, tag="request-mutable-session-creati
 class RequestMutableSessionModification(_Action, tag="request-mutable-session-modification"):
     session_id: str
     user_id: list[str]
+    #: Issue 23 (chatd.roles): the new admin list; absent: unchanged.
+    admin_id: list[str] | None = None
 
 
 class RequestMutableSessionDeletion(_Action, tag="request-mutable-session-deletion"):
@@ -83,9 +86,14 @@ class RequestMutableSessionListing(_Action, tag="request-mutable-session-listing
     pass
 
 
-class MessageIn(msgspec.Struct):
+class MessageIn(msgspec.Struct, rename="kebab"):
     type: str
     body: Any
+    #: Issue 23: ``image`` (width, height) and ``voice`` (duration, ms) messages.
+    media_id: Any = None
+    width: Any = None
+    height: Any = None
+    duration: Any = None
 
 
 class TextMessage(msgspec.Struct):
@@ -93,6 +101,52 @@ class TextMessage(msgspec.Struct):
 
     type: str
     body: str
+
+
+class ImageMessage(msgspec.Struct, rename="kebab"):
+    """An image (issue 23, chatd.media): ``body`` is the text a client that
+    cannot show images shows (a caption, may be empty); pixels."""
+
+    type: str
+    body: str
+    media_id: str
+    width: int
+    height: int
+
+
+class VoiceMessage(msgspec.Struct, rename="kebab"):
+    """A voice clip (issue 23, chatd.media); ``duration`` in milliseconds."""
+
+    type: str
+    body: str
+    media_id: str
+    duration: int
+
+
+#: Largest width or height of an image, and duration of a voice clip (ms).
+MAX_PIXELS = 65_535
+MAX_DURATION_MS = 60 * 60 * 1000
+
+
+def _media_message(message: MessageIn) -> bytes | str:
+    """An image or voice message as stored, or why it is refused."""
+    if not isinstance(message.body, str):
+        return f"an {message.type} message's body must be a string (shown where it cannot be)"
+    if not isinstance(message.media_id, str) or not message.media_id.startswith("media-") \
+            or len(message.media_id) > 64:
+        return f"an {message.type} message needs the media-id its upload answered"
+    if message.type == "image":
+        for key in ("width", "height"):
+            value = getattr(message, key)
+            if type(value) is not int or not 1 <= value <= MAX_PIXELS:
+                return f"an image message needs '{key}': pixels, 1 to {MAX_PIXELS}"
+        return dumps(ImageMessage(type="image", body=message.body, media_id=message.media_id,
+                                  width=message.width, height=message.height))
+    value = message.duration
+    if type(value) is not int or not 1 <= value <= MAX_DURATION_MS:
+        return f"a voice message needs 'duration': milliseconds, 1 to {MAX_DURATION_MS}"
+    return dumps(VoiceMessage(type="voice", body=message.body, media_id=message.media_id,
+                              duration=value))
 
 
 class RequestSendingAMessage(_Action, tag="request-sending-a-message"):
@@ -108,6 +162,23 @@ class RequestMessageHistory(_Action, tag="request-message-history"):
     limit: Annotated[int, Meta(ge=1)] = HISTORY_LIMIT
 
 
+# --- issue 23: delivery and read marks (chatd.marks) -----------------------------
+
+
+class RequestMarkingMessages(_Action, tag="request-marking-messages"):
+    session_id: str
+    delivered_seq: Seq | None = None
+    read_seq: Seq | None = None
+
+
+class RequestMarks(_Action, tag="request-marks"):
+    session_id: str
+
+
+class RequestReadMarksSetting(_Action, tag="request-read-marks-setting"):
+    enabled: bool
+
+
 class BatchModeAction(msgspec.Struct, tag_field="type", tag="batch-mode-action"):
     actions: list[msgspec.Raw]
     cdid: Any = None
@@ -116,7 +187,7 @@ class BatchModeAction(msgspec.Struct, tag_field="type", tag="batch-mode-action")
 Action = (Authenticate | RequestDirectSessionInfo | RequestMutableSessionCreation
           | RequestMutableSessionModification | RequestMutableSessionDeletion
           | RequestMutableSessionListing | RequestSendingAMessage | RequestMessageHistory
-          | BatchModeAction)
+          | RequestMarkingMessages | RequestMarks | RequestReadMarksSetting | BatchModeAction)
 _decoder = msgspec.json.Decoder(Action)
 ACTION_TYPES = {cls.__struct_config__.tag for cls in Action.__args__}
 
@@ -138,6 +209,9 @@ class ProvidingSessionInfo(_Out, tag="providing-session-info"):
     session_type: str
     status: str
     user_id: list[str]
+    #: Issue 23 (chatd.roles): a group's owners and admins; absent for direct sessions.
+    owner_id: list[str] | None = None
+    admin_id: list[str] | None = None
 
 
 class MessageBroadcast(_Out, tag="message-broadcast"):
@@ -147,6 +221,17 @@ class MessageBroadcast(_Out, tag="message-broadcast"):
     sender_timestamp: int
     seq: int
     server_timestamp: int
+
+
+class MarkOut(msgspec.Struct, rename="kebab", omit_defaults=True):
+    user_id: str
+    delivered_seq: int
+    read_seq: int | None = None
+
+
+class ProvidingMarks(_Out, tag="providing-marks"):
+    session_id: str
+    marks: list[MarkOut]
 
 
 NOT_JSON = Close(1007, "frame is not valid JSON")
@@ -251,9 +336,11 @@ class GradAgenda(Protocol):
         if not action.user_id:
             return self._fail(cdid, "a session needs participants; delete it instead")
         members = sorted(set(action.user_id))
-        return self._if_fits(cdid, len(dumps(_session_answer(cdid, members, action.session_id))),
+        admins = None if action.admin_id is None else sorted(set(action.admin_id))
+        return self._if_fits(cdid, len(dumps(_session_answer(cdid, members, action.session_id,
+                                                             admins))),
                              ModifySession(cdid=cdid, session_id=action.session_id,
-                                           members=members))
+                                           members=members, admins=admins))
 
     def _delete(self, action: RequestMutableSessionDeletion) -> list[Output]:
         return [DeleteSession(cdid=action.cdid, session_id=action.session_id)]
@@ -264,6 +351,19 @@ class GradAgenda(Protocol):
     def _history(self, action: RequestMessageHistory) -> list[Output]:
         return [ReadHistory(cdid=action.cdid, session_id=action.session_id, before=action.before,
                             after=action.after, limit=min(action.limit, HISTORY_LIMIT))]
+
+    def _mark(self, action: RequestMarkingMessages) -> list[Output]:
+        if action.delivered_seq is None and action.read_seq is None:
+            return self._fail(action.cdid, "request-marking-messages needs delivered-seq or "
+                                           "read-seq")
+        return [MarkMessages(cdid=action.cdid, session_id=action.session_id,
+                             delivered=action.delivered_seq, read=action.read_seq)]
+
+    def _marks(self, action: RequestMarks) -> list[Output]:
+        return [ListMarks(cdid=action.cdid, session_id=action.session_id)]
+
+    def _read_marks_setting(self, action: RequestReadMarksSetting) -> list[Output]:
+        return [ReadMarksSetting(cdid=action.cdid, enabled=action.enabled)]
 
     def _authenticate(self, action: Authenticate) -> list[Output]:
         try:
@@ -286,11 +386,17 @@ class GradAgenda(Protocol):
 
     def _send_message(self, action: RequestSendingAMessage) -> list[Output]:
         cdid, message = action.cdid, action.message
-        if message.type != "text":
-            return self._fail(cdid, f"unsupported message type {message.type!r}: only 'text'")
-        if not isinstance(message.body, str):
+        if message.type in ("image", "voice"):  # issue 23
+            stored = _media_message(message)
+            if isinstance(stored, str):
+                return self._fail(cdid, stored)
+        elif message.type != "text":
+            return self._fail(cdid, f"unsupported message type {_short(message.type)}: "
+                                    "'text', 'image' or 'voice'")
+        elif not isinstance(message.body, str):
             return self._fail(cdid, "a text message's body must be a string")
-        stored = dumps(TextMessage(type="text", body=message.body))
+        else:
+            stored = dumps(TextMessage(type="text", body=message.body))
         return self._if_fits(cdid, broadcast_size(cdid, action.session_id, self.user_id, stored,
                                                   action.sender_timestamp),
                              SendMessage(cdid=cdid, session_id=action.session_id,
@@ -336,7 +442,12 @@ class GradAgenda(Protocol):
         if isinstance(event, SessionInfo):
             return dumps(ProvidingSessionInfo(cdid=event.cdid, session_id=event.session_id,
                                               session_type=event.kind, status=event.status,
-                                              user_id=event.members))
+                                              user_id=event.members, owner_id=event.owners,
+                                              admin_id=event.admins))
+        if isinstance(event, MarksInfo):
+            return dumps(ProvidingMarks(cdid=event.cdid, session_id=event.session_id, marks=[
+                MarkOut(user_id=mark.user, delivered_seq=mark.delivered, read_seq=mark.read)
+                for mark in event.marks]))
         if isinstance(event, Status):
             return dumps(StatusResponse(cdid=event.cdid, status="succeeded" if event.ok
                                         else "failed", message=event.message))
@@ -355,6 +466,9 @@ _HANDLERS = {
     RequestMutableSessionListing: GradAgenda._list,
     RequestSendingAMessage: GradAgenda._send_message,
     RequestMessageHistory: GradAgenda._history,
+    RequestMarkingMessages: GradAgenda._mark,
+    RequestMarks: GradAgenda._marks,
+    RequestReadMarksSetting: GradAgenda._read_marks_setting,
 }
 #: Actions carrying names other users see (``_bad_name`` checks them).
 _NAMED = {Authenticate, RequestDirectSessionInfo, RequestMutableSessionCreation,
@@ -398,9 +512,14 @@ def _short(value: Any) -> str:
     return text if len(text) <= 64 else text[:60] + "...'"
 
 
-def _session_answer(cdid: str, members: list[str], session_id: str = _WIDEST_SESSION_ID) -> _Out:
+def _session_answer(cdid: str, members: list[str], session_id: str = _WIDEST_SESSION_ID,
+                    admins: list[str] | None = None) -> _Out:
+    """The widest ``providing-session-info`` for these members: as owner,
+    the longest member's id; as admins, those asked for (issue 23)."""
+    owner = [max(members, key=len)] if members else []
     return ProvidingSessionInfo(cdid=cdid, session_id=max(session_id, _WIDEST_SESSION_ID, key=len),
-                                session_type="mutable", status="unchanged", user_id=members)
+                                session_type="mutable", status="unchanged", user_id=members,
+                                owner_id=owner, admin_id=admins or [])
 
 
 def batch_frames(cdid: Any, actions: Iterable[bytes], limit: int) -> Iterator[bytes]:

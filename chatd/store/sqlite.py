@@ -87,6 +87,42 @@ MIGRATIONS: list[str] = [
     ALTER TABLE sessions ADD COLUMN created_by TEXT;
     CREATE INDEX sessions_created_by ON sessions(created_by);
     """,
+    # 5: GradAgenda beyond 2014 (issue 23; docs/protocols.md): each group
+    # member's role (the creator owns; groups from before roles: every
+    # member who is left owns, as every member could change them then),
+    # delivery and read marks, who turned read marks off, and media.
+    """
+    ALTER TABLE members ADD COLUMN role TEXT NOT NULL DEFAULT 'member';
+    UPDATE members SET role = 'owner' WHERE EXISTS (SELECT 1 FROM sessions
+        WHERE sessions.id = members.session_id AND sessions.created_by = members.user_id);
+    UPDATE members SET role = 'owner' WHERE session_id IN (SELECT id FROM sessions
+        WHERE kind = 'mutable') AND session_id NOT IN (SELECT session_id FROM members
+        WHERE role = 'owner');
+    CREATE TABLE marks (
+        session_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        delivered_seq INTEGER NOT NULL DEFAULT 0,
+        read_seq INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (session_id, user_id)
+    );
+    CREATE TABLE mark_settings (user_id TEXT PRIMARY KEY, read_marks_off INTEGER NOT NULL);
+    CREATE TABLE media (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        content_type TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE INDEX media_owner ON media(owner);
+    CREATE TABLE media_uses (
+        media_id TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (media_id, session_id, seq)
+    );
+    CREATE INDEX media_uses_session ON media_uses(session_id);
+    """,
 ]
 
 #: Milliseconds SQLite itself waits for another connection's lock before

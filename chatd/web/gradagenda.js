@@ -68,6 +68,18 @@ export class GradAgenda {
     this.sendForm = byId("ga-send");
     this.text = byId("ga-text");
 
+    this.roles = byId("ga-session-roles");
+    this.marksLine = byId("ga-session-marks");
+    this.manageBox = byId("ga-manage-box");
+    this.leave = byId("ga-leave");
+    this.file = byId("ga-file");
+    this.readMarks = byId("ga-read-marks");
+    /** session-id -> {delivered, read}: marks of this device not yet sent. */
+    this.toMark = new Map();
+    this.markTimer = null;
+    /** media-id -> Promise of an object URL (fetched once per page). */
+    this.mediaUrls = new Map();
+
     const device = byId("ga-device");
     device.value = localStorage.getItem("chatd.device") || `browser-${randomHex(3)}`;
 
@@ -98,6 +110,18 @@ export class GradAgenda {
       (current || this.list.querySelector("button") || byId("ga-signout")).focus();
     });
     this.earlier.addEventListener("click", () => this.loadEarlier());
+    byId("ga-manage").addEventListener("submit", (event) => {
+      event.preventDefault();
+      this.saveMembers();
+    });
+    byId("ga-delete").addEventListener("click", () => this.deleteGroup());
+    this.leave.addEventListener("click", () => this.leaveGroup());
+    this.file.addEventListener("change", () => this.attach());
+    this.readMarks.checked = localStorage.getItem("chatd.read-marks") !== "off";
+    this.readMarks.addEventListener("change", () => this.setReadMarks());
+    document.addEventListener("visibilitychange", () => {
+      if (this.open && this.open.last !== null) this.markSoon(this.open.id, this.open.last, true);
+    });
     // Scrolling up to the top of a session loads the page before it.
     this.observer = new IntersectionObserver((entries) => {
       if (entries.some((entry) => entry.isIntersecting)) this.loadEarlier();
@@ -180,6 +204,7 @@ export class GradAgenda {
     }
     this.authed = true;
     this.link.established();
+    if (!this.readMarks.checked) this.setReadMarks();
     this.onState("authenticated");
     if (!this.signedIn) {
       this.signedIn = true;
@@ -285,6 +310,9 @@ export class GradAgenda {
           waiting.resolve(frame);
         }
         break;
+      case "providing-marks":
+        this.onMarks(frame);
+        break;
       case "message-broadcast":
         this.onBroadcast(frame);
         if (waiting) {
@@ -321,6 +349,8 @@ export class GradAgenda {
       if (info && info.type === "providing-session-info") {
         listed.add(info["session-id"]);
         this.onSessionInfo(info);
+      } else if (info && info.type === "providing-marks") {
+        this.onMarks(info);
       }
     }
     // Groups this user left or lost while away.
@@ -352,6 +382,9 @@ export class GradAgenda {
     const known = this.sessions.get(id);
     const session = known || { id, kind, unread: 0, active: 0 };
     session.members = members;
+    session.owners = Array.isArray(info["owner-id"]) ? info["owner-id"].map(String) : [];
+    session.admins = Array.isArray(info["admin-id"]) ? info["admin-id"].map(String) : [];
+    if (!session.marks) session.marks = new Map();
     if (kind === "direct") {
       session.peer = members.find((m) => m !== this.user) || this.user;
       this.rememberDirect(id, session.peer);
@@ -408,6 +441,10 @@ export class GradAgenda {
     this.pager.hidden = true;
     this.title.textContent = "No session open";
     this.members.textContent = "";
+    this.roles.textContent = "";
+    this.marksLine.textContent = "";
+    this.manageBox.hidden = true;
+    this.leave.hidden = true;
     this.setComposer(false);
   }
 
@@ -450,6 +487,129 @@ export class GradAgenda {
     this.members.textContent = session.kind === "direct"
       ? "Direct chat"
       : `Group members: ${[this.user + " (you)", ...others].join(", ")}`;
+    const group = session.kind === "mutable";
+    const owners = session.owners || [];
+    const admins = session.admins || [];
+    this.roles.textContent = group
+      ? `Owner: ${owners.join(", ") || "none"}${admins.length ? ` · Admins: ${admins.join(", ")}` : ""}`
+      : "";
+    const manager = group && (owners.includes(this.user) || admins.includes(this.user));
+    this.manageBox.hidden = !manager;
+    this.leave.hidden = !group;
+    if (manager) {
+      byId("ga-manage-members").value = session.members.join(", ");
+      byId("ga-manage-admins").value = admins.join(", ");
+      byId("ga-manage-admins").disabled = !owners.includes(this.user);
+    }
+    this.showMarks(session);
+  }
+
+  // --- roles (owner, admins, members) -------------------------------------------
+
+  async modifyGroup(members, admins) {
+    const action = { type: "request-mutable-session-modification", "session-id": this.open.id,
+                     "user-id": members };
+    if (admins !== undefined) action["admin-id"] = admins;
+    return this.request(action);
+  }
+
+  async saveMembers() {
+    const session = this.open && this.sessions.get(this.open.id);
+    if (!session) return;
+    const error = byId("ga-manage-error");
+    error.textContent = "";
+    const split = (id) => byId(id).value.split(/[\s,]+/).filter(Boolean);
+    const members = split("ga-manage-members");
+    const ownerOnly = byId("ga-manage-admins").disabled;
+    try {
+      await this.modifyGroup(members, ownerOnly ? undefined : split("ga-manage-admins"));
+    } catch (err) {
+      error.textContent = `Could not change the group: ${err.message}`;
+    }
+  }
+
+  async leaveGroup() {
+    const session = this.open && this.sessions.get(this.open.id);
+    if (!session) return;
+    try {
+      await this.modifyGroup(session.members.filter((m) => m !== this.user));
+    } catch (err) {
+      this.addNotice(`Could not leave: ${err.message}`, "error");
+    }
+  }
+
+  async deleteGroup() {
+    if (!this.open) return;
+    try {
+      await this.request({ type: "request-mutable-session-deletion", "session-id": this.open.id });
+    } catch (err) {
+      byId("ga-manage-error").textContent = `Could not delete the group: ${err.message}`;
+    }
+  }
+
+  // --- delivery and read marks ------------------------------------------------------
+
+  onMarks(frame) {
+    const session = this.sessions.get(frame["session-id"]);
+    if (!session || !Array.isArray(frame.marks)) return;
+    if (!session.marks) session.marks = new Map();
+    for (const mark of frame.marks) {
+      if (!mark || typeof mark["user-id"] !== "string") continue;
+      const known = session.marks.get(mark["user-id"]) || { delivered: 0, read: null };
+      session.marks.set(mark["user-id"], {
+        delivered: Math.max(known.delivered, Number(mark["delivered-seq"]) || 0),
+        read: Number.isInteger(mark["read-seq"]) ? Math.max(known.read || 0, mark["read-seq"]) : null,
+      });
+    }
+    if (this.open && this.open.id === session.id) this.showMarks(session);
+  }
+
+  showMarks(session) {
+    const parts = [];
+    for (const member of session.members || []) {
+      if (member === this.user) continue;
+      const mark = session.marks && session.marks.get(member);
+      if (!mark || !mark.delivered) continue;
+      parts.push(mark.read !== null && mark.read > 0
+        ? `${member} has read up to #${mark.read}`
+        : `${member} has received up to #${mark.delivered}`);
+    }
+    this.marksLine.textContent = parts.join(" · ");
+  }
+
+  /** Report (at most every 300 ms) that this device got a session's messages
+   * up to `seq`, and that they were read if `read` and the page is visible. */
+  markSoon(id, seq, read) {
+    const known = this.toMark.get(id) || { delivered: 0, read: 0 };
+    known.delivered = Math.max(known.delivered, seq);
+    if (read && document.visibilityState === "visible" && this.readMarks.checked) {
+      known.read = Math.max(known.read, seq);
+    }
+    this.toMark.set(id, known);
+    if (this.markTimer === null) this.markTimer = setTimeout(() => this.sendMarks(), 300);
+  }
+
+  sendMarks() {
+    this.markTimer = null;
+    if (!this.authed) return;
+    const marks = [...this.toMark];
+    this.toMark.clear();
+    for (const [id, mark] of marks) {
+      const action = { type: "request-marking-messages", "session-id": id,
+                       "delivered-seq": mark.delivered };
+      if (mark.read) action["read-seq"] = mark.read;
+      this.request(action).catch(() => {});
+    }
+  }
+
+  setReadMarks() {
+    const enabled = this.readMarks.checked;
+    localStorage.setItem("chatd.read-marks", enabled ? "on" : "off");
+    if (this.authed) {
+      this.request({ type: "request-read-marks-setting", enabled }).catch((err) => {
+        this.addNotice(`Could not change the read-marks setting: ${err.message}`, "error");
+      });
+    }
   }
 
   showPager() {
@@ -531,6 +691,7 @@ export class GradAgenda {
       if (follow) this.scroller.scrollTop = this.scroller.scrollHeight;
     } else {
       session.unread += 1;
+      if (Number.isInteger(message.seq)) this.markSoon(id, message.seq, false);
     }
     this.renderSessions();
   }
@@ -558,19 +719,78 @@ export class GradAgenda {
       }
       this.log.insertBefore(node, next);
     }
+    if (open.last !== null) this.markSoon(open.id, open.last, true);
   }
 
   renderMessage(message) {
     const sender = String(message["sender-id"]);
     const content = message.message;
-    const text = content && content.type === "text" && typeof content.body === "string"
+    const media = content && (content.type === "image" || content.type === "voice")
+      && typeof content["media-id"] === "string";
+    const text = content && (content.type === "text" || media) && typeof content.body === "string"
       ? content.body : "(a message of a kind this page cannot show)";
     const ms = Number(message["server-timestamp"]) || Date.now();
     const mine = sender === this.user;
     return el("li", { class: mine ? "msg mine" : "msg", dataset: { seq: String(message.seq) } },
       el("p", { class: "meta" }, name(sender),
          mine ? el("span", { class: "tag", text: "(you)" }) : null, time(ms)),
-      el("p", { class: "body", dir: "auto", text }));
+      media ? this.renderMedia(content) : null,
+      text || !media ? el("p", { class: "body", dir: "auto", text }) : null);
+  }
+
+  // --- images and voice clips (fetched with the token, shown from blob: URLs) ----
+
+  renderMedia(content) {
+    const id = content["media-id"];
+    const box = el("p", { class: "media", dataset: { media: id } });
+    let url = this.mediaUrls.get(id);
+    if (!url) {
+      url = fetch(`/media/${encodeURIComponent(id)}`, {
+        headers: { Authorization: `Bearer ${this.token}` } })
+        .then((answer) => {
+          if (!answer.ok) throw new Error(`${answer.status}`);
+          return answer.blob();
+        })
+        .then((blob) => URL.createObjectURL(blob));
+      this.mediaUrls.set(id, url);
+    }
+    url.then((src) => {
+      if (content.type === "image") {
+        box.append(el("img", { src, alt: content.body || "an image",
+                               width: Math.min(Number(content.width) || 320, 320) }));
+      } else {
+        box.append(el("audio", { src, controls: true, preload: "metadata" }));
+      }
+    }).catch((err) => {
+      this.mediaUrls.delete(id);
+      box.append(el("span", { class: "error", text: `(could not load the ${content.type}: ${err.message})` }));
+    });
+    return box;
+  }
+
+  async attach() {
+    const file = this.file.files && this.file.files[0];
+    this.file.value = "";
+    if (!file || !this.open) return;
+    const sessionId = this.open.id;
+    try {
+      const answer = await fetch(`/media?session-id=${encodeURIComponent(sessionId)}`, {
+        method: "POST", body: file, headers: { Authorization: `Bearer ${this.token}` } });
+      const result = await answer.json();
+      if (!answer.ok) throw new Error(result.error || answer.status);
+      const message = { type: result.kind, body: file.name, "media-id": result["media-id"] };
+      if (result.kind === "image") {
+        const size = await imageSize(file);
+        message.width = size.width;
+        message.height = size.height;
+      } else {
+        message.duration = await clipDuration(file);
+      }
+      await this.request({ type: "request-sending-a-message", "session-id": sessionId, message,
+                           "sender-timestamp": Date.now() });
+    } catch (err) {
+      if (!(err instanceof Closed)) this.addNotice(`Could not send the file: ${err.message}`, "error");
+    }
   }
 
   addNotice(text, kind = "info") {
@@ -583,6 +803,7 @@ export class GradAgenda {
 
   setComposer(enabled) {
     this.text.disabled = !enabled;
+    this.file.disabled = !enabled;
     this.sendForm.querySelector("button").disabled = !enabled;
   }
 
@@ -683,4 +904,34 @@ export class GradAgenda {
     }));
     this.empty.hidden = sessions.length > 0;
   }
+}
+
+
+/** An image's size in pixels (1 x 1 if the browser cannot decode it). */
+async function imageSize(file) {
+  try {
+    const bitmap = await createImageBitmap(file);
+    const size = { width: Math.max(1, Math.min(bitmap.width, 65535)),
+                   height: Math.max(1, Math.min(bitmap.height, 65535)) };
+    bitmap.close();
+    return size;
+  } catch {
+    return { width: 1, height: 1 };
+  }
+}
+
+/** A clip's duration in ms, as the browser reads it (1 ms if it cannot). */
+function clipDuration(file) {
+  return new Promise((resolve) => {
+    const url = URL.createObjectURL(file);
+    const audio = new Audio();
+    const done = (ms) => {
+      URL.revokeObjectURL(url);
+      resolve(Math.max(1, Math.min(Math.round(ms) || 1, 3600000)));
+    };
+    audio.addEventListener("loadedmetadata", () => done(Number.isFinite(audio.duration) ? audio.duration * 1000 : 1));
+    audio.addEventListener("error", () => done(1));
+    setTimeout(() => done(1), 2000);
+    audio.src = url;
+  });
 }
