@@ -14,6 +14,7 @@ service that owns X:
 - ``Lobby``: ``said``, ``whisper``, ``joined``, ``left``, ``presence``,
   ``heartbeat`` (presence versions), ``syncrequest``;
 - ``Sessions``: ``sessionchanged``, ``stored``;
+- ``Marks``: ``marksmoved``;
 - ``Moderation``: ``moderated``;
 - this service: ``bye``.
 
