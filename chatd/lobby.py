@@ -22,6 +22,8 @@ made with ``Join.shared`` joins a held claim that was made the same way
 and is shown exactly alike: both clients hold the one ``Claim``
 (``Claim.sharers``, the first in the indexes), the name is announced once,
 when the first takes it, and its leave once, when the last gives it up.
+A bridge registering while another's claim of the name is in flight
+(cluster) waits for that claim's answer and shares it (``_Pending.followers``).
 A look-alike (``Bridge`` for ``bridge``) is still refused, and so is any
 claim of another protocol. With several nodes, bridges share a name
 across nodes too: each node holds the name in the broker's registry
@@ -200,9 +202,11 @@ class RemoteRoom:
 
 
 class _Pending:
-    """A claim the broker has not answered yet, and the command behind it."""
+    """A claim the broker has not answered yet, and the command behind it;
+    ``followers``: bridges that registered the same name (shared) here
+    meanwhile, with their ``Join``: they share the claim if it is granted."""
 
-    __slots__ = ("command", "room", "client", "claim", "keys")
+    __slots__ = ("command", "room", "client", "claim", "keys", "followers")
 
     def __init__(self, command: Any, room: Room, client: Client, claim: Claim,
                  keys: frozenset[str]) -> None:
@@ -211,6 +215,7 @@ class _Pending:
         self.client = client
         self.claim = claim
         self.keys = keys
+        self.followers: list[tuple[Client, Join]] = []
 
 
 class Lobby(Service):
@@ -436,8 +441,21 @@ class Lobby(Service):
             self._say(room, client, cmd)
         else:
             self._refused_sender(room, client, cmd)
+        for follower, join in pending.followers:
+            if done.ok:
+                claim.sharers.append(follower)
+                room.claims[follower.id] = claim
+                follower.name = claim.name.shown
+                follower.display_name = None
+            Router.resolve(join, self._enter(room, join) if done.ok else False)
         if not done.ok:
             self._forget_if_empty(room)
+        for waiter in [client, *(follower for follower, _ in pending.followers)]:
+            self._resume(waiter)
+
+    def _resume(self, client: Client) -> None:
+        """Run the lobby commands ``client`` sent while its claim was in
+        flight, in order, until one waits for a claim again."""
         waiting = self.waiting.pop(client.id, None)
         while waiting:
             command = waiting.popleft()
@@ -476,6 +494,13 @@ class Lobby(Service):
                 client.name = held.name.shown
                 client.display_name = None
                 return True
+            pending = self._shareable_pending(room, claim)
+            if pending is not None and isinstance(cmd, Join):
+                # Another bridge's claim of the name is in flight: this one
+                # shares its answer.
+                pending.followers.append((client, cmd))
+                self.waiting[client.id] = deque()
+                return None
         for key in claim.keys:
             holder = room.holders.get(key)
             if holder is not None and holder is not client:
@@ -511,6 +536,18 @@ class Lobby(Service):
                 and claim.display_name is None and held.name.shown == claim.name.shown
                 and held.keys == claim.keys):
             return held
+        return None
+
+    def _shareable_pending(self, room: Room, claim: Claim) -> _Pending | None:
+        """The claim in flight here (reserved) that ``claim`` (shared) may
+        join, as ``_shareable`` says; else None."""
+        holder = room.holders.get(next(iter(claim.keys)))
+        reserved = room.reserved.get(holder.id) if holder is not None else None
+        if reserved is None or not reserved.alike(claim) or reserved.keys != claim.keys:
+            return None
+        for pending in self._pending.values():
+            if pending.client is holder and pending.claim is reserved:
+                return pending
         return None
 
     def _take(self, room: Room, client: Client, claim: Claim) -> None:

@@ -189,7 +189,20 @@ async def test_both_holders_keep_a_shared_name_across_an_empty_redis_restart(
     redis_server.start()  # empty: every name key is gone
     await cluster.ready(n1)
     await cluster.ready(n2)
-    # Both nodes took the name again, side by side: neither bridge was
+    # Bridges registering one new name at once, two on one node: all acked
+    # (during the grace, claims wait for its end: the second bridge on n1
+    # shares the answer to the first's claim), and the watcher sees one user.
+    racers = [await cluster.connect(node, "multichat") for node in (n1, n1, n2)]
+    for racer in racers:
+        await racer.send({"action": "register", "client-name": "tg", "secret-key": SECRET})
+    for racer in racers:
+        assert await racer.recv() == {"action": "register-ack"}
+    await racers[1].send({"action": "client-message", "content": "together"})
+    assert await until(watcher, about("tg")) == {"type": "user_joined", "user_id": "tg",
+                                                 "display_name": "tg"}
+    got = await until(watcher, about("tg"))
+    assert (got["type"], got["data"]) == ("message", "together")
+    # Both nodes took qq again, side by side: neither bridge was
     # disconnected, and nobody else can have it.
     await refused_everywhere(cluster, [n1, n2], "qq")
     await one.send({"action": "client-message", "content": "after the restart"})

@@ -43,7 +43,11 @@ ERROR) are chatd's to report: they are logged at DEBUG, in one line.
 ``name_ttl`` seconds that the holding node renews every ``refresh``
 seconds: a node that dies (``kill -9``) leaves its names to expire, and
 the node that takes it for dead releases them at once (``release`` on
-its behalf). A release answers ``Released`` once Redis has run it, so a
+its behalf). A name multichat bridges share (``claim``'s ``share``) is a
+hash of owners instead, one per node holding it, each with its own end
+of hold (Redis time): claimed only where every live owner shares it
+under the same tag, released, renewed and expired per owner
+(``NAME_LIB``). A release answers ``Released`` once Redis has run it, so a
 departure is announced only when the name is free.
 
 **The grace after a shared outage.** Every node renews ``chatd:alive``
