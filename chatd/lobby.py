@@ -65,7 +65,7 @@ import itertools
 import logging
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -238,6 +238,9 @@ class Lobby(Service):
         #: (room name, member).
         self._departures: dict[int, tuple[str, UserLeft, Client] | tuple[str, RemoteMember]] = {}
         self._tokens = itertools.count(1)
+        #: (room name, name as shown) -> local departures of it not told yet
+        #: (their release is under way): still shown to the room.
+        self._leaving: Counter[tuple[str, str]] = Counter()
         #: (node, room) -> when this node last asked it for its presence there.
         self._asked: dict[tuple[str, str], float] = {}
         self._handlers = {Join: self.join, Publish: self.publish, SendDirect: self.send_direct,
@@ -381,7 +384,7 @@ class Lobby(Service):
         if claim is not None and claim.announced:
             event = UserLeft(name=claim.name.shown)
             if token is not None:  # announced once the name is free (``released``)
-                self._departures[token] = (room.name, event, client)
+                self._depart_later(token, room.name, event, client)
             elif not self._shown(room, claim.name.address):
                 self.fanout(room, event, exclude=client)
         self._forget_if_empty(room)
@@ -611,6 +614,11 @@ class Lobby(Service):
                                            version=0))
         return claim, token
 
+    def _depart_later(self, token: int, room_name: str, event: UserLeft, client: Client) -> None:
+        """Announce ``event`` once the release ``token`` is done (``released``)."""
+        self._departures[token] = (room_name, event, client)
+        self._leaving[(room_name, event.name)] += 1
+
     def released(self, done: Released) -> None:
         """A release is done: announce the departure that waited for it."""
         departure = self._departures.pop(done.token, None)
@@ -618,6 +626,10 @@ class Lobby(Service):
             return
         if len(departure) == 3:
             room_name, event, client = departure
+            leaving = (room_name, event.name)
+            self._leaving[leaving] -= 1
+            if not self._leaving[leaving]:
+                del self._leaving[leaving]
             room = self.rooms.get(room_name)
             if room is None:
                 return
@@ -663,7 +675,7 @@ class Lobby(Service):
                     if token is not None or not self._shown(room, released.name.address):
                         self.fanout(room, event, exclude=holder)
                 else:
-                    self._departures[token] = (room.name, event, holder)
+                    self._depart_later(token, room.name, event, holder)
             holder.kill(*NAME_LOST)
 
     # --- other nodes (``remote_items``; docs/cluster.md) -------------------------------
@@ -849,7 +861,8 @@ class Lobby(Service):
         # news then.
         old_shown = old is not None and room is not None and self._shown(
             room, old.claim.name.address)
-        shown = room is not None and self._shown(room, name.address)
+        shown = room is not None and (self._shown(room, name.address) or (
+            claim.shared and (room_name, name.shown) in self._leaving))
         remote.members[key] = added = RemoteMember(key, claim, member.protocol)
         remote.index(added)
         if room is not None:

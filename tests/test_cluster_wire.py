@@ -31,7 +31,7 @@ texts = st.text(max_size=12)
 names = st.sampled_from(["alice", "ALICE", "bob", "аlice"]) | texts
 members = st.builds(Member, st.integers(-5, 5), names, st.none() | names,
                     st.sampled_from(["wcp", "socialvp", "multichat", "wschat", "nope"]),
-                    st.booleans())
+                    st.booleans(), st.booleans())
 items = st.one_of(
     st.builds(Said, room=st.just("lobby") | texts, sender=st.none() | texts, payload=json_values,
               time_ns=st.integers(0, 2**62),
