@@ -161,13 +161,14 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def release(self, room: str, keys: Iterable[str], owner: str,
                 token: Any = None) -> bool | None:
-        """Give up ``keys`` in ``room``, where ``owner`` still holds them
-        (this node's client, or a client of a node gone; the other owners
-        of a shared name keep theirs). True if they are
-        free now, or cannot be confirmed (the broker is down: they are freed
-        once it is back, before any claim of this node); None when
-        ``Released(token)`` will tell (only with a ``token``). A departure
-        is announced once its name is free (docs/cluster.md)."""
+        """Give up ``owner``'s hold of ``keys`` in ``room``, where it still
+        holds them (this node's client, or a client of a node gone; the
+        other owners of a shared name keep theirs: the keys are free once
+        the last one is gone). True if done now, or if it cannot be
+        confirmed (the broker is down: it is done once the broker is back,
+        before any claim of this node); None when ``Released(token)`` will
+        tell (only with a ``token``). A departure is announced once its
+        name is free (docs/cluster.md)."""
 
     @abc.abstractmethod
     def subscribe(self, channels: Iterable[str]) -> bool:
