@@ -176,6 +176,26 @@ async def test_a_node_killed_while_sharing_a_name_leaves_it_to_the_other_bridge(
     await socialvp(cluster, n3, "qq")
 
 
+async def test_a_node_stopped_while_sharing_a_name_leaves_it_to_the_other_bridge(cluster):
+    n1, n2, n3 = await cluster.nodes_up("n1", "n2", "n3")
+    watcher = await wcp(cluster, n3, "watcher")
+    leaving = await multichat(cluster, n1, "qq")
+    await until(watcher, about("qq"))
+    survivor = await multichat(cluster, n2, "qq")
+    assert n1.stop() == 0  # SIGTERM: its bridge is closed 1012, it says bye
+    assert await leaving.closed() == 1012
+    with trio.fail_after(GUARD):
+        while "node n1 left the cluster" not in n3.output():
+            await trio.sleep(0.1)  # polling the log for the event
+    peer = await cluster.connect(n3, "socialvp")
+    await peer.recv()
+    await peer.send({"command": "identify", "name": "qq"})
+    assert (await peer.recv())["code"] == 305
+    await survivor.send({"action": "client-message", "content": "still here"})
+    got = await until(watcher, about("qq"))  # no user_left before it
+    assert (got["type"], got["data"]) == ("message", "still here")
+
+
 async def test_both_holders_keep_a_shared_name_across_an_empty_redis_restart(
         cluster, redis_server):
     n1, n2 = await cluster.nodes_up("n1", "n2")
