@@ -22,10 +22,16 @@ made with ``Join.shared`` joins a held claim that was made the same way
 and is shown exactly alike: both clients hold the one ``Claim``
 (``Claim.sharers``, the first in the indexes), the name is announced once,
 when the first takes it, and its leave once, when the last gives it up.
+A bridge registering while another's claim of the name is in flight
+(cluster) waits for that claim's answer and shares it (``_Pending.followers``).
 A look-alike (``Bridge`` for ``bridge``) is still refused, and so is any
-claim of another protocol. With several nodes, bridges share a name on
-one node; a bridge registering on another node is refused while the
-name is held (the broker's registry has one owner per key; docs/cluster.md).
+claim of another protocol. With several nodes, bridges share a name
+across nodes too: each node holds the name in the broker's registry
+under its own owner, with the name as the share tag (``Broker.claim``'s
+``share``), and the broker grants it only if every holder is such a
+bridge (docs/cluster.md). Every node shows the name as ONE user, held
+while this node or any other holds it (``_shown``): joined when the
+first holder anywhere takes it, gone when the last one gives it up.
 
 **Several nodes** (``chatd.broker``; docs/cluster.md). The lobby checks a
 claim against this node's names first (a name held here is refused at
@@ -59,7 +65,7 @@ import itertools
 import logging
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -118,6 +124,18 @@ class Claim:
         shown = self.display_name.shown if self.display_name is not None else None
         return UserJoined(name=self.name.shown, display_name=shown)
 
+    def alike(self, other: Claim) -> bool:
+        """Whether ``other`` may hold this name beside this one: both shared,
+        shown exactly alike, neither with a display name (so their keys
+        are the same)."""
+        return (self.shared and other.shared and self.display_name is None
+                and other.display_name is None and self.name.shown == other.name.shown)
+
+    @property
+    def share(self) -> str | None:
+        """The broker's share tag for this claim (``Broker.claim``), if shared."""
+        return self.name.shown if self.shared and self.display_name is None else None
+
 
 class Room:
     __slots__ = ("name", "receivers", "names", "holders", "claims", "reserved")
@@ -153,22 +171,42 @@ class RemoteMember:
 
 
 class RemoteRoom:
-    """What this node knows of a room's names on other nodes."""
+    """What this node knows of a room's names on other nodes. A name is
+    held by one member, or by several that share it (bridges on several
+    nodes): the indexes list every holder, in the order learnt of."""
 
     __slots__ = ("members", "addresses", "holders", "versions")
 
     def __init__(self) -> None:
         self.members: dict[tuple[str, int], RemoteMember] = {}
-        self.addresses: dict[str, tuple[str, int]] = {}
-        self.holders: dict[str, tuple[str, int]] = {}
+        #: Address form of a name -> its holders.
+        self.addresses: dict[str, list[tuple[str, int]]] = {}
+        #: Look-alike key -> its holders.
+        self.holders: dict[str, list[tuple[str, int]]] = {}
         #: node -> the last presence version applied from it.
         self.versions: dict[str, int] = {}
 
+    def index(self, member: RemoteMember) -> None:
+        self.addresses.setdefault(member.claim.name.address, []).append(member.key)
+        for look in member.claim.keys:
+            self.holders.setdefault(look, []).append(member.key)
+
+    def unindex(self, member: RemoteMember) -> None:
+        for index, key in [(self.addresses, member.claim.name.address),
+                           *((self.holders, look) for look in member.claim.keys)]:
+            keys = index.get(key)
+            if keys is not None and member.key in keys:
+                keys.remove(member.key)
+                if not keys:
+                    del index[key]
+
 
 class _Pending:
-    """A claim the broker has not answered yet, and the command behind it."""
+    """A claim the broker has not answered yet, and the command behind it;
+    ``followers``: bridges that registered the same name (shared) here
+    meanwhile, with their ``Join``: they share the claim if it is granted."""
 
-    __slots__ = ("command", "room", "client", "claim", "keys")
+    __slots__ = ("command", "room", "client", "claim", "keys", "followers")
 
     def __init__(self, command: Any, room: Room, client: Client, claim: Claim,
                  keys: frozenset[str]) -> None:
@@ -177,6 +215,7 @@ class _Pending:
         self.client = client
         self.claim = claim
         self.keys = keys
+        self.followers: list[tuple[Client, Join]] = []
 
 
 class Lobby(Service):
@@ -199,6 +238,9 @@ class Lobby(Service):
         #: (room name, member).
         self._departures: dict[int, tuple[str, UserLeft, Client] | tuple[str, RemoteMember]] = {}
         self._tokens = itertools.count(1)
+        #: (room name, name as shown) -> local departures of it not told yet
+        #: (their release is under way): still shown to the room.
+        self._leaving: Counter[tuple[str, str]] = Counter()
         #: (node, room) -> when this node last asked it for its presence there.
         self._asked: dict[tuple[str, str], float] = {}
         self._handlers = {Join: self.join, Publish: self.publish, SendDirect: self.send_direct,
@@ -314,9 +356,10 @@ class Lobby(Service):
 
     def _send_remote(self, room: Room, client: Client, address: str, cmd: SendDirect) -> bool:
         remote = self.remote.get(room.name)
-        key = remote.addresses.get(address) if remote is not None else None
-        if key is None:
+        keys = remote.addresses.get(address) if remote is not None else None
+        if not keys:
             return False
+        key = keys[0]
         member = remote.members[key]
         if not _takes_direct(member.protocol):
             return False
@@ -340,10 +383,10 @@ class Lobby(Service):
         claim, token = self._release(room, client)
         if claim is not None and claim.announced:
             event = UserLeft(name=claim.name.shown)
-            if token is None:
+            if token is not None:  # announced once the name is free (``released``)
+                self._depart_later(token, room.name, event, client)
+            elif not self._shown(room, claim.name.address):
                 self.fanout(room, event, exclude=client)
-            else:  # announced once the name is free (``released``)
-                self._departures[token] = (room.name, event, client)
         self._forget_if_empty(room)
 
     def _forget_if_empty(self, room: Room) -> None:
@@ -364,7 +407,11 @@ class Lobby(Service):
         claims = list(dict.fromkeys(claim for claim in room.claims.values() if claim is not own))
         remote = self.remote.get(room.name)
         if remote is not None:
-            claims += [member.claim for member in remote.members.values()]
+            for member in remote.members.values():
+                # A name bridges share on several nodes is one user.
+                if not any(member.claim.alike(other) for other in claims) and not (
+                        own is not None and member.claim.alike(own)):
+                    claims.append(member.claim)
         if claims:
             hub.stream(client, (claim.announcement() for claim in claims))
 
@@ -397,8 +444,21 @@ class Lobby(Service):
             self._say(room, client, cmd)
         else:
             self._refused_sender(room, client, cmd)
+        for follower, join in pending.followers:
+            if done.ok:
+                claim.sharers.append(follower)
+                room.claims[follower.id] = claim
+                follower.name = claim.name.shown
+                follower.display_name = None
+            Router.resolve(join, self._enter(room, join) if done.ok else False)
         if not done.ok:
             self._forget_if_empty(room)
+        for waiter in [client, *(follower for follower, _ in pending.followers)]:
+            self._resume(waiter)
+
+    def _resume(self, client: Client) -> None:
+        """Run the lobby commands ``client`` sent while its claim was in
+        flight, in order, until one waits for a claim again."""
         waiting = self.waiting.pop(client.id, None)
         while waiting:
             command = waiting.popleft()
@@ -437,6 +497,13 @@ class Lobby(Service):
                 client.name = held.name.shown
                 client.display_name = None
                 return True
+            pending = self._shareable_pending(room, claim)
+            if pending is not None and isinstance(cmd, Join):
+                # Another bridge's claim of the name is in flight: this one
+                # shares its answer.
+                pending.followers.append((client, cmd))
+                self.waiting[client.id] = deque()
+                return None
         for key in claim.keys:
             holder = room.holders.get(key)
             if holder is not None and holder is not client:
@@ -448,7 +515,8 @@ class Lobby(Service):
         drop = old.keys - claim.keys if old is not None else frozenset()
         if new_keys or drop:
             token = next(self._tokens)
-            ok = self.broker.claim(room.name, new_keys, self._owner(client), token, drop=drop)
+            ok = self.broker.claim(room.name, new_keys, self._owner(client), token, drop=drop,
+                                   share=claim.share)
             if ok is None:
                 self._pending[token] = _Pending(cmd, room, client, claim, new_keys)
                 self.waiting[client.id] = deque()
@@ -473,9 +541,21 @@ class Lobby(Service):
             return held
         return None
 
+    def _shareable_pending(self, room: Room, claim: Claim) -> _Pending | None:
+        """The claim in flight here (reserved) that ``claim`` (shared) may
+        join, as ``_shareable`` says; else None."""
+        holder = room.holders.get(next(iter(claim.keys)))
+        reserved = room.reserved.get(holder.id) if holder is not None else None
+        if reserved is None or not reserved.alike(claim) or reserved.keys != claim.keys:
+            return None
+        for pending in self._pending.values():
+            if pending.client is holder and pending.claim is reserved:
+                return pending
+        return None
+
     def _take(self, room: Room, client: Client, claim: Claim) -> None:
         """Make ``claim`` the client's, announcing what changed."""
-        self._supersede(room, claim.keys)
+        self._supersede(room, claim)
         old, _ = self._release(room, client, keep=claim.keys, freed=True)
         claim.sharers = [client]
         claim.owner = self._owner(client)
@@ -489,12 +569,13 @@ class Lobby(Service):
         if old is not None and old.announced and old.announcement() != claim.announcement():
             self.fanout(room, UserLeft(name=old.name.shown), exclude=client)
         if claim.announced and (old is None or not old.announced
-                                or old.announcement() != claim.announcement()):
+                                or old.announcement() != claim.announcement()) and not (
+                                    self._shared_remotely(room.name, claim)):
             self.fanout(room, claim.announcement(), exclude=client)
         if self.broker.shared:
             self._tell(room.name, Joined(room=room.name, member=Member(
                 client.id, claim.name.shown, client.display_name, client.protocol.name,
-                claim.announced), version=0))
+                claim.announced, claim.shared), version=0))
 
     def _release(self, room: Room, client: Client, keep: frozenset[str] = frozenset(), *,
                  freed: bool = False) -> tuple[Claim | None, int | None]:
@@ -533,6 +614,11 @@ class Lobby(Service):
                                            version=0))
         return claim, token
 
+    def _depart_later(self, token: int, room_name: str, event: UserLeft, client: Client) -> None:
+        """Announce ``event`` once the release ``token`` is done (``released``)."""
+        self._departures[token] = (room_name, event, client)
+        self._leaving[(room_name, event.name)] += 1
+
     def released(self, done: Released) -> None:
         """A release is done: announce the departure that waited for it."""
         departure = self._departures.pop(done.token, None)
@@ -540,15 +626,16 @@ class Lobby(Service):
             return
         if len(departure) == 3:
             room_name, event, client = departure
+            leaving = (room_name, event.name)
+            self._leaving[leaving] -= 1
+            if not self._leaving[leaving]:
+                del self._leaving[leaving]
             room = self.rooms.get(room_name)
             if room is None:
                 return
             # Another holder's join may have come first (its claim was
             # granted once the release ran): the name is not gone then.
-            address = names.parse(event.name).address
-            remote = self.remote.get(room_name)
-            if address not in room.names and (remote is None
-                                              or address not in remote.addresses):
+            if not self._shown(room, names.parse(event.name).address):
                 self.fanout(room, event, exclude=client)
             return
         room_name, member = departure
@@ -585,9 +672,10 @@ class Lobby(Service):
             if released is not None and released.announced:
                 event = UserLeft(name=released.name.shown)
                 if token is None or released.keys <= taken:
-                    self.fanout(room, event, exclude=holder)
+                    if token is not None or not self._shown(room, released.name.address):
+                        self.fanout(room, event, exclude=holder)
                 else:
-                    self._departures[token] = (room.name, event, holder)
+                    self._depart_later(token, room.name, event, holder)
             holder.kill(*NAME_LOST)
 
     # --- other nodes (``remote_items``; docs/cluster.md) -------------------------------
@@ -606,7 +694,7 @@ class Lobby(Service):
             for claim in dict.fromkeys(local.claims.values()):  # a shared claim once
                 client = local.names[claim.name.address]
                 members.append(Member(claim.member, claim.name.shown, client.display_name,
-                                      client.protocol.name, claim.announced))
+                                      client.protocol.name, claim.announced, claim.shared))
         return Presence(room=room, version=self.versions.get(room, 0), members=members)
 
     def remote_said(self, item: Said) -> None:
@@ -744,7 +832,7 @@ class Lobby(Service):
         if display is not None and display.shown == name.shown:
             display = None
         key = (node, member.client)
-        claim = Claim(name, display, member.announce)
+        claim = Claim(name, display, member.announce, member.shared)
         remote = self.remote.setdefault(room_name, RemoteRoom())
         room = self.rooms.get(room_name)
         old = remote.members.get(key)
@@ -754,59 +842,76 @@ class Lobby(Service):
             return
         # The broker gave these names to ``node``: whoever else shows them
         # here lost them (a departure not heard of yet, or a name that
-        # expired while this node was cut off).
+        # expired while this node was cut off), unless they share it.
         for look in claim.keys:
-            other = remote.holders.get(look)
-            if other is not None and other != key:
-                self._drop_remote(room_name, remote, other)
+            for other in list(remote.holders.get(look, ())):
+                if other != key and not claim.alike(remote.members[other].claim):
+                    self._drop_remote(room_name, remote, other)
             if room is not None:
                 holder = room.holders.get(look)
                 held = room.claims.get(holder.id) if holder is not None else None
                 # Only a name granted here is lost; a claim still asked for
                 # (a rename under way) will simply be refused.
-                if held is not None and look in held.keys:
+                if held is not None and look in held.keys and not claim.alike(held):
                     self._lose(room, holder, claim.keys)
         if old is not None:
-            self._unindex(remote, old)
-        remote.members[key] = RemoteMember(key, claim, member.protocol)
-        remote.addresses[name.address] = key
-        for look in claim.keys:
-            remote.holders[look] = key
+            remote.unindex(old)
+            del remote.members[key]
+        # Whether the names are held otherwise (bridges sharing it): no
+        # news then.
+        old_shown = old is not None and room is not None and self._shown(
+            room, old.claim.name.address)
+        shown = room is not None and (self._shown(room, name.address) or (
+            claim.shared and (room_name, name.shown) in self._leaving))
+        remote.members[key] = added = RemoteMember(key, claim, member.protocol)
+        remote.index(added)
         if room is not None:
             if old is not None and old.claim.announced and (
-                    old.claim.announcement() != claim.announcement()):
+                    old.claim.announcement() != claim.announcement()) and not old_shown:
                 self.fanout(room, UserLeft(name=old.claim.name.shown))
-            if claim.announced:
+            if claim.announced and not shown:
                 self.fanout(room, claim.announcement())
 
     def _drop_remote(self, room_name: str, remote: RemoteRoom, key: tuple[str, int]) -> None:
+        """Forget another node's member; its leave is announced unless the
+        name is still held (bridges sharing it, here or on other nodes)."""
         member = remote.members.pop(key, None)
         if member is None:
             return
-        self._unindex(remote, member)
+        remote.unindex(member)
         room = self.rooms.get(room_name)
-        if room is not None and member.claim.announced:
+        if room is not None and member.claim.announced and not self._shown(
+                room, member.claim.name.address):
             self.fanout(room, UserLeft(name=member.claim.name.shown))
 
-    @staticmethod
-    def _unindex(remote: RemoteRoom, member: RemoteMember) -> None:
-        if remote.addresses.get(member.claim.name.address) == member.key:
-            del remote.addresses[member.claim.name.address]
-        for look in member.claim.keys:
-            if remote.holders.get(look) == member.key:
-                del remote.holders[look]
+    def _shown(self, room: Room, address: str) -> bool:
+        """Whether a name (its address form) is held in ``room``, here or
+        on another node, as far as this node knows: its leave is not told
+        while it is."""
+        if address in room.names:
+            return True
+        remote = self.remote.get(room.name)
+        return remote is not None and address in remote.addresses
 
-    def _supersede(self, room: Room, keys: frozenset[str]) -> None:
-        """A claim the broker granted here: any other node's holder of these
-        keys in the view has gone (its leave is on its way): drop it now, so
-        its late leave cannot be announced after this join."""
+    def _shared_remotely(self, room_name: str, claim: Claim) -> bool:
+        """Whether another node holds ``claim``'s name, shared alike (it is
+        shown already: a join here is not news)."""
+        remote = self.remote.get(room_name)
+        keys = remote.addresses.get(claim.name.address, ()) if remote is not None else ()
+        return any(claim.alike(remote.members[key].claim) for key in keys)
+
+    def _supersede(self, room: Room, claim: Claim) -> None:
+        """A claim the broker granted here: any other node's holder of its
+        keys in the view has gone (its leave is on its way), unless it
+        shares the name alike: drop it now, so its late leave cannot be
+        announced after this join."""
         remote = self.remote.get(room.name)
         if remote is None:
             return
-        for look in keys:
-            other = remote.holders.get(look)
-            if other is not None:
-                self._drop_remote(room.name, remote, other)
+        for look in claim.keys:
+            for other in list(remote.holders.get(look, ())):
+                if not claim.alike(remote.members[other].claim):
+                    self._drop_remote(room.name, remote, other)
 
     # --- fan-out -------------------------------------------------------------
 

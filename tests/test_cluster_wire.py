@@ -21,6 +21,7 @@ from chatd.broker.wire import (
 from chatd.outbox import Client, Flusher
 from chatd.events import Join, Leave, Publish
 from chatd.lobby import Lobby
+from chatd.protocols.multichat import Multichat
 from chatd.protocols.wcp import Wcp
 from tests.strategies import json_values, odd_frames
 
@@ -30,7 +31,7 @@ texts = st.text(max_size=12)
 names = st.sampled_from(["alice", "ALICE", "bob", "аlice"]) | texts
 members = st.builds(Member, st.integers(-5, 5), names, st.none() | names,
                     st.sampled_from(["wcp", "socialvp", "multichat", "wschat", "nope"]),
-                    st.booleans())
+                    st.booleans(), st.booleans())
 items = st.one_of(
     st.builds(Said, room=st.just("lobby") | texts, sender=st.none() | texts, payload=json_values,
               time_ns=st.integers(0, 2**62),
@@ -141,50 +142,69 @@ def test_the_lobby_applies_any_batch_from_another_node_without_raising(received)
 
 class OrderedBroker(LocalBroker):
     """The contract ``RedisBroker`` keeps, in process: one registry of name
-    keys; claims and releases queued in order and run (``step``) when the
-    test says, their answers posted to the lobby as the router would."""
+    keys, each held by one owner or shared by owners of one share tag;
+    claims and releases queued in order and run (``step``) when the test
+    says, their answers posted to the lobby as the router would."""
 
     shared = True
 
     def __init__(self) -> None:
         super().__init__("n1", "b1")
-        self.registry: dict[str, str] = {}
+        #: key -> {owner: share tag ('' for a claim of its own)}
+        self.registry: dict[str, dict[str, str]] = {}
         self.queue: list[tuple] = []
 
-    def claim(self, room, keys, owner, token, drop=()):
-        self.queue.append(("claim", list(keys), owner, token, list(drop)))
+    def claim(self, room, keys, owner, token, drop=(), share=None):
+        self.queue.append(("claim", list(keys), owner, token, list(drop), share or ""))
         return None
 
     def release(self, room, keys, owner, token=None):
-        self.queue.append(("release", list(keys), owner, token, []))
+        self.queue.append(("release", list(keys), owner, token, [], ""))
         return None if token is not None else True
 
+    def may_hold(self, keys, owner, share) -> bool:
+        """Whether ``owner`` may hold ``keys`` with ``share`` (Redis' CLAIM)."""
+        return all(other == owner or (share and tag == share)
+                   for key in keys for other, tag in self.registry.get(key, {}).items())
+
+    def hold(self, keys, owner, share) -> None:
+        for key in keys:
+            self.registry.setdefault(key, {})[owner] = share
+
+    def drop(self, keys, owner) -> None:
+        for key in keys:
+            holders = self.registry.get(key, {})
+            holders.pop(owner, None)
+            if not holders:
+                self.registry.pop(key, None)
+
     def step(self, lobby: Lobby) -> None:
-        kind, keys, owner, token, drop = self.queue.pop(0)
+        kind, keys, owner, token, drop, share = self.queue.pop(0)
         if kind == "release":
-            for key in keys:
-                if self.registry.get(key) == owner:
-                    del self.registry[key]
+            self.drop(keys, owner)
             if token is not None:
                 lobby.released(Released(token=token))
             return
-        ok = all(self.registry.get(key, owner) == owner for key in keys)
+        ok = self.may_hold(keys, owner, share)
         if ok:
-            self.registry.update(dict.fromkeys(keys, owner))
-            for key in drop:
-                if self.registry.get(key) == owner:
-                    del self.registry[key]
+            self.hold(keys, owner, share)
+            self.drop(drop, owner)
         lobby.claim_done(ClaimDone(token=token, ok=ok))
 
 
-NAMES = ["sam", "Sam", "ѕam", "wes", "wendy"]
+NAMES = ["sam", "Sam", "ѕam", "wes", "wendy", "qq"]
+BRIDGE_NAMES = ["qq", "QQ", "sam"]
 operations = st.lists(st.one_of(
     st.tuples(st.just("join"), st.integers(0, 3), st.sampled_from(NAMES)),
+    st.tuples(st.just("bridge"), st.integers(4, 7), st.sampled_from(BRIDGE_NAMES)),
     st.tuples(st.just("rename"), st.integers(0, 3), st.sampled_from(NAMES)),
-    st.tuples(st.just("leave"), st.integers(0, 3)),
-    st.tuples(st.just("remote join"), st.integers(0, 3), st.sampled_from(NAMES)),
-    st.tuples(st.just("remote leave"), st.integers(0, 3)),
-    st.tuples(st.just("node gone")),
+    st.tuples(st.just("leave"), st.integers(0, 7)),
+    st.tuples(st.just("remote join"), st.integers(0, 3), st.sampled_from(NAMES),
+              st.sampled_from(["n2", "n3"])),
+    st.tuples(st.just("remote bridge"), st.integers(4, 7), st.sampled_from(BRIDGE_NAMES),
+              st.sampled_from(["n2", "n3"])),
+    st.tuples(st.just("remote leave"), st.integers(0, 7)),
+    st.tuples(st.just("node gone"), st.sampled_from(["n2", "n3"])),
     st.tuples(st.just("step")), st.tuples(st.just("step")), st.tuples(st.just("step")),
 ), max_size=40)
 
@@ -192,10 +212,13 @@ operations = st.lists(st.one_of(
 @FUZZ
 @given(operations)
 def test_a_name_announced_gone_is_free_in_the_registry_on_every_path(ops):
-    """Whatever the interleaving of local claims, renames and leaves, other
-    nodes' claims and leaves, a node gone and the broker's answers: when a
-    watcher is told a name left, no key of it is held in the registry,
-    unless by a holder whose join it is told next (a name taken over)."""
+    """Whatever the interleaving of local claims, renames and leaves,
+    bridges sharing names here and on other nodes, other nodes' claims and
+    leaves, a node gone and the broker's answers: when a watcher is told a
+    name left, no key of it is held in the registry, unless by a holder
+    whose join it is told next (a name taken over); a name is never told
+    joined while the watcher was told it is there (bridges sharing it are
+    one user); and at the end the watcher was told the names held."""
     broker = OrderedBroker()
     lobby = Lobby(broker)
     flusher = Flusher()
@@ -203,43 +226,53 @@ def test_a_name_announced_gone_is_free_in_the_registry_on_every_path(ops):
     watcher = Client(Wcp, "lobby", "peer", "/wcp", 4096, watched, flusher)
     assert lobby.join(Join(client=watcher, register=False)) is True
     clients: dict[int, Client] = {}
-    remote: dict[int, tuple[int, str]] = {}
+    #: slot -> (node, client id there, name)
+    remote: dict[int, tuple[str, int, str]] = {}
     remote_ids = itertools.count(1)
     roster: set[str] = set()
-    version = 0
+    versions = {"n2": 0, "n3": 0}
+    boots = {"n2": itertools.count(), "n3": itertools.count()}
+    boot = {node: f"b{next(count)}" for node, count in boots.items()}
     for op in ops:
         kind = op[0]
-        if kind in ("join", "rename"):
+        if kind in ("join", "rename", "bridge"):
             client = clients.get(op[1])
-            if kind == "join" and client is None:
-                client = clients[op[1]] = Client(Wcp, "lobby", "peer", "/wcp", 4096, _Transport(),
-                                                 flusher)
-                lobby.join(Join(client=client, name=op[2], register=True, announce=True))
+            if kind in ("join", "bridge") and client is None:
+                protocol = Multichat if kind == "bridge" else Wcp
+                client = clients[op[1]] = Client(protocol, "lobby", "peer", "/p", 4096,
+                                                 _Transport(), flusher)
+                lobby.join(Join(client=client, name=op[2], register=True, announce=True,
+                                shared=kind == "bridge"))
             elif kind == "rename" and client is not None:
                 lobby.publish(Publish(client=client, payload="x", sender=op[2]))
         elif kind == "leave" and op[1] in clients:
             lobby.leave(Leave(client=clients.pop(op[1])))
-        elif kind == "remote join" and op[1] not in remote:
-            # n2's clients, numbered as a node numbers its clients: never twice.
-            client_id = next(remote_ids)
+        elif kind in ("remote join", "remote bridge") and op[1] not in remote:
+            # Another node's clients, numbered as a node numbers its
+            # clients: never twice.
+            node, client_id, shared = op[3], next(remote_ids), kind == "remote bridge"
             keys = names_module.parse(op[2]).keys
-            owner = f"n2:b2:{client_id}"
-            if all(broker.registry.get(key, owner) == owner for key in keys):
-                broker.registry.update(dict.fromkeys(keys, owner))
-                remote[op[1]] = (client_id, op[2])
-                version += 1
-                lobby.remote_joined("n2", Joined(room="lobby", member=Member(
-                    client_id, op[2], None, "socialvp", True), version=version))
+            owner = f"{node}:{boot[node]}:{client_id}"
+            share = names_module.parse(op[2]).shown if shared else ""
+            if broker.may_hold(keys, owner, share):
+                broker.hold(keys, owner, share)
+                remote[op[1]] = (node, client_id, op[2])
+                versions[node] += 1
+                lobby.remote_joined(node, Joined(room="lobby", member=Member(
+                    client_id, op[2], None, "multichat" if shared else "socialvp", True,
+                    shared), version=versions[node]))
         elif kind == "remote leave" and op[1] in remote:
-            client_id, name = remote.pop(op[1])
-            for key in names_module.parse(name).keys:
-                if broker.registry.get(key) == f"n2:b2:{client_id}":
-                    del broker.registry[key]
-            version += 1
-            lobby.remote_left("n2", Left(room="lobby", client=client_id, version=version))
+            node, client_id, name = remote.pop(op[1])
+            broker.drop(names_module.parse(name).keys, f"{node}:{boot[node]}:{client_id}")
+            versions[node] += 1
+            lobby.remote_left(node, Left(room="lobby", client=client_id, version=versions[node]))
         elif kind == "node gone":
-            remote.clear()
-            lobby.node_gone("n2", "b2")
+            node = op[1]
+            for slot in [slot for slot, held in remote.items() if held[0] == node]:
+                del remote[slot]
+            lobby.node_gone(node, boot[node])
+            # It comes back as a new process, with no names.
+            boot[node], versions[node] = f"b{next(boots[node])}", 0
         elif kind == "step" and broker.queue:
             broker.step(lobby)
         flusher.flush()
@@ -255,6 +288,7 @@ def test_a_name_announced_gone_is_free_in_the_registry_on_every_path(ops):
             assert held <= joined_next, (frame, broker.registry)
         for frame in frames:  # the watcher's roster, as a wcp client keeps it
             if frame["type"] == "user_joined":
+                assert frame["user_id"] not in roster, frame
                 roster.add(frame["user_id"])
             elif frame["type"] == "user_left":
                 roster.discard(frame["user_id"])
@@ -263,6 +297,7 @@ def test_a_name_announced_gone_is_free_in_the_registry_on_every_path(ops):
     flusher.flush()
     for frame in [json.loads(text) for text in _texts(b"".join(watched.frames))]:
         if frame["type"] == "user_joined":
+            assert frame["user_id"] not in roster, frame
             roster.add(frame["user_id"])
         elif frame["type"] == "user_left":
             roster.discard(frame["user_id"])

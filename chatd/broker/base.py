@@ -145,22 +145,30 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     def claim(self, room: str, keys: Iterable[str], owner: str, token: Any,
-              drop: Iterable[str] = ()) -> bool | None:
+              drop: Iterable[str] = (), share: str | None = None) -> bool | None:
         """Hold the look-alike ``keys`` of a name in ``room`` for ``owner``
         (``NODE:BOOT:CLIENT``), atomically, cluster-wide, and give up
         ``drop`` (keys of the name it held: a rename) in the same step, only
-        if the claim succeeds. True or False if known at once; None when
-        ``ClaimDone(token, ok)`` will tell."""
+        if the claim succeeds. With ``share`` (a tag: the name as shown, for
+        multichat bridges), the keys may also be held by other owners that
+        claimed them with the same tag, and the claim succeeds if every
+        holder of every key did so; each owner's hold is then released,
+        renewed and expires on its own, and the keys are free once the last
+        owner's hold is gone (docs/cluster.md, "Bridges sharing a name").
+        True or False if known at once; None when ``ClaimDone(token, ok)``
+        will tell."""
 
     @abc.abstractmethod
     def release(self, room: str, keys: Iterable[str], owner: str,
                 token: Any = None) -> bool | None:
-        """Give up ``keys`` in ``room``, where ``owner`` still holds them
-        (this node's client, or a client of a node gone). True if they are
-        free now, or cannot be confirmed (the broker is down: they are freed
-        once it is back, before any claim of this node); None when
-        ``Released(token)`` will tell (only with a ``token``). A departure
-        is announced once its name is free (docs/cluster.md)."""
+        """Give up ``owner``'s hold of ``keys`` in ``room``, where it still
+        holds them (this node's client, or a client of a node gone; the
+        other owners of a shared name keep theirs: the keys are free once
+        the last one is gone). True if done now, or if it cannot be
+        confirmed (the broker is down: it is done once the broker is back,
+        before any claim of this node); None when ``Released(token)`` will
+        tell (only with a ``token``). A departure is announced once its
+        name is free (docs/cluster.md)."""
 
     @abc.abstractmethod
     def subscribe(self, channels: Iterable[str]) -> bool:

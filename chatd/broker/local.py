@@ -31,7 +31,7 @@ class LocalBroker(Broker):
         pass
 
     def claim(self, room: str, keys: Iterable[str], owner: str, token: Any,
-              drop: Iterable[str] = ()) -> bool:
+              drop: Iterable[str] = (), share: str | None = None) -> bool:
         return True
 
     def release(self, room: str, keys: Iterable[str], owner: str, token: Any = None) -> bool:

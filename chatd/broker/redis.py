@@ -43,7 +43,11 @@ ERROR) are chatd's to report: they are logged at DEBUG, in one line.
 ``name_ttl`` seconds that the holding node renews every ``refresh``
 seconds: a node that dies (``kill -9``) leaves its names to expire, and
 the node that takes it for dead releases them at once (``release`` on
-its behalf). A release answers ``Released`` once Redis has run it, so a
+its behalf). A name multichat bridges share (``claim``'s ``share``) is a
+hash of owners instead, one per node holding it, each with its own end
+of hold (Redis time): claimed only where every live owner shares it
+under the same tag, released, renewed and expired per owner
+(``NAME_LIB``). A release answers ``Released`` once Redis has run it, so a
 departure is announced only when the name is free.
 
 **The grace after a shared outage.** Every node renews ``chatd:alive``
@@ -110,17 +114,73 @@ CLAIM_WAIT_MAX = 8.0
 GRACE_KEY = "chatd:grace"
 ALIVE_KEY = "chatd:alive"
 
+# Every name script starts with these helpers. A name key holds either
+# one owner (a string: an exclusive claim) or, for a name bridges share
+# (``Broker.claim``'s ``share``), a hash: field '*' is the share tag (the
+# name as shown) and each other field an owner, whose value is the Redis
+# time (ms) its hold ends; the key itself expires with its last owner.
+NAME_LIB = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- The key's live owners: 'one', nil, {owner}; 'set', tag, {owners} (owners
+-- whose hold ended are deleted); or nil (free).
+local function holders(key, now)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'string' then return 'one', nil, {redis.call('GET', key)} end
+  if kind ~= 'hash' then return nil end
+  local all = redis.call('HGETALL', key)
+  local tag, owners, ended = nil, {}, {}
+  for i = 1, #all, 2 do
+    if all[i] == '*' then tag = all[i + 1]
+    elseif tonumber(all[i + 1]) < now then ended[#ended + 1] = all[i]
+    else owners[#owners + 1] = all[i] end
+  end
+  if #owners == 0 then redis.call('DEL', key) return nil end
+  if #ended > 0 then redis.call('HDEL', key, unpack(ended)) end
+  return 'set', tag, owners
+end
+-- Hold ``key`` for ``owner`` for ``ttl`` ms: alone (tag ''), or among the
+-- owners sharing it under ``tag``.
+local function hold(key, owner, tag, ttl, now, kind)
+  if tag == '' then
+    redis.call('SET', key, owner, 'PX', ttl)
+  else
+    if kind == 'one' then redis.call('DEL', key) end
+    redis.call('HSET', key, '*', tag, owner, now + ttl)
+    redis.call('PEXPIRE', key, ttl)
+  end
+end
+-- Give up ``owner``'s hold of ``key``: 1 if it had one.
+local function drop(key, owner)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'string' then
+    if redis.call('GET', key) == owner then redis.call('DEL', key) return 1 end
+  elseif kind == 'hash' then
+    if redis.call('HDEL', key, owner) == 1 then
+      if redis.call('HLEN', key) <= 1 then redis.call('DEL', key) end
+      return 1
+    end
+  end
+  return 0
+end
+"""
 # KEYS[1]: GRACE_KEY; KEYS[2]: ALIVE_KEY; KEYS[3 .. ARGV[3] + 2]: the
 # look-alike keys of a name to claim; the KEYS after them: keys the owner
 # gives up in the same step (a rename). ARGV[1]: owner; ARGV[2]: expiry
-# (ms); ARGV[3]: keys to claim; ARGV[4]: the grace (ms). Nil if the owner
-# holds the claimed keys now (and the others are freed); the holder of the
-# first key held by someone else; or, during the grace, the milliseconds
-# it still lasts (nothing changed in both cases). ALIVE_KEY gone means no
-# node renewed it lately (a shared outage; a claim sent before a pause,
-# run by Redis once it resumes): the grace starts here.
-CLAIM = """
+# (ms); ARGV[3]: keys to claim; ARGV[4]: the grace (ms); ARGV[5]: the
+# share tag ('' for a claim of its own). Nil if the owner holds the
+# claimed keys now (and the others are freed); an owner of the first key
+# held otherwise (by someone else; shared under another tag, or not
+# shared while this claim is; or held at all, for a claim of its own);
+# or, during the grace, the milliseconds it still lasts (nothing changed
+# in both cases). ALIVE_KEY gone means no node renewed it lately (a shared
+# outage; a claim sent before a pause, run by Redis once it resumes): the
+# grace starts here.
+CLAIM = NAME_LIB + """
 local n = tonumber(ARGV[3])
+local tag = ARGV[5]
 if n > 0 then
   if redis.call('EXISTS', KEYS[2]) == 0 then
     redis.call('SET', KEYS[1], '1', 'PX', ARGV[4], 'NX')
@@ -128,15 +188,23 @@ if n > 0 then
   local grace = redis.call('PTTL', KEYS[1])
   if grace > 0 then return grace end
 end
+local now = now_ms()
+local kinds = {}
 for i = 3, n + 2 do
-  local holder = redis.call('GET', KEYS[i])
-  if holder and holder ~= ARGV[1] then return holder end
+  local kind, held_tag, owners = holders(KEYS[i], now)
+  kinds[i] = kind
+  if kind == 'one' and owners[1] ~= ARGV[1] then return owners[1] end
+  if kind == 'set' and (tag == '' or held_tag ~= tag) then
+    for _, other in ipairs(owners) do
+      if other ~= ARGV[1] then return other end
+    end
+  end
 end
 for i = 3, n + 2 do
-  redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+  hold(KEYS[i], ARGV[1], tag, ARGV[2], now, kinds[i])
 end
 for i = n + 3, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]) end
+  drop(KEYS[i], ARGV[1])
 end
 return false
 """
@@ -151,29 +219,31 @@ end
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
 return redis.call('PTTL', KEYS[2])
 """
-# KEYS: keys; ARGV[1]: owner. Deletes the keys the owner still holds.
-RELEASE = """
+# KEYS: keys; ARGV[1]: owner. Gives up the owner's hold of each key (the
+# other owners of a shared name keep theirs); how many it had.
+RELEASE = NAME_LIB + """
 local n = 0
 for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[1] then
-    redis.call('DEL', KEYS[i])
-    n = n + 1
-  end
+  n = n + drop(KEYS[i], ARGV[1])
 end
 return n
 """
-# KEYS: keys; ARGV[1]: expiry (ms); ARGV[i + 1]: the owner of KEYS[i].
-# Renews the keys still held by their owner, takes again those that
-# expired (a Redis restart, a pause), and returns the indexes of those
-# another owner holds now.
-REFRESH = """
+# KEYS: keys; ARGV[1]: expiry (ms); ARGV[2i], ARGV[2i + 1]: the owner of
+# KEYS[i] and its share tag ('' if its own). Renews each owner's hold,
+# takes again those that ended (a Redis restart, a pause: a shared name is
+# taken again beside the owners sharing it under the same tag), and
+# returns the indexes of the keys someone else holds now.
+REFRESH = NAME_LIB + """
+local now = now_ms()
 local lost = {}
 for i = 1, #KEYS do
-  local holder = redis.call('GET', KEYS[i])
-  if holder == ARGV[i + 1] then
-    redis.call('PEXPIRE', KEYS[i], ARGV[1])
-  elseif not holder then
-    redis.call('SET', KEYS[i], ARGV[i + 1], 'PX', ARGV[1])
+  local owner, tag = ARGV[2 * i], ARGV[2 * i + 1]
+  local kind, held_tag, owners = holders(KEYS[i], now)
+  local ok = not kind
+  if kind == 'one' then ok = tag == '' and owners[1] == owner
+  elseif kind == 'set' then ok = tag ~= '' and held_tag == tag end
+  if ok then
+    hold(KEYS[i], owner, tag, ARGV[1], now, kind)
   else
     lost[#lost + 1] = i
   end
@@ -202,6 +272,8 @@ class _Claim:
     drop: list[str]
     #: The latest the deadline may be moved to (``CLAIM_WAIT_MAX``).
     cap: float
+    #: The share tag ('' for a claim of its own; ``Broker.claim``).
+    share: str = ""
 
     def wait_for(self, grace_until: float) -> None:
         """Wait until just after a grace that ends at ``grace_until``."""
@@ -279,6 +351,9 @@ class RedisBroker(Broker):
         self._changed = trio.Event()
         #: Redis key -> owner, for every name this node holds there.
         self._held: dict[str, str] = {}
+        #: Redis key -> share tag, for the keys of ``_held`` shared with
+        #: other owners (``Broker.claim``'s ``share``).
+        self._shares: dict[str, str] = {}
         #: Releases not sent yet because Redis was down, in order.
         self._releases: list[_Release] = []
         #: Claims held back until the grace ends (trio time), in order.
@@ -317,13 +392,13 @@ class RedisBroker(Broker):
         self._wake.set()
 
     def claim(self, room: str, keys: Iterable[str], owner: str, token: Any,
-              drop: Iterable[str] = ()) -> None:
+              drop: Iterable[str] = (), share: str | None = None) -> None:
         # A claim waits at most ``claim_timeout`` seconds, or, made during a
         # grace, until just after its end.
         now = trio.current_time()
         op = _Claim([name_key(room, k) for k in sorted(keys)], owner, token,
                     now + self.claim_timeout, [name_key(room, k) for k in sorted(drop)],
-                    now + max(self.claim_timeout, CLAIM_WAIT_MAX))
+                    now + max(self.claim_timeout, CLAIM_WAIT_MAX), share or "")
         if now < self._grace_until:
             op.wait_for(self._grace_until)
         self._queue.append(op)
@@ -337,7 +412,7 @@ class RedisBroker(Broker):
             return True
         for key in keys:
             if self._held.get(key) == owner:
-                del self._held[key]
+                self._forget_key(key)
         if not self._pub_ok:
             # Kept for when Redis is back, ahead of any claim; nothing can
             # be confirmed meanwhile, so the caller announces now.
@@ -407,6 +482,7 @@ class RedisBroker(Broker):
             for key, owner in self._held.items():
                 by_owner.setdefault(owner, []).append(key)
             self._held.clear()
+            self._shares.clear()
             for owner, keys in by_owner.items():
                 self._queue.append(_Release(keys, owner))
             self._queue.append(_Publish(CLUSTER, Bye()))
@@ -558,7 +634,7 @@ class RedisBroker(Broker):
                     else:
                         answers.append((op, self._claim(
                             [GRACE_KEY, ALIVE_KEY, *op.keys, *op.drop],
-                            [op.owner, self._ttl_ms, len(op.keys), self._grace_ms],
+                            [op.owner, self._ttl_ms, len(op.keys), self._grace_ms, op.share],
                             client=pipe)))
                 elif kind is _Release:
                     answers.append((op, self._release(op.keys, [op.owner], client=pipe)))
@@ -566,7 +642,8 @@ class RedisBroker(Broker):
                     pipe.set(ALIVE_KEY, "1", px=self._alive_ms)
                 else:
                     for chunk in self._refresh_chunks():
-                        owners = [self._held[key] for key in chunk]
+                        owners = [arg for key in chunk
+                                  for arg in (self._held[key], self._shares.get(key, ""))]
                         answers.append((chunk, self._refresh(chunk, [self._ttl_ms, *owners],
                                                              client=pipe)))
         self.counters["published"] += published
@@ -586,9 +663,13 @@ class RedisBroker(Broker):
                 if ok:
                     for key in op.drop:
                         if self._held.get(key) == op.owner:
-                            del self._held[key]
+                            self._forget_key(key)
                     for key in op.keys:
                         self._held[key] = op.owner
+                        if op.share:
+                            self._shares[key] = op.share
+                        else:
+                            self._shares.pop(key, None)
                 await self._post(ClaimDone(token=op.token, ok=ok))
             elif kind is _Release:
                 if op.token is not None:
@@ -597,12 +678,17 @@ class RedisBroker(Broker):
                 for position in result or ():
                     key = op[int(position) - 1]
                     owner = self._held.pop(key, None)
+                    self._shares.pop(key, None)
                     if owner is not None:
                         lost.append(owner)
         if lost:
             log.warning("%d names of this node were taken by other nodes while it could not "
                         "renew them", len(lost))
             await self._post(NamesLost(owners=sorted(set(lost))))
+
+    def _forget_key(self, key: str) -> None:
+        del self._held[key]
+        self._shares.pop(key, None)
 
     @property
     def _ttl_ms(self) -> int:

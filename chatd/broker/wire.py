@@ -31,14 +31,18 @@ class Item(msgspec.Struct, tag_field="t", tag=str.lower, kw_only=True, omit_defa
 
 class Member(msgspec.Struct, array_like=True):
     """A name held on the origin node: its holder's ``client`` id there, the
-    name and display name as shown, the holder's protocol, and whether its
-    join and leave are announced (``Join.announce``)."""
+    name and display name as shown, the holder's protocol, whether its
+    join and leave are announced (``Join.announce``), and whether other
+    ``shared`` holders of the name, shown exactly alike, may hold it too
+    (``Join.shared``: multichat bridges). A node that predates ``shared``
+    ignores it (msgspec reads the first five fields of a longer array)."""
 
     client: int
     name: str
     display_name: str | None
     protocol: str
     announce: bool
+    shared: bool = False
 
 
 class Said(Item, kw_only=True):
