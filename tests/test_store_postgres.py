@@ -182,7 +182,8 @@ async def test_a_killed_connection_is_reopened_and_the_write_goes_through(pg_url
 
 class CommitCutter:
     """A TCP relay to PostgreSQL on 127.0.0.1 that, once ``armed``, cuts
-    the first connection that sends COMMIT: with ``drop="answer"`` the
+    the first connection that sends COMMIT (or ``chatd_append``, which
+    commits): with ``drop="answer"`` the
     COMMIT reaches the server and its answer is lost; with
     ``drop="commit"`` the COMMIT itself is lost. Either way the client
     cannot know the outcome. Later connections are relayed untouched."""
@@ -224,9 +225,10 @@ class CommitCutter:
                              daemon=True).start()
 
     def _claim(self, data: bytes) -> bool:
-        """Whether ``data`` is the COMMIT to cut (once)."""
+        """Whether ``data`` is the COMMIT to cut (once): a COMMIT, or a
+        batch of appends sent as one statement, its own transaction."""
         with self._lock:
-            if self.armed.is_set() and b"COMMIT" in data:
+            if self.armed.is_set() and (b"COMMIT" in data or b"chatd_append" in data):
                 self.armed.clear()
                 self.cuts += 1
                 return True
@@ -277,12 +279,22 @@ class CommitCutter:
         self.listener.close()
 
 
+def appending(path: str, message: str, sent: int):
+    """A job appending ``message`` to session g: alone, so that the batch
+    is one statement (``chatd_append``, resolved through ``writers``), or
+    after a read, so that it is a transaction (resolved by its id)."""
+    if path == "one statement":
+        return lambda s: s.append_message("g", "a", message, sent, sent)
+    return lambda s: (s.history("g"), s.append_message("g", "a", message, sent, sent))[1]
+
+
+@pytest.mark.parametrize("path", ["one statement", "transaction"])
 @pytest.mark.parametrize("drop, stored", [("answer", "committed"), ("commit", "rolled back")])
 async def test_a_commit_cut_off_is_resolved_and_answered_as_it_ended(pg_url, nursery, caplog,
-                                                                     drop, stored):
+                                                                     drop, stored, path):
     """Whether the COMMIT reached the server or not, the writer learns what
-    became of it: each message is confirmed once and stored once, and the
-    writer goes on writing (issue 18)."""
+    became of it: each message is confirmed once (with its seq) and stored
+    once, and the writer goes on writing (issue 18)."""
     port = int(pg_url.rsplit(":", 1)[1].split("/")[0])
     cutter = CommitCutter(port, drop)
     store = open_store(pg_url.replace(f":{port}/", f":{cutter.port}/"), busy_timeout=GUARD)
@@ -292,13 +304,13 @@ async def test_a_commit_cut_off_is_resolved_and_answered_as_it_ended(pg_url, nur
     await nursery.start(writer.run)
     cutter.armed.set()
     caplog.set_level(logging.INFO, "chatd.store")
-    writer.submit(job(lambda s: s.append_message("g", "a", '"once"', 1, 1)))
+    writer.submit(job(appending(path, '"once"', 1)))
     await reports.wait_for(1)
     assert cutter.cuts == 1
     [(_, results, failure)] = reports.batches
     assert (results, failure) == ([1], None) and not writer.failed
     assert any(f"COMMIT cut off" in r.message and stored in r.message for r in caplog.records)
-    writer.submit(job(lambda s: s.append_message("g", "a", '"next"', 2, 2)))
+    writer.submit(job(appending(path, '"next"', 2)))
     await reports.wait_for(2)
     assert reports.batches[1][1:] == ([2], None)
     with psycopg.connect(pg_url) as conn:
@@ -308,15 +320,15 @@ async def test_a_commit_cut_off_is_resolved_and_answered_as_it_ended(pg_url, nur
     cutter.close()
 
 
+@pytest.mark.parametrize("path", ["one statement", "transaction"])
 @pytest.mark.parametrize("warm", [False, True])
 async def test_a_commit_cut_off_while_the_server_stays_unreachable_is_answered_busy(
-        pg_url, nursery, caplog, warm):
+        pg_url, nursery, caplog, warm, path):
     """The server unreachable for the whole busy timeout after a COMMIT
     was cut off: the batch is answered busy (never run again, the writer
     keeps writing), and once the server answers what became of it is
     logged: here it had committed. ``warm``: the node wrote the session
-    last, so the batch went as one query without a transaction id, and is
-    looked up by its rows."""
+    before; ``path``: see ``appending``."""
     port = int(pg_url.rsplit(":", 1)[1].split("/")[0])
     cutter = CommitCutter(port, "answer")
     cutter.refuse_after_cut = True
@@ -331,14 +343,14 @@ async def test_a_commit_cut_off_while_the_server_stays_unreachable_is_answered_b
     await nursery.start(writer.run)
     caplog.set_level(logging.INFO, "chatd.store")
     cutter.armed.set()
-    writer.submit(job(lambda s: s.append_message("g", "a", '"cut"', 1, 1)))
+    writer.submit(job(appending(path, '"cut"', 1)))
     await reports.wait_for(1)
     [(_, results, failure)] = reports.batches
     assert results is None and failure.busy and "may or may not be stored" in failure.cause
     assert not writer.failed
     cutter.refuse.clear()
     writer.resume()
-    writer.submit(job(lambda s: s.append_message("g", "a", '"next"', 2, 2)))
+    writer.submit(job(appending(path, '"next"', 2)))
     await reports.wait_for(2)
     assert reports.batches[1][1:] == ([first + 1], None)
     assert any("answered 'storage busy', did commit" in r.message
