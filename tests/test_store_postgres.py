@@ -7,6 +7,7 @@ The interface tests shared with SQLite are in tests/test_store.py.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import threading
 
@@ -219,30 +220,40 @@ class CommitCutter:
                 continue
             server = socket.create_connection(("127.0.0.1", self.upstream))
             cut = threading.Event()  # this connection's
-            threading.Thread(target=self._pump, args=(client, server, True, cut),
+            seen: dict = {}
+            threading.Thread(target=self._pump, args=(client, server, True, cut, seen),
                              daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False, cut),
+            threading.Thread(target=self._pump, args=(server, client, False, cut, seen),
                              daemon=True).start()
 
-    def _claim(self, data: bytes) -> bool:
-        """Whether ``data`` is the COMMIT to cut (once): a COMMIT, or a
-        batch of appends sent as one statement, its own transaction."""
+    def _claim(self, data: bytes, seen: dict) -> bool:
+        """Whether ``data`` is the COMMIT to cut (once): a COMMIT, or the
+        execution of a batch of appends sent as one statement, its own
+        transaction (``chatd_append``, prepared: parsed once per
+        connection, then executed by Bind and Execute messages without its
+        text). ``seen``: this connection's state."""
+        parsed = re.search(rb"P.{4}([^\x00]+)\x00SELECT chatd_append\(", data, re.DOTALL)
+        if parsed:
+            seen["append"] = parsed[1]
+        # A Bind message (unnamed portal) of chatd_append's prepared statement.
+        executes = "append" in seen and re.search(
+            rb"B.{4}\x00" + re.escape(seen["append"]) + rb"\x00", data, re.DOTALL) is not None
         with self._lock:
-            if self.armed.is_set() and (b"COMMIT" in data or b"chatd_append" in data):
+            if self.armed.is_set() and (b"COMMIT" in data or executes):
                 self.armed.clear()
                 self.cuts += 1
                 return True
             return False
 
     def _pump(self, source: socket.socket, sink: socket.socket, to_server: bool,
-              cut: threading.Event) -> None:
+              cut: threading.Event, seen: dict) -> None:
         try:
             while data := source.recv(65536):
                 while self.frozen.is_set():  # a black hole: hold the data
                     self.frozen_wait.wait()
                 if cut.is_set():
                     break
-                if to_server and self._claim(data):
+                if to_server and self._claim(data, seen):
                     cut.set()
                     if self.refuse_after_cut:
                         self.refuse.set()

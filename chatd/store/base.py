@@ -223,10 +223,13 @@ class Later:
 def settled(result: Any) -> Any:
     """``result`` with every ``Later`` in it, or in tuples it holds, replaced
     by its value (``run_batch``, after COMMIT)."""
-    if isinstance(result, Later):
+    kind = type(result)
+    if kind is Later:
         return result.value
-    if type(result) is tuple:
-        return tuple(settled(item) for item in result)
+    if kind is tuple:
+        return tuple([item.value if type(item) is Later
+                      else settled(item) if type(item) is tuple else item
+                      for item in result])
     return result
 
 

@@ -425,6 +425,8 @@ class PostgresStore(Store):
         #: Appends held back: (Later, session, sender, message, sent,
         #: stored, members version the sender knew or None).
         self._later: list[tuple] = []
+        #: Whether a job got a ``Later`` (its results are to be settled).
+        self._settle = False
         #: The number of the batch of appends sent, and its server pid.
         self._sent_batch: int | None = None
         self._pid = 0
@@ -539,7 +541,9 @@ class PostgresStore(Store):
         self._sent_batch = self._batches
         self._pid = self._conn.info.backend_pid
         self._wrote = True
-        answer = self._first.execute(_APPEND, (
+        # Prepared: parsed and planned once per connection, the arguments
+        # sent as they are (no quoting).
+        answer = self._cur.execute(_APPEND, prepare=True, params=(
             _JSON.encode([(i, lock_key(i), *sessions[i]) for i in order]).decode(),
             _JSON.encode(rows).decode(), self._writer, self._batches)).fetchone()[0]
         self._settle_later(answer)
@@ -651,6 +655,7 @@ class PostgresStore(Store):
                        sender_timestamp: int, server_timestamp: int) -> int | None | Later:
         if self._hold_back():
             cell = Later()
+            self._settle = True
             self._later.append((cell, session_id, sender_id, message, sender_timestamp,
                                 server_timestamp, None))
             return cell
@@ -662,6 +667,7 @@ class PostgresStore(Store):
                        ) -> tuple[int | None, list[str] | None] | Later:
         if self._hold_back():
             cell = Later()
+            self._settle = True
             self._later.append((cell, session_id, sender_id, message, sender_timestamp,
                                 server_timestamp, version))
             return cell
@@ -693,7 +699,8 @@ class PostgresStore(Store):
         conn = self._connection(deadline)
         self._watchdog.arm(self._socket, deadline)
         try:
-            return [settled(result) for result in self._run(conn, jobs, deadline)]
+            results = self._run(conn, jobs, deadline)
+            return [settled(result) for result in results] if self._settle else results
         finally:
             self._watchdog.disarm()
             self._cur = None
