@@ -140,6 +140,69 @@ def test_a_node_that_last_wrote_a_session_learns_of_other_nodes_writes(pg_url):
     two.close()
 
 
+def test_a_batch_of_appends_gets_each_session_s_seqs_in_job_order(pg_url):
+    """A batch of appends alone is sent as one statement at its end: each
+    append still gets its session's next seq in the order of the jobs,
+    None for a session that is gone, and the members when the sender's
+    version is not the session's; a read in the batch sees the appends
+    before it (issue 18)."""
+    one, two = open_store(pg_url), open_store(pg_url)
+    one.run_batch([lambda s, n=n: s.create_session(n, "mutable", ["a"], 1)
+                   for n in ("s1", "s2", "s3")])
+    two.run_batch([lambda s: s.set_members("s3", ["a", "b"])])
+    assert one.run_batch([
+        lambda s: s.append_checked("s2", "a", '"1"', 0, 0, 0),
+        lambda s: s.append_checked("s1", "a", '"2"', 0, 0, 0),
+        lambda s: s.append_message("gone", "a", '"3"', 0, 0),
+        lambda s: s.append_checked("s2", "a", '"4"', 0, 0, 0),
+        lambda s: (s.append_checked("s3", "a", '"5"', 0, 0, 0), "kept"),
+        lambda s: s.append_checked("s3", "a", '"6"', 0, 0, 1),
+    ]) == [(1, None), (1, None), None, (2, None), ((1, ["a", "b"]), "kept"), (2, None)]
+    [seq, rows, after] = one.run_batch([
+        lambda s: s.append_message("s1", "a", '"7"', 0, 0),
+        lambda s: s.history("s1", after=0),
+        lambda s: s.append_message("s1", "a", '"8"', 0, 0)])
+    assert (seq, [(r[0], r[2]) for r in rows], after) == (2, [(1, '"2"'), (2, '"7"')], 3)
+    one.close()
+    two.close()
+
+
+def test_a_deleted_session_takes_its_messages_with_it(pg_url):
+    """No foreign key ties messages to sessions (migration 5): deleting a
+    session deletes its messages itself, so a session created again
+    under the same id starts empty at seq 1."""
+    store = open_store(pg_url)
+    store.run_batch([lambda s: s.create_session("g", "mutable", ["a"], 1)])
+    store.run_batch([lambda s: s.append_message("g", "a", '"old"', 0, 0)] * 3)
+    store.run_batch([lambda s: s.delete_session("g")])
+    store.run_batch([lambda s: s.create_session("g", "mutable", ["a"], 2)])
+    assert store.run_batch([lambda s: s.append_message("g", "a", '"new"', 0, 0)]) == [1]
+    assert [(r[0], r[2]) for r in store.run_batch([lambda s: s.history("g")])[0]] == [
+        (1, '"new"')]
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
+    store.close()
+
+
+def test_a_database_of_schema_4_keeps_its_messages_when_migrated(pg_url):
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE chatd_schema (version INTEGER NOT NULL)")
+        for script in MIGRATIONS[:4]:
+            conn.execute(script)
+        conn.execute("INSERT INTO chatd_schema VALUES (4)")
+        conn.execute("INSERT INTO sessions (id, kind, created_ms, last_seq) "
+                     "VALUES ('g', 'mutable', 1, 2)")
+        conn.execute("INSERT INTO members (session_id, user_id) VALUES ('g', 'a')")
+        conn.execute("INSERT INTO messages VALUES ('g', 1, 'a', '\"x\"', 1, 1), "
+                     "('g', 2, 'a', '\"y\"', 2, 2)")
+    store = open_store(pg_url)
+    assert store.schema_version == len(MIGRATIONS) == 5
+    assert store.run_batch([lambda s: s.append_message("g", "a", '"z"', 3, 3)]) == [3]
+    assert [r[2] for r in store.run_batch([lambda s: s.history("g")])[0]] == [
+        '"x"', '"y"', '"z"']
+    store.close()
+
+
 @pytest.mark.parametrize("make, reason", [
     (lambda url: f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/test",
      "cannot connect: connection to server at \"127.0.0.1\", port"),

@@ -16,10 +16,12 @@ opened again after it is lost.
   leaves no gap, and a batch waits only for keys above every key it holds
   (else it tries, and on a miss runs again with its keys locked in order),
   so no interleaving of nodes and sessions can deadlock. A batch that
-  only appends to sessions this node wrote last guesses their state from
-  its last commit and checks it in the same query as its messages and
-  COMMIT (one round trip); a wrong guess fails that query before COMMIT
-  and the batch runs again, locking first.
+  only appends (the usual one) is held back and sent at its end as one
+  statement, its own transaction (``chatd_append``, a function of
+  migration 5, prepared): it locks the sessions in ascending key order,
+  allocates the seqs, inserts the messages and commits, so it costs one
+  round trip and holds no lock across one; its appends return ``Later``
+  seqs, settled from its answer (``Store.run_batch``).
 - **Bounded**: every batch has a deadline (the writer's busy timeout); a
   watchdog cuts the socket of one still running then, and connect,
   statement, lock and idle-in-transaction timeouts plus TCP keepalives and
@@ -33,10 +35,13 @@ opened again after it is lost.
   persistent — disk full, read-only, a constraint.
 - **A COMMIT cut off** (the connection lost once it may have been sent):
   the transaction id taken before it is looked up (``txid_status``) on a
-  new connection, for up to the busy timeout more: committed, the batch's
-  results stand; rolled back, it is transient (run again); unknown still,
-  ``CommitUnknown`` (answered busy; what it became is logged once known).
-  A batch is never run again after its COMMIT may have succeeded.
+  new connection, for up to the busy timeout more — for a batch of
+  appends sent as one statement, once its server process has ended, this
+  store's row of ``writers`` (the number and seqs of its last such batch):
+  committed, the batch's results stand; rolled back, it is transient (run
+  again); unknown still, ``CommitUnknown`` (answered busy; what it became
+  is logged once known). A batch is never run again after its COMMIT may
+  have succeeded.
 """
 
 from __future__ import annotations
