@@ -126,7 +126,9 @@ MIGRATIONS: list[str] = [
     # message a lookup. ``writers`` holds, per open store, the number and
     # seqs of its last batch of appends, so that a batch whose answer was
     # lost can be told committed or not, and its seqs known
-    # (``PostgresStore._resolve_later``). ``chatd_append``: see ``_APPEND``.
+    # (``PostgresStore._resolve_later``). ``chatd_append``: see ``_APPEND``;
+    # its arguments are read as jsonb, parsed once (``->>`` on json parses
+    # the element again for each field: 5 against 3.5 µs per message).
     """
     ALTER TABLE messages DROP CONSTRAINT IF EXISTS messages_session_id_fkey;
     CREATE TABLE writers (
@@ -141,11 +143,11 @@ MIGRATIONS: list[str] = [
         answer text;
     BEGIN
         PERFORM count(pg_advisory_xact_lock(k)) FROM
-            (SELECT (c->>1)::bigint AS k FROM json_array_elements(batch_sessions)
+            (SELECT (c->>1)::bigint AS k FROM jsonb_array_elements(batch_sessions::jsonb)
              WITH ORDINALITY AS t(c, i) ORDER BY i) AS o;
         WITH u AS (
             UPDATE sessions AS s SET last_seq = s.last_seq + (c->>2)::bigint
-            FROM json_array_elements(batch_sessions) AS c WHERE s.id = c->>0
+            FROM jsonb_array_elements(batch_sessions::jsonb) AS c WHERE s.id = c->>0
             RETURNING s.id, s.last_seq - (c->>2)::bigint AS base,
                       s.members_version AS version, (c->>3)::bigint AS known),
         m AS (
@@ -153,7 +155,7 @@ MIGRATIONS: list[str] = [
                                   server_timestamp)
             SELECT u.id, u.base + (r->>1)::bigint, r->>2, r->>3, (r->>4)::bigint,
                    (r->>5)::bigint
-            FROM json_array_elements(batch_rows) AS r JOIN u ON u.id = r->>0)
+            FROM jsonb_array_elements(batch_rows::jsonb) AS r JOIN u ON u.id = r->>0)
         SELECT coalesce(json_agg(json_build_array(u.id, u.base, u.version,
             CASE WHEN u.version <> u.known THEN ARRAY(SELECT user_id FROM members
                  WHERE session_id = u.id ORDER BY user_id) END)), '[]')::text
