@@ -163,6 +163,16 @@ def test_a_batch_of_appends_gets_each_session_s_seqs_in_job_order(pg_url):
         lambda s: s.history("s1", after=0),
         lambda s: s.append_message("s1", "a", '"8"', 0, 0)])
     assert (seq, [(r[0], r[2]) for r in rows], after) == (2, [(1, '"2"'), (2, '"7"')], 3)
+    # A read of another session (a feed filling a gap) runs apart and
+    # reads what is committed; the appends around it still commit.
+    two.run_batch([lambda s: s.append_message("s2", "b", '"9"', 0, 0)])
+    [first, rows, counts, last] = one.run_batch([
+        lambda s: s.append_message("s1", "a", '"10"', 0, 0),
+        lambda s: s.history("s2", after=1),
+        lambda s: s.count_sent("s2"),
+        lambda s: s.append_message("s1", "a", '"11"', 0, 0)])
+    assert (first, [(r[0], r[1], r[2]) for r in rows], counts, last) == (
+        4, [(2, "a", '"4"'), (3, "b", '"9"')], {"a": 2, "b": 1}, 5)
     one.close()
     two.close()
 

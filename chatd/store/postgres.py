@@ -61,8 +61,8 @@ import msgspec
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from chatd.store.base import (MESSAGE_COLUMNS, CommitUnknown, Later, Store, StoredSession,
-                              StoreError, settled)
+from chatd.store.base import (MESSAGE_COLUMNS, CommitUnknown, HistoryRow, Later, Store,
+                              StoredSession, StoreError, history_query, settled)
 
 log = logging.getLogger("chatd.store")
 
@@ -680,6 +680,31 @@ class PostgresStore(Store):
             return cell
         return self._append_now(session_id, sender_id, message, sender_timestamp,
                                 server_timestamp, version)
+
+    def _reads_apart(self, session_id: str) -> bool:
+        """Whether a read of ``session_id`` can run on its own, outside the
+        batch's transaction: nothing of the batch has been sent, and no
+        append held back is to that session (the read's answer is then
+        the same before or after them). Reads take no lock, so a feed's
+        read in a batch of appends leaves them one statement (issue 18)."""
+        return not self._begun and all(item[1] != session_id for item in self._later)
+
+    def history(self, session_id: str, *, before: int | None = None,
+                after: int | None = None, limit: int = 100) -> list[HistoryRow]:
+        if not self._reads_apart(session_id):
+            return super().history(session_id, before=before, after=after, limit=limit)
+        query, args, newest_first = history_query(self.mark, session_id, before, after, limit)
+        rows = self._cur.execute(query, args).fetchall()  # autocommit: its own transaction
+        if newest_first:
+            rows.reverse()
+        return rows
+
+    def count_sent(self, session_id: str) -> dict[str, int]:
+        if not self._reads_apart(session_id):
+            return super().count_sent(session_id)
+        return dict(self._cur.execute("SELECT sender_id, COUNT(*) FROM messages WHERE "
+                                      "session_id = %s GROUP BY sender_id",
+                                      (session_id,)).fetchall())
 
     def probe(self) -> None:
         self._take(_PROBE_KEY)
