@@ -61,8 +61,8 @@ import msgspec
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from chatd.store.base import (MESSAGE_COLUMNS, CommitUnknown, HistoryRow, Later, Store,
-                              StoredSession, StoreError, history_query, settled)
+from chatd.store.base import (CommitUnknown, HistoryRow, Later, Store, StoredSession,
+                              StoreError, history_query, settled)
 
 log = logging.getLogger("chatd.store")
 
@@ -200,7 +200,7 @@ _LOCK_READ_MANY = ("SELECT s.id, s.last_seq, s.members_version, txid_current() "
                    "FROM (SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT k FROM "
                    "unnest(%s::bigint[]) WITH ORDINALITY AS t(k, i) ORDER BY i) AS o) AS l, "
                    "sessions AS s WHERE s.id = ANY(%s) FOR NO KEY UPDATE OF s")
-#: At most this many sessions are locked ahead of a batch (``_prefetch``).
+#: At most this many sessions are locked together (``_prefetch``).
 _PREFETCH_MAX = 64
 # A batch of appends only, before anything else of it reached the server:
 # the whole batch is one statement, its own transaction (autocommit), in
