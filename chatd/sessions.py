@@ -484,28 +484,28 @@ class Sessions(Service):
                 return self._fail(client, cmd.cdid, refusal)
             counts[sender_id] = counts.get(sender_id, 0) + 1
 
-        def append(store: Store) -> tuple[int | None, list[str] | None, dict | None] | _Refused:
+        def append(store: Store) -> tuple[Any, dict | None] | _Refused:
             stored_counts = None
             if counts is None:  # the session's first messages since start: ask the store
                 stored_counts = store.count_sent(session_id)
                 if stored_counts.get(sender_id, 0) >= cap:
                     return _Refused(refusal)
+            # (seq, members): settled by the store once committed (``Later``).
             if shared:
-                seq, current = store.append_checked(session_id, sender_id, text, sent, stored,
-                                                    version)
-            else:
-                seq, current = store.append_message(session_id, sender_id, text, sent,
-                                                    stored), None
-            return seq, current, stored_counts
+                return store.append_checked(session_id, sender_id, text, sent, stored,
+                                            version), stored_counts
+            return (store.append_message(session_id, sender_id, text, sent, stored),
+                    None), stored_counts
 
         def uncount() -> None:
             if counts is not None:
                 counts[sender_id] -= 1
 
-        def done(result: tuple[int | None, list[str] | None, dict | None] | _Refused) -> None:
+        def done(result: tuple[tuple[int | None, list[str] | None], dict | None] | _Refused
+                 ) -> None:
             if isinstance(result, _Refused):
                 return self._fail(client, cmd.cdid, str(result))
-            seq, current, stored_counts = result
+            (seq, current), stored_counts = result
             if seq is None:  # deleted (by another node) before the message was stored
                 return self._fail(client, cmd.cdid, "no such session")
             if counts is None:

@@ -42,6 +42,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -342,6 +343,49 @@ def deadlocks(database: Database) -> int:
                             (database.name,)).fetchone()[0]
 
 
+class Backends:
+    """What the chatd backends of ``database`` do, sampled from
+    ``pg_stat_activity`` every 5 ms while the run lasts: backends on
+    average in each state (``idle``: waiting for chatd; ``Lock/advisory``:
+    waiting for another batch's session lock; ``IO/WALSync``: flushing a
+    COMMIT; ``idle in transaction``: holding a transaction open while
+    chatd works)."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self.counts: dict[str, int] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> Backends:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.database.admin, autocommit=True) as conn:
+            while not self._stop.wait(0.005):
+                rows = conn.execute(
+                    "SELECT state, wait_event_type, wait_event FROM pg_stat_activity "
+                    "WHERE application_name = 'chatd' AND datname = %s",
+                    (self.database.name,)).fetchall()
+                self.samples += 1
+                for state, kind, event in rows:
+                    key = state if state in ("idle", "idle in transaction") \
+                        else f"{kind or 'CPU'}/{event or '-'}"
+                    self.counts[key] = self.counts.get(key, 0) + 1
+
+    def averages(self) -> dict[str, float]:
+        return {key: round(n / max(1, self.samples), 2)
+                for key, n in sorted(self.counts.items(), key=lambda kv: -kv[1])}
+
+
 def bench_mixed(count: int, workdir: Path, redis: Redis, admin: str,
                 args: argparse.Namespace) -> dict[str, Any]:
     """The mixed-writer case on ``count`` nodes, then all users on one."""
@@ -360,11 +404,15 @@ def bench_mixed(count: int, workdir: Path, redis: Redis, admin: str,
             ports = [n.port for n in nodes] if layout == "spread" else [nodes[0].port]
             before = [read_cpu_seconds(n.proc.pid) or 0.0 for n in nodes]
             started = time.monotonic()
-            result = trio.run(mixed_clients, ports, args.users, args.groups, args.window,
-                              args.duration)
+            with Backends(database) as backends:
+                result = trio.run(mixed_clients, ports, args.users, args.groups, args.window,
+                                  args.duration)
             seconds = time.monotonic() - started
-            result["node_cpu_pct"] = [round(100 * ((read_cpu_seconds(n.proc.pid) or 0.0) - b)
-                                            / seconds) for n, b in zip(nodes, before)]
+            used = [(read_cpu_seconds(n.proc.pid) or 0.0) - b for n, b in zip(nodes, before)]
+            result["node_cpu_pct"] = [round(100 * u / seconds) for u in used]
+            stored = result["stored_per_s"] * seconds
+            result["node_cpu_us_per_stored"] = round(1e6 * sum(used) / stored) if stored else None
+            result["pg_backends"] = backends.averages()
             result["deadlocks"] = deadlocks(database)
             results[layout] = result
         finally:
@@ -388,6 +436,11 @@ def mixed_table(result: dict[str, Any]) -> str:
                      f"{r['p99_ms'] or 0:>6.1f}  {r['busy']:>4}  {r['failed']:>6}  "
                      f"{r['deadlocks']:>9}  {'/'.join(str(c) for c in r['node_cpu_pct'])}")
     lines.append(f"spread / one node: {result['spread_share_of_one_node']}")
+    for layout in ("spread", "one node"):
+        r = result[layout]
+        lines.append(f"{layout}: node CPU per stored message {r['node_cpu_us_per_stored']} us; "
+                     "PostgreSQL backends on average: "
+                     + ", ".join(f"{k} {v}" for k, v in r["pg_backends"].items()))
     return "\n".join(lines)
 
 

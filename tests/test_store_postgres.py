@@ -7,6 +7,7 @@ The interface tests shared with SQLite are in tests/test_store.py.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import threading
 
@@ -139,6 +140,79 @@ def test_a_node_that_last_wrote_a_session_learns_of_other_nodes_writes(pg_url):
     two.close()
 
 
+def test_a_batch_of_appends_gets_each_session_s_seqs_in_job_order(pg_url):
+    """A batch of appends alone is sent as one statement at its end: each
+    append still gets its session's next seq in the order of the jobs,
+    None for a session that is gone, and the members when the sender's
+    version is not the session's; a read in the batch sees the appends
+    before it (issue 18)."""
+    one, two = open_store(pg_url), open_store(pg_url)
+    one.run_batch([lambda s, n=n: s.create_session(n, "mutable", ["a"], 1)
+                   for n in ("s1", "s2", "s3")])
+    two.run_batch([lambda s: s.set_members("s3", ["a", "b"])])
+    assert one.run_batch([
+        lambda s: s.append_checked("s2", "a", '"1"', 0, 0, 0),
+        lambda s: s.append_checked("s1", "a", '"2"', 0, 0, 0),
+        lambda s: s.append_message("gone", "a", '"3"', 0, 0),
+        lambda s: s.append_checked("s2", "a", '"4"', 0, 0, 0),
+        lambda s: (s.append_checked("s3", "a", '"5"', 0, 0, 0), "kept"),
+        lambda s: s.append_checked("s3", "a", '"6"', 0, 0, 1),
+    ]) == [(1, None), (1, None), None, (2, None), ((1, ["a", "b"]), "kept"), (2, None)]
+    [seq, rows, after] = one.run_batch([
+        lambda s: s.append_message("s1", "a", '"7"', 0, 0),
+        lambda s: s.history("s1", after=0),
+        lambda s: s.append_message("s1", "a", '"8"', 0, 0)])
+    assert (seq, [(r[0], r[2]) for r in rows], after) == (2, [(1, '"2"'), (2, '"7"')], 3)
+    # A read of another session (a feed filling a gap) runs apart and
+    # reads what is committed; the appends around it still commit.
+    two.run_batch([lambda s: s.append_message("s2", "b", '"9"', 0, 0)])
+    [first, rows, counts, last] = one.run_batch([
+        lambda s: s.append_message("s1", "a", '"10"', 0, 0),
+        lambda s: s.history("s2", after=1),
+        lambda s: s.count_sent("s2"),
+        lambda s: s.append_message("s1", "a", '"11"', 0, 0)])
+    assert (first, [(r[0], r[1], r[2]) for r in rows], counts, last) == (
+        4, [(2, "a", '"4"'), (3, "b", '"9"')], {"a": 2, "b": 1}, 5)
+    one.close()
+    two.close()
+
+
+def test_a_deleted_session_takes_its_messages_with_it(pg_url):
+    """No foreign key ties messages to sessions (migration 6): deleting a
+    session deletes its messages itself, so a session created again
+    under the same id starts empty at seq 1."""
+    store = open_store(pg_url)
+    store.run_batch([lambda s: s.create_session("g", "mutable", ["a"], 1)])
+    store.run_batch([lambda s: s.append_message("g", "a", '"old"', 0, 0)] * 3)
+    store.run_batch([lambda s: s.delete_session("g")])
+    store.run_batch([lambda s: s.create_session("g", "mutable", ["a"], 2)])
+    assert store.run_batch([lambda s: s.append_message("g", "a", '"new"', 0, 0)]) == [1]
+    assert [(r[0], r[2]) for r in store.run_batch([lambda s: s.history("g")])[0]] == [
+        (1, '"new"')]
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
+    store.close()
+
+
+def test_a_database_of_schema_4_keeps_its_messages_when_migrated(pg_url):
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE chatd_schema (version INTEGER NOT NULL)")
+        for script in MIGRATIONS[:4]:
+            conn.execute(script)
+        conn.execute("INSERT INTO chatd_schema VALUES (4)")
+        conn.execute("INSERT INTO sessions (id, kind, created_ms, last_seq) "
+                     "VALUES ('g', 'mutable', 1, 2)")
+        conn.execute("INSERT INTO members (session_id, user_id) VALUES ('g', 'a')")
+        conn.execute("INSERT INTO messages VALUES ('g', 1, 'a', '\"x\"', 1, 1), "
+                     "('g', 2, 'a', '\"y\"', 2, 2)")
+    store = open_store(pg_url)
+    assert store.schema_version == len(MIGRATIONS) == 6
+    assert store.run_batch([lambda s: s.append_message("g", "a", '"z"', 3, 3)]) == [3]
+    assert [r[2] for r in store.run_batch([lambda s: s.history("g")])[0]] == [
+        '"x"', '"y"', '"z"']
+    store.close()
+
+
 @pytest.mark.parametrize("make, reason", [
     (lambda url: f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/test",
      "cannot connect: connection to server at \"127.0.0.1\", port"),
@@ -182,7 +256,8 @@ async def test_a_killed_connection_is_reopened_and_the_write_goes_through(pg_url
 
 class CommitCutter:
     """A TCP relay to PostgreSQL on 127.0.0.1 that, once ``armed``, cuts
-    the first connection that sends COMMIT: with ``drop="answer"`` the
+    the first connection that sends COMMIT (or ``chatd_append``, which
+    commits): with ``drop="answer"`` the
     COMMIT reaches the server and its answer is lost; with
     ``drop="commit"`` the COMMIT itself is lost. Either way the client
     cannot know the outcome. Later connections are relayed untouched."""
@@ -218,29 +293,40 @@ class CommitCutter:
                 continue
             server = socket.create_connection(("127.0.0.1", self.upstream))
             cut = threading.Event()  # this connection's
-            threading.Thread(target=self._pump, args=(client, server, True, cut),
+            seen: dict = {}
+            threading.Thread(target=self._pump, args=(client, server, True, cut, seen),
                              daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False, cut),
+            threading.Thread(target=self._pump, args=(server, client, False, cut, seen),
                              daemon=True).start()
 
-    def _claim(self, data: bytes) -> bool:
-        """Whether ``data`` is the COMMIT to cut (once)."""
+    def _claim(self, data: bytes, seen: dict) -> bool:
+        """Whether ``data`` is the COMMIT to cut (once): a COMMIT, or the
+        execution of a batch of appends sent as one statement, its own
+        transaction (``chatd_append``, prepared: parsed once per
+        connection, then executed by Bind and Execute messages without its
+        text). ``seen``: this connection's state."""
+        parsed = re.search(rb"P.{4}([^\x00]+)\x00SELECT chatd_append\(", data, re.DOTALL)
+        if parsed:
+            seen["append"] = parsed[1]
+        # A Bind message (unnamed portal) of chatd_append's prepared statement.
+        executes = "append" in seen and re.search(
+            rb"B.{4}\x00" + re.escape(seen["append"]) + rb"\x00", data, re.DOTALL) is not None
         with self._lock:
-            if self.armed.is_set() and b"COMMIT" in data:
+            if self.armed.is_set() and (b"COMMIT" in data or executes):
                 self.armed.clear()
                 self.cuts += 1
                 return True
             return False
 
     def _pump(self, source: socket.socket, sink: socket.socket, to_server: bool,
-              cut: threading.Event) -> None:
+              cut: threading.Event, seen: dict) -> None:
         try:
             while data := source.recv(65536):
                 while self.frozen.is_set():  # a black hole: hold the data
                     self.frozen_wait.wait()
                 if cut.is_set():
                     break
-                if to_server and self._claim(data):
+                if to_server and self._claim(data, seen):
                     cut.set()
                     if self.refuse_after_cut:
                         self.refuse.set()
@@ -277,12 +363,22 @@ class CommitCutter:
         self.listener.close()
 
 
+def appending(path: str, message: str, sent: int):
+    """A job appending ``message`` to session g: alone, so that the batch
+    is one statement (``chatd_append``, resolved through ``writers``), or
+    after a read, so that it is a transaction (resolved by its id)."""
+    if path == "one statement":
+        return lambda s: s.append_message("g", "a", message, sent, sent)
+    return lambda s: (s.history("g"), s.append_message("g", "a", message, sent, sent))[1]
+
+
+@pytest.mark.parametrize("path", ["one statement", "transaction"])
 @pytest.mark.parametrize("drop, stored", [("answer", "committed"), ("commit", "rolled back")])
 async def test_a_commit_cut_off_is_resolved_and_answered_as_it_ended(pg_url, nursery, caplog,
-                                                                     drop, stored):
+                                                                     drop, stored, path):
     """Whether the COMMIT reached the server or not, the writer learns what
-    became of it: each message is confirmed once and stored once, and the
-    writer goes on writing (issue 18)."""
+    became of it: each message is confirmed once (with its seq) and stored
+    once, and the writer goes on writing (issue 18)."""
     port = int(pg_url.rsplit(":", 1)[1].split("/")[0])
     cutter = CommitCutter(port, drop)
     store = open_store(pg_url.replace(f":{port}/", f":{cutter.port}/"), busy_timeout=GUARD)
@@ -292,13 +388,13 @@ async def test_a_commit_cut_off_is_resolved_and_answered_as_it_ended(pg_url, nur
     await nursery.start(writer.run)
     cutter.armed.set()
     caplog.set_level(logging.INFO, "chatd.store")
-    writer.submit(job(lambda s: s.append_message("g", "a", '"once"', 1, 1)))
+    writer.submit(job(appending(path, '"once"', 1)))
     await reports.wait_for(1)
     assert cutter.cuts == 1
     [(_, results, failure)] = reports.batches
     assert (results, failure) == ([1], None) and not writer.failed
     assert any(f"COMMIT cut off" in r.message and stored in r.message for r in caplog.records)
-    writer.submit(job(lambda s: s.append_message("g", "a", '"next"', 2, 2)))
+    writer.submit(job(appending(path, '"next"', 2)))
     await reports.wait_for(2)
     assert reports.batches[1][1:] == ([2], None)
     with psycopg.connect(pg_url) as conn:
@@ -308,15 +404,15 @@ async def test_a_commit_cut_off_is_resolved_and_answered_as_it_ended(pg_url, nur
     cutter.close()
 
 
+@pytest.mark.parametrize("path", ["one statement", "transaction"])
 @pytest.mark.parametrize("warm", [False, True])
 async def test_a_commit_cut_off_while_the_server_stays_unreachable_is_answered_busy(
-        pg_url, nursery, caplog, warm):
+        pg_url, nursery, caplog, warm, path):
     """The server unreachable for the whole busy timeout after a COMMIT
     was cut off: the batch is answered busy (never run again, the writer
     keeps writing), and once the server answers what became of it is
     logged: here it had committed. ``warm``: the node wrote the session
-    last, so the batch went as one query without a transaction id, and is
-    looked up by its rows."""
+    before; ``path``: see ``appending``."""
     port = int(pg_url.rsplit(":", 1)[1].split("/")[0])
     cutter = CommitCutter(port, "answer")
     cutter.refuse_after_cut = True
@@ -331,14 +427,14 @@ async def test_a_commit_cut_off_while_the_server_stays_unreachable_is_answered_b
     await nursery.start(writer.run)
     caplog.set_level(logging.INFO, "chatd.store")
     cutter.armed.set()
-    writer.submit(job(lambda s: s.append_message("g", "a", '"cut"', 1, 1)))
+    writer.submit(job(appending(path, '"cut"', 1)))
     await reports.wait_for(1)
     [(_, results, failure)] = reports.batches
     assert results is None and failure.busy and "may or may not be stored" in failure.cause
     assert not writer.failed
     cutter.refuse.clear()
     writer.resume()
-    writer.submit(job(lambda s: s.append_message("g", "a", '"next"', 2, 2)))
+    writer.submit(job(appending(path, '"next"', 2)))
     await reports.wait_for(2)
     assert reports.batches[1][1:] == ([first + 1], None)
     assert any("answered 'storage busy', did commit" in r.message

@@ -118,7 +118,8 @@ class Store(abc.ABC):
         """Store a message (``message`` is its JSON text; times in ms) with
         the session's next ``seq``, allocated in this transaction: 1, 2, …
         per session without gaps or duplicates, however many nodes append
-        at once. None if the session no longer exists."""
+        at once. None if the session no longer exists. May be a ``Later``
+        (the seq known at COMMIT): ``run_batch`` returns it settled."""
 
     def append_checked(self, session_id: str, sender_id: str, message: str,
                        sender_timestamp: int, server_timestamp: int,
@@ -127,7 +128,8 @@ class Store(abc.ABC):
         ``version``: (seq, None), or (seq, the members when the message
         committed) if a membership change it had not heard of came first
         (another node's, its news still on the way). A store that one node
-        alone uses is never ahead of that node: (seq, None)."""
+        alone uses is never ahead of that node: (seq, None). May be a
+        ``Later`` of that tuple, as ``append_message``."""
         return self.append_message(session_id, sender_id, message, sender_timestamp,
                                    server_timestamp), None
 
@@ -201,6 +203,34 @@ class Store(abc.ABC):
         ``run_batch`` (in the batch's transaction), with ``mark`` as the
         parameter marker; its cursor (``fetchone``, ``fetchall``, ``rowcount``)."""
         return self._execute(query, args)
+
+
+class Later:
+    """A job's result that only the batch's COMMIT tells: a backend may
+    return one from ``append_message`` or ``append_checked`` when it sends
+    the append with COMMIT and learns its ``seq`` from the answer
+    (PostgreSQL, docs/storage.md). ``run_batch`` returns every job's result
+    with each ``Later`` in it (or in tuples it returns) replaced by its
+    ``value``, so a job's caller sees plain values once committed; inside
+    the job it is opaque."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: Any = None
+
+
+def settled(result: Any) -> Any:
+    """``result`` with every ``Later`` in it, or in tuples it holds, replaced
+    by its value (``run_batch``, after COMMIT)."""
+    kind = type(result)
+    if kind is Later:
+        return result.value
+    if kind is tuple:
+        return tuple([item.value if type(item) is Later
+                      else settled(item) if type(item) is tuple else item
+                      for item in result])
+    return result
 
 
 class CommitUnknown(StoreError):
