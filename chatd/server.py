@@ -161,7 +161,8 @@ class Server:
                                 max_members_per_session=config.max_members_per_session,
                                 max_messages_per_user_per_session=(
                                     config.max_messages_per_user_per_session),
-                                broker=self.broker)
+                                broker=self.broker,
+                                on_commit=self.metrics.commit_seconds.observe)
             self.services.append(sessions)
             self.services.append(Marks(sessions, config.marks_flush_ms))  # issue 23
             self.media = Media(sessions, secret=lambda: self.secrets.get("jwt-secret"),

@@ -172,10 +172,11 @@ class Sessions(Service):
                  max_sessions_per_user: int = 1000, max_groups_per_user: int = 200,
                  max_members_per_session: int = 100,
                  max_messages_per_user_per_session: int = 100_000,
-                 broker: Broker | None = None) -> None:
+                 broker: Broker | None = None,
+                 on_commit: Callable[[float], None] | None = None) -> None:
         self.store = store
         self.broker: Broker = broker if broker is not None else LocalBroker()
-        self.writer = Writer(store, self._report, max_pending=max_pending)
+        self.writer = Writer(store, self._report, max_pending=max_pending, on_commit=on_commit)
         self.max_sessions_per_user = max_sessions_per_user
         self.max_groups_per_user = max_groups_per_user
         self.max_members_per_session = max_members_per_session

@@ -257,6 +257,21 @@ async def test_metrics_count_connections_messages_deliveries_refusals_and_closes
     assert "process_resident_memory_bytes" in text
 
 
+async def test_metrics_time_every_store_commit(chat):
+    from tests.test_gradagenda import direct, login, message
+
+    server = await chat.start()
+    alice = await login(chat, "alice")
+    session_id = (await direct(alice, "bob"))["session-id"]
+    await alice.send(message(session_id, "timed", cdid="m1"))
+    assert (await alice.recv())["cdid"] == "m1"
+    _, _, body = await http(server.port, get("/metrics"))
+    count = next(float(line.split()[-1]) for line in body.decode().splitlines()
+                 if line.startswith("chatd_store_commit_seconds_count"))
+    # The direct session's creation and the message: each committed, each timed.
+    assert count >= 2
+
+
 async def test_admin_host_moves_health_and_metrics_off_the_public_port(chat):
     server = await chat.start(admin_host="127.0.0.1:0")
     for path in ("/healthz", "/readyz", "/metrics"):

@@ -94,10 +94,15 @@ Report = Callable[[list[Job], list[Any] | None, Failure | None], Awaitable[None]
 
 
 class Writer:
-    def __init__(self, store: Store, report: Report, max_pending: int = 10_000) -> None:
+    """``on_commit(seconds)``: called from the writer's thread with the time
+    each committed batch took (``chatd_store_commit_seconds``)."""
+
+    def __init__(self, store: Store, report: Report, max_pending: int = 10_000,
+                 on_commit: Callable[[float], None] | None = None) -> None:
         self.store = store
         self.report = report
         self.max_pending = max_pending
+        self.on_commit = on_commit
         #: Set by a persistent failure: every later job is refused.
         self.failure: Failure | None = None
         self.closed = False
@@ -319,7 +324,7 @@ class Writer:
     def _running_thread(self) -> _WriterThread:
         if self._thread is None:
             self._thread = _WriterThread(self.store, self._jobs, self._outcomes_in,
-                                         f"chatd-store-{self.store.name}")
+                                         f"chatd-store-{self.store.name}", self.on_commit)
         return self._thread
 
     async def _stop_thread(self) -> None:
@@ -356,9 +361,11 @@ class _WriterThread:
     """
 
     def __init__(self, store: Store, jobs: queue.SimpleQueue,
-                 outcomes: trio.MemorySendChannel[_Outcome], name: str) -> None:
+                 outcomes: trio.MemorySendChannel[_Outcome], name: str,
+                 on_commit: Callable[[float], None] | None = None) -> None:
         self._store = store
         self._jobs = jobs
+        self._on_commit = on_commit
         self._outcomes = outcomes
         self._orders: queue.SimpleQueue[tuple[list[Job], float] | bool] = queue.SimpleQueue()
         self._token = trio.lowlevel.current_trio_token()
@@ -411,11 +418,14 @@ class _WriterThread:
 
     def _run(self, batch: list[Job], deadline: float) -> bool:
         """Run ``batch`` in one transaction and report it; whether it committed."""
+        started = time.perf_counter()
         try:
             results = self._store.run_batch([job.run for job in batch], deadline)
         except BaseException as exc:  # the writer task decides what it means
             self._report(self._outcomes.send_nowait, (batch, None, exc, deadline))
             return False
+        if self._on_commit is not None:
+            self._on_commit(time.perf_counter() - started)
         self._report(self._outcomes.send_nowait, (batch, results, None, deadline))
         return True
 
