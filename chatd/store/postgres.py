@@ -77,6 +77,9 @@ class _QuietPipelineLoss(logging.Filter):
 
 logging.getLogger("psycopg").addFilter(_QuietPipelineLoss())
 
+#: Schema migrations, in this backend's SQL dialect; the other backend's
+#: list says the same in its own (tests/test_store_schema.py keeps the
+#: two from drifting).
 MIGRATIONS: list[str] = [
     # 1: server settings, e.g. the secrets generated for the embedded default.
     """

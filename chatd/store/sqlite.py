@@ -48,6 +48,9 @@ from chatd.store.base import MESSAGE_COLUMNS, Store, StoredSession, StoreError
 
 log = logging.getLogger("chatd.store")
 
+#: Schema migrations, in this backend's SQL dialect; the other backend's
+#: list says the same in its own (tests/test_store_schema.py keeps the
+#: two from drifting).
 MIGRATIONS: list[str] = [
     # 1: server settings, e.g. the secrets generated for the embedded default.
     """
