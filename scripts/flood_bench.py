@@ -29,7 +29,6 @@ import json
 import os
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -41,21 +40,15 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection as FrameConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
 
+from loadgen.wire import ZERO_KEY, client_frame
+
 SECRET = "flood-bench-secret"
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 
 
 def frame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
     """One masked client frame (zero mask: the server must not care)."""
-    n = len(payload)
-    first = (0x80 if fin else 0) | opcode
-    if n < 126:
-        header = struct.pack("!BB", first, 0x80 | n)
-    elif n < 0x10000:
-        header = struct.pack("!BBH", first, 0x80 | 126, n)
-    else:
-        header = struct.pack("!BBQ", first, 0x80 | 127, n)
-    return header + b"\0\0\0\0" + payload
+    return client_frame(payload, opcode, fin=fin, key=ZERO_KEY)
 
 
 class Client:

@@ -44,6 +44,7 @@ from wsproto.events import Request
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from chatd.tokens import mint  # noqa: E402
 from scripts.loadgen.process import read_host_seconds  # noqa: E402
+from scripts.loadgen.wire import ZERO_KEY, client_frame  # noqa: E402
 
 SECRET = "gradagenda-bench-secret-of-32-bytes!"
 
@@ -110,14 +111,7 @@ class BenchSocket:
 
     @staticmethod
     def frame(payload: bytes) -> bytes:
-        n = len(payload)
-        if n < 126:
-            header = struct.pack("!BB", 0x81, 0x80 | n)
-        elif n < 0x10000:
-            header = struct.pack("!BBH", 0x81, 0x80 | 126, n)
-        else:
-            header = struct.pack("!BBQ", 0x81, 0x80 | 127, n)
-        return header + b"\0\0\0\0" + payload
+        return client_frame(payload, key=ZERO_KEY)
 
     async def send(self, payload: bytes) -> None:
         """One text frame, in one write; waits only if the kernel cannot take it."""

@@ -27,7 +27,6 @@ import argparse
 import base64
 import json
 import os
-import struct
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from chatd.outbox import Client
 from chatd.events import Join, Publish
 from chatd.lobby import Lobby
 from chatd.protocols import PROTOCOL_CLASSES
+from loadgen.wire import ZERO_KEY, client_frame
 
 PROTOCOLS = ("multichat", "socialvp", "wschat", "wcp")
 SECRET = "protocol-cost-secret"
@@ -79,12 +79,7 @@ class RawClient:
         self.buffer += data
 
     async def send(self, obj: dict) -> None:
-        # A client must mask; an all-zero mask key leaves the payload as is.
-        payload = json.dumps(obj).encode()
-        n = len(payload)
-        header = (bytes((0x81, 0x80 | n)) if n < 126
-                  else struct.pack("!BBH", 0x81, 0x80 | 126, n))
-        await self.stream.send_all(header + b"\0\0\0\0" + payload)
+        await self.stream.send_all(client_frame(json.dumps(obj).encode(), key=ZERO_KEY))
 
     def _frame_end(self, pos: int) -> tuple[int, int] | None:
         """(payload start, frame end) of the frame at ``pos``, if it is all here."""

@@ -28,18 +28,28 @@ def handshake_request(host_header: str, path: str) -> tuple[bytes, bytes]:
     return request, accept
 
 
-def client_frame(payload: bytes, opcode: int = TEXT) -> bytes:
-    """One final frame, masked as RFC 6455 requires of clients."""
+#: A masking key that leaves the payload as it is: the benches' own clients
+#: use it so that making a frame costs them nothing (a server must accept
+#: any key; RFC 6455 section 5.3 asks clients for unpredictable ones).
+ZERO_KEY = b"\0\0\0\0"
+
+
+def client_frame(payload: bytes, opcode: int = TEXT, *, fin: bool = True,
+                 key: bytes | None = None) -> bytes:
+    """One frame (the last of its message unless ``fin`` is False), masked
+    as RFC 6455 section 5.3 requires of clients: with a random key, or
+    ``key``. Every client frame of scripts/ is made here."""
     n = len(payload)
+    first = (0x80 if fin else 0) | opcode
     if n < 126:
-        header = bytes((0x80 | opcode, 0x80 | n))
+        header = bytes((first, 0x80 | n))
     elif n < 0x10000:
-        header = struct.pack("!BBH", 0x80 | opcode, 0xFE, n)
+        header = struct.pack("!BBH", first, 0xFE, n)
     else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 0xFF, n)
-    key = random.randbytes(4)
-    if not n:
-        return header + key
+        header = struct.pack("!BBQ", first, 0xFF, n)
+    key = random.randbytes(4) if key is None else key
+    if not n or key == ZERO_KEY:
+        return header + key + payload
     # XOR as one big integer: far cheaper in Python than byte by byte.
     stream = (key * ((n + 3) // 4))[:n]
     masked = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
