@@ -35,7 +35,7 @@ from pathlib import Path
 
 import trio
 
-from chatd.outbox import Client
+from chatd.outbox import Client, Flusher
 from chatd.events import Join, Publish
 from chatd.lobby import Lobby
 from chatd.protocols import PROTOCOL_CLASSES
@@ -226,13 +226,12 @@ def router_fanout(protocols: tuple[str, ...], receivers: int, messages: int) -> 
     """Microseconds the lobby spends per published message (encode, frame,
     hand to every outbox), in process and without sockets."""
     lobby = Lobby()
-    inboxes = []
+    flusher = Flusher()  # never flushed: the frames stay in each outbox
 
     def client(protocol: str, name: str) -> Client:
         cls = PROTOCOL_CLASSES[protocol]
-        send, receive = trio.open_memory_channel(messages + 10)
-        inboxes.append(receive)
-        joined = Client(cls, "lobby", "bench", f"/{protocol}", send)
+        joined = Client(cls, "lobby", "bench", f"/{protocol}", outbox_size=2**31,
+                        transport=None, flusher=flusher)
         named = protocol in ("socialvp", "wcp")
         lobby.join(Join(client=joined, name=name, register=named, announce=named))
         return joined
