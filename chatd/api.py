@@ -44,7 +44,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from chatd import names
 from chatd.broker.wire import Moderated
-from chatd.handshake import Request, response
+from chatd.handshake import HttpRequest, response
 from chatd.http import CONTENT_SECURITY_POLICY
 from chatd.moderation import (
     API_CALLER, MAX_DURATION, NOTICE_SENDER, TARGETS, Moderation, Operate, Operator, Rule, audit,
@@ -201,7 +201,7 @@ class Api:
 
     # --- HTTP ---------------------------------------------------------------------
 
-    async def answer(self, request: Request, trailing: bytes,
+    async def answer(self, request: HttpRequest, trailing: bytes,
                      receive: Callable[[], Awaitable[bytes]], client: str) -> bytes:
         """The whole HTTP response to ``request`` (its body: ``trailing`` and
         what ``receive`` reads)."""
@@ -228,7 +228,7 @@ class Api:
                         headers=headers + (("Cache-Control", "no-store"),)
                         if status < 300 else headers)
 
-    async def _call(self, method: str, request: Request, trailing: bytes,
+    async def _call(self, method: str, request: HttpRequest, trailing: bytes,
                     receive: Callable[[], Awaitable[bytes]], client: str) -> tuple[int, Any]:
         ip = client.rpartition(":")[0].strip("[]") if client.count(":") == 1 or \
             client.startswith("[") else client
@@ -257,7 +257,7 @@ class Api:
         except ApiError as exc:
             return exc.status, {"error": exc.message}
 
-    def _authenticate(self, request: Request, ip: str) -> tuple[int, Any] | None:
+    def _authenticate(self, request: HttpRequest, ip: str) -> tuple[int, Any] | None:
         given = request.header("x-api-key")
         auth = request.header("authorization")
         if given is None and auth is not None:
@@ -283,7 +283,7 @@ class Api:
         log.warning("api: wrong API key from %s", ip)
         return 401, {"error": "wrong API key"}
 
-    def _page_file(self, request: Request) -> bytes:
+    def _page_file(self, request: HttpRequest) -> bytes:
         head = request.method == "HEAD"
         if request.method not in ("GET", "HEAD"):
             return response(405, "GET only\n", headers=(("Allow", "GET, HEAD"),), head_only=head)
@@ -615,7 +615,7 @@ def _normal(target: str, value: str, action: str = "") -> str:
         raise ApiError(400, f"address {_short(value)} is not an IP address or CIDR") from None
 
 
-async def _read_body(request: Request, trailing: bytes,
+async def _read_body(request: HttpRequest, trailing: bytes,
                      receive: Callable[[], Awaitable[bytes]]) -> bytes:
     if "transfer-encoding" in request.headers:
         raise ApiError(411, "send the body with a Content-Length")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import hashlib
 import ipaddress
 import re
@@ -35,7 +36,7 @@ MAX_HEAD_BYTES = 16 * 1024
 
 
 @dataclass(slots=True)
-class Request:
+class HttpRequest:
     """A parsed request head. Header names are lower-case; values text."""
 
     method: str
@@ -71,11 +72,11 @@ class Request:
         return "websocket" in self.tokens("upgrade") or "sec-websocket-key" in self.headers
 
 
-def request_from_h11(event: h11.Request) -> Request:
+def request_from_h11(event: h11.Request) -> HttpRequest:
     headers: dict[str, list[str]] = {}
     for name, value in event.headers:
         headers.setdefault(name.decode("latin-1"), []).append(value.decode("latin-1"))
-    return Request(event.method.decode("latin-1"), event.target.decode("latin-1"),
+    return HttpRequest(event.method.decode("latin-1"), event.target.decode("latin-1"),
                    event.http_version.decode("latin-1"), headers)
 
 
@@ -93,7 +94,7 @@ _REG_NAME = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*")
 _PORT = re.compile(r"[0-9]*")
 
 
-def check_request(request: Request) -> Refusal | None:
+def check_request(request: HttpRequest) -> Refusal | None:
     """Why this request's target or ``Host`` is malformed, or None.
 
     RFC 9112 section 3.2: a server must answer 400 to a ``Host`` whose
@@ -142,7 +143,7 @@ def _valid_authority(text: str) -> bool:
     return _PORT.fullmatch(port) is not None and len(port) <= 5 and (not port or int(port) <= 65535)
 
 
-def check_upgrade(request: Request) -> Refusal | None:
+def check_upgrade(request: HttpRequest) -> Refusal | None:
     """Why this upgrade request breaks RFC 6455 section 4.2.1, or None."""
     if request.method != "GET":
         return Refusal(405, "a WebSocket handshake must be a GET request", (("Allow", "GET"),))
@@ -173,7 +174,56 @@ def _valid_key(key: str) -> bool:
         return False
 
 
-def accept_response(request: Request) -> bytes:
+class Route(enum.Enum):
+    """Where ``decide`` sends a request that passed its checks."""
+
+    API = "api"          # the server API (chatd.api)
+    MEDIA = "media"      # GradAgenda images and voice clips (chatd.media)
+    PAGE = "page"        # /healthz, /metrics, the web client (chatd.http)
+    UPGRADE = "upgrade"  # accepted: 101, then a WebSocket connection
+
+
+def decide(request: HttpRequest, *, endpoint: str | None, api: bool = False,
+           media: bool = False, origin_allowed: bool = True,
+           banned: str | None = None) -> Refusal | Route:
+    """What a request read on the main listener gets: a ``Refusal`` or a
+    ``Route``. In order: a malformed target or ``Host``: 400
+    (``check_request``); a path the server API serves (``api``) or media
+    (``media``); a plain request to a WebSocket endpoint: 405 unless GET
+    or HEAD, else 426 Upgrade Required (RFC 9110 section 15.5.22); any
+    other plain request: a page; an upgrade where no endpoint is mounted:
+    404; a malformed upgrade (``check_upgrade``, RFC 6455 section 4.2.1);
+    an ``Origin`` not allowed: 403 (RFC 6455 section 10.2); an address an
+    operator banned: 403 with ``banned``, the reason; else the upgrade.
+    ``endpoint``: the protocol mounted at the request's path, if any."""
+    refusal = check_request(request)
+    if refusal is not None:
+        return refusal
+    if api:
+        return Route.API
+    if media:
+        return Route.MEDIA
+    path = request.path
+    if not request.wants_websocket:
+        if endpoint is None:
+            return Route.PAGE
+        if request.method not in ("GET", "HEAD"):
+            return Refusal(405, f"{path} is a WebSocket endpoint: GET only", (("Allow", "GET"),))
+        return Refusal(426, f"{path} is a WebSocket endpoint ({endpoint})",
+                       (("Upgrade", "websocket"),))
+    if endpoint is None:
+        return Refusal(404, "no chat endpoint at this path")
+    refusal = check_upgrade(request)
+    if refusal is not None:
+        return refusal
+    if not origin_allowed:
+        return Refusal(403, "origin not allowed")
+    if banned is not None:
+        return Refusal(403, banned)
+    return Route.UPGRADE
+
+
+def accept_response(request: HttpRequest) -> bytes:
     """The 101 Switching Protocols answer (RFC 6455 section 4.2.2); no
     extension or subprotocol is negotiated."""
     key = request.header("sec-websocket-key").strip().encode("ascii")
@@ -212,7 +262,7 @@ def _phrase(status: int) -> str:
 class HeadReader:
     """Feeds bytes to h11 until a request head is complete.
 
-    ``feed(data)`` returns the ``Request`` once complete (the bytes after
+    ``feed(data)`` returns the ``HttpRequest`` once complete (the bytes after
     it are then in ``trailing``), None if more bytes are needed, and raises
     ``Refusal``-carrying ``BadRequest`` if the bytes are not HTTP.
     ``data=b""`` means the peer closed: ``BadRequest`` if mid-request.
@@ -229,7 +279,7 @@ class HeadReader:
         self.trailing = b""
         self._fed = 0
 
-    def feed(self, data: bytes) -> Request | None:
+    def feed(self, data: bytes) -> HttpRequest | None:
         conn = self._h11
         self._fed += len(data)
         conn.receive_data(data)

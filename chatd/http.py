@@ -22,7 +22,7 @@ import mimetypes
 from collections.abc import Awaitable, Callable
 from importlib import resources
 
-from chatd.handshake import Request, response
+from chatd.handshake import HttpRequest, response
 from chatd.metrics import CONTENT_TYPE, Metrics
 
 #: Served with every web client file: this origin only, no inline script or
@@ -67,7 +67,7 @@ class Routes:
         self.metrics = metrics
         self.web_files = load_web_client() if web_path else {}
 
-    async def answer(self, request: Request) -> tuple[int, bytes]:
+    async def answer(self, request: HttpRequest) -> tuple[int, bytes]:
         """(status, the whole response) for a request that is not an upgrade."""
         head = request.method == "HEAD"
         if request.method not in ("GET", "HEAD"):

@@ -38,7 +38,7 @@ import msgspec
 import trio
 
 from chatd import tokens
-from chatd.handshake import Request, response
+from chatd.handshake import HttpRequest, response
 from chatd.store import media as stored
 
 if TYPE_CHECKING:
@@ -118,10 +118,10 @@ class Media:
         self.quota = quota
 
     @staticmethod
-    def serves(request: Request) -> bool:
+    def serves(request: HttpRequest) -> bool:
         return request.path == PATH or request.path.startswith(PATH + "/")
 
-    async def answer(self, request: Request, trailing: bytes,
+    async def answer(self, request: HttpRequest, trailing: bytes,
                      receive: Callable[[], Awaitable[bytes]], client: str = "") -> bytes:
         """The whole HTTP response to a request for ``PATH`` from ``client``
         (its address, for address bans)."""
@@ -139,7 +139,7 @@ class Media:
             return response(exc.status, body, content_type="application/json",
                             headers=HEADERS + extra, head_only=head)
 
-    def _user(self, request: Request, client: str) -> str:
+    def _user(self, request: HttpRequest, client: str) -> str:
         """The user the request's token proves, unless refused (401, 403)."""
         value = request.header("authorization") or ""
         scheme, _, token = value.partition(" ")
@@ -158,7 +158,7 @@ class Media:
             raise MediaError(403, refusal)
         return claims["sub"]
 
-    async def _upload(self, request: Request, user: str, trailing: bytes,
+    async def _upload(self, request: HttpRequest, user: str, trailing: bytes,
                       receive: Callable[[], Awaitable[bytes]]) -> bytes:
         session_id = (parse_qs(urlsplit(request.target).query).get("session-id") or [""])[0]
         if not session_id:
@@ -193,7 +193,7 @@ class Media:
             ("Content-Disposition", f'inline; filename="{name}"'),
             ("Cache-Control", "private, max-age=86400")))
 
-    async def _body(self, request: Request, trailing: bytes,
+    async def _body(self, request: HttpRequest, trailing: bytes,
                     receive: Callable[[], Awaitable[bytes]]) -> bytes:
         if "transfer-encoding" in request.headers:
             raise MediaError(411, "send the file with a Content-Length")

@@ -35,7 +35,8 @@ from chatd.cluster import Cluster
 from chatd.config import SPARE_FILES, Config, ConfigError, check_cluster, tls_context
 from chatd.connection import Connection
 from chatd.handshake import (
-    BadRequest, HeadReader, Refusal, Request, accept_response, check_request, check_upgrade, refusal_response,
+    BadRequest, HeadReader, HttpRequest, Refusal, Route, accept_response, decide,
+    refusal_response,
 )
 from chatd.http import Routes
 from chatd.marks import Marks
@@ -336,7 +337,7 @@ class Server:
             config.handshake_timeout, _REFUSAL_WAIT)
         reader = HeadReader()
         client = peer
-        request: Request | None = None
+        request: HttpRequest | None = None
         with trio.move_on_after(timeout) as handshake:
             self._handshakes.add(handshake)
             if self._stopping.is_set():
@@ -382,47 +383,34 @@ class Server:
                 if refusal is None:
                     counted = client.ip
         head = request.method == "HEAD"
-        if refusal is None:
-            refusal = check_request(request)
         if refusal is not None:
             await self._refuse(transport, client, refusal, head)
             return None, counted
-        if self.routes.admin and self._serves_api(request):  # the server API (issue 22)
+        mount = self._route(request.path)
+        websocket = request.wants_websocket
+        route = decide(
+            request, endpoint=mount.protocol.name if mount is not None else None,
+            api=self.routes.admin and self._serves_api(request),
+            media=self.media is not None and self.media.serves(request),
+            origin_allowed=not websocket or self._origin_allowed(request),
+            banned=(self.moderation.address_refusal(client.ip)
+                    if websocket and mount is not None and self.moderation is not None
+                    else None))
+        if isinstance(route, Refusal):
+            await self._refuse(transport, client, route, head)
+            return None, counted
+        if route is Route.API:
             await _answer(transport, await self.api.answer(
                 request, reader.trailing, transport.receive, str(client)))
             return None, counted
-        if self.media is not None and self.media.serves(request):  # issue 23
+        if route is Route.MEDIA:
             await _answer(transport, await self.media.answer(request, reader.trailing,
                                                              transport.receive, client.ip))
             return None, counted
-        mount = self._route(request.path)
-        if not request.wants_websocket:
-            if mount is not None:
-                if request.method not in ("GET", "HEAD"):
-                    refusal = Refusal(405, f"{request.path} is a WebSocket endpoint: GET only",
-                                      (("Allow", "GET"),))
-                else:
-                    refusal = Refusal(
-                        426, f"{request.path} is a WebSocket endpoint ({mount.protocol.name})",
-                        (("Upgrade", "websocket"),))
-                await self._refuse(transport, client, refusal, head)
-                return None, counted
+        if route is Route.PAGE:
             status, data = await self.routes.answer(request)
             log.debug("%s GET %s: %d", client, request.path, status)
             await _answer(transport, data)
-            return None, counted
-        if mount is None:
-            refusal = Refusal(404, "no chat endpoint at this path")
-        else:
-            refusal = check_upgrade(request)
-        if refusal is None and not self._origin_allowed(request):
-            refusal = Refusal(403, "origin not allowed")
-        if refusal is None and self.moderation is not None:  # address bans (issue 22)
-            banned = self.moderation.address_refusal(client.ip)
-            if banned is not None:
-                refusal = Refusal(403, banned)
-        if refusal is not None:
-            await self._refuse(transport, client, refusal, head)
             return None, counted
         transport.write(accept_response(request))
         return (mount, reader.trailing, str(client), request.path), counted
@@ -470,7 +458,7 @@ class Server:
                 mount = self.mounts.get(pattern)
         return mount
 
-    def _origin_allowed(self, request: Request) -> bool:
+    def _origin_allowed(self, request: HttpRequest) -> bool:
         origin = request.header("origin")
         if origin is None:
             return not self.config.require_origin
@@ -498,7 +486,7 @@ class Server:
 
     # --- the server API (issue 22; chatd.api) ----------------------------------
 
-    def _serves_api(self, request: Request) -> bool:
+    def _serves_api(self, request: HttpRequest) -> bool:
         return (self.api is not None and not request.wants_websocket
                 and self.api.serves(request.path))
 

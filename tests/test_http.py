@@ -158,8 +158,8 @@ async def test_an_absolute_form_target_is_routed_by_its_path(chat, target):
     ("/multichat?back=http://x/gradagenda", "/multichat"),
 ])
 def test_a_target_is_routed_by_its_path_alone(target, path):
-    from chatd.handshake import Request
-    assert Request("GET", target, "1.1").path == path
+    from chatd.handshake import HttpRequest
+    assert HttpRequest("GET", target, "1.1").path == path
 
 
 async def test_an_http2_preface_is_told_http2_is_not_spoken(chat, caplog):
