@@ -92,6 +92,37 @@ async def test_bad_requests_get_conventional_statuses(chat, tmp_path):
     assert (await api(port, "unban", {"name": "nobody"}, status=404))["error"]
 
 
+# Numbers past what the store's INTEGER holds (2**63 - 1) used to reach it:
+# the store job raised, and the store refused every write until a restart.
+_TOO_BIG = [("history", "before", 2**63), ("history", "after", 2**64 - 1),
+            ("history", "before", -1), ("delete-message", "seq", 2**63),
+            ("retention", "count", 2**63), ("retention", "age", 1e300),
+            ("retention", "age", 1e16)]
+
+
+@pytest.mark.parametrize("method, field, value", _TOO_BIG)
+async def test_a_number_the_store_cannot_hold_is_400_and_the_store_keeps_working(
+        chat, tmp_path, method, field, value):
+    port = await start(chat, tmp_path)
+    alice = await login(chat, "alice")
+    session = (await create(alice, "bob"))["session-id"]
+    body = {"session": session, "seq": 1} if method == "delete-message" else {"session": session}
+    answer = await api(port, method, {**body, field: value}, status=400)
+    assert field in answer["error"], answer
+    await send_all(alice, session, "still stored")
+    assert (await api(port, "ban", {"name": "mallory"}))["name"] == "mallory"
+
+
+@pytest.mark.parametrize("key, value", [("retention-count", 2**63), ("retention-age", 1e300)])
+def test_a_retention_the_store_cannot_hold_is_refused_naming_the_key(key, value):
+    import json as _json
+
+    from chatd.config import ConfigError, decode_config
+
+    with pytest.raises(ConfigError, match=key):
+        decode_config(_json.dumps({key: value}))
+
+
 # --- publish ---------------------------------------------------------------------
 
 
