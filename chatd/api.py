@@ -35,7 +35,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import trio
@@ -44,6 +44,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from chatd import names
 from chatd.broker.wire import Moderated
+from chatd.config import MAX_RETENTION_AGE, MAX_STORED_INT
 from chatd.handshake import Request, response
 from chatd.http import CONTENT_SECURITY_POLICY
 from chatd.moderation import (
@@ -75,6 +76,11 @@ PAGE_HEADERS = (("Content-Security-Policy", CONTENT_SECURITY_POLICY),
 _READS = {"presence", "info", "bans", "mutes", "history", "activity"}
 #: Actions kept for ``activity``.
 RECENT = 100
+
+
+#: A seq or a count as the store holds it: a larger number would make the
+#: store job raise and fail the store (chatd.config.MAX_STORED_INT).
+Stored = Annotated[int, msgspec.Meta(ge=0, le=MAX_STORED_INT)]
 
 
 class ApiError(Exception):
@@ -139,14 +145,14 @@ class ListIn(_In, kw_only=True):
 
 class HistoryIn(_In, kw_only=True):
     session: str
-    before: int | None = None
-    after: int | None = None
+    before: Stored | None = None
+    after: Stored | None = None
     limit: int = 100
 
 
 class DeleteMessageIn(_In, kw_only=True):
     session: str
-    seq: int
+    seq: Stored
 
 
 class EraseUserIn(_In, kw_only=True):
@@ -155,8 +161,8 @@ class EraseUserIn(_In, kw_only=True):
 
 class RetentionIn(_In, kw_only=True):
     session: str | UnsetType = UNSET
-    count: int | None | UnsetType = UNSET
-    age: float | None | UnsetType = UNSET
+    count: Stored | None | UnsetType = UNSET
+    age: Annotated[float, msgspec.Meta(le=MAX_RETENTION_AGE)] | None | UnsetType = UNSET
     prune: bool = False
 
 
