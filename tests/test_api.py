@@ -570,6 +570,20 @@ async def test_with_admin_host_the_api_and_page_move_there(chat, tmp_path):
     assert (await http(server.port, get("/admin/")))[0] == 404
 
 
+@pytest.mark.parametrize("admin_host", [None, "127.0.0.1:0"])
+async def test_the_admin_page_is_not_served_as_a_web_client_file(chat, tmp_path, admin_host):
+    """The admin page lives at /admin/ on the API's listener only: under
+    /app/ it was served on the public listener too (admin-host or not)."""
+    from tests.test_http import get, http
+
+    server = await chat.start(config(tmp_path, admin_host=admin_host))
+    for name in ("admin.html", "admin.js", "admin.css"):
+        assert (await http(server.port, get(f"/app/{name}")))[0] == 404, name
+    assert (await http(server.port, get("/app/app.js")))[0] == 200
+    where = server.admin_ports[0] if admin_host else server.port
+    assert (await http(where, get("/admin/admin.js")))[0] == 200
+
+
 async def test_the_notice_senders_name_cannot_log_in_to_gradagenda(chat, tmp_path):
     await start(chat, tmp_path)
     peer = await chat.connect("/gradagenda")
