@@ -233,6 +233,27 @@ async def test_an_address_ban_refuses_the_handshake_and_closes_its_connections(c
     await wcp(chat, "wendy")
 
 
+@pytest.mark.parametrize("written, stored", [
+    ("::ffff:127.0.0.1", "127.0.0.1/32"),
+    ("::ffff:7f00:1", "127.0.0.1/32"),
+    ("::ffff:127.0.0.0/104", "127.0.0.0/8"),
+    ("0:0:0:0:0:ffff:127.0.0.1/128", "127.0.0.1/32"),
+])
+async def test_an_ipv4_mapped_address_ban_is_the_ipv4_ban(chat, tmp_path, written, stored):
+    """A dual-stack listener shows an IPv4 client as ::ffff:a.b.c.d; a ban
+    written that way was kept as an IPv6 network that no client (read as
+    IPv4) ever matched."""
+    port = await start(chat, tmp_path)
+    w = await wcp(chat, "wendy")
+    answer = await api(port, "ban", {"address": written, "reason": "flood"})
+    assert answer["address"] == stored and answer["disconnected"] == 1
+    assert await w.closed() == 1008
+    assert await refused_handshake(chat, "/wcp") == 403
+    await api(port, "disconnect", {"address": written})
+    assert (await api(port, "unban", {"address": written}))["lifted"][0]["id"] == answer["id"]
+    await wcp(chat, "wendy")
+
+
 async def test_a_user_ban_refuses_a_gradagenda_login_and_survives_a_restart(chat, tmp_path):
     port = await start(chat, tmp_path)
     alice = await login(chat, "alice")
