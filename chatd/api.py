@@ -28,7 +28,6 @@ once more on ``chatd.audit``: the method, whom, why, from which address
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import math
 import time
@@ -49,7 +48,7 @@ from chatd.handshake import Request, response
 from chatd.http import CONTENT_SECURITY_POLICY
 from chatd.moderation import (
     API_CALLER, MAX_DURATION, NOTICE_SENDER, TARGETS, Moderation, Operate, Operator, Rule, audit,
-    name_keys, new_rule_id, now_ms,
+    ip_network, name_keys, new_rule_id, now_ms,
 )
 from chatd.router import DEFERRED, Router, RouterError
 from chatd.store import moderation as db
@@ -616,7 +615,7 @@ def _normal(target: str, value: str, action: str = "") -> str:
             raise ApiError(400, f"{target} {_short(value)} {exc.reason}") from None
         return name.shown if target == "name" else value
     try:
-        return str(ipaddress.ip_network(value, strict=False))
+        return str(ip_network(value))
     except ValueError:
         raise ApiError(400, f"address {_short(value)} is not an IP address or CIDR") from None
 

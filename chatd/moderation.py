@@ -99,7 +99,7 @@ class Rule:
         if row.target == "name":
             self.keys = names.parse(row.value).keys
         elif row.target == "address":
-            self.network = ipaddress.ip_network(row.value, strict=False)
+            self.network = ip_network(row.value)
 
     def live(self, now_ms: int) -> bool:
         return self.row.expires_ms is None or self.row.expires_ms > now_ms
@@ -147,6 +147,21 @@ def parse_ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address 
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def ip_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An address rule's network (ValueError if ``text`` is no IP or CIDR).
+    An IPv4-mapped IPv6 network (``::ffff:192.0.2.0/120``, as a dual-stack
+    listener shows IPv4 clients) is its IPv4 network, since ``parse_ip``
+    reads such clients as IPv4: kept as IPv6 it would match nobody."""
+    network = ipaddress.ip_network(text, strict=False)
+    if network.version == 6 and network.prefixlen >= 96 and network.subnet_of(_MAPPED):
+        network = ipaddress.ip_network(
+            (network.network_address.ipv4_mapped, network.prefixlen - 96))
+    return network
 
 
 def name_keys(*candidates: str | None) -> frozenset[str]:
@@ -477,7 +492,7 @@ class Moderation(Service):
             return lambda c: value in (c.user_id, c.name)
         if target == "device":
             return lambda c: c.device_id == value
-        network = ipaddress.ip_network(value, strict=False)
+        network = ip_network(value)
 
         def by_address(c: Client) -> bool:
             ip = parse_ip(c.peer)
