@@ -411,6 +411,32 @@ async def test_history_delete_message_and_erase_user(chat, tmp_path):
     assert (await alice.recv())["seq"] == 4
 
 
+async def test_erase_user_empties_a_direct_session_and_its_seq_goes_on(chat, tmp_path):
+    """erase-user said a direct session was deleted, but a direct session
+    cannot be deleted (its id is made of the pair, so a new one would hand
+    out its seqs again): it stayed, with the other side's messages the
+    docs say go with it. Now both sides' messages go, the newest blanked,
+    and the session's seq goes on."""
+    from tests.test_gradagenda import direct
+
+    port = await start(chat, tmp_path)
+    alice = await login(chat, "alice")
+    bob = await login(chat, "bob")
+    session = (await direct(alice, "bob"))["session-id"]
+    await send_all(alice, session, "a1", "a2")
+    for _ in range(2):
+        await bob.recv()
+    await send_all(bob, session, "b1", "b2")
+    answer = await api(port, "erase-user", {"user": "alice"})
+    assert answer == {"user": "alice", "messages": 2, "sessions-left": 0, "sessions-deleted": 0,
+                      "direct-sessions-emptied": 1}
+    history = await api(port, "history", {"session": session})
+    assert [(m["seq"], m["sender-id"], m["message"]) for m in history["messages"]] == [
+        (4, "chatd", {"type": "deleted", "body": ""})]
+    await bob.send(message(session, "after", cdid="n"))
+    assert (await bob.recv())["seq"] == 5
+
+
 async def test_retention_prunes_by_count_and_age(chat, tmp_path):
     port = await start(chat, tmp_path, retention_count=3)
     alice = await login(chat, "alice")
