@@ -507,8 +507,11 @@ class Api:
 
     async def erase_user(self, body: EraseUserIn, actor: str) -> Any:
         """Remove the user's messages everywhere, the user from every
-        session, the sessions nobody else is in and the user's direct
-        sessions (through the sessions service, so members are told)."""
+        group session and the groups nobody else is in (through the
+        sessions service, so members are told), and every message of the
+        user's direct sessions. A direct session itself stays: it cannot
+        be deleted, and its id is made of the pair, so a new one would
+        hand out its seqs again."""
         sessions = self.moderation.sessions
         if sessions is None:
             raise ApiError(404, "no GradAgenda endpoint is mounted")
@@ -521,7 +524,9 @@ class Api:
             operator = Operator(user)
             for session in list(sessions.joined.get(user, {}).values()):
                 rest = sorted(session.members - {user})
-                if session.kind == "direct" or not rest:
+                if session.kind == "direct":
+                    direct.append(session.id)
+                elif not rest:
                     sessions.delete(DeleteSession(client=operator, cdid="erase-user",
                                                   session_id=session.id))
                     deleted += 1
@@ -531,12 +536,22 @@ class Api:
                     left += 1
             return {"sessions-left": left, "sessions-deleted": deleted}
 
+        direct: list[str] = []
         changed = await self._in_router(leave_sessions)
-        erased = await self._stored(lambda s: db.erase_messages(s, user, NOTICE_SENDER))
+
+        def erase(store: Any) -> int:
+            erased = db.erase_messages(store, user, NOTICE_SENDER)
+            for session_id in direct:
+                db.empty_session(store, session_id, NOTICE_SENDER)
+            return erased
+
+        erased = await self._stored(erase)
         self.moderation.actions["erase-user"] += 1
-        self._audit("erase-user %r by %s: %d messages, %d sessions left, %d deleted", user, actor,
-                   erased, changed["sessions-left"], changed["sessions-deleted"])
-        return {"user": user, "messages": erased, **changed}
+        self._audit("erase-user %r by %s: %d messages, %d sessions left, %d deleted, "
+                    "%d direct emptied", user, actor, erased, changed["sessions-left"],
+                    changed["sessions-deleted"], len(direct))
+        return {"user": user, "messages": erased, **changed,
+                "direct-sessions-emptied": len(direct)}
 
     async def retention(self, body: RetentionIn, actor: str) -> Any:
         moderation = self.moderation

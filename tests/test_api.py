@@ -397,7 +397,8 @@ async def test_history_delete_message_and_erase_user(chat, tmp_path):
     await api(port, "delete-message", {"session": shared, "seq": 1}, status=404)
     answer = await api(port, "erase-user", {"user": "bob"})
     # b1 was deleted already; "note" went with the session bob alone was in.
-    assert answer == {"user": "bob", "messages": 1, "sessions-left": 1, "sessions-deleted": 1}
+    assert answer == {"user": "bob", "messages": 1, "sessions-left": 1, "sessions-deleted": 1,
+                      "direct-sessions-emptied": 0}
     info = await alice.recv()
     assert info["type"] == "providing-session-info" and info["user-id"] == ["alice"]
     history = await api(port, "history", {"session": shared})
