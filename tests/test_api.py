@@ -67,6 +67,31 @@ async def test_missing_and_wrong_keys_get_401_then_429_and_are_counted(chat, tmp
     assert KEY not in logged and "wrong1" not in logged  # keys, right or wrong, are never logged
 
 
+async def test_wrong_keys_are_limited_per_ipv6_64_not_per_address(chat, tmp_path, caplog):
+    """One IPv6 host is commonly given a whole /64: counted per address,
+    it had 2**64 fresh buckets of wrong keys (and could push every other
+    address's bucket out of the bounded table). The logs' per-address
+    bound already counts IPv6 by /64 (chatd.logs.address_key). A client
+    named without a port (behind a proxy: ``[2001:db8::1:1]``) was read as
+    the text before its last colon, ``2001:db8::1``: another address."""
+    port = await start(chat, tmp_path, trusted_proxies=["127.0.0.1"])
+
+    def wrong(address: str) -> int:
+        return post(port, "info", {}, key="wrong", headers={"X-Forwarded-For": address})[0]
+
+    statuses = [await trio.to_thread.run_sync(wrong, f"2001:db8::{i:x}:1") for i in range(1, 12)]
+    assert statuses[:10] == [401] * 10 and statuses[10] == 429, statuses
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "wrong API key from 2001:db8::1:1\n" in logged + "\n", logged
+    # Another /64, and an IPv4 client, have their own.
+    assert await trio.to_thread.run_sync(wrong, "2001:db8:0:1::1") == 401
+    assert await trio.to_thread.run_sync(wrong, "203.0.113.7") == 401
+    # The mapped spelling of that IPv4 client is the same client.
+    for _ in range(9):
+        await trio.to_thread.run_sync(wrong, "::ffff:203.0.113.7")
+    assert await trio.to_thread.run_sync(wrong, "203.0.113.7") == 429
+
+
 async def test_the_api_is_off_without_a_key_and_generated_on_the_default(chat, tmp_path):
     port = await start(chat, tmp_path, api_key=False)
     got, _, _ = await trio.to_thread.run_sync(lambda: post(port, "info", {}))
