@@ -15,7 +15,7 @@ one, else on the main listener, under ``/api/``; the admin page
 **The key** (``api-key`` in the config; on the embedded default generated
 and kept in the store) comes in ``Authorization: Bearer KEY`` or
 ``X-API-Key: KEY``, is compared in constant time (``hmac.compare_digest``)
-and never logged. Each address may present ``KEY_BURST`` wrong keys, then
+and never logged. Each address (IPv6: each /64) may present ``KEY_BURST`` wrong keys, then
 one more every ``1 / KEY_RATE`` seconds; beyond that it gets 429 (with
 ``Retry-After``) without its key being looked at. Wrong and missing keys
 and refusals are counted (``chatd_api_auth_failures_total``).
@@ -45,10 +45,11 @@ from chatd import names
 from chatd.broker.wire import Moderated
 from chatd.config import MAX_RETENTION_AGE, MAX_STORED_INT
 from chatd.handshake import Request, response
+from chatd.logs import address_key
 from chatd.http import CONTENT_SECURITY_POLICY
 from chatd.moderation import (
     API_CALLER, MAX_DURATION, NOTICE_SENDER, TARGETS, Moderation, Operate, Operator, Rule, audit,
-    ip_network, name_keys, new_rule_id, now_ms,
+    ip_network, name_keys, new_rule_id, now_ms, parse_ip,
 )
 from chatd.router import DEFERRED, Router, RouterError
 from chatd.store import moderation as db
@@ -235,8 +236,8 @@ class Api:
 
     async def _call(self, method: str, request: Request, trailing: bytes,
                     receive: Callable[[], Awaitable[bytes]], client: str) -> tuple[int, Any]:
-        ip = client.rpartition(":")[0].strip("[]") if client.count(":") == 1 or \
-            client.startswith("[") else client
+        parsed = parse_ip(client)  # "[2001:db8::1]" has no port behind a proxy
+        ip = client if parsed is None else str(parsed)
         refusal = self._authenticate(request, ip)
         if refusal is not None:
             return refusal
@@ -270,11 +271,12 @@ class Api:
             if scheme.lower() == "bearer":
                 given = value.strip()
         now = time.monotonic()
-        tokens, stamp = self._buckets.get(ip, (float(KEY_BURST), now))
+        bucket = address_key(ip)  # IPv6 by /64, as the logs' per-address bound
+        tokens, stamp = self._buckets.get(bucket, (float(KEY_BURST), now))
         tokens = min(float(KEY_BURST), tokens + (now - stamp) * KEY_RATE)
         if tokens < 1:
             self.auth_failures["limited"] += 1
-            self._buckets[ip] = (tokens, now)
+            self._buckets[bucket] = (tokens, now)
             return 429, {"error": "too many wrong API keys from this address: wait"}
         if given is None:
             self.auth_failures["missing"] += 1
@@ -282,9 +284,9 @@ class Api:
         if hmac.compare_digest(given.encode(errors="surrogateescape"), self._key):
             return None
         self.auth_failures["wrong"] += 1
-        if len(self._buckets) >= _KEY_BUCKETS and ip not in self._buckets:
+        if len(self._buckets) >= _KEY_BUCKETS and bucket not in self._buckets:
             del self._buckets[next(iter(self._buckets))]
-        self._buckets[ip] = (tokens - 1, now)
+        self._buckets[bucket] = (tokens - 1, now)
         log.warning("api: wrong API key from %s", ip)
         return 401, {"error": "wrong API key"}
 
