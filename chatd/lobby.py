@@ -370,6 +370,19 @@ class Lobby(Service):
 
     # --- commands behind a claim in flight ---------------------------------------
 
+    def drop_waiting(self, client: Client) -> None:
+        """Forget the messages ``client`` sent while its claim waits (it is
+        being refused: moderation's ban); its leave still runs after the
+        claim's answer."""
+        waiting = self.waiting.get(client.id)
+        if waiting:
+            kept = [cmd for cmd in waiting if not isinstance(cmd, (Publish, SendDirect))]
+            for cmd in waiting:
+                if isinstance(cmd, SendDirect):
+                    Router.resolve(cmd, False)
+            waiting.clear()
+            waiting.extend(kept)
+
     def _queued(self, cmd: Any) -> bool:
         """Keep ``cmd`` for later if its client waits for a claim's answer."""
         waiting = self.waiting.get(cmd.client.id)

@@ -376,6 +376,23 @@ class Moderation(Service):
                                                         client.user_id, *extra),
                          ids=ids, ip=parse_ip(client.peer))
 
+    def _claiming(self, client: Client) -> Any:
+        """The lobby claim ``client`` waits for the broker to grant (a
+        ``chatd.lobby.Claim``; cluster), or None: its name is not yet
+        ``client.name``, yet it is the name the client joins or speaks as."""
+        room = self.server.lobby.rooms.get(client.room) if client.room is not None else None
+        return room.reserved.get(client.id) if room is not None else None
+
+    def _ban_of(self, client: Client) -> Rule | None:
+        """The ban that matches ``client``, its pending claim included."""
+        rule = self._client_rule("ban", client)
+        claim = self._claiming(client)
+        if rule is None and claim is not None:
+            shown = claim.name.shown
+            rule = self.find("ban", name_list=(shown, claim.display_name and
+                                               claim.display_name.shown), ids=(shown,))
+        return rule
+
     def address_refusal(self, ip: str) -> str | None:
         """Why a handshake from ``ip`` is refused (an address ban), or None."""
         rule = self.find("ban", ip=parse_ip(ip)) if self.rules else None
@@ -469,7 +486,13 @@ class Moderation(Service):
                 return 0
             closed = 0
             for client in list(self.server.connections):
-                if client.close_code is None and self._client_rule("ban", client) is rule:
+                if client.close_code is None and self._ban_of(client) is rule:
+                    claim = self._claiming(client)
+                    if claim is not None:
+                        # Granted later, the claim is not told to the room
+                        # (nor its end), and what waits behind it is not said.
+                        claim.announced = False
+                        self.server.lobby.drop_waiting(client)
                     refuse(client, rule)  # the protocol's refusal, then 1008
                     closed += 1
             return closed
