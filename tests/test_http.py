@@ -100,7 +100,7 @@ SECRET_TEXT = "sk-0123456789abcdef0123456789abcdef"
 @pytest.mark.parametrize("line", [
     f"Authorization: Bearer {SECRET_TEXT}\x00",
     f"Authorization : Bearer {SECRET_TEXT}",
-    f"X-API-Key: {SECRET_TEXT}\x7f\x01",
+    f"X-API-Key: {SECRET_TEXT}\x00tail",
     f"Cookie {SECRET_TEXT}",
     f"Bad Header: {SECRET_TEXT}",
 ])
