@@ -545,6 +545,13 @@ def test_chatd_admin_reads_address_and_key_from_the_config(process, tmp_path):
     ("", "api-key is empty"),
     ("change me", "placeholder"),
     ("********", "mask"),
+    # A key no HTTP header carries as it is: never matched (h11 strips the
+    # spaces round a value, a newline cannot be sent, a client's UTF-8 is
+    # read as Latin-1), and chatd admin died with a traceback quoting it.
+    ("k-0123456789abcdef\n", "printable ASCII"),
+    ("k-0123456789abcdef ", "printable ASCII"),
+    (" k-0123456789abcdef", "printable ASCII"),
+    ("k-0123456789abcdéf", "printable ASCII"),
 ])
 def test_an_unusable_api_key_is_refused_naming_the_key(value, says):
     import json as _json
