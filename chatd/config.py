@@ -350,6 +350,13 @@ def _check_moderation(config: Config) -> None:
         if problem:
             raise ValueError(f"api-key {problem}: set a real key, null to have one generated "
                              "and kept in the store, or false (API off)")
+        # It travels in a header: HTTP strips the spaces round a field value,
+        # cannot carry a control character, and a client's UTF-8 is read as
+        # Latin-1 (RFC 9110 section 5.5), so such a key would never match.
+        key = config.api_key
+        if not all(" " <= c <= "~" for c in key) or key != key.strip():
+            raise ValueError("api-key must be printable ASCII without leading or trailing "
+                             "spaces: it is sent in an HTTP header")
     if config.retention_count is not None and not 1 <= config.retention_count <= MAX_STORED_INT:
         raise ValueError(f"retention-count must be 1 to {MAX_STORED_INT} (or null: no limit)")
     if config.retention_age is not None and not 0 < config.retention_age <= MAX_RETENTION_AGE:
