@@ -73,6 +73,7 @@ from chatd.broker.base import (
 )
 from chatd.broker.wire import Heartbeat, Joined, Left, Member, Presence, Said, SyncRequest, Whisper
 from chatd.events import Direct, Event, Join, Leave, Message, Publish, SendDirect, UserJoined, UserLeft
+from chatd.logs import charged_to
 from chatd.router import DEFERRED, Router, Service
 
 if TYPE_CHECKING:
@@ -288,8 +289,10 @@ class Lobby(Service):
 
     @staticmethod
     def _refused_sender(room: Room, client: Client, cmd: Publish) -> None:
-        log.info("%s message as %r dropped: the name (or one like it) is held by "
-                 "another connection in room %s", client.peer, cmd.sender, room.name)
+        with charged_to(getattr(client, "log_source", None)):  # logged in the router
+            log.info("%s message as %r dropped: the name (or one like it) is held by "
+                     "another connection in room %s", client.peer, cmd.sender, room.name,
+                     extra={"peer": client.peer})
 
     def send_direct(self, cmd: SendDirect) -> bool | object:
         """Deliver to the holder of ``cmd.to`` (compared as RFC 8266 says:

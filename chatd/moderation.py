@@ -61,6 +61,7 @@ from chatd.broker.wire import Moderated
 from chatd.events import (
     Join, Leave, Login, Logout, Message, Publish, Refused, Request, SendMessage, StoredMessage,
 )
+from chatd.logs import charged_to
 from chatd.router import DEFERRED, PASS, Router, Service
 from chatd.store import Failure, Job, Writer
 from chatd.store import moderation as db
@@ -423,8 +424,9 @@ class Moderation(Service):
         client = cmd.client
         if cmd.sender is not None and cmd.sender != client.name:
             if is_reserved(cmd.sender):
-                log.info("%s message as %r dropped: the notice sender's name", client.peer,
-                         cmd.sender)
+                with charged_to(getattr(client, "log_source", None)):  # logged in the router
+                    log.info("%s message as %r dropped: the notice sender's name", client.peer,
+                             cmd.sender, extra={"peer": client.peer})
                 return None
             if self.rules:
                 rule = self.find("ban", name_list=(cmd.sender,), ids=(cmd.sender,))
