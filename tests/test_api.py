@@ -463,6 +463,29 @@ async def test_erase_user_empties_a_direct_session_and_its_seq_goes_on(chat, tmp
     assert (await bob.recv())["seq"] == 5
 
 
+@pytest.mark.parametrize("remove", ["delete-message", "retention"])
+async def test_messages_the_operator_removes_no_longer_count_against_the_sender(
+        chat, tmp_path, remove):
+    """max-messages-per-user-per-session counts what a user has stored; the
+    count kept in memory was not told of the operator's removals, so the
+    user stayed refused until a restart recounted (and then was not)."""
+    port = await start(chat, tmp_path, max_messages_per_user_per_session=2)
+    alice = await login(chat, "alice")
+    session = (await create(alice, "bob"))["session-id"]
+    await send_all(alice, session, "a1", "a2")
+    await alice.send(message(session, "a3", cdid="over"))
+    refused = await alice.recv()
+    assert refused["status"] == "failed" and "max-messages" in refused["message"], refused
+    if remove == "delete-message":
+        await api(port, "delete-message", {"session": session, "seq": 1})
+    else:
+        await api(port, "retention", {"session": session, "count": 1, "prune": True})
+    await alice.send(message(session, "again", cdid="again"))
+    answer = await alice.recv()
+    assert answer["type"] == "message-broadcast" and answer["message"]["body"] == "again", \
+        answer
+
+
 async def test_retention_prunes_by_count_and_age(chat, tmp_path):
     port = await start(chat, tmp_path, retention_count=3)
     alice = await login(chat, "alice")
