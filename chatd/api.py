@@ -499,8 +499,15 @@ class Api:
 
     async def delete_message(self, body: DeleteMessageIn, actor: str) -> Any:
         self._session_exists(body.session)
+        session_id = body.session
+
+        def recount(deleted: bool) -> bool:
+            if deleted:
+                self.moderation.recount((session_id,))
+            return deleted
+
         deleted = await self._stored(lambda s: db.delete_message(s, body.session, body.seq,
-                                                                 NOTICE_SENDER))
+                                                                 NOTICE_SENDER), recount)
         if not deleted:
             raise ApiError(404, "delete-message: no such message")
         self.moderation.actions["delete-message"] += 1
@@ -547,7 +554,11 @@ class Api:
                 db.empty_session(store, session_id, NOTICE_SENDER)
             return erased
 
-        erased = await self._stored(erase)
+        def recount(erased: int) -> int:
+            self.moderation.recount()  # every session the user may have written in
+            return erased
+
+        erased = await self._stored(erase, recount)
         self.moderation.actions["erase-user"] += 1
         self._audit("erase-user %r by %s: %d messages, %d sessions left, %d deleted, "
                     "%d direct emptied", user, actor, erased, changed["sessions-left"],

@@ -605,6 +605,20 @@ class Moderation(Service):
         if refused:
             answer(refused)
 
+    def recount(self, session_ids: Any = None) -> None:
+        """Forget the per-sender message counts of these GradAgenda sessions
+        (all when None) once messages were removed from the store: the next
+        message is counted by the store again, so a removal frees the
+        sender's ``max-messages-per-user-per-session`` at once, not at the
+        next restart. Router task."""
+        sessions = self.sessions
+        if sessions is None:
+            return
+        chosen = sessions.sessions.values() if session_ids is None else (
+            sessions.sessions[i] for i in session_ids if i in sessions.sessions)
+        for session in chosen:
+            session.sent = None
+
     def prune(self, answer: Callable[[Any], None]) -> None:
         count, age = self.retention_count, self.retention_age
         age_ms = None if age is None else int(age * 1000)
@@ -612,6 +626,7 @@ class Moderation(Service):
         def done(deleted: int) -> None:
             self.pruned += deleted
             if deleted:
+                self.recount()
                 log.info("retention removed %d stored messages", deleted)
             answer(deleted)
 
