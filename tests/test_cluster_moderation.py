@@ -139,7 +139,14 @@ async def test_a_ban_made_while_the_name_is_being_claimed_refuses_the_claim(
     frame = await peer.recv()
     assert frame != IDENTIFIED
     assert frame == {"type": "outcome", "success": False, "code": 403, "message": "Banned: spam!"}
-    assert await peer.closed() == 1008
+    from trio_websocket import ConnectionClosed
+
+    with trio.fail_after(GUARD):
+        try:
+            late = await peer.ws.get_message()
+            raise AssertionError(f"after the refusal: {late}")  # e.g. "Identified"
+        except ConnectionClosed as exc:
+            assert exc.reason.code == 1008
     # Nobody saw mallory join (the next join the room hears is zoe's).
     await lobby_wcp(chat, "zoe")
     assert (await bystander.recv())["user_id"] == "zoe"
