@@ -264,8 +264,9 @@ _HEAD_TOO_LARGE = Refusal(431, f"the request head is over {MAX_HEAD_BYTES} bytes
 
 
 #: Where a quotation of the client's bytes begins in h11's error texts
-#: (``b'...'``, ``bytearray(b'...')``, ``'...'``).
-_QUOTED = re.compile(r"""bytearray\(|b?['"]""")
+#: (``b'...'``, ``bytearray(b'...')``; h11 quotes them with ``{!r}``), but
+#: not an apostrophe in its own words ("Can't receive data...").
+_QUOTED = re.compile(r"""bytearray\(|(?<!\w)b['"]""")
 
 
 class BadRequest(Exception):
