@@ -15,7 +15,7 @@ one, else on the main listener, under ``/api/``; the admin page
 **The key** (``api-key`` in the config; on the embedded default generated
 and kept in the store) comes in ``Authorization: Bearer KEY`` or
 ``X-API-Key: KEY``, is compared in constant time (``hmac.compare_digest``)
-and never logged. Each address may present ``KEY_BURST`` wrong keys, then
+and never logged. Each address (IPv6: each /64) may present ``KEY_BURST`` wrong keys, then
 one more every ``1 / KEY_RATE`` seconds; beyond that it gets 429 (with
 ``Retry-After``) without its key being looked at. Wrong and missing keys
 and refusals are counted (``chatd_api_auth_failures_total``).
@@ -28,14 +28,13 @@ once more on ``chatd.audit``: the method, whom, why, from which address
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import math
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import trio
@@ -44,11 +43,13 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from chatd import names
 from chatd.broker.wire import Moderated
+from chatd.config import MAX_RETENTION_AGE, MAX_STORED_INT
 from chatd.handshake import HttpRequest, response
+from chatd.logs import address_key
 from chatd.http import CONTENT_SECURITY_POLICY
 from chatd.moderation import (
     API_CALLER, MAX_DURATION, NOTICE_SENDER, TARGETS, Moderation, Operate, Operator, Rule, audit,
-    name_keys, new_rule_id, now_ms,
+    ip_network, name_keys, new_rule_id, now_ms, parse_ip,
 )
 from chatd.router import DEFERRED, Router, RouterError
 from chatd.store import moderation as db
@@ -75,6 +76,11 @@ PAGE_HEADERS = (("Content-Security-Policy", CONTENT_SECURITY_POLICY),
 _READS = {"presence", "info", "bans", "mutes", "history", "activity"}
 #: Actions kept for ``activity``.
 RECENT = 100
+
+
+#: A seq or a count as the store holds it: a larger number would make the
+#: store job raise and fail the store (chatd.config.MAX_STORED_INT).
+Stored = Annotated[int, msgspec.Meta(ge=0, le=MAX_STORED_INT)]
 
 
 class ApiError(Exception):
@@ -139,14 +145,14 @@ class ListIn(_In, kw_only=True):
 
 class HistoryIn(_In, kw_only=True):
     session: str
-    before: int | None = None
-    after: int | None = None
+    before: Stored | None = None
+    after: Stored | None = None
     limit: int = 100
 
 
 class DeleteMessageIn(_In, kw_only=True):
     session: str
-    seq: int
+    seq: Stored
 
 
 class EraseUserIn(_In, kw_only=True):
@@ -155,8 +161,8 @@ class EraseUserIn(_In, kw_only=True):
 
 class RetentionIn(_In, kw_only=True):
     session: str | UnsetType = UNSET
-    count: int | None | UnsetType = UNSET
-    age: float | None | UnsetType = UNSET
+    count: Stored | None | UnsetType = UNSET
+    age: Annotated[float, msgspec.Meta(le=MAX_RETENTION_AGE)] | None | UnsetType = UNSET
     prune: bool = False
 
 
@@ -230,8 +236,8 @@ class Api:
 
     async def _call(self, method: str, request: HttpRequest, trailing: bytes,
                     receive: Callable[[], Awaitable[bytes]], client: str) -> tuple[int, Any]:
-        ip = client.rpartition(":")[0].strip("[]") if client.count(":") == 1 or \
-            client.startswith("[") else client
+        parsed = parse_ip(client)  # "[2001:db8::1]" has no port behind a proxy
+        ip = client if parsed is None else str(parsed)
         refusal = self._authenticate(request, ip)
         if refusal is not None:
             return refusal
@@ -265,11 +271,12 @@ class Api:
             if scheme.lower() == "bearer":
                 given = value.strip()
         now = time.monotonic()
-        tokens, stamp = self._buckets.get(ip, (float(KEY_BURST), now))
+        bucket = address_key(ip)  # IPv6 by /64, as the logs' per-address bound
+        tokens, stamp = self._buckets.get(bucket, (float(KEY_BURST), now))
         tokens = min(float(KEY_BURST), tokens + (now - stamp) * KEY_RATE)
         if tokens < 1:
             self.auth_failures["limited"] += 1
-            self._buckets[ip] = (tokens, now)
+            self._buckets[bucket] = (tokens, now)
             return 429, {"error": "too many wrong API keys from this address: wait"}
         if given is None:
             self.auth_failures["missing"] += 1
@@ -277,9 +284,9 @@ class Api:
         if hmac.compare_digest(given.encode(errors="surrogateescape"), self._key):
             return None
         self.auth_failures["wrong"] += 1
-        if len(self._buckets) >= _KEY_BUCKETS and ip not in self._buckets:
+        if len(self._buckets) >= _KEY_BUCKETS and bucket not in self._buckets:
             del self._buckets[next(iter(self._buckets))]
-        self._buckets[ip] = (tokens - 1, now)
+        self._buckets[bucket] = (tokens - 1, now)
         log.warning("api: wrong API key from %s", ip)
         return 401, {"error": "wrong API key"}
 
@@ -492,8 +499,15 @@ class Api:
 
     async def delete_message(self, body: DeleteMessageIn, actor: str) -> Any:
         self._session_exists(body.session)
+        session_id = body.session
+
+        def recount(deleted: bool) -> bool:
+            if deleted:
+                self.moderation.recount((session_id,))
+            return deleted
+
         deleted = await self._stored(lambda s: db.delete_message(s, body.session, body.seq,
-                                                                 NOTICE_SENDER))
+                                                                 NOTICE_SENDER), recount)
         if not deleted:
             raise ApiError(404, "delete-message: no such message")
         self.moderation.actions["delete-message"] += 1
@@ -502,8 +516,11 @@ class Api:
 
     async def erase_user(self, body: EraseUserIn, actor: str) -> Any:
         """Remove the user's messages everywhere, the user from every
-        session, the sessions nobody else is in and the user's direct
-        sessions (through the sessions service, so members are told)."""
+        group session and the groups nobody else is in (through the
+        sessions service, so members are told), and every message of the
+        user's direct sessions. A direct session itself stays: it cannot
+        be deleted, and its id is made of the pair, so a new one would
+        hand out its seqs again."""
         sessions = self.moderation.sessions
         if sessions is None:
             raise ApiError(404, "no GradAgenda endpoint is mounted")
@@ -516,7 +533,9 @@ class Api:
             operator = Operator(user)
             for session in list(sessions.joined.get(user, {}).values()):
                 rest = sorted(session.members - {user})
-                if session.kind == "direct" or not rest:
+                if session.kind == "direct":
+                    direct.append(session.id)
+                elif not rest:
                     sessions.delete(DeleteSession(client=operator, cdid="erase-user",
                                                   session_id=session.id))
                     deleted += 1
@@ -526,12 +545,26 @@ class Api:
                     left += 1
             return {"sessions-left": left, "sessions-deleted": deleted}
 
+        direct: list[str] = []
         changed = await self._in_router(leave_sessions)
-        erased = await self._stored(lambda s: db.erase_messages(s, user, NOTICE_SENDER))
+
+        def erase(store: Any) -> int:
+            erased = db.erase_messages(store, user, NOTICE_SENDER)
+            for session_id in direct:
+                db.empty_session(store, session_id, NOTICE_SENDER)
+            return erased
+
+        def recount(erased: int) -> int:
+            self.moderation.recount()  # every session the user may have written in
+            return erased
+
+        erased = await self._stored(erase, recount)
         self.moderation.actions["erase-user"] += 1
-        self._audit("erase-user %r by %s: %d messages, %d sessions left, %d deleted", user, actor,
-                   erased, changed["sessions-left"], changed["sessions-deleted"])
-        return {"user": user, "messages": erased, **changed}
+        self._audit("erase-user %r by %s: %d messages, %d sessions left, %d deleted, "
+                    "%d direct emptied", user, actor, erased, changed["sessions-left"],
+                    changed["sessions-deleted"], len(direct))
+        return {"user": user, "messages": erased, **changed,
+                "direct-sessions-emptied": len(direct)}
 
     async def retention(self, body: RetentionIn, actor: str) -> Any:
         moderation = self.moderation
@@ -610,7 +643,7 @@ def _normal(target: str, value: str, action: str = "") -> str:
             raise ApiError(400, f"{target} {_short(value)} {exc.reason}") from None
         return name.shown if target == "name" else value
     try:
-        return str(ipaddress.ip_network(value, strict=False))
+        return str(ip_network(value))
     except ValueError:
         raise ApiError(400, f"address {_short(value)} is not an IP address or CIDR") from None
 

@@ -342,6 +342,14 @@ DEFAULT_MAX_CONNECTIONS = 20000
 #: Descriptors chatd holds besides connections: listeners, the store, the
 #: broker, logs, worker threads' files.
 SPARE_FILES = 64
+#: Largest number the store's INTEGER columns hold (SQLite and PostgreSQL
+#: bigint): a seq, a count, milliseconds. A larger one makes a store job
+#: raise, and a raising job fails the store until a restart.
+MAX_STORED_INT = 2**63 - 1
+#: Longest retention age, in seconds (a hundred years).
+MAX_RETENTION_AGE = 100 * 365 * 86400
+
+
 def _check_moderation(config: Config) -> None:
     """The server API's and retention's keys (docs/api.md); ValueError naming the key."""
     if config.api_key is True:
@@ -352,10 +360,18 @@ def _check_moderation(config: Config) -> None:
         if problem:
             raise ValueError(f"api-key {problem}: set a real key, null to have one generated "
                              "and kept in the store, or false (API off)")
-    if config.retention_count is not None and config.retention_count < 1:
-        raise ValueError("retention-count must be at least 1 (or null: no limit)")
-    if config.retention_age is not None and not config.retention_age > 0:
-        raise ValueError("retention-age must be positive seconds (or null: no limit)")
+        # It travels in a header: HTTP strips the spaces round a field value,
+        # cannot carry a control character, and a client's UTF-8 is read as
+        # Latin-1 (RFC 9110 section 5.5), so such a key would never match.
+        key = config.api_key
+        if not all(" " <= c <= "~" for c in key) or key != key.strip():
+            raise ValueError("api-key must be printable ASCII without leading or trailing "
+                             "spaces: it is sent in an HTTP header")
+    if config.retention_count is not None and not 1 <= config.retention_count <= MAX_STORED_INT:
+        raise ValueError(f"retention-count must be 1 to {MAX_STORED_INT} (or null: no limit)")
+    if config.retention_age is not None and not 0 < config.retention_age <= MAX_RETENTION_AGE:
+        raise ValueError(f"retention-age must be 0 < seconds <= {MAX_RETENTION_AGE} "
+                         "(or null: no limit)")
     if not config.retention_interval > 0:
         raise ValueError("retention-interval must be positive")
 

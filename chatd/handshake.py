@@ -287,7 +287,11 @@ class HeadReader:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
             status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
-            detail = str(exc)
+            # h11's text quotes the offending bytes (a whole header line:
+            # "illegal header line: bytearray(b'Authorization: Bearer KEY\x00')"):
+            # say what is wrong, never what was sent, since a header line may
+            # carry a credential (an API key, a cookie, a token).
+            detail = _QUOTED.split(str(exc), maxsplit=1)[0].rstrip(" :") or "unreadable"
             if len(detail) > 100:  # never echo a client's garbage at length
                 detail = detail[:97] + "..."
             raise BadRequest(Refusal(status, f"malformed HTTP request: {detail}")) from None
@@ -307,6 +311,12 @@ class HeadReader:
 
 
 _HEAD_TOO_LARGE = Refusal(431, f"the request head is over {MAX_HEAD_BYTES} bytes")
+
+
+#: Where a quotation of the client's bytes begins in h11's error texts
+#: (``b'...'``, ``bytearray(b'...')``; h11 quotes them with ``{!r}``), but
+#: not an apostrophe in its own words ("Can't receive data...").
+_QUOTED = re.compile(r"""bytearray\(|(?<!\w)b['"]""")
 
 
 class BadRequest(Exception):

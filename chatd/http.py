@@ -46,7 +46,9 @@ def load_web_client() -> dict[str, tuple[bytes, str]]:
     if not root.is_dir():
         return files
     for entry in root.iterdir():
-        if entry.is_file() and not entry.name.startswith("."):
+        # admin.*: the admin page, served by chatd.api on the API's
+        # listener only (under /app/ it reached the public listener).
+        if entry.is_file() and not entry.name.startswith((".", "admin.")):
             kind = mimetypes.guess_type(entry.name)[0] or "application/octet-stream"
             if kind.startswith("text/") or kind in ("application/javascript", "image/svg+xml",
                                                      "application/json", "application/manifest+json"):

@@ -79,6 +79,7 @@ from chatd.broker.base import (
 )
 from chatd.broker.wire import Heartbeat, Joined, Left, Member, Presence, Said, SyncRequest, Whisper
 from chatd.events import Direct, Event, Join, Leave, Message, Publish, SendDirect, UserJoined, UserLeft
+from chatd.logs import charged_to
 from chatd.router import DEFERRED, Router, Service
 
 if TYPE_CHECKING:
@@ -330,8 +331,10 @@ class Lobby(Service):
 
     @staticmethod
     def _refused_sender(room: Room, client: Client, cmd: Publish) -> None:
-        log.info("%s message as %r dropped: the name (or one like it) is held by "
-                 "another connection in room %s", client.peer, cmd.sender, room.name)
+        with charged_to(getattr(client, "log_source", None)):  # logged in the router
+            log.info("%s message as %r dropped: the name (or one like it) is held by "
+                     "another connection in room %s", client.peer, cmd.sender, room.name,
+                     extra={"peer": client.peer})
 
     def send_direct(self, cmd: SendDirect) -> bool | object:
         """Deliver to the holder of ``cmd.to`` (compared as RFC 8266 says:
@@ -416,6 +419,19 @@ class Lobby(Service):
             hub.stream(client, (claim.announcement() for claim in claims))
 
     # --- commands behind a claim in flight ---------------------------------------
+
+    def drop_waiting(self, client: Client) -> None:
+        """Forget the messages ``client`` sent while its claim waits (it is
+        being refused: moderation's ban); its leave still runs after the
+        claim's answer."""
+        waiting = self.waiting.get(client.id)
+        if waiting:
+            kept = [cmd for cmd in waiting if not isinstance(cmd, (Publish, SendDirect))]
+            for cmd in waiting:
+                if isinstance(cmd, SendDirect):
+                    Router.resolve(cmd, False)
+            waiting.clear()
+            waiting.extend(kept)
 
     def _queued(self, cmd: Any) -> bool:
         """Keep ``cmd`` for later if its client waits for a claim's answer."""

@@ -29,6 +29,7 @@ installs (docs/security.md, "Logs"):
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import copy
 import ipaddress
@@ -37,7 +38,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import trio
 from pythonjsonlogger.json import JsonFormatter
@@ -259,6 +260,22 @@ class ClientSource:
 #: connection's task; trio gives every task its own context).
 client_source: contextvars.ContextVar[ClientSource | None] = contextvars.ContextVar(
     "chatd_client_source", default=None)
+
+
+@contextlib.contextmanager
+def charged_to(source: ClientSource | None) -> Iterator[None]:
+    """Lines logged inside are charged to ``source``: a connection's, kept
+    as ``Client.log_source``, for the lines another task (the router) logs
+    on that client's behalf. A ``peer`` extra alone charges the address
+    only, and none for an exempt one."""
+    if source is None:
+        yield
+        return
+    token = client_source.set(source)
+    try:
+        yield
+    finally:
+        client_source.reset(token)
 
 
 def address_key(ip: str) -> str:

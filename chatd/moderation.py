@@ -61,6 +61,7 @@ from chatd.broker.wire import Moderated
 from chatd.events import (
     Join, Leave, Login, Logout, Message, Publish, Refused, Request, SendMessage, StoredMessage,
 )
+from chatd.logs import charged_to
 from chatd.router import DEFERRED, PASS, Router, Service
 from chatd.store import Failure, Job, Writer
 from chatd.store import media as media_store
@@ -100,7 +101,7 @@ class Rule:
         if row.target == "name":
             self.keys = names.parse(row.value).keys
         elif row.target == "address":
-            self.network = ipaddress.ip_network(row.value, strict=False)
+            self.network = ip_network(row.value)
 
     def live(self, now_ms: int) -> bool:
         return self.row.expires_ms is None or self.row.expires_ms > now_ms
@@ -148,6 +149,21 @@ def parse_ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address 
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def ip_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An address rule's network (ValueError if ``text`` is no IP or CIDR).
+    An IPv4-mapped IPv6 network (``::ffff:192.0.2.0/120``, as a dual-stack
+    listener shows IPv4 clients) is its IPv4 network, since ``parse_ip``
+    reads such clients as IPv4: kept as IPv6 it would match nobody."""
+    network = ipaddress.ip_network(text, strict=False)
+    if network.version == 6 and network.prefixlen >= 96 and network.subnet_of(_MAPPED):
+        network = ipaddress.ip_network(
+            (network.network_address.ipv4_mapped, network.prefixlen - 96))
+    return network
 
 
 def name_keys(*candidates: str | None) -> frozenset[str]:
@@ -368,6 +384,22 @@ class Moderation(Service):
         rule = self.find("ban", name_list=(user_id,), ids=(user_id,),
                          ip=parse_ip(ip)) if self.rules else None
         return None if rule is None else _reason("banned", rule)
+    def _claiming(self, client: Client) -> Any:
+        """The lobby claim ``client`` waits for the broker to grant (a
+        ``chatd.lobby.Claim``; cluster), or None: its name is not yet
+        ``client.name``, yet it is the name the client joins or speaks as."""
+        room = self.server.lobby.rooms.get(client.room) if client.room is not None else None
+        return room.reserved.get(client.id) if room is not None else None
+
+    def _ban_of(self, client: Client) -> Rule | None:
+        """The ban that matches ``client``, its pending claim included."""
+        rule = self._client_rule("ban", client)
+        claim = self._claiming(client)
+        if rule is None and claim is not None:
+            shown = claim.name.shown
+            rule = self.find("ban", name_list=(shown, claim.display_name and
+                                               claim.display_name.shown), ids=(shown,))
+        return rule
 
     def address_refusal(self, ip: str) -> str | None:
         """Why a handshake from ``ip`` is refused (an address ban), or None."""
@@ -399,8 +431,9 @@ class Moderation(Service):
         client = cmd.client
         if cmd.sender is not None and cmd.sender != client.name:
             if is_reserved(cmd.sender):
-                log.info("%s message as %r dropped: the notice sender's name", client.peer,
-                         cmd.sender)
+                with charged_to(getattr(client, "log_source", None)):  # logged in the router
+                    log.info("%s message as %r dropped: the notice sender's name", client.peer,
+                             cmd.sender, extra={"peer": client.peer})
                 return None
             if self.rules:
                 rule = self.find("ban", name_list=(cmd.sender,), ids=(cmd.sender,))
@@ -462,7 +495,13 @@ class Moderation(Service):
                 return 0
             closed = 0
             for client in list(self.server.connections):
-                if client.close_code is None and self._client_rule("ban", client) is rule:
+                if client.close_code is None and self._ban_of(client) is rule:
+                    claim = self._claiming(client)
+                    if claim is not None:
+                        # Granted later, the claim is not told to the room
+                        # (nor its end), and what waits behind it is not said.
+                        claim.announced = False
+                        self.server.lobby.drop_waiting(client)
                     refuse(client, rule)  # the protocol's refusal, then 1008
                     closed += 1
             return closed
@@ -485,7 +524,7 @@ class Moderation(Service):
             return lambda c: value in (c.user_id, c.name)
         if target == "device":
             return lambda c: c.device_id == value
-        network = ipaddress.ip_network(value, strict=False)
+        network = ip_network(value)
 
         def by_address(c: Client) -> bool:
             ip = parse_ip(c.peer)
@@ -573,6 +612,20 @@ class Moderation(Service):
         if refused:
             answer(refused)
 
+    def recount(self, session_ids: Any = None) -> None:
+        """Forget the per-sender message counts of these GradAgenda sessions
+        (all when None) once messages were removed from the store: the next
+        message is counted by the store again, so a removal frees the
+        sender's ``max-messages-per-user-per-session`` at once, not at the
+        next restart. Router task."""
+        sessions = self.sessions
+        if sessions is None:
+            return
+        chosen = sessions.sessions.values() if session_ids is None else (
+            sessions.sessions[i] for i in session_ids if i in sessions.sessions)
+        for session in chosen:
+            session.sent = None
+
     def prune(self, answer: Callable[[Any], None]) -> None:
         count, age = self.retention_count, self.retention_age
         age_ms = None if age is None else int(age * 1000)
@@ -580,6 +633,7 @@ class Moderation(Service):
         def done(deleted: int) -> None:
             self.pruned += deleted
             if deleted:
+                self.recount()
                 log.info("retention removed %d stored messages", deleted)
             answer(deleted)
 

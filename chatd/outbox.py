@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from chatd.logs import client_source
+
 if TYPE_CHECKING:
     from chatd.protocols.base import Output, Protocol
     from chatd.transport import Transport
@@ -72,7 +74,7 @@ class Client:
         "id", "protocol", "room", "name", "display_name", "peer", "path", "user_id",
         "device_id", "transport", "flusher", "pending", "outbox_size", "scope",
         "close_code", "close_reason", "sealed", "in_flight", "answers_wanted", "streams",
-        "held", "held_bytes", "__weakref__",
+        "held", "held_bytes", "log_source", "__weakref__",
     )
 
     def __init__(self, protocol: type[Protocol], room: str, peer: str, path: str,
@@ -86,6 +88,9 @@ class Client:
         self.display_name: str | None = None
         self.user_id: str | None = None    # GradAgenda account
         self.device_id: str | None = None  # GradAgenda device
+        #: Who the lines logged on this client's behalf are charged to
+        #: (chatd.logs.charged_to): its connection task's, made there.
+        self.log_source = client_source.get()
         self.transport = transport
         self.flusher = flusher
         #: Frames delivered since the last flush, or None.

@@ -67,6 +67,31 @@ async def test_missing_and_wrong_keys_get_401_then_429_and_are_counted(chat, tmp
     assert KEY not in logged and "wrong1" not in logged  # keys, right or wrong, are never logged
 
 
+async def test_wrong_keys_are_limited_per_ipv6_64_not_per_address(chat, tmp_path, caplog):
+    """One IPv6 host is commonly given a whole /64: counted per address,
+    it had 2**64 fresh buckets of wrong keys (and could push every other
+    address's bucket out of the bounded table). The logs' per-address
+    bound already counts IPv6 by /64 (chatd.logs.address_key). A client
+    named without a port (behind a proxy: ``[2001:db8::1:1]``) was read as
+    the text before its last colon, ``2001:db8::1``: another address."""
+    port = await start(chat, tmp_path, trusted_proxies=["127.0.0.1"])
+
+    def wrong(address: str) -> int:
+        return post(port, "info", {}, key="wrong", headers={"X-Forwarded-For": address})[0]
+
+    statuses = [await trio.to_thread.run_sync(wrong, f"2001:db8::{i:x}:1") for i in range(1, 12)]
+    assert statuses[:10] == [401] * 10 and statuses[10] == 429, statuses
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "wrong API key from 2001:db8::1:1\n" in logged + "\n", logged
+    # Another /64, and an IPv4 client, have their own.
+    assert await trio.to_thread.run_sync(wrong, "2001:db8:0:1::1") == 401
+    assert await trio.to_thread.run_sync(wrong, "203.0.113.7") == 401
+    # The mapped spelling of that IPv4 client is the same client.
+    for _ in range(9):
+        await trio.to_thread.run_sync(wrong, "::ffff:203.0.113.7")
+    assert await trio.to_thread.run_sync(wrong, "203.0.113.7") == 429
+
+
 async def test_the_api_is_off_without_a_key_and_generated_on_the_default(chat, tmp_path):
     port = await start(chat, tmp_path, api_key=False)
     got, _, _ = await trio.to_thread.run_sync(lambda: post(port, "info", {}))
@@ -90,6 +115,37 @@ async def test_bad_requests_get_conventional_statuses(chat, tmp_path):
     assert (await api(port, "ban", {"address": "300.1.1.1"}, status=400))["error"]
     await api(port, "ban", raw=b"x" * 70_000, status=413)
     assert (await api(port, "unban", {"name": "nobody"}, status=404))["error"]
+
+
+# Numbers past what the store's INTEGER holds (2**63 - 1) used to reach it:
+# the store job raised, and the store refused every write until a restart.
+_TOO_BIG = [("history", "before", 2**63), ("history", "after", 2**64 - 1),
+            ("history", "before", -1), ("delete-message", "seq", 2**63),
+            ("retention", "count", 2**63), ("retention", "age", 1e300),
+            ("retention", "age", 1e16)]
+
+
+@pytest.mark.parametrize("method, field, value", _TOO_BIG)
+async def test_a_number_the_store_cannot_hold_is_400_and_the_store_keeps_working(
+        chat, tmp_path, method, field, value):
+    port = await start(chat, tmp_path)
+    alice = await login(chat, "alice")
+    session = (await create(alice, "bob"))["session-id"]
+    body = {"session": session, "seq": 1} if method == "delete-message" else {"session": session}
+    answer = await api(port, method, {**body, field: value}, status=400)
+    assert field in answer["error"], answer
+    await send_all(alice, session, "still stored")
+    assert (await api(port, "ban", {"name": "mallory"}))["name"] == "mallory"
+
+
+@pytest.mark.parametrize("key, value", [("retention-count", 2**63), ("retention-age", 1e300)])
+def test_a_retention_the_store_cannot_hold_is_refused_naming_the_key(key, value):
+    import json as _json
+
+    from chatd.config import ConfigError, decode_config
+
+    with pytest.raises(ConfigError, match=key):
+        decode_config(_json.dumps({key: value}))
 
 
 # --- publish ---------------------------------------------------------------------
@@ -199,6 +255,27 @@ async def test_an_address_ban_refuses_the_handshake_and_closes_its_connections(c
     # The API itself still answers (the operator is not locked out).
     lifted = await api(port, "unban", {"id": answer["id"]})
     assert lifted["lifted"][0]["address"] == "127.0.0.0/8"
+    await wcp(chat, "wendy")
+
+
+@pytest.mark.parametrize("written, stored", [
+    ("::ffff:127.0.0.1", "127.0.0.1/32"),
+    ("::ffff:7f00:1", "127.0.0.1/32"),
+    ("::ffff:127.0.0.0/104", "127.0.0.0/8"),
+    ("0:0:0:0:0:ffff:127.0.0.1/128", "127.0.0.1/32"),
+])
+async def test_an_ipv4_mapped_address_ban_is_the_ipv4_ban(chat, tmp_path, written, stored):
+    """A dual-stack listener shows an IPv4 client as ::ffff:a.b.c.d; a ban
+    written that way was kept as an IPv6 network that no client (read as
+    IPv4) ever matched."""
+    port = await start(chat, tmp_path)
+    w = await wcp(chat, "wendy")
+    answer = await api(port, "ban", {"address": written, "reason": "flood"})
+    assert answer["address"] == stored and answer["disconnected"] == 1
+    assert await w.closed() == 1008
+    assert await refused_handshake(chat, "/wcp") == 403
+    await api(port, "disconnect", {"address": written})
+    assert (await api(port, "unban", {"address": written}))["lifted"][0]["id"] == answer["id"]
     await wcp(chat, "wendy")
 
 
@@ -345,7 +422,8 @@ async def test_history_delete_message_and_erase_user(chat, tmp_path):
     await api(port, "delete-message", {"session": shared, "seq": 1}, status=404)
     answer = await api(port, "erase-user", {"user": "bob"})
     # b1 was deleted already; "note" went with the session bob alone was in.
-    assert answer == {"user": "bob", "messages": 1, "sessions-left": 1, "sessions-deleted": 1}
+    assert answer == {"user": "bob", "messages": 1, "sessions-left": 1, "sessions-deleted": 1,
+                      "direct-sessions-emptied": 0}
     info = await alice.recv()
     assert info["type"] == "providing-session-info" and info["user-id"] == ["alice"]
     history = await api(port, "history", {"session": shared})
@@ -357,6 +435,55 @@ async def test_history_delete_message_and_erase_user(chat, tmp_path):
     assert history["messages"][0]["message"] == {"type": "deleted", "body": ""}
     await alice.send(message(shared, "next", cdid="n"))
     assert (await alice.recv())["seq"] == 4
+
+
+async def test_erase_user_empties_a_direct_session_and_its_seq_goes_on(chat, tmp_path):
+    """erase-user said a direct session was deleted, but a direct session
+    cannot be deleted (its id is made of the pair, so a new one would hand
+    out its seqs again): it stayed, with the other side's messages the
+    docs say go with it. Now both sides' messages go, the newest blanked,
+    and the session's seq goes on."""
+    from tests.test_gradagenda import direct
+
+    port = await start(chat, tmp_path)
+    alice = await login(chat, "alice")
+    bob = await login(chat, "bob")
+    session = (await direct(alice, "bob"))["session-id"]
+    await send_all(alice, session, "a1", "a2")
+    for _ in range(2):
+        await bob.recv()
+    await send_all(bob, session, "b1", "b2")
+    answer = await api(port, "erase-user", {"user": "alice"})
+    assert answer == {"user": "alice", "messages": 2, "sessions-left": 0, "sessions-deleted": 0,
+                      "direct-sessions-emptied": 1}
+    history = await api(port, "history", {"session": session})
+    assert [(m["seq"], m["sender-id"], m["message"]) for m in history["messages"]] == [
+        (4, "chatd", {"type": "deleted", "body": ""})]
+    await bob.send(message(session, "after", cdid="n"))
+    assert (await bob.recv())["seq"] == 5
+
+
+@pytest.mark.parametrize("remove", ["delete-message", "retention"])
+async def test_messages_the_operator_removes_no_longer_count_against_the_sender(
+        chat, tmp_path, remove):
+    """max-messages-per-user-per-session counts what a user has stored; the
+    count kept in memory was not told of the operator's removals, so the
+    user stayed refused until a restart recounted (and then was not)."""
+    port = await start(chat, tmp_path, max_messages_per_user_per_session=2)
+    alice = await login(chat, "alice")
+    session = (await create(alice, "bob"))["session-id"]
+    await send_all(alice, session, "a1", "a2")
+    await alice.send(message(session, "a3", cdid="over"))
+    refused = await alice.recv()
+    assert refused["status"] == "failed" and "max-messages" in refused["message"], refused
+    if remove == "delete-message":
+        await api(port, "delete-message", {"session": session, "seq": 1})
+    else:
+        await api(port, "retention", {"session": session, "count": 1, "prune": True})
+    await alice.send(message(session, "again", cdid="again"))
+    answer = await alice.recv()
+    assert answer["type"] == "message-broadcast" and answer["message"]["body"] == "again", \
+        answer
 
 
 async def test_retention_prunes_by_count_and_age(chat, tmp_path):
@@ -441,6 +568,13 @@ def test_chatd_admin_reads_address_and_key_from_the_config(process, tmp_path):
     ("", "api-key is empty"),
     ("change me", "placeholder"),
     ("********", "mask"),
+    # A key no HTTP header carries as it is: never matched (h11 strips the
+    # spaces round a value, a newline cannot be sent, a client's UTF-8 is
+    # read as Latin-1), and chatd admin died with a traceback quoting it.
+    ("k-0123456789abcdef\n", "printable ASCII"),
+    ("k-0123456789abcdef ", "printable ASCII"),
+    (" k-0123456789abcdef", "printable ASCII"),
+    ("k-0123456789abcdéf", "printable ASCII"),
 ])
 def test_an_unusable_api_key_is_refused_naming_the_key(value, says):
     import json as _json
@@ -537,6 +671,20 @@ async def test_with_admin_host_the_api_and_page_move_there(chat, tmp_path):
     got, _, _ = await trio.to_thread.run_sync(lambda: post(server.port, "info", {}))
     assert got == 405  # the public listener serves no API
     assert (await http(server.port, get("/admin/")))[0] == 404
+
+
+@pytest.mark.parametrize("admin_host", [None, "127.0.0.1:0"])
+async def test_the_admin_page_is_not_served_as_a_web_client_file(chat, tmp_path, admin_host):
+    """The admin page lives at /admin/ on the API's listener only: under
+    /app/ it was served on the public listener too (admin-host or not)."""
+    from tests.test_http import get, http
+
+    server = await chat.start(config(tmp_path, admin_host=admin_host))
+    for name in ("admin.html", "admin.js", "admin.css"):
+        assert (await http(server.port, get(f"/app/{name}")))[0] == 404, name
+    assert (await http(server.port, get("/app/app.js")))[0] == 200
+    where = server.admin_ports[0] if admin_host else server.port
+    assert (await http(where, get("/admin/admin.js")))[0] == 200
 
 
 async def test_the_notice_senders_name_cannot_log_in_to_gradagenda(chat, tmp_path):

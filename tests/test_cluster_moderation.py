@@ -111,3 +111,42 @@ async def test_a_session_notice_is_stored_once_and_reaches_members_on_every_node
                                                                               "notice")
     await bob.send(message(session, "after", cdid="m2"))
     assert (await until(alice, lambda f: f.get("type") == "message-broadcast"))["seq"] == 3
+
+
+async def test_a_ban_made_while_the_name_is_being_claimed_refuses_the_claim(
+        chat, tmp_path, redis_server, pg_url):  # noqa: F811
+    """A claim waits for Redis; a ban of the name made meanwhile found no
+    client holding it (the name is the client's only once the claim is
+    granted), so the client then joined under the banned name."""
+    from tests.lobby_peers import IDENTIFIED, INIT
+    from tests.lobby_peers import wcp as lobby_wcp
+    from tests.test_api import config
+
+    server = await chat.start(config(tmp_path, broker=redis_server.url, store=pg_url))
+    bystander = await lobby_wcp(chat, "sam")
+    peer = await chat.connect("/socialvp")
+    assert await peer.recv() == INIT
+    redis_server.pause()
+    try:
+        await peer.send({"command": "identify", "name": "mallory"})
+        with trio.fail_after(GUARD):
+            while not server.lobby._pending:  # the claim is waiting for Redis
+                await trio.sleep(0.01)
+        answer = await api(server.port, "ban", {"name": "Mallory", "reason": "spam"})
+    finally:
+        redis_server.resume()
+    assert answer["disconnected"] == 1
+    frame = await peer.recv()
+    assert frame != IDENTIFIED
+    assert frame == {"type": "outcome", "success": False, "code": 403, "message": "Banned: spam!"}
+    from trio_websocket import ConnectionClosed
+
+    with trio.fail_after(GUARD):
+        try:
+            late = await peer.ws.get_message()
+            raise AssertionError(f"after the refusal: {late}")  # e.g. "Identified"
+        except ConnectionClosed as exc:
+            assert exc.reason.code == 1008
+    # Nobody saw mallory join (the next join the room hears is zoe's).
+    await lobby_wcp(chat, "zoe")
+    assert (await bystander.recv())["user_id"] == "zoe"

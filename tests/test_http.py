@@ -94,6 +94,35 @@ async def test_a_malformed_handshake_gets_a_4xx_with_a_reason_and_one_info_line(
     assert server.metrics.refused[status] == 1
 
 
+SECRET_TEXT = "sk-0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize("line", [
+    f"Authorization: Bearer {SECRET_TEXT}\x00",
+    f"Authorization : Bearer {SECRET_TEXT}",
+    f"X-API-Key: {SECRET_TEXT}\x00tail",
+    f"Cookie {SECRET_TEXT}",
+    f"Bad Header: {SECRET_TEXT}",
+])
+@pytest.mark.parametrize("path", ["/api/info", "/wcp"])
+async def test_a_malformed_header_line_is_named_but_never_quoted(chat, caplog, line, path):
+    """h11's error text quotes the illegal header line, and the log line and
+    the 400 quoted it: an API key or any credential sent with one bad byte
+    (or a space before the colon) was written to the log."""
+    from tests.api_helpers import KEY
+
+    server = await chat.start(api_key=KEY)
+    caplog.set_level(logging.DEBUG)
+    request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{line}\r\n"
+               "Content-Length: 2\r\n\r\n{}")
+    got, _, body = await http(server.port, request)
+    assert got == 400 and "malformed HTTP request" in body.decode()
+    assert SECRET_TEXT[:8] not in body.decode()
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "refused with 400" in logged
+    assert SECRET_TEXT[:8] not in logged, logged
+
+
 @pytest.mark.parametrize("host", ["xn--", "xn--zz", "..", "a" * 300, "[::1]:8765", "", "h:"])
 async def test_a_host_that_is_not_idna_is_just_text(chat, caplog, host):
     # A Host that is not valid IDNA once made the old server drop the socket

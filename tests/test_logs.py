@@ -16,6 +16,7 @@ import re
 import time
 from contextlib import contextmanager
 
+import pytest
 import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -395,3 +396,39 @@ async def test_what_is_left_out_is_summarised_once_a_minute(nursery, autojump_cl
     assert line.endswith(f": 192.0.2.99 {100 - passed}")
     await trio.sleep(SUMMARY_INTERVAL * 2)  # nothing more left out: nothing more said
     assert len([r for r in caplog.records if r.name == "chatd.logs"]) == 1
+
+
+async def _speak_as(port: int, name: str, frames: int) -> None:
+    """A wschat client sends ``frames`` messages as ``name`` (each dropped
+    and logged), then one as itself, whose echo proves all were handled."""
+    from tests.lobby_peers import signed
+
+    holder = await RawClient.connect(port, "/wschat")
+    await holder.send_text(_json(signed("holder", "here")))
+    await holder.next_message()  # its echo: "holder" is held
+    client = await RawClient.connect(port, "/wschat")
+    for _ in range(frames):
+        await client.send_text(_json(signed(name, "x" * 1000)))
+    await client.send_text(_json(signed("speaker", "done")))
+    while json.loads(await client.next_message())["usr"] != "speaker":
+        pass
+    await client.aclose()
+    await holder.aclose()
+
+
+@pytest.mark.parametrize("name, says", [("chatd", "notice sender"),
+                                        ("Holder", "held by another connection")])
+def test_one_connection_speaking_as_a_name_it_cannot_have_is_bounded(tmp_path, name, says):
+    """The router logs a refused wschat ``usr`` on the client's behalf: the
+    line named no client, so no bucket bounded it (issue 22's reserved
+    notice sender made one such line per message, at the message rate)."""
+    server = _serve(tmp_path, endpoints=[{"path": "/wschat", "protocol": "wschat"}])
+    try:
+        offset = len(server.output())
+        started = time.monotonic()
+        trio.run(_speak_as, server.port, name, 400)
+        elapsed = time.monotonic() - started
+        lines = [line for line in server.log.read_text()[offset:].splitlines() if says in line]
+        assert 1 <= len(lines) <= 16 + 0.1 * elapsed + 1, len(lines)
+    finally:
+        server.stop()

@@ -63,3 +63,24 @@ def test_deletion_erasure_and_retention_keep_each_sessions_newest_seq(store):
     assert [r[0] for r in run(store, lambda s: s.history("g1"))] == [6]
     assert run(store, lambda s: db.prune(s, 10**13, None, 1)) == 1  # every session by age
     assert [r[0] for r in run(store, lambda s: s.history("g2"))] == [2]
+
+
+def test_emptying_a_session_removes_every_sender_and_keeps_its_seq(store):
+    """erase-user's step for a direct session (which cannot be deleted):
+    both sides' messages go, the newest blanked, and the next seq follows."""
+    run(store, db.ensure_schema)
+
+    def fill(s):
+        s.create_session("d1", "direct", ["alice", "bob"], 0)
+        for seq in range(1, 5):
+            s.append_message("d1", "bob" if seq % 2 else "alice", '{"type":"text","body":"x"}',
+                             seq, seq * 1000)
+
+    run(store, fill)
+    assert run(store, lambda s: db.empty_session(s, "d1", "chatd")) == 4
+    rows = run(store, lambda s: s.history("d1"))
+    assert [(seq, sender, message) for seq, sender, message, *_ in rows] == [
+        (4, "chatd", db.TOMBSTONE)]
+    assert run(store, lambda s: db.empty_session(s, "d1", "chatd")) == 0  # nothing left
+    assert run(store, lambda s: s.append_message("d1", "bob", "{}", 5, 5000)) == 5
+    assert run(store, lambda s: db.empty_session(s, "nothing", "chatd")) == 0

@@ -133,6 +133,18 @@ def erase_messages(store: Store, user_id: str, sender: str) -> int:
     return len(rows)
 
 
+def empty_session(store: Store, session_id: str, sender: str) -> int:
+    """Remove every message of the session, whoever sent it, blanking the
+    newest (its seq stays the highest stored); how many were removed."""
+    m = store.mark
+    newest = _newest(store, session_id)
+    removed = _rowcount(store.execute(
+        f"DELETE FROM messages WHERE session_id = {m} AND seq < {m}", (session_id, newest)))
+    if newest and delete_message(store, session_id, newest, sender):
+        removed += 1
+    return removed
+
+
 def set_retention(store: Store, session_id: str, max_count: int | None,
                   max_age_ms: int | None) -> None:
     m = store.mark
