@@ -890,15 +890,19 @@ class Lobby(Service):
 
     def _drop_remote(self, room_name: str, remote: RemoteRoom, key: tuple[str, int]) -> None:
         """Forget another node's member; its leave is announced unless the
-        name is still held (bridges sharing it, here or on other nodes)."""
+        name is still held (bridges sharing it, here or on other nodes) or
+        a bridge of this node that shared it is still releasing it: that
+        release announces the leave once the name is free (``released``)."""
         member = remote.members.pop(key, None)
         if member is None:
             return
         remote.unindex(member)
         room = self.rooms.get(room_name)
-        if room is not None and member.claim.announced and not self._shown(
-                room, member.claim.name.address):
-            self.fanout(room, UserLeft(name=member.claim.name.shown))
+        shown = member.claim.name.shown
+        if (room is not None and member.claim.announced
+                and not self._shown(room, member.claim.name.address)
+                and (room_name, shown) not in self._leaving):
+            self.fanout(room, UserLeft(name=shown))
 
     def _shown(self, room: Room, address: str) -> bool:
         """Whether a name (its address form) is held in ``room``, here or
