@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import codecs
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -93,18 +93,22 @@ class _PeerGone(Exception):
 
 class Connection(Client):
     __slots__ = ("ws", "frames", "unparsed", "proto", "router", "config", "metrics", "tokens", "stamp",
-                 "last_heard", "ping_sent", "peer_close", "ended", "throttled", "limit")
+                 "last_heard", "ping_sent", "peer_close", "ended", "throttled", "limit", "on_end")
 
     def __init__(self, transport: Transport, trailing: bytes, protocol_cls: type[Protocol],
                  ctx: Context, room: str, peer: str, path: str, router: Router, config: Config,
-                 flusher: Flusher, metrics: Metrics) -> None:
+                 flusher: Flusher, metrics: Metrics,
+                 on_end: Callable[[Connection], None] | None = None) -> None:
         super().__init__(protocol_cls, room, peer, path, config.outbox_size, transport, flusher)
         # One frame may be as long as a whole message; the parser refuses a
         # longer one from its header. A message's total is counted here.
         #: The endpoint's ``max-frame-bytes`` (``Config.frame_limit``).
         self.limit = ctx.max_frame_bytes
-        self.ws = WSProtocol(Side.SERVER, state=State.OPEN,
-                             max_size=(None, self.limit), logger=_frames_log)
+        #: The frame parser while bytes are being parsed; None while the
+        #: connection waits with nothing half-parsed (``_idle``).
+        self.ws: WSProtocol | None = None
+        #: Called with the connection when its task ends (the server's books).
+        self.on_end = on_end
         #: Frames parsed and not handled yet, in order.
         self.frames: Iterator[Frame] = _NO_FRAMES
         #: Bytes read but not yet given to the parser (see ``_feed``).
@@ -142,8 +146,12 @@ class Connection(Client):
             log.exception("%s connection task failed", self.peer)
             self.kill(1011, "internal error")
         finally:
-            with trio.CancelScope(shield=True):
-                await self._finish()
+            try:
+                with trio.CancelScope(shield=True):
+                    await self._finish()
+            finally:
+                if self.on_end is not None:
+                    self.on_end(self)
 
     async def _serve(self) -> None:
         await self._carry_out(self.proto.greeting())
@@ -253,12 +261,12 @@ class Connection(Client):
                     skipping = not frame.fin
                     if frame.fin:
                         size = 0
-            if self.ws.parser_exc is not None:
+            if self.ws is not None and self.ws.parser_exc is not None:
                 await self._parser_failed()
             if self.unparsed:
                 self._feed(b"")
                 continue
-            data = await self.transport.receive()
+            data = await self.transport.receive(self._idle)
             if not data:
                 self.ended = True
                 raise _PeerGone
@@ -274,10 +282,24 @@ class Connection(Client):
         that to a few dozen KB per connection; the rest waits as bytes."""
         data = self.unparsed + data if self.unparsed else data
         ws = self.ws
+        if ws is None:
+            ws = self.ws = WSProtocol(Side.SERVER, state=State.OPEN,
+                                      max_size=(None, self.limit), logger=_frames_log)
         ws.receive_data(data[:_PARSE_SLICE])
         self.unparsed = data[_PARSE_SLICE:]
         self.frames = iter(ws.events_received())
         ws.data_to_send()  # the library's automatic replies: chatd writes its own
+
+    def _idle(self) -> None:
+        """Nothing to read now: let go of the parser if it holds nothing
+        (no partial frame, no fragmented message, no close, no failure), so
+        an idle connection costs no parser (~1 KiB); the next read makes a
+        new one (~8 µs)."""
+        ws = self.ws
+        if (ws is not None and not ws.reader.buffer and ws.current_size is None
+                and ws.parser_exc is None and ws.close_rcvd is None and not self.unparsed):
+            self.ws = None
+            self.frames = _NO_FRAMES
 
     async def _parser_failed(self) -> None:
         """Act on what stopped the parser, once the frames before it are handled."""
@@ -494,7 +516,7 @@ class Connection(Client):
             if self.unparsed:
                 self._feed(b"")
                 continue
-            data = await self.transport.receive()
+            data = await self.transport.receive(self._idle)
             if not data:
                 return
             self._feed(data)
