@@ -93,11 +93,12 @@ class _PeerGone(Exception):
 
 class Connection(Client):
     __slots__ = ("ws", "frames", "unparsed", "proto", "router", "config", "metrics", "tokens", "stamp",
-                 "last_heard", "ping_sent", "peer_close", "ended", "throttled", "limit", "on_end")
+                 "last_heard", "ping_sent", "peer_close", "ended", "throttled", "limit", "counted",
+                 "on_end")
 
     def __init__(self, transport: Transport, trailing: bytes, protocol_cls: type[Protocol],
                  ctx: Context, room: str, peer: str, path: str, router: Router, config: Config,
-                 flusher: Flusher, metrics: Metrics,
+                 flusher: Flusher, metrics: Metrics, counted: str | None = None,
                  on_end: Callable[[Connection], None] | None = None) -> None:
         super().__init__(protocol_cls, room, peer, path, config.outbox_size, transport, flusher)
         # One frame may be as long as a whole message; the parser refuses a
@@ -107,7 +108,10 @@ class Connection(Client):
         #: The frame parser while bytes are being parsed; None while the
         #: connection waits with nothing half-parsed (``_idle``).
         self.ws: WSProtocol | None = None
-        #: Called with the connection when its task ends (the server's books).
+        #: The address the server's ledger counted this connection against
+        #: (``chatd.limits``), and what is called with the connection when
+        #: its task ends (the server's books; one callable for all).
+        self.counted = counted
         self.on_end = on_end
         #: Frames parsed and not handled yet, in order.
         self.frames: Iterator[Frame] = _NO_FRAMES

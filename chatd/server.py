@@ -339,8 +339,7 @@ class Server:
                 name = mount.protocol.name
                 connection = Connection(transport, trailing, mount.protocol, mount.ctx,
                                         mount.room, client, path, self.router, self.config,
-                                        self.flusher, self.metrics,
-                                        functools.partial(self._ended, counted, name))
+                                        self.flusher, self.metrics, counted, self._ended)
                 log.info("%s connected to %s (%s)", client, path, name,
                          extra={"peer": client, "path": path})
                 self.connections.add(connection)
@@ -359,11 +358,11 @@ class Server:
                     self.ledger.release_refusal(peer.ip)
                 transport.close()
 
-    def _ended(self, counted: str | None, name: str, connection: Connection) -> None:
+    def _ended(self, connection: Connection) -> None:
         """A connection's task is over (``Connection.run`` calls this last)."""
         self.connections.discard(connection)
-        self.metrics.connections[name] -= 1
-        self.ledger.release(counted)
+        self.metrics.connections[connection.protocol.name] -= 1
+        self.ledger.release(connection.counted)
         connection.transport.close()
 
     async def _handshake(self, transport: Transport, peer: Address, trusted: bool,
