@@ -63,6 +63,8 @@ from websockets.protocol import Side, State
 from chatd import names
 from chatd.client import Client, Flusher
 from chatd.events import Answered, Command, Leave, Request
+from chatd.logs import client_source
+from chatd.parking import Parking
 from chatd.protocols.base import AuthFailed, Close, Context, Output, Protocol, Send, Stream
 from chatd.router import Router
 from chatd.transport import Transport, text_frame
@@ -91,15 +93,20 @@ class _PeerGone(Exception):
     """The peer closed the connection or the stream broke."""
 
 
+class _Parked(Exception):
+    """The connection parked: its task ends without ending it."""
+
+
 class Connection(Client):
     __slots__ = ("ws", "frames", "unparsed", "proto", "router", "config", "metrics", "tokens", "stamp",
                  "last_heard", "ping_sent", "peer_close", "ended", "throttled", "limit", "counted",
-                 "on_end")
+                 "on_end", "parking", "source")
 
     def __init__(self, transport: Transport, trailing: bytes, protocol_cls: type[Protocol],
                  ctx: Context, room: str, peer: str, path: str, router: Router, config: Config,
                  flusher: Flusher, metrics: Metrics, counted: str | None = None,
-                 on_end: Callable[[Connection], None] | None = None) -> None:
+                 on_end: Callable[[Connection], None] | None = None,
+                 parking: Parking | None = None) -> None:
         super().__init__(protocol_cls, room, peer, path, config.outbox_size, transport, flusher)
         # One frame may be as long as a whole message; the parser refuses a
         # longer one from its header. A message's total is counted here.
@@ -113,6 +120,12 @@ class Connection(Client):
         #: its task ends (the server's books; one callable for all).
         self.counted = counted
         self.on_end = on_end
+        #: Where the connection waits without a task while its socket is
+        #: silent (``chatd.parking``); None: it always keeps its task.
+        self.parking = parking
+        #: Whom the lines logged for this connection are charged to
+        #: (``chatd.logs``), set again in each new task after parking.
+        self.source = client_source.get()
         #: Frames parsed and not handled yet, in order.
         self.frames: Iterator[Frame] = _NO_FRAMES
         #: Bytes read but not yet given to the parser (see ``_feed``).
@@ -138,11 +151,18 @@ class Connection(Client):
 
     # --- the task ------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Serve the connection until it ends; never raises."""
+    async def run(self, resumed: bool = False) -> None:
+        """Serve the connection until it ends, or until it parks (then
+        ``wake`` gives it a new task, which runs this with ``resumed``);
+        never raises."""
+        parked = False
+        if resumed:
+            client_source.set(self.source)
         try:
             with self.scope:
-                await self._serve()
+                await self._serve(resumed)
+        except _Parked:
+            parked = True
         except _PeerGone:
             pass
         except Exception:
@@ -150,21 +170,23 @@ class Connection(Client):
             log.exception("%s connection task failed", self.peer)
             self.kill(1011, "internal error")
         finally:
-            try:
-                with trio.CancelScope(shield=True):
-                    await self._finish()
-            finally:
-                if self.on_end is not None:
-                    self.on_end(self)
+            if not parked:
+                try:
+                    with trio.CancelScope(shield=True):
+                        await self._finish()
+                finally:
+                    if self.on_end is not None:
+                        self.on_end(self)
 
-    async def _serve(self) -> None:
-        await self._carry_out(self.proto.greeting())
-        self.flush()
-        if not self.proto.authenticated:
-            await self._auth_stage()
-            # An answer to the auth frame (a wcp roster) is written outside
-            # the auth stage's deadline: it takes as long as the client reads.
-            await self._write_streams()
+    async def _serve(self, resumed: bool) -> None:
+        if not resumed:
+            await self._carry_out(self.proto.greeting())
+            self.flush()
+            if not self.proto.authenticated:
+                await self._auth_stage()
+                # An answer to the auth frame (a wcp roster) is written outside
+                # the auth stage's deadline: it takes as long as the client reads.
+                await self._write_streams()
         while True:
             await self._handle(await self._next_message())
 
@@ -270,7 +292,7 @@ class Connection(Client):
             if self.unparsed:
                 self._feed(b"")
                 continue
-            data = await self.transport.receive(self._idle)
+            data = await self.transport.receive(self._park)
             if not data:
                 self.ended = True
                 raise _PeerGone
@@ -304,6 +326,33 @@ class Connection(Client):
                 and ws.parser_exc is None and ws.close_rcvd is None and not self.unparsed):
             self.ws = None
             self.frames = _NO_FRAMES
+
+    def _park(self) -> None:
+        """Nothing to read now: an authenticated connection with nothing
+        half-read, nothing to finish and no answer under way parks
+        (``chatd.parking``): its task ends here (``_Parked``) and ``wake``
+        starts a new one when bytes arrive or it is killed."""
+        self._idle()
+        parking = self.parking
+        if (parking is not None and self.ws is None and self.proto.authenticated
+                and self.close_code is None and self.peer_close is None and not self.sealed
+                and self.streams is None and not self.in_flight):
+            parking.park(self.transport.fileno(), self)
+            raise _Parked
+
+    def wake(self) -> None:
+        """Parked no more (its socket is readable, or it was killed): a new
+        task carries on reading, or ends it."""
+        self.scope = trio.CancelScope()
+        if self.close_code is not None:
+            self.scope.cancel()
+        self.parking.spawn(self.run, True)
+
+    def kill(self, code: int, reason: str) -> None:
+        super().kill(code, reason)
+        parking = self.parking
+        if parking is not None and parking.unpark(self.transport.fileno()):
+            self.wake()
 
     async def _parser_failed(self) -> None:
         """Act on what stopped the parser, once the frames before it are handled."""

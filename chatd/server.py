@@ -45,6 +45,7 @@ from chatd.logs import ClientSource, client_lines, client_source, report_suppres
 from chatd.lobby import Lobby
 from chatd.metrics import Metrics
 from chatd.moderation import Moderation
+from chatd.parking import Parking
 from chatd.protocols import PROTOCOL_CLASSES
 from chatd.protocols.base import Context, Protocol
 from chatd.proxy import Address, ProxyHeaderError, forwarded_address, in_networks, parse_networks
@@ -126,6 +127,8 @@ class Server:
         #: Handshakes under way, cancelled at shutdown.
         self._handshakes: set[trio.CancelScope] = set()
         self._spawn = None
+        #: Idle connections waiting without a task (``chatd.parking``).
+        self._parking: Parking | None = None
         #: The TLS context of ``wss`` (chatd terminates TLS), or None.
         self._tls = None
         self._shutdown_deadline = float("inf")
@@ -195,6 +198,8 @@ class Server:
                 await nursery.start(self.router.run)
                 async with trio.open_nursery() as connections:
                     self._spawn = connections.start_soon
+                    self._parking = Parking(self._spawn)
+                    connections.start_soon(self._park_idle)
                     self._serve(listeners, self._handle_stream, connections)
                     self._serve(admin_listeners, self._handle_admin, connections)
                     if config.ping_interval > 0:
@@ -273,6 +278,11 @@ class Server:
     def _log_source(self, ip: str | None, shown: str) -> ClientSource:
         return ClientSource(None if self.ledger.is_exempt(ip) else ip, shown)
 
+    async def _park_idle(self) -> None:
+        with trio.CancelScope() as scope:
+            self._listen_scopes.append(scope)  # cancelled when shutdown begins
+            await self._parking.run()
+
     def _serve(self, listeners: list[socket.socket], handler, nursery: trio.Nursery) -> None:
         for listener in listeners:
             nursery.start_soon(self._accept, listener, handler, nursery)
@@ -339,7 +349,8 @@ class Server:
                 name = mount.protocol.name
                 connection = Connection(transport, trailing, mount.protocol, mount.ctx,
                                         mount.room, client, path, self.router, self.config,
-                                        self.flusher, self.metrics, counted, self._ended)
+                                        self.flusher, self.metrics, counted, self._ended,
+                                        self._parking)
                 log.info("%s connected to %s (%s)", client, path, name,
                          extra={"peer": client, "path": path})
                 self.connections.add(connection)

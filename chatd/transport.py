@@ -96,6 +96,9 @@ class Transport:
     def socket(self) -> socket.socket:
         return self._sock
 
+    def fileno(self) -> int:
+        return self._fd
+
     # --- reading -----------------------------------------------------------------
 
     async def receive(self, idle: Callable[[], None] | None = None) -> bytes:
