@@ -517,7 +517,10 @@ class Connection(Client):
         try:
             for command in goodbye:
                 command.client = self
-                await self.router.send(command)
+                try:
+                    self.router.post(command)  # no wait unless the queue is full
+                except trio.WouldBlock:
+                    await self.router.send(command)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the router is gone: the server is stopping
         transport, peer_close = self.transport, self.peer_close
@@ -546,7 +549,9 @@ class Connection(Client):
             self.deliver(frame)
         self.sealed = True
         self.flush()
-        if frame:
+        if frame and (transport.draining or peer_close is None):
+            # Something to wait for: the close frame to leave, or the
+            # peer's close. (An echo the kernel took at once needs nothing.)
             with trio.move_on_after(self.config.close_timeout):
                 await transport.drain()
                 if peer_close is None and not transport.broken:

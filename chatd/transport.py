@@ -99,6 +99,11 @@ class Transport:
     def fileno(self) -> int:
         return self._fd
 
+    @property
+    def draining(self) -> bool:
+        """True while bytes wait for the kernel (counted or not)."""
+        return self._backlog is not None
+
     # --- reading -----------------------------------------------------------------
 
     async def receive(self, idle: Callable[[], None] | None = None) -> bytes:
