@@ -322,10 +322,17 @@ class Connection(Client):
         an idle connection costs no parser (~1 KiB); the next read makes a
         new one (~8 µs)."""
         ws = self.ws
-        if (ws is not None and not ws.reader.buffer and ws.current_size is None
-                and ws.parser_exc is None and ws.close_rcvd is None and not self.unparsed):
-            self.ws = None
-            self.frames = _NO_FRAMES
+        if ws is None or self.unparsed or ws.parser_exc is not None or ws.close_rcvd is not None:
+            return
+        # What the parser holds is read from two attributes websockets
+        # (16-17) does not document: the bytes of a partial frame and the
+        # size of a fragmented message under way. Without them (another
+        # version) the parser is kept: more memory, the same behaviour.
+        buffered = getattr(getattr(ws, "reader", None), "buffer", None)
+        if buffered is None or buffered or getattr(ws, "current_size", 0) is not None:
+            return
+        self.ws = None
+        self.frames = _NO_FRAMES
 
     def _park(self) -> None:
         """Nothing to read now: an authenticated connection with nothing

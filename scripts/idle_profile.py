@@ -52,6 +52,7 @@ BUCKETS = [
     ("WebSocket parser (websockets Protocol, reader generator)", "/websockets/"),
     ("request head parser (h11)", "/h11/"),
     ("chatd: connection task and its coroutine frames", "chatd/connection.py"),
+    ("chatd: parking (the idle connections' epoll set)", "chatd/parking.py"),
     ("chatd: server's accept and handshake path", "chatd/server.py"),
     ("chatd: transport (socket wrapper, outbox)", "chatd/transport.py"),
     ("chatd: client (outbox, flusher)", "chatd/client.py"),
