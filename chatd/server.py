@@ -127,6 +127,8 @@ class Server:
         #: Handshakes under way, cancelled at shutdown.
         self._handshakes: set[trio.CancelScope] = set()
         self._spawn = None
+        #: Called when a connection's task ends: one bound method for all.
+        self._on_end = self._ended
         #: Idle connections waiting without a task (``chatd.parking``).
         self._parking: Parking | None = None
         #: The TLS context of ``wss`` (chatd terminates TLS), or None.
@@ -349,7 +351,7 @@ class Server:
                 name = mount.protocol.name
                 connection = Connection(transport, trailing, mount.protocol, mount.ctx,
                                         mount.room, client, path, self.router, self.config,
-                                        self.flusher, self.metrics, counted, self._ended,
+                                        self.flusher, self.metrics, counted, self._on_end,
                                         self._parking)
                 log.info("%s connected to %s (%s)", client, path, name,
                          extra={"peer": client, "path": path})
