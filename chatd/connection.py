@@ -112,8 +112,7 @@ class Connection(Client):
         # longer one from its header. A message's total is counted here.
         #: The endpoint's ``max-frame-bytes`` (``Config.frame_limit``).
         self.limit = ctx.max_frame_bytes
-        #: The frame parser while bytes are being parsed; None while the
-        #: connection waits with nothing half-parsed (``_idle``).
+        #: The frame parser; None until bytes arrive, and while parked.
         self.ws: WSProtocol | None = None
         #: The address the server's ledger counted this connection against
         #: (``chatd.limits``), and what is called with the connection when
@@ -292,7 +291,7 @@ class Connection(Client):
             if self.unparsed:
                 self._feed(b"")
                 continue
-            data = await self.transport.receive(self._park)
+            data = await self.transport.receive(self._quiet)
             if not data:
                 self.ended = True
                 raise _PeerGone
@@ -316,36 +315,43 @@ class Connection(Client):
         self.frames = iter(ws.events_received())
         ws.data_to_send()  # the library's automatic replies: chatd writes its own
 
-    def _idle(self) -> None:
-        """Nothing to read now: let go of the parser if it holds nothing
-        (no partial frame, no fragmented message, no close, no failure), so
-        an idle connection costs no parser (~1 KiB); the next read makes a
-        new one (~8 µs)."""
+    def _parser_idle(self) -> bool:
+        """Whether the parser holds nothing (no partial frame, no fragmented
+        message, no close, no failure): then a parked connection lets go of
+        it (~1 KiB) and the next read makes a new one (~8 µs)."""
         ws = self.ws
-        if ws is None or self.unparsed or ws.parser_exc is not None or ws.close_rcvd is not None:
-            return
+        if ws is None:
+            return not self.unparsed
+        if self.unparsed or ws.parser_exc is not None or ws.close_rcvd is not None:
+            return False
         # What the parser holds is read from two attributes websockets
         # (16-17) does not document: the bytes of a partial frame and the
         # size of a fragmented message under way. Without them (another
         # version) the parser is kept: more memory, the same behaviour.
         buffered = getattr(getattr(ws, "reader", None), "buffer", None)
-        if buffered is None or buffered or getattr(ws, "current_size", 0) is not None:
-            return
+        return buffered is not None and not buffered and getattr(ws, "current_size", 0) is None
+
+    def _quiet(self) -> float | None:
+        """Nothing to read now. An authenticated connection with nothing
+        half-read, nothing to finish and no answer under way that has heard
+        nothing for ``PARK_AFTER`` seconds parks (``chatd.parking``): its
+        task ends here (``_Parked``) and ``wake`` starts a new one when
+        bytes arrive or it is killed. Until then (or if it may not park),
+        the seconds left to wait with its task (None: wait for bytes)."""
+        parking = self.parking
+        if (parking is None or not self.proto.authenticated or self.close_code is not None
+                or self.peer_close is not None or self.sealed or self.streams is not None
+                or self.in_flight):
+            return None
+        wait = PARK_AFTER - (trio.current_time() - self.last_heard)
+        if wait > 0:
+            return wait  # an active connection keeps its task: parking costs a wake-up
+        if not self._parser_idle():
+            return None
         self.ws = None
         self.frames = _NO_FRAMES
-
-    def _park(self) -> None:
-        """Nothing to read now: an authenticated connection with nothing
-        half-read, nothing to finish and no answer under way parks
-        (``chatd.parking``): its task ends here (``_Parked``) and ``wake``
-        starts a new one when bytes arrive or it is killed."""
-        self._idle()
-        parking = self.parking
-        if (parking is not None and self.ws is None and self.proto.authenticated
-                and self.close_code is None and self.peer_close is None and not self.sealed
-                and self.streams is None and not self.in_flight):
-            parking.park(self.transport.fileno(), self)
-            raise _Parked
+        parking.park(self.transport.fileno(), self)
+        raise _Parked
 
     def wake(self) -> None:
         """Parked no more (its socket is readable, or it was killed): a new
@@ -581,11 +587,15 @@ class Connection(Client):
             if self.unparsed:
                 self._feed(b"")
                 continue
-            data = await self.transport.receive(self._idle)
+            data = await self.transport.receive()
             if not data:
                 return
             self._feed(data)
 
+
+#: Seconds an authenticated connection hears nothing before it parks
+#: (``Connection._quiet``): a connection that talks keeps its task.
+PARK_AFTER = 1.0
 
 #: Bytes of a streamed answer written at a time (``Connection._write_streams``).
 _ANSWER_CHUNK = 64 * 1024

@@ -106,22 +106,26 @@ class Transport:
 
     # --- reading -----------------------------------------------------------------
 
-    async def receive(self, idle: Callable[[], None] | None = None) -> bytes:
+    async def receive(self, quiet: Callable[[], float | None] | None = None) -> bytes:
         """The next bytes from the peer; b"" once it has closed or the stream broke.
 
-        ``idle`` is called once if nothing has arrived yet, just before
-        waiting (the connection lets go of what it needs only for bytes)."""
+        ``quiet`` is called whenever nothing has arrived, before waiting:
+        it returns None (wait for bytes) or seconds after which, if still
+        nothing has arrived, it is called again; it may raise to stop
+        waiting (the connection parks: ``chatd.parking``)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             data = self._read()
             if data is not None:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
-            if idle is not None:
-                idle()
-                idle = None
+            timeout = quiet() if quiet is not None else None
             try:
-                await trio.lowlevel.wait_readable(self._fd)
+                if timeout is None:
+                    await trio.lowlevel.wait_readable(self._fd)
+                else:
+                    with trio.move_on_after(timeout):
+                        await trio.lowlevel.wait_readable(self._fd)
             except trio.ClosedResourceError:
                 self.broken = True
                 return b""
