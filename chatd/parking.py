@@ -26,6 +26,10 @@ class Parkable(Protocol):
     def wake(self) -> None: ...
 
 
+#: Parking needs ``select.epoll`` (Linux); elsewhere connections keep their tasks.
+AVAILABLE = hasattr(select, "epoll")
+
+
 class Parking:
     """Parked connections by socket descriptor; ``run`` wakes them.
 

@@ -45,6 +45,7 @@ from chatd.logs import ClientSource, client_lines, client_source, report_suppres
 from chatd.lobby import Lobby
 from chatd.metrics import Metrics
 from chatd.moderation import Moderation
+from chatd import parking
 from chatd.parking import Parking
 from chatd.protocols import PROTOCOL_CLASSES
 from chatd.protocols.base import Context, Protocol
@@ -203,8 +204,9 @@ class Server:
                 await nursery.start(self.router.run)
                 async with trio.open_nursery() as connections:
                     self._spawn = connections.start_soon
-                    self._parking = Parking(self._spawn)
-                    connections.start_soon(self._park_idle)
+                    if parking.AVAILABLE:
+                        self._parking = Parking(self._spawn)
+                        connections.start_soon(self._park_idle)
                     self._serve(listeners, self._handle_stream, connections)
                     self._serve(admin_listeners, self._handle_admin, connections)
                     if config.ping_interval > 0:
