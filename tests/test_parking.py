@@ -11,11 +11,22 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import trio
 from wsproto.events import CloseConnection, Pong, TextMessage
 
+import chatd.connection
+
 from tests.conftest import GUARD, SECRET
 from tests.rawws import CONTINUATION, PING, RawClient, close_frame, frame, text
+
+
+@pytest.fixture(autouse=True)
+def park_at_once(monkeypatch):
+    """Connections park as soon as they wait (not after a second of
+    silence), so every wait below, between fragments included, is one
+    where a connection could park."""
+    monkeypatch.setattr(chatd.connection, "PARK_AFTER", 0.0)
 
 
 async def _parked(server, count: int) -> None:
