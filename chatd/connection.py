@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import codecs
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -63,6 +63,8 @@ from websockets.protocol import Side, State
 from chatd import names
 from chatd.outbox import Client, Flusher
 from chatd.events import Answered, Command, Leave, Request
+from chatd.logs import client_source
+from chatd.parking import Parking
 from chatd.protocols.base import AuthFailed, Close, Context, Output, Protocol, Send, Stream
 from chatd.router import Router
 from chatd.transport import Transport, text_frame
@@ -91,20 +93,38 @@ class _PeerGone(Exception):
     """The peer closed the connection or the stream broke."""
 
 
+class _Parked(Exception):
+    """The connection parked: its task ends without ending it."""
+
+
 class Connection(Client):
     __slots__ = ("ws", "frames", "unparsed", "proto", "router", "config", "metrics", "tokens", "stamp",
-                 "last_heard", "ping_sent", "peer_close", "ended", "throttled", "limit")
+                 "last_heard", "ping_sent", "peer_close", "ended", "throttled", "limit", "counted",
+                 "on_end", "parking", "source")
 
     def __init__(self, transport: Transport, trailing: bytes, protocol_cls: type[Protocol],
                  ctx: Context, room: str, peer: str, path: str, router: Router, config: Config,
-                 flusher: Flusher, metrics: Metrics) -> None:
+                 flusher: Flusher, metrics: Metrics, counted: str | None = None,
+                 on_end: Callable[[Connection], None] | None = None,
+                 parking: Parking | None = None) -> None:
         super().__init__(protocol_cls, room, peer, path, config.outbox_size, transport, flusher)
         # One frame may be as long as a whole message; the parser refuses a
         # longer one from its header. A message's total is counted here.
         #: The endpoint's ``max-frame-bytes`` (``Config.frame_limit``).
         self.limit = ctx.max_frame_bytes
-        self.ws = WSProtocol(Side.SERVER, state=State.OPEN,
-                             max_size=(None, self.limit), logger=_frames_log)
+        #: The frame parser; None until bytes arrive, and while parked.
+        self.ws: WSProtocol | None = None
+        #: The address the server's ledger counted this connection against
+        #: (``chatd.limits``), and what is called with the connection when
+        #: its task ends (the server's books; one callable for all).
+        self.counted = counted
+        self.on_end = on_end
+        #: Where the connection waits without a task while its socket is
+        #: silent (``chatd.parking``); None: it always keeps its task.
+        self.parking = parking
+        #: Whom the lines logged for this connection are charged to
+        #: (``chatd.logs``), set again in each new task after parking.
+        self.source = client_source.get()
         #: Frames parsed and not handled yet, in order.
         self.frames: Iterator[Frame] = _NO_FRAMES
         #: Bytes read but not yet given to the parser (see ``_feed``).
@@ -130,11 +150,18 @@ class Connection(Client):
 
     # --- the task ------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Serve the connection until it ends; never raises."""
+    async def run(self, resumed: bool = False) -> None:
+        """Serve the connection until it ends, or until it parks (then
+        ``wake`` gives it a new task, which runs this with ``resumed``);
+        never raises."""
+        parked = False
+        if resumed:
+            client_source.set(self.source)
         try:
             with self.scope:
-                await self._serve()
+                await self._serve(resumed)
+        except _Parked:
+            parked = True
         except _PeerGone:
             pass
         except Exception:
@@ -142,17 +169,23 @@ class Connection(Client):
             log.exception("%s connection task failed", self.peer)
             self.kill(1011, "internal error")
         finally:
-            with trio.CancelScope(shield=True):
-                await self._finish()
+            if not parked:
+                try:
+                    with trio.CancelScope(shield=True):
+                        await self._finish()
+                finally:
+                    if self.on_end is not None:
+                        self.on_end(self)
 
-    async def _serve(self) -> None:
-        await self._carry_out(self.proto.greeting())
-        self.flush()
-        if not self.proto.authenticated:
-            await self._auth_stage()
-            # An answer to the auth frame (a wcp roster) is written outside
-            # the auth stage's deadline: it takes as long as the client reads.
-            await self._write_streams()
+    async def _serve(self, resumed: bool) -> None:
+        if not resumed:
+            await self._carry_out(self.proto.greeting())
+            self.flush()
+            if not self.proto.authenticated:
+                await self._auth_stage()
+                # An answer to the auth frame (a wcp roster) is written outside
+                # the auth stage's deadline: it takes as long as the client reads.
+                await self._write_streams()
         while True:
             await self._handle(await self._next_message())
 
@@ -253,12 +286,12 @@ class Connection(Client):
                     skipping = not frame.fin
                     if frame.fin:
                         size = 0
-            if self.ws.parser_exc is not None:
+            if self.ws is not None and self.ws.parser_exc is not None:
                 await self._parser_failed()
             if self.unparsed:
                 self._feed(b"")
                 continue
-            data = await self.transport.receive()
+            data = await self.transport.receive(self._quiet)
             if not data:
                 self.ended = True
                 raise _PeerGone
@@ -274,10 +307,65 @@ class Connection(Client):
         that to a few dozen KB per connection; the rest waits as bytes."""
         data = self.unparsed + data if self.unparsed else data
         ws = self.ws
+        if ws is None:
+            ws = self.ws = WSProtocol(Side.SERVER, state=State.OPEN,
+                                      max_size=(None, self.limit), logger=_frames_log)
         ws.receive_data(data[:_PARSE_SLICE])
         self.unparsed = data[_PARSE_SLICE:]
         self.frames = iter(ws.events_received())
         ws.data_to_send()  # the library's automatic replies: chatd writes its own
+
+    def _parser_idle(self) -> bool:
+        """Whether the parser holds nothing (no partial frame, no fragmented
+        message, no close, no failure): then a parked connection lets go of
+        it (~1 KiB) and the next read makes a new one (~8 µs)."""
+        ws = self.ws
+        if ws is None:
+            return not self.unparsed
+        if self.unparsed or ws.parser_exc is not None or ws.close_rcvd is not None:
+            return False
+        # What the parser holds is read from two attributes websockets
+        # (16-17) does not document: the bytes of a partial frame and the
+        # size of a fragmented message under way. Without them (another
+        # version) the parser is kept: more memory, the same behaviour.
+        buffered = getattr(getattr(ws, "reader", None), "buffer", None)
+        return buffered is not None and not buffered and getattr(ws, "current_size", 0) is None
+
+    def _quiet(self) -> float | None:
+        """Nothing to read now. An authenticated connection with nothing
+        half-read, nothing to finish and no answer under way that has heard
+        nothing for ``PARK_AFTER`` seconds parks (``chatd.parking``): its
+        task ends here (``_Parked``) and ``wake`` starts a new one when
+        bytes arrive or it is killed. Until then (or if it may not park),
+        the seconds left to wait with its task (None: wait for bytes)."""
+        parking = self.parking
+        if (parking is None or not self.proto.authenticated or self.close_code is not None
+                or self.peer_close is not None or self.sealed or self.streams is not None
+                or self.in_flight):
+            return None
+        wait = PARK_AFTER - (trio.current_time() - self.last_heard)
+        if wait > 0:
+            return wait  # an active connection keeps its task: parking costs a wake-up
+        if not self._parser_idle():
+            return None
+        self.ws = None
+        self.frames = _NO_FRAMES
+        parking.park(self.transport.fileno(), self)
+        raise _Parked
+
+    def wake(self) -> None:
+        """Parked no more (its socket is readable, or it was killed): a new
+        task carries on reading, or ends it."""
+        self.scope = trio.CancelScope()
+        if self.close_code is not None:
+            self.scope.cancel()
+        self.parking.spawn(self.run, True)
+
+    def kill(self, code: int, reason: str) -> None:
+        super().kill(code, reason)
+        parking = self.parking
+        if parking is not None and parking.unpark(self.transport.fileno()):
+            self.wake()
 
     async def _parser_failed(self) -> None:
         """Act on what stopped the parser, once the frames before it are handled."""
@@ -442,7 +530,10 @@ class Connection(Client):
         try:
             for command in goodbye:
                 command.client = self
-                await self.router.send(command)
+                try:
+                    self.router.post(command)  # no wait unless the queue is full
+                except trio.WouldBlock:
+                    await self.router.send(command)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the router is gone: the server is stopping
         transport, peer_close = self.transport, self.peer_close
@@ -471,7 +562,9 @@ class Connection(Client):
             self.deliver(frame)
         self.sealed = True
         self.flush()
-        if frame:
+        if frame and (transport.draining or peer_close is None):
+            # Something to wait for: the close frame to leave, or the
+            # peer's close. (An echo the kernel took at once needs nothing.)
             with trio.move_on_after(self.config.close_timeout):
                 await transport.drain()
                 if peer_close is None and not transport.broken:
@@ -499,6 +592,10 @@ class Connection(Client):
                 return
             self._feed(data)
 
+
+#: Seconds an authenticated connection hears nothing before it parks
+#: (``Connection._quiet``): a connection that talks keeps its task.
+PARK_AFTER = 1.0
 
 #: Bytes of a streamed answer written at a time (``Connection._write_streams``).
 _ANSWER_CHUNK = 64 * 1024

@@ -52,6 +52,7 @@ BUCKETS = [
     ("WebSocket parser (websockets Protocol, reader generator)", "/websockets/"),
     ("request head parser (h11)", "/h11/"),
     ("chatd: connection task and its coroutine frames", "chatd/connection.py"),
+    ("chatd: parking (the idle connections' epoll set)", "chatd/parking.py"),
     ("chatd: server's accept and handshake path", "chatd/server.py"),
     ("chatd: transport (socket wrapper, outbox)", "chatd/transport.py"),
     ("chatd: client (outbox, flusher)", "chatd/outbox.py"),
@@ -95,6 +96,7 @@ async def profile(args: argparse.Namespace) -> None:
         server = await nursery.start(Server(config).run)
         port = server.ports[0]
         tracemalloc.start(args.frames)
+        gc.collect()
         before, rss_before = tracemalloc.take_snapshot(), rss_kib()
         command = [sys.executable, str(REPO / "scripts" / "loadtest.py"), "idle",
                    "--port", str(port), "--secret-key", SECRET, "--path", "/multichat",
@@ -107,6 +109,7 @@ async def profile(args: argparse.Namespace) -> None:
                     raise SystemExit("idle_profile: the load test ended before connecting")
                 await trio.sleep(0.2)  # a script waiting for a count, not a test
             await trio.sleep(1.0)
+            gc.collect()  # what is still alive, not garbage the collector has yet to meet
             after, rss_after = tracemalloc.take_snapshot(), rss_kib()
         finally:
             load.kill()
