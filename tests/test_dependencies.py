@@ -111,3 +111,23 @@ def test_the_undocumented_parts_of_websockets_chatd_reads_still_behave():
     ws = Protocol(SERVER)
     ws.receive_data(Frame(Opcode.TEXT, b"not masked").serialize(mask=False))
     assert isinstance(ws.parser_exc, ProtocolError)
+
+
+def test_the_parser_state_a_parked_connection_reads_still_says_what_it_holds():
+    """``chatd/connection.py`` lets a parked connection's parser go only
+    when ``reader.buffer`` (bytes of a partial frame) is empty and
+    ``current_size`` (a fragmented message under way) is None: neither is
+    documented. If a release changes them, chatd keeps the parser (more
+    memory, same behaviour); this test says so before memory grows."""
+    from websockets.frames import Frame, Opcode
+    from websockets.protocol import SERVER, Protocol
+
+    ws = Protocol(SERVER)
+    assert len(ws.reader.buffer) == 0 and ws.current_size is None
+    frame = Frame(Opcode.TEXT, b"x" * 10).serialize(mask=True)
+    ws.receive_data(frame[:3])  # a partial frame waits in the reader
+    assert len(ws.reader.buffer) > 0
+    ws.receive_data(frame[3:])
+    assert len(ws.reader.buffer) == 0 and ws.current_size is None
+    ws.receive_data(Frame(Opcode.TEXT, b"first", fin=False).serialize(mask=True))
+    assert ws.current_size is not None  # a fragmented message under way
