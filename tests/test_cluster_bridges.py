@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 
 import coredis
+import pytest
 import trio
 
 from chatd.broker.redis import ALIVE_KEY, CLAIM, GRACE_KEY, REFRESH, RELEASE
@@ -26,6 +27,11 @@ from tests.cluster_helpers import (  # noqa: F401
 )
 from tests.conftest import GUARD, JWT_SECRET, SECRET
 from tests.pg import pg_run_database, pg_url  # noqa: F401
+
+# Kills, pauses and restarts of Redis or PostgreSQL under way, with timeouts
+# and graces measured in seconds: run alone, after the parallel part of
+# the suite, so that other tests cannot starve these nodes (README).
+pytestmark = pytest.mark.serial
 
 #: The documented bound (docs/cluster.md): a killed node is taken for dead
 #: within 10 s and a heartbeat. A guard, not a measurement.

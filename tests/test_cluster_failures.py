@@ -19,6 +19,11 @@ from tests.pg import pg_private, pg_private_server, pg_run_database, pg_url  # n
 from tests.test_cluster_gradagenda import broadcasts, login, send_all, stored
 from tests.test_gradagenda import create, message
 
+# Kills, pauses and restarts of Redis or PostgreSQL under way, with timeouts
+# and graces measured in seconds: run alone, after the parallel part of
+# the suite, so that other tests cannot starve these nodes (README).
+pytestmark = pytest.mark.serial
+
 #: The documented bound (docs/cluster.md): a dead node's names are free,
 #: and its leave announced, within 15 s. A guard, not a measurement.
 DEAD_NODE_BOUND = 15 + 5

@@ -27,6 +27,11 @@ from tests.conftest import GUARD
 from tests.pg import pg_run_database, pg_url  # noqa: F401
 from tests.test_cluster_lobby import wschat
 
+# Kills, pauses and restarts of Redis or PostgreSQL under way, with timeouts
+# and graces measured in seconds: run alone, after the parallel part of
+# the suite, so that other tests cannot starve these nodes (README).
+pytestmark = pytest.mark.serial
+
 #: The documented bound for a killed node's names (docs/cluster.md): a
 #: guard, not a measurement.
 DEAD_NODE_BOUND = 15 + 5

@@ -21,12 +21,18 @@ import signal
 from pathlib import Path
 
 import psycopg
+import pytest
 import trio
 
 from tests.cluster_helpers import Cluster, Node, redis_server  # noqa: F401
 from tests.conftest import GUARD, Peer
 from tests.pg import pg_private, pg_private_server, with_database  # noqa: F401
 from tests.test_gradagenda import auth, create, message, ok
+
+# Kills, pauses and restarts of Redis or PostgreSQL under way, with timeouts
+# and graces measured in seconds: run alone, after the parallel part of
+# the suite, so that other tests cannot starve these nodes (README).
+pytestmark = pytest.mark.serial
 
 
 async def login(cluster: Cluster, node: Node, user: str, device: str) -> Peer:
