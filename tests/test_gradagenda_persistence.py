@@ -22,20 +22,21 @@ def store(request, tmp_path) -> str:
     return request.getfixturevalue("pg_url")
 
 
-def config(tmp_path, store: str) -> str:
+def config(tmp_path, store: str, **extra: object) -> str:
+    """A GradAgenda-only config on ``store``; ``extra``: more keys."""
     path = tmp_path / "config.json"
     path.write_text(json.dumps({
         "host": "127.0.0.1:0", "jwt-secret": JWT_SECRET, "store": store,
         "message-burst": 10_000,  # the burst below is deliberate
-        "endpoints": [{"path": "/gradagenda", "protocol": "gradagenda"}]}))
+        "endpoints": [{"path": "/gradagenda", "protocol": "gradagenda"}], **extra}))
     return str(path)
 
 
 class Server:
     """A chatd process and clients for it, opened in the test's nursery."""
 
-    def __init__(self, process, tmp_path, nursery, store: str) -> None:
-        self.proc = process("serve", "--config", config(tmp_path, store))
+    def __init__(self, process, tmp_path, nursery, store: str, **extra: object) -> None:
+        self.proc = process("serve", "--config", config(tmp_path, store, **extra))
         self.nursery = nursery
 
     async def start(self) -> None:

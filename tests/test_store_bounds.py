@@ -14,7 +14,6 @@ included.
 
 from __future__ import annotations
 
-import json
 import signal
 
 import pytest
@@ -22,9 +21,10 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import GUARD, JWT_SECRET, Peer, open_websocket_url
+from tests.conftest import GUARD, Peer
 from tests.pg import pg_run_database, pg_url  # noqa: F401 (fixtures)
-from tests.test_gradagenda import auth, create, failed, login, message, ok
+from tests.test_gradagenda import create, failed, login, message, ok
+from tests.test_gradagenda_persistence import Server
 
 GROUPS, MEMBERS, MESSAGES = 3, 5, 4
 BOUNDS = {"max_groups_per_user": GROUPS, "max_members_per_session": MEMBERS,
@@ -129,40 +129,16 @@ def store(request, tmp_path) -> str:
     return request.getfixturevalue("pg_url")
 
 
-class Server:
+def bounded_server(process, tmp_path, nursery, store: str) -> Server:
     """A chatd process with the bounds above, and clients for it."""
-
-    def __init__(self, process, tmp_path, nursery, store: str) -> None:
-        path = tmp_path / "config.json"
-        path.write_text(json.dumps({
-            "host": "127.0.0.1:0", "jwt-secret": JWT_SECRET, "store": store,
-            "max-groups-per-user": GROUPS, "max-members-per-session": MEMBERS,
-            "max-messages-per-user-per-session": MESSAGES,
-            "endpoints": [{"path": "/gradagenda", "protocol": "gradagenda"}]}))
-        self.proc = process("serve", "--config", str(path))
-        self.nursery = nursery
-
-    async def start(self) -> None:
-        await trio.to_thread.run_sync(self.proc.start)
-
-    async def stop(self, sig: int | None = None) -> int:
-        return await trio.to_thread.run_sync(self.proc.stop, sig)
-
-    async def login(self, user: str) -> Peer:
-        async def open_(*, task_status=trio.TASK_STATUS_IGNORED):
-            async with open_websocket_url(f"ws://127.0.0.1:{self.proc.port}/gradagenda") as ws:
-                task_status.started(ws)
-                await trio.sleep_forever()
-
-        peer = Peer(await self.nursery.start(open_))
-        await peer.send(auth(user))
-        assert await peer.recv() == ok("auth")
-        return peer
+    return Server(process, tmp_path, nursery, store, **{
+        "max-groups-per-user": GROUPS, "max-members-per-session": MEMBERS,
+        "max-messages-per-user-per-session": MESSAGES})
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["restart", "kill-9"])
 async def test_no_restart_resets_a_bound(process, tmp_path, nursery, store, sig):
-    server = Server(process, tmp_path, nursery, store)
+    server = bounded_server(process, tmp_path, nursery, store)
     await server.start()
     mallory = await server.login("mallory")
     for n in range(GROUPS - 1):
