@@ -699,18 +699,21 @@ class PostgresStore(Store):
 
     def append_message(self, session_id: str, sender_id: str, message: str,
                        sender_timestamp: int, server_timestamp: int) -> int | None | Later:
-        if self._hold_back():
-            cell = Later()
-            self._settle = True
-            self._later.append((cell, session_id, sender_id, message, sender_timestamp,
-                                server_timestamp, None))
-            return cell
-        return self._append_now(session_id, sender_id, message, sender_timestamp,
-                                server_timestamp, None)[0]
+        result = self._append_or_hold(session_id, sender_id, message, sender_timestamp,
+                                      server_timestamp, None)
+        return result if isinstance(result, Later) else result[0]
 
     def append_checked(self, session_id: str, sender_id: str, message: str,
                        sender_timestamp: int, server_timestamp: int, version: int
                        ) -> tuple[int | None, list[str] | None] | Later:
+        return self._append_or_hold(session_id, sender_id, message, sender_timestamp,
+                                    server_timestamp, version)
+
+    def _append_or_hold(self, session_id: str, sender_id: str, message: str,
+                        sender_timestamp: int, server_timestamp: int, version: int | None,
+                        ) -> tuple[int | None, list[str] | None] | Later:
+        """Held back for the batch's one statement (a ``Later`` filled after
+        COMMIT), else appended now."""
         if self._hold_back():
             cell = Later()
             self._settle = True
