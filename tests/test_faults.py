@@ -148,7 +148,10 @@ STALLS = ["silent", "half-a-message", "pings", "refused-attempt"]
     for stall in STALLS if not (path == "/multichat" and stall == "refused-attempt")])
 async def test_a_client_stalling_in_the_auth_stage_is_closed_1008(chat, path, stall):
     auth, refused = _auth_frames()[path]
-    server = await chat.start(auth_timeout=0.3)
+    # Long enough for the clients of ``still_serving`` below to register
+    # on a loaded machine (the suite runs on four workers): they live under
+    # the same auth-timeout.
+    server = await chat.start(auth_timeout=2.0)
     raw = await RawClient.connect(server.port, path)
     if stall == "half-a-message":
         # The auth frame's first fragment; the rest never comes.
