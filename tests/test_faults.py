@@ -58,7 +58,9 @@ async def read_to_eof(stream: trio.SocketStream) -> bytes:
 
 @pytest.mark.parametrize("sent", [b"", HALF_REQUEST], ids=["nothing", "half-request"])
 async def test_a_stalled_handshake_is_dropped_after_the_handshake_timeout(chat, sent):
-    server = await chat.start(handshake_timeout=0.3)
+    # 2 s, not less: the clients of ``still_serving`` below handshake under
+    # the same timeout, on a machine the suite's four workers load.
+    server = await chat.start(handshake_timeout=2.0)
     stream = await open_stream(server.port)
     await stream.send_all(sent)
     # Dropped without an answer: there was never a request to answer.
@@ -67,8 +69,9 @@ async def test_a_stalled_handshake_is_dropped_after_the_handshake_timeout(chat, 
 
 
 async def test_a_handshake_trickled_byte_by_byte_is_dropped_all_the_same(chat):
-    # The timeout covers the whole request, so a slow drip cannot extend it.
-    server = await chat.start(handshake_timeout=0.3)
+    # The timeout covers the whole request, so a slow drip cannot extend it
+    # (2 s: the drip would take over 25 s; see the test above for why not less).
+    server = await chat.start(handshake_timeout=2.0)
     stream = await open_stream(server.port)
     request = HALF_REQUEST + b"X-Padding: " + b"a" * 5000 + b"\r\n\r\n"
     sent = 0
