@@ -23,6 +23,7 @@ import argparse
 import fcntl
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -57,10 +58,28 @@ def peer_problem(peer: str) -> str | None:
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 now, for a server started next that
+    must be told its port (a spawned chatd, redis-server, PostgreSQL).
+
+    Picked at random below the kernel's ephemeral range
+    (``net.ipv4.ip_local_port_range``), not with ``bind(0)``: a port the
+    kernel just handed out here is the one it hands next to whatever
+    binds port 0 — another worker's server — before ours takes it."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            first_ephemeral = int(ranges.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 32768
+    low = 10_000 if first_ephemeral > 11_000 else 1024
+    for _ in range(200):
+        port = random.randrange(low, first_ephemeral)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port below the ephemeral range")
 
 
 def spawn_config(args: argparse.Namespace, endpoints: list[dict], secret_key: str,
