@@ -85,6 +85,18 @@ def test_every_item_survives_encoding(batch_items):
     assert batch.origin == "n1" and batch.items == batch_items
 
 
+@FUZZ
+@given(st.lists(items, max_size=4), st.sampled_from(["n1", "n-2", 'odd"node\\']), texts)
+def test_a_nodes_own_payloads_are_told_by_their_start_and_no_other_is(batch_items, node, boot):
+    """A node drops its own payloads on channels it also subscribes to
+    without decoding them: every payload it encodes starts with its prefix;
+    those of another boot of the same node-id (told as an error) do not."""
+    own = wire.own_prefix(node, boot)
+    assert wire.encode(node, boot, batch_items).startswith(own)
+    assert not wire.encode(node, boot + "x", batch_items).startswith(own)
+    assert not wire.encode(node + "x", boot, batch_items).startswith(own)
+
+
 def test_the_decoder_names_what_is_wrong():
     with pytest.raises(WireError, match="nested deeper than 64"):
         wire.decode("[" * 100 + "]" * 100)

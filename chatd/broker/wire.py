@@ -207,6 +207,15 @@ def encode(origin: str, boot: str, items: list[Item]) -> bytes:
     return _encoder.encode(Batch(origin=origin, boot=boot, items=items))
 
 
+def own_prefix(origin: str, boot: str) -> bytes:
+    """How every payload ``encode`` makes for ``origin`` and ``boot``
+    begins (its fields are encoded in their order), so a node can tell its
+    own payloads without decoding them."""
+    empty = encode(origin, boot, [])
+    assert empty.endswith(b"[]}")
+    return empty[:-2]
+
+
 def decode(data: bytes | str) -> Batch:
     """The ``Batch`` in ``data``; raises ``WireError`` (saying why) for
     anything else, including JSON nested deeper than
