@@ -57,7 +57,7 @@ FILL_PAGE = 100
 #: Seconds between two calls of ``Feeds.due`` while gaps wait: a gap
 #: opened by a message offered is read after 1 to 2 of these if pub/sub
 #: has not filled it by then.
-FILL_WAIT = 0.2
+FILL_WAIT = 0.1
 #: Deleted sessions remembered, so that their late messages are dropped.
 GONE_KEPT = 10_000
 #: Reads that found nothing past a gap before the gap is skipped (the

@@ -54,8 +54,9 @@ lose or reorder messages, so for each local user and session the node
 keeps a ``Feed``: the last ``seq`` that user's devices here got. A
 message at or below it is a duplicate and dropped; one past a gap is
 held, and the gap filled by reading the store (a writer job, never in
-the router), so each device gets every message of its sessions once, in
-``seq`` order. A user's first device on a node reads where each of their
+the router) if pub/sub has not filled it within ``chatd.feeds.FILL_WAIT``
+to twice that (the ``FillDue`` timer), so each device gets every message
+of its sessions once, in ``seq`` order. A user's first device on a node reads where each of their
 sessions stands (its baseline) before its login is answered; a new
 subscription, and every broker reconnect, is followed by a read of what
 may have been missed, and a reconnect reloads the sessions themselves.
