@@ -21,8 +21,10 @@ shared groups, each sending into the groups in turn with ``--window``
 unconfirmed, for ``--duration`` seconds; then the same users all on the
 first node. It reports stored messages/s, confirmation latency, the
 answers ``storage busy`` (and any other failure) and the deadlocks
-PostgreSQL counted (``pg_stat_database``), and the spread run's share of
-the one-node figure.
+PostgreSQL counted (``pg_stat_database``), the nodes' CPU per stored
+message, stored messages per store transaction, the items published and
+received over Redis and the feeds' gap reads (from each node's
+``/metrics``), and the spread run's share of the one-node figure.
 
 Each node's CPU is read from /proc. Everything runs on loopback and stops
 by itself; a run takes about ``3 x --duration`` seconds per node count.
