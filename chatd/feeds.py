@@ -21,13 +21,29 @@ change); each returns the **actions** the caller carries out, in order:
 - ``Read(session_id, after, attempt)``: read up to ``FILL_PAGE`` stored
   messages of the session after ``seq`` ``after``, then call
   ``Feeds.filled`` with them (or with the failure);
+- ``Wait()``: call ``Feeds.due`` in ``FILL_WAIT`` seconds (once, however
+  many ``Wait`` came meanwhile);
 - ``Reload()``: read the sessions from the store, then call
   ``Feeds.place`` with when each member joined;
 - ``Skipped(...)``: a gap the store could not fill, skipped (to log).
 
-``chatd.sessions`` is the caller: it runs the reads as store jobs and
-delivers through the hub. Tested with events in and actions out
-(tests/test_feeds.py).
+**A gap is not read at once.** In a cluster a gap is the ordinary case,
+not a loss: when members of one session write from several nodes, each
+node offers its own commits to its feeds as soon as they are reported,
+while the messages just before them, committed a moment earlier by
+other nodes, are still on their way through the broker (commit report,
+publisher, Redis, subscriber: a longer path than the local one). So a
+message past a gap waits ``FILL_WAIT`` to ``2 x FILL_WAIT`` seconds
+(two calls of ``due``) for pub/sub to fill the gap, and only a gap still
+open then is read from the store. A read at once would find the same
+messages that are about to arrive, cost a store job, and then see them
+arrive as duplicates (issue 18). Reads asked for other reasons (a
+channel that delivers again, a membership change, a baseline, a page
+that was full) still run at once.
+
+``chatd.sessions`` is the caller: it runs the reads as store jobs,
+delivers through the hub, and calls ``due`` on a timer. Tested with
+events in and actions out (tests/test_feeds.py).
 """
 
 from __future__ import annotations
@@ -38,6 +54,10 @@ from typing import Any, NamedTuple
 
 #: Messages read from the store at once to fill a gap.
 FILL_PAGE = 100
+#: Seconds between two calls of ``Feeds.due`` while gaps wait: a gap
+#: opened by a message offered is read after 1 to 2 of these if pub/sub
+#: has not filled it by then.
+FILL_WAIT = 0.1
 #: Deleted sessions remembered, so that their late messages are dropped.
 GONE_KEPT = 10_000
 #: Reads that found nothing past a gap before the gap is skipped (the
@@ -84,6 +104,10 @@ class Reload(NamedTuple):
     pass
 
 
+class Wait(NamedTuple):
+    pass
+
+
 class Skipped(NamedTuple):
     """Messages ``first`` to ``last`` of the session never reached ``user``
     here: the store did not have them (``why``)."""
@@ -95,7 +119,7 @@ class Skipped(NamedTuple):
     why: str
 
 
-Action = Deliver | Answer | Read | Reload | Skipped
+Action = Deliver | Answer | Read | Reload | Wait | Skipped
 
 
 def _answer(entry: Entry) -> list[Action]:
@@ -192,6 +216,12 @@ class Feeds:
         self.users: dict[str, dict[str, Feed]] = {}
         #: Sessions with a ``Read`` in flight.
         self._reading: set[str] = set()
+        #: Sessions with a gap that waits for pub/sub (``due``): the round
+        #: it opened in; and the rounds counted (calls of ``due``).
+        self._waiting: dict[str, int] = {}
+        self._round = 0
+        #: Reads issued (for /metrics).
+        self.reads = 0
         #: (user, session) feeds holding messages of a session this node did
         #: not know the user was in, until a reload says when they joined.
         self._unplaced: set[tuple[str, str]] = set()
@@ -246,8 +276,9 @@ class Feeds:
 
     def offer(self, user: str, entry: Entry, fill: bool = True) -> list[Action]:
         """A message for ``user`` (from this node or another): delivered in
-        ``seq`` order, once; a gap is filled from the store (unless
-        ``fill`` is False: the message comes from such a read)."""
+        ``seq`` order, once; a gap waits for pub/sub (``wait``), then is
+        filled from the store (unless ``fill`` is False: the message comes
+        from such a read)."""
         feeds = self.users.get(user)
         if feeds is None:
             return _answer(entry)
@@ -270,7 +301,30 @@ class Feeds:
         if feed.finished:
             actions += self.close(user, session_id)
         elif feed.held and fill:
-            actions += self.fill(session_id)
+            actions += self.wait(session_id)
+        return actions
+
+    def wait(self, session_id: str) -> list[Action]:
+        """A gap in the session: read it on the second ``due`` from now
+        unless pub/sub fills it first (``Wait()``: the caller keeps one
+        timer for all)."""
+        if session_id in self._reading or session_id in self._waiting:
+            return []
+        self._waiting[session_id] = self._round
+        return [Wait()]
+
+    def due(self) -> list[Action]:
+        """``FILL_WAIT`` seconds passed (see ``Wait``): the gaps that have
+        waited a whole round and are still open are read; ``Wait()`` again
+        while gaps wait."""
+        self._round += 1
+        actions: list[Action] = []
+        for session_id, opened in list(self._waiting.items()):
+            if opened < self._round - 1:
+                del self._waiting[session_id]
+                actions += self.fill(session_id)
+        if self._waiting:
+            actions.append(Wait())
         return actions
 
     def catch_up(self, user: str) -> list[Action]:
@@ -290,6 +344,7 @@ class Feeds:
         if not lasts:
             return []
         self._reading.add(session_id)
+        self.reads += 1
         return [Read(session_id, min(lasts), attempt)]
 
     def filled(self, read: Read, events: list[Any] | None, why: str = "") -> list[Action]:

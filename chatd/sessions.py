@@ -54,8 +54,9 @@ lose or reorder messages, so for each local user and session the node
 keeps a ``Feed``: the last ``seq`` that user's devices here got. A
 message at or below it is a duplicate and dropped; one past a gap is
 held, and the gap filled by reading the store (a writer job, never in
-the router), so each device gets every message of its sessions once, in
-``seq`` order. A user's first device on a node reads where each of their
+the router) if pub/sub has not filled it within ``chatd.feeds.FILL_WAIT``
+to twice that (the ``FillDue`` timer), so each device gets every message
+of its sessions once, in ``seq`` order. A user's first device on a node reads where each of their
 sessions stands (its baseline) before its login is answered; a new
 subscription, and every broker reconnect, is followed by a read of what
 may have been missed, and a reconnect reloads the sessions themselves.
@@ -83,7 +84,9 @@ from chatd.events import (
     Command, CreateSession, DeleteSession, DirectSessionInfo, Event, ListSessions, Login, Logout,
     ModifySession, ReadHistory, SendMessage, SessionInfo, Status, StoredMessage,
 )
-from chatd.feeds import FILL_PAGE, Action, Answer, Deliver, Entry, Feeds, Read, Reload
+from chatd.feeds import (
+    FILL_PAGE, FILL_WAIT, Action, Answer, Deliver, Entry, Feeds, Read, Reload, Wait,
+)
 from chatd.router import DEFERRED, Router, Service
 from chatd.store import Failure, Job, Store, Writer
 from chatd.store.base import StoredSession
@@ -165,6 +168,10 @@ class StoreDone(Command, kw_only=True):
     failure: Failure | None
 
 
+class FillDue(Command, kw_only=True):
+    """``FILL_WAIT`` seconds after a feed's ``Wait``: gaps still open are read."""
+
+
 class Sessions(Service):
     """The ``max_*`` arguments are the config keys of the same names."""
 
@@ -197,6 +204,9 @@ class Sessions(Service):
         self._acked: set[str] = set()
         #: Delivery and read marks (issue 23: chatd.marks), set by that service.
         self.marks: Any = None
+        #: Set when the feeds wait for ``due`` (``Wait``); the timer task's.
+        self._fill_due = trio.Event()
+        self._fill_armed = False
 
     @property
     def skipped(self) -> int:
@@ -217,6 +227,7 @@ class Sessions(Service):
         router.handle(SendMessage, self.send_message)
         router.handle(ReadHistory, self.history)
         router.handle(StoreDone, self.store_done)
+        router.handle(FillDue, self.fill_due)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Take the store (one server per SQLite file: raises ``StoreError``
@@ -226,7 +237,26 @@ class Sessions(Service):
             self._add(Session(row.id, row.kind, row.members, row.version))
         await trio.to_thread.run_sync(self._load_roles)
         log.info("loaded %d sessions from %s", len(self.sessions), self.store.name)
-        await self.writer.run(task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            if self.broker.shared:
+                nursery.start_soon(self._fill_timer)
+            await nursery.start(self.writer.run)
+            task_status.started()
+
+    async def _fill_timer(self) -> None:
+        """Post ``FillDue`` ``FILL_WAIT`` seconds after each ``Wait``."""
+        while True:
+            await self._fill_due.wait()
+            self._fill_due = trio.Event()
+            await trio.sleep(FILL_WAIT)
+            try:
+                await self.router.send(FillDue())
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                return
+
+    def fill_due(self, _: FillDue) -> None:
+        self._fill_armed = False
+        self._act(self.feeds.due())
 
     def _load_roles(self) -> None:
         """Each group's owners and admins, from the store (issue 23)."""
@@ -639,6 +669,10 @@ class Sessions(Service):
         """Prometheus families, on a cluster node (the server registers it)."""
         yield CounterMetricFamily("chatd_cluster_gradagenda_gaps_skipped",
                                   "GradAgenda gaps the store could not fill", value=self.skipped)
+        yield CounterMetricFamily("chatd_cluster_gradagenda_gap_reads",
+                                  "Store reads of GradAgenda messages a device here missed "
+                                  "(gaps pub/sub did not fill in time, catch-ups)",
+                                  value=self.feeds.reads)
 
     def describe(self) -> list[Any]:
         return []
@@ -773,6 +807,10 @@ class Sessions(Service):
                 self._read(action)
             elif kind is Reload:
                 self.reload()
+            elif kind is Wait:
+                if not self._fill_armed:
+                    self._fill_armed = True
+                    self._fill_due.set()
             else:
                 log.warning("session %s: messages %d to %d for %s are not in the store (%s): "
                             "skipped", action.session_id, action.first, action.last, action.user,

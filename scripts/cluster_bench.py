@@ -21,8 +21,10 @@ shared groups, each sending into the groups in turn with ``--window``
 unconfirmed, for ``--duration`` seconds; then the same users all on the
 first node. It reports stored messages/s, confirmation latency, the
 answers ``storage busy`` (and any other failure) and the deadlocks
-PostgreSQL counted (``pg_stat_database``), and the spread run's share of
-the one-node figure.
+PostgreSQL counted (``pg_stat_database``), the nodes' CPU per stored
+message, stored messages per store transaction, the items published and
+received over Redis and the feeds' gap reads (from each node's
+``/metrics``), and the spread run's share of the one-node figure.
 
 Each node's CPU is read from /proc. Everything runs on loopback and stops
 by itself; a run takes about ``3 x --duration`` seconds per node count.
@@ -157,6 +159,24 @@ class Node:
         except OSError:
             return False
 
+    def metrics(self, names: tuple[str, ...]) -> dict[str, float]:
+        """The samples of ``/metrics`` whose names (labels included) start
+        with one of ``names``, summed by sample line."""
+        found: dict[str, float] = {}
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+        except OSError:
+            return found
+        for line in data.decode(errors="replace").splitlines():
+            if line.startswith(names):
+                key, _, value = line.rpartition(" ")
+                found[key] = found.get(key, 0.0) + float(value)
+        return found
+
     def stop(self) -> None:
         stop_process(self.proc)
         self.log.close()
@@ -229,6 +249,10 @@ def bench(count: int, workdir: Path, redis: Redis, admin: str, args: argparse.Na
 
 
 # --- the mixed-writer case (--mixed) ---------------------------------------------------
+
+#: The node metrics read before and after a mixed run.
+COUNTED = ("chatd_store_commit_seconds_count", "chatd_cluster_events_total",
+           "chatd_cluster_gradagenda_gap_reads_total")
 
 
 async def mixed_clients(ports: list[int], users: int, groups: int, window: int,
@@ -403,6 +427,7 @@ def bench_mixed(count: int, workdir: Path, redis: Redis, admin: str,
                 time.sleep(0.1)
             ports = [n.port for n in nodes] if layout == "spread" else [nodes[0].port]
             before = [read_cpu_seconds(n.proc.pid) or 0.0 for n in nodes]
+            counted = [n.metrics(COUNTED) for n in nodes]
             started = time.monotonic()
             with Backends(database) as backends:
                 result = trio.run(mixed_clients, ports, args.users, args.groups, args.window,
@@ -413,6 +438,21 @@ def bench_mixed(count: int, workdir: Path, redis: Redis, admin: str,
             stored = result["stored_per_s"] * seconds
             result["node_cpu_us_per_stored"] = round(1e6 * sum(used) / stored) if stored else None
             result["pg_backends"] = backends.averages()
+            # What the nodes did in the run (the metrics' growth, summed):
+            # store transactions, items published and received over Redis,
+            # store reads to fill feeds' gaps (None from code without it).
+            grown: dict[str, float] = {}
+            for node, was in zip(nodes, counted):
+                for key, value in node.metrics(COUNTED).items():
+                    grown[key] = grown.get(key, 0.0) + value - was.get(key, 0.0)
+            commits = grown.get("chatd_store_commit_seconds_count", 0)
+            result["stored_per_commit"] = round(result["confirmed"] / commits, 1) if commits else None
+            result["items_published"] = round(
+                grown.get('chatd_cluster_events_total{outcome="published"}', 0))
+            result["items_received"] = round(
+                grown.get('chatd_cluster_events_total{outcome="received"}', 0))
+            reads = grown.get("chatd_cluster_gradagenda_gap_reads_total")
+            result["gap_reads"] = round(reads) if reads is not None else None
             result["deadlocks"] = deadlocks(database)
             results[layout] = result
         finally:
@@ -439,6 +479,9 @@ def mixed_table(result: dict[str, Any]) -> str:
     for layout in ("spread", "one node"):
         r = result[layout]
         lines.append(f"{layout}: node CPU per stored message {r['node_cpu_us_per_stored']} us; "
+                     f"stored per transaction {r['stored_per_commit']}; items published "
+                     f"{r['items_published']:,}, received {r['items_received']:,}; "
+                     f"gap reads {r['gap_reads']}; "
                      "PostgreSQL backends on average: "
                      + ", ".join(f"{k} {v}" for k, v in r["pg_backends"].items()))
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from chatd.broker.wire import (
     Batch, Bye, Joined, Left, Member, Presence, Said, WireError, Whisper,
 )
 from chatd.outbox import Client, Flusher
+from chatd.protocols.base import MAX_JSON_DEPTH, too_deep
 from chatd.events import Join, Leave, Publish
 from chatd.lobby import Lobby
 from chatd.protocols.multichat import Multichat
@@ -83,6 +84,43 @@ def test_the_decoder_refuses_batch_shaped_json_of_the_wrong_types(obj):
 def test_every_item_survives_encoding(batch_items):
     batch = wire.decode(wire.encode("n1", "boot", batch_items))
     assert batch.origin == "n1" and batch.items == batch_items
+
+
+@FUZZ
+@given(st.lists(items, max_size=4), st.sampled_from(["n1", "n-2", 'odd"node\\']), texts)
+def test_a_nodes_own_payloads_are_told_by_their_start_and_no_other_is(batch_items, node, boot):
+    """A node drops its own payloads on channels it also subscribes to
+    without decoding them: every payload it encodes starts with its prefix;
+    those of another boot of the same node-id (told as an error) do not."""
+    own = wire.own_prefix(node, boot)
+    assert wire.encode(node, boot, batch_items).startswith(own)
+    assert not wire.encode(node, boot + "x", batch_items).startswith(own)
+    assert not wire.encode(node + "x", boot, batch_items).startswith(own)
+
+
+def _nested(depth: int, kind: str) -> str:
+    opening, closing = ("[", "]") if kind == "array" else ('{"a":', "}")
+    return opening * depth + "1" + closing * depth if depth else '"x"'
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, MAX_JSON_DEPTH + 2), st.sampled_from(["array", "object"]),
+                          st.sampled_from(["", "[", "{x}"])), min_size=1, max_size=40),
+       st.sampled_from(["", ', "extra": []', ', "extra": ' + "[" * 70 + "]" * 70]))
+def test_a_batch_of_messages_is_refused_as_too_deep_exactly_when_its_payload_is(messages, extra):
+    """GradAgenda messages are checked per message (the fast path), with
+    the same answer as a scan of the whole payload: messages nested
+    around the limit, brackets in text, an unknown field that nests."""
+    items = [json.dumps({"t": "stored", "session_id": "s", "seq": i, "sender_id": "u" + text,
+                         "sender_timestamp": 1, "server_timestamp": 2})[:-1]
+             + ', "message": ' + _nested(depth, kind) + "}"
+             for i, (depth, kind, text) in enumerate(messages)]
+    payload = '{"origin": "n1", "boot": "b", "items": [' + ", ".join(items) + "]" + extra + "}"
+    if too_deep(payload):
+        with pytest.raises(WireError, match="nested deeper"):
+            wire.decode(payload)
+    else:
+        assert len(wire.decode(payload.encode()).items) == len(messages)
 
 
 def test_the_decoder_names_what_is_wrong():

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatd.feeds import (
-    EMPTY_READS, FILL_PAGE, Answer, Deliver, Entry, Feeds, Read, Reload, Skipped, Start,
+    EMPTY_READS, FILL_PAGE, Answer, Deliver, Entry, Feeds, Read, Reload, Skipped, Start, Wait,
 )
 
 
@@ -59,15 +59,43 @@ def test_a_duplicate_is_dropped_but_its_asker_still_answered():
     assert actions == [Answer(entry(1, asker="phone"))]
 
 
-def test_a_message_past_a_gap_is_held_and_the_gap_read_from_the_store():
+def test_a_message_past_a_gap_is_held_and_the_gap_read_from_the_store_after_a_wait():
     feeds = following(3)
     actions = feeds.offer("ann", entry(6))
     assert delivered(actions) == []
+    # Pub/sub may still bring 4 and 5 (committed by other nodes just before).
+    assert actions == [Wait()]
+    assert reads(feeds.due()) == []
+    actions = feeds.due()
     assert reads(actions) == [Read("s", 3, 0)]
     # One read per session at a time.
-    assert reads(feeds.offer("ann", entry(7))) == []
+    assert reads(feeds.offer("ann", entry(7))) == [] and reads(feeds.due()) == []
     actions = feeds.filled(Read("s", 3, 0), [Msg("s", 4), Msg("s", 5), Msg("s", 6)])
     assert delivered(actions) == [4, 5, 6, 7]
+    assert feeds.reads == 1
+
+
+def test_a_gap_pubsub_fills_while_it_waits_is_never_read():
+    feeds = following(3)
+    assert feeds.offer("ann", entry(5, asker="phone")) == [Wait()]
+    assert reads(feeds.due()) == []
+    # The other node's message arrives within the wait.
+    actions = feeds.offer("ann", entry(4))
+    assert delivered(actions) == [4, 5] and answered(actions) == [("phone", 5)]
+    assert feeds.due() == []  # nothing to read, nothing more to wait for
+    assert feeds.reads == 0
+
+
+def test_a_gap_opened_just_before_a_due_still_waits_a_whole_round():
+    feeds = Feeds()
+    feeds.open("ann", ["s", "t"])
+    feeds.baseline("ann", ["s", "t"], {"s": 0, "t": 0})
+    feeds.offer("ann", entry(2))
+    feeds.due()
+    feeds.offer("ann", entry(2, session="t"))
+    actions = feeds.due()
+    assert reads(actions) == [Read("s", 0, 0)] and Wait() in actions
+    assert reads(feeds.due()) == [Read("t", 0, 0)]
 
 
 def test_the_askers_copy_replaces_a_held_copy_and_is_answered_on_delivery():
@@ -208,12 +236,16 @@ def test_every_message_reaches_the_device_once_in_order_whatever_pubsub_does(cas
         got.extend(delivered(actions))
         pending.extend(reads(actions))
 
-    for seq in arrivals:
+    for index, seq in enumerate(arrivals):
         run(feeds.offer("ann", entry(seq)))
+        if index % 3 == 2:  # time passes now and then: gaps still open are read
+            run(feeds.due())
         while pending:
             read = pending.pop(0)
             run(feeds.filled(read, [Msg("s", s) for s in range(read.after + 1, n + 1)]
                              [:FILL_PAGE]))
+    run(feeds.due())
+    run(feeds.due())
     # The channel comes back: catch up with the store.
     run(feeds.catch_up("ann"))
     while pending:

@@ -380,6 +380,10 @@ class RedisBroker(Broker):
         self._dropped_since_log = 0
         self._busy = False
         self._scope = trio.CancelScope()
+        #: How this process's own payloads begin (``wire.own_prefix``), and
+        #: the cluster channel as Redis names it in a message.
+        self._own = wire.own_prefix(node, boot)
+        self._cluster = CLUSTER.encode()
 
     # --- the router's side (synchronous, never blocks) ------------------------------
 
@@ -803,6 +807,12 @@ class RedisBroker(Broker):
             await self._deliver(message["channel"], message["data"])
 
     async def _deliver(self, channel: bytes | str, data: bytes | str) -> None:
+        if isinstance(data, bytes) and data.startswith(self._own) \
+                and channel not in (self._cluster, CLUSTER):
+            # This process's own payload on a channel it also subscribes to
+            # (a user with devices here): nothing in it is news here, and
+            # only the heartbeat on chatd:cluster is looked at (the probe).
+            return
         try:
             batch = wire.decode(data)
         except wire.WireError as exc:
