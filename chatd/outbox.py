@@ -212,13 +212,14 @@ class Receivers(dict):
                 if client.pending is not None:  # its own frames from before the batch
                     client.flush()
                 transport = client.transport
-                written += count
+                written += 1
                 if not transport.write(data, count):
                     client.kill(1006, "connection lost")
-                elif (transport.waiting_frames > client.outbox_size
-                      or transport.waiting_bytes > client.outbox_size * OUTBOX_BYTES_PER_FRAME):
+                elif transport.waiting_frames and (  # (0 unless the kernel left some)
+                        transport.waiting_frames > client.outbox_size
+                        or transport.waiting_bytes > client.outbox_size * OUTBOX_BYTES_PER_FRAME):
                     client.kill(1008, "slow consumer")
-            self.flusher.deliveries[self.protocol] += written
+            self.flusher.deliveries[self.protocol] += written * count
         if diverged:
             self.diverged = {}
             for client in diverged:
