@@ -142,7 +142,7 @@ class Receivers(dict):
     def place(self, client: Client) -> None:
         """Put ``client`` where its state says (called when it changes:
         joined, an answer streamed or done, sealed)."""
-        if client._sealed:
+        if client.sealed:
             self._unplain(client)
             self.holding.pop(client, None)
         elif client.streams is not None:
