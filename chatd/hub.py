@@ -9,7 +9,9 @@ section 5.2 text frame, ``chatd.transport.text_frame``) and the same
 bytes go to every recipient of that protocol (``Client.deliver``, which
 never blocks: the router never awaits a socket).
 
-- ``broadcast``: a lobby room's receivers, grouped by protocol;
+- ``broadcast``: a lobby room's receivers, grouped by protocol
+  (``chatd.outbox.Receivers``: one C loop appends the frame to every
+  member's outbox);
 - ``Frames``: one event's frames by protocol, made on first use, for
   recipients that come one by one (a session's devices);
 - ``send``: one recipient; ``answer``: the one answer to a client's
@@ -25,25 +27,21 @@ from typing import TYPE_CHECKING
 from chatd.transport import text_frame
 
 if TYPE_CHECKING:
-    from chatd.outbox import Client
+    from chatd.outbox import Client, Receivers
     from chatd.events import Event
     from chatd.protocols.base import Protocol
 
 
-def broadcast(groups: Mapping[type[Protocol], Mapping[int, Client]], event: Event,
+def broadcast(groups: Mapping[type[Protocol], Receivers], event: Event,
               exclude: Client | None = None) -> None:
-    """Every client in ``groups`` (protocol -> client id -> client) gets
+    """Every client in ``groups`` (protocol -> its receivers) gets
     ``event``; ``exclude`` (the sender) gets it back only where its
     protocol echoes a sender's own messages (``Protocol.echo``: wschat)."""
     for protocol, members in groups.items():
         data = protocol.encode(event)
         if data is None:
             continue
-        frame = text_frame(data)
-        skip = None if protocol.echo else exclude
-        for client in members.values():
-            if client is not skip:
-                client.deliver(frame)
+        members.deliver(text_frame(data), None if protocol.echo else exclude)
 
 
 class Frames:

@@ -80,6 +80,7 @@ from chatd.broker.base import (
 from chatd.broker.wire import Heartbeat, Joined, Left, Member, Presence, Said, SyncRequest, Whisper
 from chatd.events import Direct, Event, Join, Leave, Message, Publish, SendDirect, UserJoined, UserLeft
 from chatd.logs import charged_to
+from chatd.outbox import Receivers
 from chatd.router import DEFERRED, Router, Service
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ class Room:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.receivers: dict[type[Protocol], dict[int, Client]] = {}
+        self.receivers: dict[type[Protocol], Receivers] = {}
         #: Held names by their address form (RFC 8266 comparison), for ``SendDirect``.
         self.names: dict[str, Client] = {}
         #: Every look-alike key of every held (or reserved) name -> its holder.
@@ -298,7 +299,10 @@ class Lobby(Service):
 
     def _enter(self, room: Room, cmd: Join) -> bool:
         client = cmd.client
-        room.receivers.setdefault(client.protocol, {})[client.id] = client
+        members = room.receivers.get(client.protocol)
+        if members is None:
+            members = room.receivers[client.protocol] = Receivers(client.protocol.name)
+        members.add(client)
         if cmd.roster:
             self._send_roster(room, client)
         return True
@@ -379,7 +383,7 @@ class Lobby(Service):
         if room is None:
             return
         members = room.receivers.get(client.protocol)
-        if members is None or members.pop(client.id, None) is None:
+        if members is None or not members.remove(client):
             return
         if not members:
             del room.receivers[client.protocol]

@@ -10,7 +10,13 @@ The router works in passes: it waits for one command, then handles what
 else is already queued (up to ``pass_size``), then flushes every
 connection it delivered to, once (``chatd.outbox.Flusher``). Under load
 several events leave in one write per connection; on a quiet server a
-pass is one command and nothing waits.
+pass is one command and nothing waits. ``pass_size`` (128) bounds the
+frames one pass can hand a connection to a quarter of the default
+``outbox-size`` (512), so a client that reads takes a pass's write
+without nearing the slow-consumer bound; a busy publisher's one read
+(16 KiB, ~100 chat messages) fits in one pass, so a room's members get
+its messages in one write each (64 made ~63 frames a write, 128 ~104:
+docs/performance.md, "Third round").
 
 A handler returns the result of a ``Request`` at once, or ``DEFERRED``
 when the answer comes later (after a store commit, say); it then calls
@@ -107,7 +113,7 @@ class Service:
 
 class Router:
     def __init__(self, flusher: Flusher | None = None, buffer: int = 4096,
-                 pass_size: int = 64) -> None:
+                 pass_size: int = 128) -> None:
         self._send, self._recv = trio.open_memory_channel[Command](buffer)
         #: What ``_dispatch`` calls: each handler, behind its guard if any.
         self._handlers: dict[type, Callable[[Any], Any]] = {}

@@ -188,6 +188,18 @@ class Transport:
         """Send ``data`` (``frames`` whole frames) without waiting; what the
         kernel does not take waits, counted in ``waiting_frames`` and
         ``waiting_bytes`` unless ``counted`` is False."""
+        if self._backlog is None and self._tls is None and not self.broken:
+            # The common case, inline: nothing waits, plain TCP.
+            try:
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.broken = True
+                return False
+            if sent != len(data):
+                self._wait(data, sent, frames, counted)
+            return True
         if self.broken:
             return False
         tls = self._tls
@@ -216,14 +228,18 @@ class Transport:
         except OSError:
             self.broken = True
             return False
-        if sent == len(data):
-            return True
+        if sent != len(data):
+            self._wait(data, sent, frames, counted)
+        return True
+
+    def _wait(self, data: bytes, sent: int, frames: int, counted: bool) -> None:
+        """The kernel took ``sent`` bytes of ``data``: the rest waits for
+        the writer task."""
         self._backlog = deque(((memoryview(data)[sent:] if sent else data, frames, counted),))
         if counted:
             self.waiting_frames = frames
             self.waiting_bytes = len(data) - sent
         self._spawn(self._write_backlog)
-        return True
 
     async def _write_backlog(self) -> None:
         backlog = self._backlog
