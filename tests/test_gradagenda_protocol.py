@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import msgspec
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.strategies import draw, json_values, odd_frames
@@ -226,6 +226,9 @@ def check_outputs(p: GradAgenda, text: str, was_authenticated: bool) -> list:
             assert len(out.data) <= LIMIT
         elif isinstance(out, Close):
             assert out.code == 1008 and not was_authenticated and out is outputs[-1]
+        elif isinstance(out, AuthFailed):
+            # A refused authenticate is reported (and logged), never a login.
+            assert p.authenticated == was_authenticated
         elif not was_authenticated and not isinstance(out, Login):
             assert p.authenticated  # only after an authenticate in the same batch
         if isinstance(out, Request):
@@ -240,6 +243,7 @@ def check_outputs(p: GradAgenda, text: str, was_authenticated: bool) -> list:
 
 @settings(max_examples=120, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(fuzz_frames, max_size=6))
+@example(['{"type":"authenticate","device-id":"","token":"","cdid":"","user-id":""}'])
 def test_fuzzed_frames_before_and_after_authentication(texts):
     for p in (protocol(), logged_in()):
         for text in texts:
