@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import functools
 import ipaddress
 import logging
 import re
@@ -278,9 +279,12 @@ def charged_to(source: ClientSource | None) -> Iterator[None]:
         client_source.reset(token)
 
 
+@functools.lru_cache(maxsize=4096)
 def address_key(ip: str) -> str:
     """The per-address key of ``ip``: itself for IPv4, its /64 for IPv6
-    (one IPv6 host is commonly given a whole /64)."""
+    (one IPv6 host is commonly given a whole /64). Cached: a storm logs
+    several lines per connection from few addresses, and parsing one
+    costs a few µs."""
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
