@@ -49,6 +49,7 @@ and closes the socket.
 from __future__ import annotations
 
 import codecs
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -625,10 +626,12 @@ _PARSE_SLICE = 4096
 _KEEPALIVE_PING = Frame(_PING, b"chatd").serialize(mask=False)
 
 
+@functools.lru_cache(maxsize=256)
 def close_frame(code: int, reason: str = "") -> bytes:
     """A close frame (RFC 6455 section 5.5.1): ``code`` and ``reason`` cut
     to the 123 bytes a control frame has room for; no payload at all for a
-    code that may not be sent (1005: the peer's close had none)."""
+    code that may not be sent (1005: the peer's close had none). Cached
+    (~4 µs to build): most closes and echoes are a few (code, reason)s."""
     if code in (1005, 1006, 1015):
         return Frame(_CLOSE, b"").serialize(mask=False)
     reason = reason.encode()[:123].decode(errors="ignore")
