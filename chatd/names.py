@@ -42,7 +42,8 @@ Names are checked when they are claimed, and wschat's ``usr`` with every
 message, so results are cached (``parse``): a repeated name costs a
 dictionary look-up. A name not in the cache costs about 1 µs per UTF-8
 byte (PRECIS twice, skeletons twice: 0.23 ms for 254 ASCII characters,
-0.77 ms for 254 CJK ones, several messages' worth), so each check is
+0.77 ms for 254 CJK ones, several messages' worth; plain ASCII names skip
+PRECIS, ``_PLAIN``, and cost less), so each check is
 charged to the client that asked for it: ``meter`` counts
 ``cost(raw)`` flood-bucket tokens per check, and the connection takes
 what one frame's handling added from its ``message-rate`` bucket
