@@ -336,8 +336,6 @@ _TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
 _PLAIN_HEAD = re.compile(
     rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1\r\n"
     rb"(?:" + _TOKEN + rb":[ \t]*(?:[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*)?[ \t]*\r\n)*\r\n")
-_PLAIN_FIELD = re.compile(
-    rb"(" + _TOKEN + rb"):[ \t]*((?:[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*)?)[ \t]*\r\n")
 
 
 def plain_head(data: bytes) -> tuple[HttpRequest, bytes] | None:
@@ -349,9 +347,13 @@ def plain_head(data: bytes) -> tuple[HttpRequest, bytes] | None:
     if head is None or head.end() > MAX_HEAD_BYTES:
         return None
     fields: dict[str, list[str]] = {}
-    for field in _PLAIN_FIELD.finditer(data, data.index(b"\n") + 1, head.end()):
-        name = field[1].lower().decode("ascii")
-        fields.setdefault(name, []).append(field[2].decode("ascii"))
+    # The grammar is checked: each line between the request line and the
+    # empty one is ``name:value``, spaces or tabs around the value.
+    block = data[data.index(b"\n") + 1:head.end() - 2]
+    for line in block.split(b"\r\n")[:-1]:
+        name, _, value = line.partition(b":")
+        fields.setdefault(name.lower().decode("ascii"), []).append(
+            value.strip(b" \t").decode("ascii"))
     if len(fields.get("host", ())) != 1 or "content-length" in fields \
             or "transfer-encoding" in fields:
         return None
