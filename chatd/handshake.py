@@ -275,12 +275,23 @@ class HeadReader:
     __slots__ = ("_h11", "trailing", "_fed")
 
     def __init__(self) -> None:
-        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        #: h11's parser, made only if the first bytes are not a whole
+        #: plain head (``plain_head``).
+        self._h11: h11.Connection | None = None
         self.trailing = b""
         self._fed = 0
 
     def feed(self, data: bytes) -> HttpRequest | None:
         conn = self._h11
+        if conn is None:
+            if not self._fed:
+                plain = plain_head(data)
+                if plain is not None:
+                    self._fed = len(data)
+                    request, self.trailing = plain
+                    return request
+            conn = self._h11 = h11.Connection(h11.SERVER,
+                                              max_incomplete_event_size=MAX_HEAD_BYTES)
         self._fed += len(data)
         conn.receive_data(data)
         try:
@@ -311,6 +322,43 @@ class HeadReader:
 
 
 _HEAD_TOO_LARGE = Refusal(431, f"the request head is over {MAX_HEAD_BYTES} bytes")
+
+#: A plain HTTP/1.1 request head, as a WebSocket client sends it: the
+#: request line (a token method, an ASCII target, ``HTTP/1.1``), then header
+#: lines (a token name, a colon, optional spaces or tabs, a value of visible
+#: ASCII words separated by spaces or tabs, optional spaces or tabs), each
+#: ending in CRLF, then an empty line. Every such head is one h11 parses
+#: without error into the same request (h11/_abnf.py is the same grammar
+#: with more allowed); ``plain_head`` also leaves to h11 what h11 treats
+#: specially: a missing or repeated ``Host``, ``Content-Length``,
+#: ``Transfer-Encoding``, a head over ``MAX_HEAD_BYTES``.
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_PLAIN_HEAD = re.compile(
+    rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1\r\n"
+    rb"(?:" + _TOKEN + rb":[ \t]*(?:[\x21-\x7e]+(?:[ \t]+[\x21-\x7e]+)*)?[ \t]*\r\n)*\r\n")
+
+
+def plain_head(data: bytes) -> tuple[HttpRequest, bytes] | None:
+    """The request a whole plain head at the start of ``data`` (``_PLAIN_HEAD``)
+    makes, and the bytes after it; None for anything else, which h11
+    parses (``HeadReader``). A shortcut: h11 takes ~40 µs for a WebSocket
+    upgrade head, this ~5 µs; tests hold it to h11's results."""
+    head = _PLAIN_HEAD.match(data)
+    if head is None or head.end() > MAX_HEAD_BYTES:
+        return None
+    fields: dict[str, list[str]] = {}
+    # The grammar is checked: each line between the request line and the
+    # empty one is ``name:value``, spaces or tabs around the value.
+    block = data[data.index(b"\n") + 1:head.end() - 2]
+    for line in block.split(b"\r\n")[:-1]:
+        name, _, value = line.partition(b":")
+        fields.setdefault(name.lower().decode("ascii"), []).append(
+            value.strip(b" \t").decode("ascii"))
+    if len(fields.get("host", ())) != 1 or "content-length" in fields \
+            or "transfer-encoding" in fields:
+        return None
+    return (HttpRequest(head[1].decode("ascii"), head[2].decode("ascii"), "1.1", fields),
+            data[head.end():])
 
 
 #: Where a quotation of the client's bytes begins in h11's error texts

@@ -82,21 +82,51 @@ class Address:
         return host if self.port is None else f"{host}:{self.port}"
 
 
-def parse_networks(cidrs: Iterable[str]) -> tuple[IPNetwork, ...]:
-    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+class Networks(tuple):
+    """The networks of a config list (``trusted-proxies``,
+    ``limits-exempt``): a tuple of ``IPv4Network``/``IPv6Network`` that
+    remembers which addresses it holds (``answers``, by address text).
+    Parsing an address and testing it against each network costs a few
+    µs, and chatd asks several times per connection (``in_networks``); the
+    answers for up to ``CACHED_ADDRESSES`` address texts are kept (all
+    forgotten at once when full). The networks never change, so a kept
+    answer is always right."""
+
+    def __init__(self, networks: Iterable[IPNetwork] = ()) -> None:
+        self.answers: dict[str, bool] = {}
+
+
+#: Most address texts whose answer a ``Networks`` keeps (``in_networks``).
+CACHED_ADDRESSES = 4096
+
+
+def parse_networks(cidrs: Iterable[str]) -> Networks:
+    return Networks(ipaddress.ip_network(c, strict=False) for c in cidrs)
 
 
 def in_networks(ip: str, networks: tuple[IPNetwork, ...]) -> bool:
-    """True if ``ip`` (text) lies in one of ``networks``; False if it is not an IP."""
+    """True if ``ip`` (text) lies in one of ``networks``; False if it is not an IP.
+    An IPv4-mapped IPv6 address (``::ffff:1.2.3.4``) is tested as its IPv4 one."""
     if not networks:
         return False
+    answers = networks.answers if type(networks) is Networks else None
+    if answers is not None:
+        known = answers.get(ip)
+        if known is not None:
+            return known
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
+        member = False
+    else:
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        member = any(address in network for network in networks)
+    if answers is not None:
+        if len(answers) >= CACHED_ADDRESSES:
+            answers.clear()
+        answers[ip] = member
+    return member
 
 
 def proxy_header_length(data: bytes) -> int | None:

@@ -217,7 +217,11 @@ class Router:
         """Queue a request and wait for its answer: the outputs left for the
         connection task once ``Client.answer`` has delivered the frames."""
         reply = command.reply = _Reply()
-        await self._send.send(command)
+        await trio.lowlevel.checkpoint_if_cancelled()  # as send: nothing queued if cancelled
+        try:
+            self._send.send_nowait(command)  # the wait for the reply is the schedule point
+        except trio.WouldBlock:
+            await self._send.send(command)
         await reply.event.wait()
         if isinstance(reply.value, RouterError):
             raise reply.value

@@ -338,6 +338,19 @@ class Server:
     # --- one TCP connection ----------------------------------------------------
 
     async def _handle_stream(self, sock: socket.socket, address: tuple) -> None:
+        """One accepted connection, from its handshake to its end: an
+        accepted WebSocket is served in this same task (a task of its own
+        would cost a spawn and a scheduling round per connection). The
+        handshake's objects (request, parser, its scope and frame) are
+        gone by then: ``_open`` has returned."""
+        connection = await self._open(sock, address)
+        if connection is not None:
+            await connection.run()
+
+    async def _open(self, sock: socket.socket, address: tuple) -> Connection | None:
+        """The handshake of one accepted socket: the ``Connection`` it
+        upgraded to (counted, ready to run), or None when it was answered
+        or dropped (then the socket is closed and the ledger let go)."""
         peer = _peer_address(address)
         trusted = in_networks(peer.ip, self.trusted)
         counted = None if trusted else peer.ip
@@ -350,39 +363,35 @@ class Server:
                 # Already answering as many refusals for this address as it
                 # may have connections: drop this one without a word.
                 sock.close()
-                return
+                return None
         transport = Transport(sock, self._spawn, self._tls)
-        handed_over = False
+        connection = None
         try:
             accepted, counted = await self._handshake(transport, peer, trusted, refusal, counted)
             if accepted is not None:
-                # The connection gets a task of its own and this one ends:
-                # the handshake's objects (request, parser, scopes, this
-                # coroutine's frame) are gone, and an idle connection keeps
-                # only what it needs.
                 mount, trailing, client, path = accepted
                 name = mount.protocol.name
-                connection = Connection(transport, trailing, mount.protocol, mount.ctx,
-                                        mount.room, client, path, self.router, self.config,
-                                        self.flusher, self.metrics, counted, self._on_end,
-                                        self._parking)
+                opened = Connection(transport, trailing, mount.protocol, mount.ctx,
+                                    mount.room, client, path, self.router, self.config,
+                                    self.flusher, self.metrics, counted, self._on_end,
+                                    self._parking)
                 log.info("%s connected to %s (%s)", client, path, name,
                          extra={"peer": client, "path": path})
-                self.connections.add(connection)
+                self.connections.add(opened)
                 self.metrics.connections[name] += 1
                 if self._stopping.is_set():
-                    connection.kill(self.config.shutdown_close_code, "server shutdown")
-                self._spawn(connection.run)
-                handed_over = True
+                    opened.kill(self.config.shutdown_close_code, "server shutdown")
+                connection = opened  # from here on, its end is the connection's
         except Exception:
             log.exception("%s connection failed", peer)
         finally:
-            if not handed_over:
+            if connection is None:
                 if refusal is None:
                     self.ledger.release(counted)
                 else:
                     self.ledger.release_refusal(peer.ip)
                 transport.close()
+        return connection
 
     def _ended(self, connection: Connection) -> None:
         """A connection's task is over (``Connection.run`` calls this last)."""

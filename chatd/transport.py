@@ -114,10 +114,12 @@ class Transport:
         nothing has arrived, it is called again; it may raise to stop
         waiting (the connection parks: ``chatd.parking``)."""
         await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
         while True:
             data = self._read()
             if data is not None:
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                if not waited:  # a wait was a schedule point already: one is enough
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
             timeout = quiet() if quiet is not None else None
             try:
@@ -126,6 +128,7 @@ class Transport:
                 else:
                     with trio.move_on_after(timeout):
                         await trio.lowlevel.wait_readable(self._fd)
+                waited = True
             except trio.ClosedResourceError:
                 self.broken = True
                 return b""

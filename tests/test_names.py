@@ -174,6 +174,39 @@ def test_skeleton_is_stable_for_any_text(text):
     assert names.skeleton(once) == once
 
 
+_PRINTABLE = [chr(c) for c in range(0x20, 0x7F)]
+
+
+def _same(fast: names.Name | str, full: names.Name | str) -> bool:
+    if isinstance(fast, str) or isinstance(full, str):
+        return fast == full
+    return (fast.shown, fast.address, fast.keys) == (full.shown, full.address, full.keys)
+
+
+def test_plain_ascii_names_get_what_the_full_check_gives():
+    # Plain ASCII names skip PRECIS (chatd.names._PLAIN): for every printable
+    # ASCII text of up to two characters the shortcut must agree with PRECIS
+    # and every other rule; texts the shortcut does not take go the full way.
+    taken = 0
+    for first in _PRINTABLE:
+        for raw in [first, *(first + second for second in _PRINTABLE)]:
+            if names._PLAIN.fullmatch(raw) is not None:
+                taken += 1
+                assert _same(names._name(raw, raw.lower()), names._checked(raw)), raw
+            else:
+                assert raw.startswith(" ") or raw.endswith(" ")
+    assert taken == 94 + 94 * 94
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(st.sampled_from(_PRINTABLE + ["\t", "\u00a0", "\u0307", "\uff41"]),
+               min_size=1, max_size=40))
+def test_the_ascii_shortcut_agrees_with_precis_on_any_text(raw):
+    if names._PLAIN.fullmatch(raw) is not None:
+        assert _same(names._name(raw, raw.lower()), names._checked(raw))
+    assert _same(names._parse(raw), names._checked(raw))
+
+
 # --- against the server: look-alikes and invisible names (issue #9 item 5) --------------
 
 TAKEN = {"type": "error", "message": "user_id already in use"}

@@ -23,7 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatd.handshake import MAX_HEAD_BYTES, BadRequest, HeadReader
-from chatd.proxy import ProxyHeaderError, parse_proxy_header
+from chatd import proxy
+from chatd.proxy import ProxyHeaderError, in_networks, parse_networks, parse_proxy_header
 from tests.conftest import GUARD
 from tests.rawws import open_stream
 from tests.test_http import http, peer_of, register_raw, upgrade
@@ -232,3 +233,26 @@ async def test_a_32_kb_head_in_two_reads_gets_431(chat):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 431 ")
     assert (await http(server.port, head_of(MAX_HEAD_BYTES)))[0] == 404  # the cap itself passes
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.ip_addresses().map(str), st.sampled_from(
+    ["::ffff:10.1.2.3", "::ffff:127.0.0.1", "not an address", "", "10.1.2.3%eth0"])),
+    min_size=1, max_size=20))
+def test_a_networks_answer_is_the_same_asked_once_or_again(ips):
+    # Answers are kept per address text (chatd.proxy.Networks): asked again,
+    # every address gets what the networks themselves say.
+    networks = parse_networks(["10.0.0.0/8", "127.0.0.0/8", "::1/128", "2001:db8::/32"])
+    for _ in range(2):
+        for ip in ips:
+            assert in_networks(ip, networks) is in_networks(ip, tuple(networks))
+    assert in_networks("::ffff:10.9.9.9", networks) and not in_networks("11.0.0.1", networks)
+
+
+def test_the_kept_answers_stay_bounded(monkeypatch):
+    monkeypatch.setattr(proxy, "CACHED_ADDRESSES", 100)
+    networks = parse_networks(["10.0.0.0/8"])
+    for n in range(1000):
+        assert in_networks(f"10.0.{n // 256}.{n % 256}", networks)
+        assert len(networks.answers) <= 100
+    assert not in_networks("192.0.2.1", networks)
