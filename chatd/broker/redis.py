@@ -423,6 +423,11 @@ class _Back:
 
 
 @dataclass(slots=True)
+class _Leave:
+    """This node leaves ``NODES_KEY`` (it stops): no grace waits for it."""
+
+
+@dataclass(slots=True)
 class _GraceCheck:
     """Whether the grace claims wait for is over (GRACE_LEFT)."""
 
@@ -516,6 +521,8 @@ class RedisBroker(Broker):
         self._dropped_logged = -DROP_LOG_INTERVAL
         self._dropped_since_log = 0
         self._busy = False
+        #: Set by ``aclose``: no heartbeat after the node left NODES_KEY.
+        self._leaving = False
         self._scope = trio.CancelScope()
         #: How this process's own payloads begin (``wire.own_prefix``), and
         #: the cluster channel as Redis names it in a message.
@@ -628,6 +635,8 @@ class RedisBroker(Broker):
             for owner, keys in by_owner.items():
                 self._queue.append(_Release(keys, owner))
             self._queue.append(_Publish(CLUSTER, Bye()))
+            self._queue.append(_Leave())
+            self._leaving = True
             self._publishes += 1
             self._wake.set()
             log.info("broker %s: leaving the cluster (%d names released)", self.shown,
@@ -807,6 +816,8 @@ class RedisBroker(Broker):
                     answers.append((op, self._back([], [self.node], client=pipe)))
                 elif kind is _GraceCheck:
                     answers.append((op, self._grace_check([], [], client=pipe)))
+                elif kind is _Leave:
+                    pipe.hdel(NODES_KEY, [self.node])
                 else:
                     for chunk in self._refresh_chunks():
                         owners = [arg for key in chunk
@@ -1031,7 +1042,7 @@ class RedisBroker(Broker):
         next_refresh = trio.current_time() + self.refresh
         while True:
             await trio.sleep(self.heartbeat)
-            if self._pub_ok:
+            if self._pub_ok and not self._leaving:
                 # Not counted against queue-size: the probe must go out.
                 self._queue.append(_Publish(CLUSTER, Heartbeat(rooms=self._versions())))
                 self._queue.append(_Alive())
