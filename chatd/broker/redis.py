@@ -1094,8 +1094,8 @@ class RedisBroker(Broker):
                 log.info("broker %s back after %.1f s (lost: %s); %d events for other nodes "
                          "were dropped meanwhile%s%s", self.shown, now - self._down_since,
                          self._down_reason, self._dropped_in_outage,
-                         f"; new names wait until every node alive before claims its own again "
-                         f"(at most {grace:.1f} s more)" if grace > 0 else "",
+                         "; new names wait until every node of before the outage has claimed "
+                         f"its own again (at most {grace:.1f} s more)" if grace > 0 else "",
                          ": repairing what was missed" if resumed else "")
             else:
                 log.info("broker %s: connected", self.shown)
