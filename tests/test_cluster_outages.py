@@ -22,7 +22,9 @@ import coredis
 import pytest
 import trio
 
-from chatd.broker.redis import NODES_KEY
+from chatd.broker.redis import (
+    ALIVE_KEY, BACK, BEAT, CLAIM, GRACE_KEY, GRACE_LEFT, NODES_KEY, RESUME,
+)
 
 from tests.cluster_helpers import (  # noqa: F401
     Cluster, Node, cluster, redis_server, socialvp, until, wcp,
@@ -217,6 +219,60 @@ async def test_holders_keep_their_names_across_a_redis_outage_against_challenger
         assert errors == [] and len(warnings) == 1 and len(infos) == 1, (warnings, errors, infos)
         # The grace: each node came back into one (it ends when the last is back).
         assert await metric(cluster, node, "chatd_cluster_name_graces_total") >= 1
+
+
+async def test_the_grace_waits_for_every_node_known_and_ends_when_the_last_is_back(
+        redis_server):
+    """The registry's scripts, on a private Redis (times in ms)."""
+    key = "chatd:name:lobby:sam"
+    async with coredis.Redis(port=redis_server.port, decode_responses=True) as redis:
+        beat, resume, back, left, claim = (redis.register_script(s) for s in (
+            BEAT, RESUME, BACK, GRACE_LEFT, CLAIM))
+
+        async def connects(node: str, before: bool, *view: str, young: int = 4000) -> int:
+            return await resume([ALIVE_KEY, GRACE_KEY],
+                                [node, "1" if before else "0", 5000, 10_000, young, *view])
+
+        async def claims(owner: str) -> int | str | None:
+            return await claim([GRACE_KEY, ALIVE_KEY, key], [owner, 15_000, 1, 10_000, ""])
+
+        # A new node, nobody known, Redis just started: it may be an empty
+        # restart whose nodes are not back yet ('?').
+        assert await connects("n1", False, young=60_000) > 0
+        assert await claims("n1:b:1") > 0
+        # A node of before comes back: what it knew replaces '?'.
+        assert await connects("n2", True, "n3") > 0
+        assert set(await redis.hgetall(GRACE_KEY)) == {"n2", "n3"}
+        assert await back([], ["n2"]) > 0  # n3 is not back yet
+        assert await claims("n1:b:1") > 0
+        assert await back([], ["n3"]) == 0  # the last one: over
+        assert await claims("n1:b:1") is None
+        # Heartbeats: each node learns the others alive.
+        for node in ("n1", "n2", "n3"):
+            await beat([ALIVE_KEY], [node, 5000, 10_000])
+        assert sorted(await beat([ALIVE_KEY], ["n1", 5000, 10_000])) == ["n2", "n3"]
+        # A pause past chatd:alive's expiry (names kept or not): a claim sent
+        # before it, run first, begins the grace for every node known.
+        await redis.delete([ALIVE_KEY])
+        assert await claims("n4:b:1") > 0
+        assert set(await redis.hgetall(GRACE_KEY)) == {"n1", "n2", "n3"}
+        for node in ("n1", "n2"):
+            assert await connects(node, True) > 0 and await back([], [node]) > 0
+        assert await connects("n3", True) > 0 and await back([], ["n3"]) == 0
+        assert await claims("n4:b:1") == "n1:b:1"  # the holder kept it
+        # A node cut off alone (the others kept chatd:alive): no grace.
+        assert await connects("n1", True, "n2", "n3") == 0
+        # A new node on a Redis up for a while, nobody known: a new cluster.
+        await redis.flushall()
+        assert await connects("n5", False, young=0) == 0
+        # A node that never comes back is waited for until its bound only.
+        await redis.delete([ALIVE_KEY])
+        assert await resume([ALIVE_KEY, GRACE_KEY], ["n5", "1", 5000, 300, 0, "gone"]) > 0
+        assert await back([], ["n5"]) > 0
+        with trio.fail_after(GUARD):
+            while await left([], []) > 0:
+                await trio.sleep(0.05)  # until the 300 ms bound has passed
+        assert await claims("n5:b:1") is None
 
 
 #: How long a holder's node stays stopped after the others are back: more
