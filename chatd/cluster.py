@@ -202,6 +202,9 @@ class Cluster(Service):
                                   "Graces after an outage every node shared, during which new "
                                   "names waited while nodes claimed their own again",
                                   value=stats.get("graces", 0))
+        yield GaugeMetricFamily("chatd_cluster_claims_waiting",
+                                "Name claims waiting for the broker or for a grace",
+                                value=stats.get("claims_waiting", 0))
         yield GaugeMetricFamily("chatd_cluster_broker_up", "1 while the broker delivers",
                                 value=1 if self.broker.ready() is None else 0)
         yield GaugeMetricFamily("chatd_cluster_nodes", "Other nodes heard from",

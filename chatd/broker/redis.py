@@ -51,17 +51,25 @@ under the same tag, released, renewed and expired per owner
 departure is announced only when the name is free.
 
 **The grace after a shared outage.** Every node renews ``chatd:alive``
-(expiry ``probe_timeout``) with each heartbeat. A node that had been
-connected and comes back to find it gone knows that no node could reach
-Redis meanwhile (a restart, empty or not; a pause; a partition of Redis):
-names may have expired or been lost with it. It then sets
-``chatd:grace`` for ``name_grace`` seconds (so does a claim that finds
-``chatd:alive`` gone: one sent before a pause, which Redis runs as soon
-as it resumes, before any node is back), during which no new name is
-granted to anyone (claims wait for its end) while every node that comes
-back claims its own names again (``REFRESH`` ignores the grace). So the
-clients holding names when Redis came back keep them, and nobody is
-closed for an outage every node shared.
+(expiry ``probe_timeout``) and its entry in ``chatd:nodes`` (the
+cluster's membership: node id -> Redis time of its heartbeat) with each
+heartbeat (``BEAT``), which answers the other nodes alive: this node's
+view. A script that finds ``chatd:alive`` gone knows that no node could
+reach Redis meanwhile (a restart, empty or not; a pause; a partition of
+Redis): names may have expired or been lost with it. It begins the grace
+(``chatd:grace``), listing the nodes to wait for: those ``chatd:nodes``
+knew alive (a pause keeps them) and, for each node that comes back
+(``RESUME``), itself and its view (an empty restart lost them). No new
+name is granted to anyone (claims wait, asking every ``GRACE_POLL``
+seconds) until every node listed has claimed its own names again
+(``REFRESH`` ignores the grace, then ``BACK``) or has been waited for
+``node_timeout`` seconds, the time after which the others take it for
+dead. A new node that finds nobody known on a Redis that started less
+than ``BACKOFF_MAX + command_timeout`` seconds ago waits that long for
+the nodes of before (``?``), or until the first of them is back with its
+view. A claim still waits at most ``CLAIM_WAIT_MAX`` seconds in all, then
+is refused. So the clients holding names when Redis came back keep them,
+and nobody is closed for an outage every node shared.
 
 **Leaving.** ``aclose`` (SIGTERM) releases every name this node still
 holds and publishes ``Bye`` on ``chatd:cluster``, so the other nodes
@@ -108,22 +116,32 @@ GRACE_MARGIN = 1.0
 #: Most seconds any claim waits, grace included: below ``auth-timeout``'s
 #: default (10 s), which would close the client waiting for its name.
 CLAIM_WAIT_MAX = 8.0
+#: Seconds between two questions to Redis, while claims wait for a grace,
+#: whether it is over (it ends as soon as the last node expected is back).
+GRACE_POLL = 0.25
 
 #: While this key exists no new name is granted (the grace after a shared
-#: outage); every node renews ALIVE_KEY with each heartbeat.
+#: outage): a hash, node id -> the Redis time (ms) until which that node,
+#: alive before the outage, is waited for, or 'done' once it has claimed
+#: its names again ('?': nodes not known yet, below). Every node renews
+#: ALIVE_KEY with each heartbeat, and its own entry of NODES_KEY (node id
+#: -> Redis time, ms, of its last heartbeat): the cluster's membership.
 GRACE_KEY = "chatd:grace"
 ALIVE_KEY = "chatd:alive"
+NODES_KEY = "chatd:nodes"
 
 # Every name script starts with these helpers. A name key holds either
 # one owner (a string: an exclusive claim) or, for a name bridges share
 # (``Broker.claim``'s ``share``), a hash: field '*' is the share tag (the
 # name as shown) and each other field an owner, whose value is the Redis
 # time (ms) its hold ends; the key itself expires with its last owner.
-NAME_LIB = """
+TIME_LIB = """
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+"""
+NAME_LIB = TIME_LIB + """
 -- The key's live owners: 'one', nil, {owner}; 'set', tag, {owners} (owners
 -- whose hold ended are deleted); or nil (free).
 local function holders(key, now)
@@ -166,29 +184,71 @@ local function drop(key, owner)
   return 0
 end
 """
+# The grace (docs/cluster.md, "Names across outages"): helpers of the
+# scripts that may begin it (RESUME, BEAT, CLAIM) or end it (BACK).
+GRACE_LIB = """
+local GRACE, NODES = '%s', '%s'
+-- Milliseconds the grace still lasts: until the last node waited for is
+-- back or past its bound (0: none, and the key is gone).
+local function grace_left(now)
+  if redis.call('EXISTS', GRACE) == 0 then return 0 end
+  local all = redis.call('HGETALL', GRACE)
+  local left = 0
+  for i = 2, #all, 2 do
+    local ends = tonumber(all[i])
+    if ends and ends - now > left then left = ends - now end
+  end
+  if left <= 0 then redis.call('DEL', GRACE) return 0 end
+  return left
+end
+-- Wait for each node of ``nodes`` (ids) for ``bound`` ms from now, unless
+-- this grace knows it already (waited for, or back): begins the grace if
+-- none runs.
+local function expect(now, bound, nodes)
+  for _, node in ipairs(nodes) do
+    redis.call('HSETNX', GRACE, node, now + bound)
+  end
+  if #nodes > 0 and redis.call('PTTL', GRACE) < bound then
+    redis.call('PEXPIRE', GRACE, bound)
+  end
+end
+-- The nodes NODES_KEY knew alive when the last heartbeat reached Redis
+-- (before an outage: a pause keeps them): heard within ``bound`` ms of it.
+local function known(bound)
+  local all = redis.call('HGETALL', NODES)
+  local last = 0
+  for i = 2, #all, 2 do last = math.max(last, tonumber(all[i])) end
+  local nodes = {}
+  for i = 1, #all, 2 do
+    if last - tonumber(all[i + 1]) <= bound then nodes[#nodes + 1] = all[i] end
+  end
+  return nodes
+end
+""" % (GRACE_KEY, NODES_KEY)
 # KEYS[1]: GRACE_KEY; KEYS[2]: ALIVE_KEY; KEYS[3 .. ARGV[3] + 2]: the
 # look-alike keys of a name to claim; the KEYS after them: keys the owner
 # gives up in the same step (a rename). ARGV[1]: owner; ARGV[2]: expiry
-# (ms); ARGV[3]: keys to claim; ARGV[4]: the grace (ms); ARGV[5]: the
+# (ms); ARGV[3]: keys to claim; ARGV[4]: nodes' liveness bound (ms); ARGV[5]: the
 # share tag ('' for a claim of its own). Nil if the owner holds the
 # claimed keys now (and the others are freed); an owner of the first key
 # held otherwise (by someone else; shared under another tag, or not
 # shared while this claim is; or held at all, for a claim of its own);
-# or, during the grace, the milliseconds it still lasts (nothing changed
-# in both cases). ALIVE_KEY gone means no node renewed it lately (a shared
-# outage; a claim sent before a pause, run by Redis once it resumes): the
-# grace starts here.
-CLAIM = NAME_LIB + """
+# or, during the grace, the milliseconds it may still last (nothing
+# changed in both cases). ALIVE_KEY gone means no node renewed it lately
+# (a shared outage; a claim sent before a pause, run by Redis once it
+# resumes): the grace starts here, for the nodes NODES_KEY knew alive
+# (ARGV[4]: their liveness bound, ms). KEYS[1] is GRACE_KEY.
+CLAIM = NAME_LIB + GRACE_LIB + """
 local n = tonumber(ARGV[3])
 local tag = ARGV[5]
+local now = now_ms()
 if n > 0 then
   if redis.call('EXISTS', KEYS[2]) == 0 then
-    redis.call('SET', KEYS[1], '1', 'PX', ARGV[4], 'NX')
+    expect(now, tonumber(ARGV[4]), known(tonumber(ARGV[4])))
   end
-  local grace = redis.call('PTTL', KEYS[1])
+  local grace = grace_left(now)
   if grace > 0 then return grace end
 end
-local now = now_ms()
 local kinds = {}
 for i = 3, n + 2 do
   local kind, held_tag, owners = holders(KEYS[i], now)
@@ -208,16 +268,75 @@ for i = n + 3, #KEYS do
 end
 return false
 """
-# KEYS: ALIVE_KEY, GRACE_KEY; ARGV[1]: '1' if this node was connected
-# before; ARGV[2]: ALIVE_KEY's expiry (ms); ARGV[3]: the grace (ms). Run by
-# a node (re)connecting: starts the grace if no node renewed ALIVE_KEY
-# meanwhile. The milliseconds the grace still lasts (<= 0: none).
-RESUME = """
-if ARGV[1] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('SET', KEYS[2], '1', 'PX', ARGV[3], 'NX')
+# KEYS: ALIVE_KEY, GRACE_KEY; ARGV[1]: this node's id; ARGV[2]: '1' if it
+# was connected before; ARGV[3]: ALIVE_KEY's expiry (ms); ARGV[4]: nodes'
+# liveness bound (ms); ARGV[5]: how long (ms) after Redis starts any node
+# alive reaches it; ARGV[6..]: the other nodes this node last knew alive.
+# Run by a node (re)connecting. ALIVE_KEY gone: an outage every node
+# shared (or a new cluster): the grace begins for the nodes NODES_KEY knew
+# alive (a pause keeps them); a node coming back brings the nodes it knew
+# (a restart lost them) and itself (done once it has claimed its names
+# again: BACK). A new node that finds no node known, on a Redis that
+# started less than ARGV[5] ms ago, cannot tell a new cluster from an empty
+# restart whose nodes are not back yet: it waits for them ('?') until the
+# first of them brings what it knew, or for ARGV[5] ms after Redis started.
+# The milliseconds the grace may still last (0: none).
+RESUME = TIME_LIB + GRACE_LIB + """
+local now = now_ms()
+local bound = tonumber(ARGV[4])
+local outage = redis.call('EXISTS', KEYS[1]) == 0
+if outage then expect(now, bound, known(bound)) end
+if ARGV[2] == '1' then
+  if outage or redis.call('EXISTS', GRACE) == 1 then
+    redis.call('HDEL', GRACE, '?')
+    local nodes = {ARGV[1]}
+    for i = 6, #ARGV do nodes[#nodes + 1] = ARGV[i] end
+    expect(now, bound, nodes)
+  end
+elseif outage and redis.call('HLEN', NODES) == 0 and redis.call('EXISTS', GRACE) == 0 then
+  local info = redis.call('INFO', 'server')
+  local up = tonumber(string.match(info, 'uptime_in_seconds:(%d+)')) or 0
+  local wait = tonumber(ARGV[5]) - up * 1000
+  if wait > 0 then expect(now, wait, {'?'}) end
 end
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[3])
+return grace_left(now)
+"""
+# KEYS: ALIVE_KEY; ARGV[1]: this node's id; ARGV[2]: ALIVE_KEY's expiry
+# (ms); ARGV[3]: nodes' liveness bound (ms). A heartbeat: renews
+# ALIVE_KEY and this node's entry in NODES_KEY, forgets nodes not heard
+# for the bound, and returns the ids of the other nodes alive (this node's
+# view of the cluster, which it brings back after an empty restart). One
+# sent before a pause and run when Redis resumes begins the grace, as a
+# claim does.
+BEAT = TIME_LIB + GRACE_LIB + """
+local now = now_ms()
+local bound = tonumber(ARGV[3])
+if redis.call('EXISTS', KEYS[1]) == 0 then expect(now, bound, known(bound)) end
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
-return redis.call('PTTL', KEYS[2])
+redis.call('HSET', NODES, ARGV[1], now)
+local all = redis.call('HGETALL', NODES)
+local alive, gone = {}, {}
+for i = 1, #all, 2 do
+  if now - tonumber(all[i + 1]) > bound then gone[#gone + 1] = all[i]
+  elseif all[i] ~= ARGV[1] then alive[#alive + 1] = all[i] end
+end
+if #gone > 0 then redis.call('HDEL', NODES, unpack(gone)) end
+return alive
+"""
+# ARGV[1]: this node's id, back: it has claimed its names again (its
+# REFRESH ran just before, in order). The milliseconds the grace may
+# still last.
+BACK = TIME_LIB + GRACE_LIB + """
+local now = now_ms()
+if redis.call('HEXISTS', GRACE, ARGV[1]) == 1 then
+  redis.call('HSET', GRACE, ARGV[1], 'done')
+end
+return grace_left(now)
+"""
+# The milliseconds the grace may still last.
+GRACE_LEFT = TIME_LIB + GRACE_LIB + """
+return grace_left(now_ms())
 """
 # KEYS: keys; ARGV[1]: owner. Gives up the owner's hold of each key (the
 # other owners of a shared name keep theirs); how many it had.
@@ -295,7 +414,22 @@ class _Refresh:
 
 @dataclass(slots=True)
 class _Alive:
-    pass
+    """The heartbeat's script (BEAT)."""
+
+
+@dataclass(slots=True)
+class _Back:
+    """This node has claimed its names again (BACK)."""
+
+
+@dataclass(slots=True)
+class _Leave:
+    """This node leaves ``NODES_KEY`` (it stops): no grace waits for it."""
+
+
+@dataclass(slots=True)
+class _GraceCheck:
+    """Whether the grace claims wait for is over (GRACE_LEFT)."""
 
 
 def shown_url(url: str) -> str:
@@ -317,7 +451,7 @@ class RedisBroker(Broker):
     def __init__(self, url: str, node: str, boot: str, *, heartbeat: float = 1.0,
                  probe_timeout: float = 5.0, node_timeout: float = 10.0, name_ttl: float = 15.0,
                  refresh: float = 5.0, claim_timeout: float = 5.0, command_timeout: float = 2.0,
-                 name_grace: float = 6.0, queue_size: int = 10_000) -> None:
+                 queue_size: int = 10_000) -> None:
         self.url = url
         self.shown = shown_url(url)
         self.node = node
@@ -329,7 +463,6 @@ class RedisBroker(Broker):
         self.refresh = refresh
         self.claim_timeout = claim_timeout
         self.command_timeout = command_timeout
-        self.name_grace = name_grace
         self.queue_size = queue_size
         self.counters: Counter[str] = Counter()
         self._client = coredis.Redis.from_url(
@@ -339,6 +472,9 @@ class RedisBroker(Broker):
         self._release = self._client.register_script(RELEASE)
         self._refresh = self._client.register_script(REFRESH)
         self._resume = self._client.register_script(RESUME)
+        self._beat = self._client.register_script(BEAT)
+        self._back = self._client.register_script(BACK)
+        self._grace_check = self._client.register_script(GRACE_LEFT)
         quiet_coredis()
         self._router: Any = None
         self._versions: Callable[[], dict[str, int]] = dict
@@ -356,9 +492,15 @@ class RedisBroker(Broker):
         self._shares: dict[str, str] = {}
         #: Releases not sent yet because Redis was down, in order.
         self._releases: list[_Release] = []
-        #: Claims held back until the grace ends (trio time), in order.
+        #: Claims held back until the grace ends (trio time: the latest it
+        #: may end; it ends sooner if every node waited for is back), in
+        #: order, and when Redis is next asked whether it is over.
         self._later: list[_Claim] = []
         self._grace_until = 0.0
+        self._next_check = 0.0
+        #: The other nodes alive at this node's last heartbeat (BEAT): the
+        #: nodes it brings back to Redis after an outage (RESUME).
+        self._view: list[str] = []
         #: Whether the publisher has been connected before (a grace may be due).
         self._connected_before = False
         self._pub_ok = False
@@ -379,6 +521,8 @@ class RedisBroker(Broker):
         self._dropped_logged = -DROP_LOG_INTERVAL
         self._dropped_since_log = 0
         self._busy = False
+        #: Set by ``aclose``: no heartbeat after the node left NODES_KEY.
+        self._leaving = False
         self._scope = trio.CancelScope()
         #: How this process's own payloads begin (``wire.own_prefix``), and
         #: the cluster channel as Redis names it in a message.
@@ -446,8 +590,9 @@ class RedisBroker(Broker):
         return None
 
     def stats(self) -> dict[str, int]:
+        waiting = sum(1 for op in self._queue if type(op) is _Claim) + len(self._later)
         return dict(self.counters, queued=len(self._queue), subscriptions=len(self._active),
-                    names=len(self._held))
+                    names=len(self._held), claims_waiting=waiting)
 
     # --- tasks ---------------------------------------------------------------------
 
@@ -490,6 +635,8 @@ class RedisBroker(Broker):
             for owner, keys in by_owner.items():
                 self._queue.append(_Release(keys, owner))
             self._queue.append(_Publish(CLUSTER, Bye()))
+            self._queue.append(_Leave())
+            self._leaving = True
             self._publishes += 1
             self._wake.set()
             log.info("broker %s: leaving the cluster (%d names released)", self.shown,
@@ -515,8 +662,8 @@ class RedisBroker(Broker):
                     with trio.fail_after(self.command_timeout):
                         grace = await self._resume(
                             [ALIVE_KEY, GRACE_KEY],
-                            ["1" if self._connected_before else "0", self._alive_ms,
-                             self._grace_ms])
+                            [self.node, "1" if self._connected_before else "0", self._alive_ms,
+                             self._bound_ms, int(self._reach_after * 1000), *self._view])
                 except Exception as exc:
                     await self._down(f"cannot reach it: {_describe(exc)}")
                     await self._expire_claims()
@@ -528,13 +675,14 @@ class RedisBroker(Broker):
                     continue
                 backoff = BACKOFF_FIRST
                 self._connected_before = True
-                self._hold_claims(grace)
+                self._grace_left(grace)
                 self._pub_ok = True
                 # Names first: they are this node's, and nobody may take them
-                # before it says so again (a Redis restart lost them). Then
-                # the releases kept while down, before any new claim.
+                # before it says so again (a Redis restart lost them); then
+                # it tells the grace it is back. Then the releases kept while
+                # down, before any new claim.
                 pending, self._releases = self._releases, []
-                self._queue.extendleft(reversed([_Refresh(), *pending]))
+                self._queue.extendleft(reversed([_Refresh(), _Back(), *pending]))
                 await self._check_up()
             if self._later:
                 await self._release_later()
@@ -542,7 +690,8 @@ class RedisBroker(Broker):
                 self._wake = trio.Event()
                 wake_at = math.inf
                 if self._later:
-                    wake_at = min(self._grace_until, *(op.deadline for op in self._later))
+                    wake_at = min(self._grace_until, self._next_check,
+                                  *(op.deadline for op in self._later))
                 with trio.move_on_at(wake_at):
                     await self._wake.wait()
                 continue
@@ -559,8 +708,10 @@ class RedisBroker(Broker):
                 self._busy = False
 
     async def _release_later(self) -> None:
-        """Claims held back for the grace: refused once past their deadline;
-        the others go first, in order, once it is over."""
+        """Claims held back for the grace: refused once past their deadline
+        (the protocol's "name taken": never later than ``CLAIM_WAIT_MAX``);
+        the others go first, in order, once it is over. Meanwhile Redis is
+        asked every ``GRACE_POLL`` seconds whether it is over."""
         now = trio.current_time()
         keep = []
         for op in self._later:
@@ -572,28 +723,44 @@ class RedisBroker(Broker):
         if keep and now >= self._grace_until:
             self._later = []
             self._queue.extendleft(reversed(keep))
+        elif keep and now >= self._next_check:
+            self._next_check = now + GRACE_POLL
+            self._queue.append(_GraceCheck())
 
-    def _hold_claims(self, grace_ms: Any) -> None:
-        """Note a grace of ``grace_ms`` milliseconds (none if not > 0): the
-        claims waiting now wait for its end (Redis answers again, and the
-        answer will be right then; refusing a free name is not)."""
+    def _grace_left(self, grace_ms: Any) -> None:
+        """Redis says the grace may last ``grace_ms`` milliseconds more (none
+        if not > 0): the claims waiting now wait for its end (Redis answers
+        again, and the answer will be right then; refusing a free name is
+        not), and are sent again as soon as it is over."""
+        now = trio.current_time()
         if isinstance(grace_ms, int) and grace_ms > 0:
-            until = trio.current_time() + grace_ms / 1000
-            if until > self._grace_until:
-                if self._grace_until <= trio.current_time():
-                    self.counters["graces"] += 1
-                self._grace_until = until
-                for op in [*self._queue, *self._later]:
-                    if type(op) is _Claim:
-                        op.wait_for(until)
+            if self._grace_until <= now:
+                self.counters["graces"] += 1
+                self._next_check = now + GRACE_POLL
+            self._grace_until = until = now + grace_ms / 1000
+            for op in [*self._queue, *self._later]:
+                if type(op) is _Claim:
+                    op.wait_for(until)
+        elif self._grace_until > now:
+            self._grace_until = now  # over: the claims held back go now
+            self._wake.set()
 
     @property
     def _alive_ms(self) -> int:
         return int(self.probe_timeout * 1000)
 
     @property
-    def _grace_ms(self) -> int:
-        return int(self.name_grace * 1000)
+    def _bound_ms(self) -> int:
+        """How long a node alive before an outage is waited for: as long
+        as the others wait before they take a silent node for dead."""
+        return int(self.node_timeout * 1000)
+
+    @property
+    def _reach_after(self) -> float:
+        """Seconds after Redis starts within which every node alive reaches
+        it: a reconnection attempt at least every ``BACKOFF_MAX`` seconds,
+        each bounded by ``command_timeout``."""
+        return BACKOFF_MAX + self.command_timeout
 
     async def _send(self, ops: list[Any]) -> None:
         """Run ``ops`` in one pipeline (raises if any command fails), then
@@ -638,12 +805,19 @@ class RedisBroker(Broker):
                     else:
                         answers.append((op, self._claim(
                             [GRACE_KEY, ALIVE_KEY, *op.keys, *op.drop],
-                            [op.owner, self._ttl_ms, len(op.keys), self._grace_ms, op.share],
+                            [op.owner, self._ttl_ms, len(op.keys), self._bound_ms, op.share],
                             client=pipe)))
                 elif kind is _Release:
                     answers.append((op, self._release(op.keys, [op.owner], client=pipe)))
                 elif kind is _Alive:
-                    pipe.set(ALIVE_KEY, "1", px=self._alive_ms)
+                    answers.append((op, self._beat([ALIVE_KEY], [self.node, self._alive_ms,
+                                                                 self._bound_ms], client=pipe)))
+                elif kind is _Back:
+                    answers.append((op, self._back([], [self.node], client=pipe)))
+                elif kind is _GraceCheck:
+                    answers.append((op, self._grace_check([], [], client=pipe)))
+                elif kind is _Leave:
+                    pipe.hdel(NODES_KEY, [self.node])
                 else:
                     for chunk in self._refresh_chunks():
                         owners = [arg for key in chunk
@@ -659,7 +833,7 @@ class RedisBroker(Broker):
             kind = type(op)
             if kind is _Claim:
                 if isinstance(result, int):  # the grace: try again when it ends
-                    self._hold_claims(max(result, 1))
+                    self._grace_left(max(result, 1))
                     op.wait_for(self._grace_until)
                     self._later.append(op)
                     continue
@@ -678,6 +852,10 @@ class RedisBroker(Broker):
             elif kind is _Release:
                 if op.token is not None:
                     await self._post(Released(token=op.token))
+            elif kind is _Alive:
+                self._view = [_text(node) for node in result or ()]
+            elif kind is _Back or kind is _GraceCheck:
+                self._grace_left(result)
             else:
                 for position in result or ():
                     key = op[int(position) - 1]
@@ -864,7 +1042,7 @@ class RedisBroker(Broker):
         next_refresh = trio.current_time() + self.refresh
         while True:
             await trio.sleep(self.heartbeat)
-            if self._pub_ok:
+            if self._pub_ok and not self._leaving:
                 # Not counted against queue-size: the probe must go out.
                 self._queue.append(_Publish(CLUSTER, Heartbeat(rooms=self._versions())))
                 self._queue.append(_Alive())
@@ -916,13 +1094,17 @@ class RedisBroker(Broker):
                 log.info("broker %s back after %.1f s (lost: %s); %d events for other nodes "
                          "were dropped meanwhile%s%s", self.shown, now - self._down_since,
                          self._down_reason, self._dropped_in_outage,
-                         f"; new names wait {grace:.1f} s more while every node claims its own "
-                         "again" if grace > 0 else "",
+                         "; new names wait until every node of before the outage has claimed "
+                         f"its own again (at most {grace:.1f} s more)" if grace > 0 else "",
                          ": repairing what was missed" if resumed else "")
             else:
                 log.info("broker %s: connected", self.shown)
             self._reported = False
             await self._post(BrokerUp(resumed=resumed))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def quiet_coredis() -> None:
