@@ -152,3 +152,24 @@ def test_a_websocket_client_s_head_takes_the_shortcut():
 ])
 def test_anything_else_is_left_to_h11(head):
     assert plain_head(head) is None
+
+
+@pytest.mark.parametrize("head", [
+    # Empty values between runs of spaces, then a byte no head may hold: a
+    # pattern that could split each line's spaces two ways tried (m+1)^k
+    # splits before failing (12 lines took 2.5 s; these 60 would take
+    # longer than the suite may run), holding the event loop meanwhile.
+    b"GET / HTTP/1.1\r\n" + b"X:   \r\n" * 60 + b"\x00",
+    b"GET / HTTP/1.1\r\n" + b"X: \t \r\n" * 60 + b"\r\n\x00",
+    b"GET / HTTP/1.1\r\nX:" + b" " * 16_000 + b"\x00",
+    b"GET / HTTP/1.1\r\nX: a" + b" a" * 8_000 + b" \x00",
+])
+def test_a_head_that_is_not_plain_fails_at_once_and_goes_to_h11(head):
+    assert plain_head(head) is None
+    reader = HeadReader()
+    if b"\r\n\r\n" in head:  # whole, without a Host: h11's 400
+        with pytest.raises(BadRequest) as refused:
+            reader.feed(head)
+        assert refused.value.refusal is not None and refused.value.refusal.status == 400
+    else:  # h11 waits for the rest of the head (the handshake deadline bounds it)
+        assert reader.feed(head) is None
