@@ -65,18 +65,44 @@ class Flusher:
     """Connections with frames waiting to be written, in delivery order,
     and lobby rooms' ``Receivers`` that broadcast since the last flush;
     ``deliveries`` counts the frames written, by protocol name (for
-    metrics)."""
+    metrics).
 
-    __slots__ = ("dirty", "rooms", "deliveries")
+    **A pass's share of the slow-consumer bound.** What a room broadcasts
+    between two flushes reaches each member in one write, so it must stay
+    well under the bound a member is cut off at (``outbox_size`` frames or
+    ``outbox_size`` x ``OUTBOX_BYTES_PER_FRAME`` bytes waiting): ``full``
+    turns true once the broadcasts since the last flush reach a quarter of
+    either (128 frames or 64 KiB by default), and the router then ends its
+    pass (``chatd.router``). A count of commands alone let one pass of 128
+    messages of 4 KiB hand every member 512 KiB, twice the byte bound, and
+    cut off members that were reading."""
 
-    def __init__(self, deliveries: Counter[str] | None = None) -> None:
+    __slots__ = ("dirty", "rooms", "deliveries", "full", "pass_frames", "pass_bytes",
+                 "max_pass_frames", "max_pass_bytes")
+
+    def __init__(self, deliveries: Counter[str] | None = None, outbox_size: int = 512) -> None:
         self.dirty: list[Client] = []
         self.rooms: list[Receivers] = []
         self.deliveries: Counter[str] = deliveries if deliveries is not None else Counter()
+        #: Frames and bytes broadcast since the last flush, and whether they
+        #: reached the pass's share (see above).
+        self.full = False
+        self.pass_frames = self.pass_bytes = 0
+        self.max_pass_frames = max(1, outbox_size // 4)
+        self.max_pass_bytes = max(1, outbox_size * OUTBOX_BYTES_PER_FRAME // 4)
+
+    def broadcast(self, frame: bytes) -> None:
+        """Count ``frame``, broadcast to a room, against the pass's share."""
+        self.pass_frames += 1
+        self.pass_bytes += len(frame)
+        if self.pass_frames >= self.max_pass_frames or self.pass_bytes >= self.max_pass_bytes:
+            self.full = True
 
     def flush(self) -> None:
         """Write every waiting connection's frames, one write each (a client
         listed twice, or flushed already, has nothing left the second time)."""
+        self.full = False
+        self.pass_frames = self.pass_bytes = 0
         if self.dirty:
             dirty, self.dirty = self.dirty, []
             for client in dirty:
@@ -179,6 +205,8 @@ class Receivers(dict):
 
     def deliver(self, frame: bytes, exclude: Client | None = None) -> None:
         """Every member but ``exclude`` gets ``frame`` (bytes of whole frames)."""
+        if self.flusher is not None:
+            self.flusher.broadcast(frame)
         if self.plain:
             diverged = self.diverged
             if exclude is not None and exclude not in diverged:

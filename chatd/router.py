@@ -10,10 +10,11 @@ The router works in passes: it waits for one command, then handles what
 else is already queued (up to ``pass_size``), then flushes every
 connection it delivered to, once (``chatd.outbox.Flusher``). Under load
 several events leave in one write per connection; on a quiet server a
-pass is one command and nothing waits. ``pass_size`` (128) bounds the
-frames one pass can hand a connection to a quarter of the default
-``outbox-size`` (512), so a client that reads takes a pass's write
-without nearing the slow-consumer bound; a busy publisher's one read
+pass is one command and nothing waits. A pass also ends once its
+broadcasts reach a quarter of the slow-consumer bound (``Flusher.full``:
+``outbox-size`` / 4 frames or ``outbox-size`` x 128 bytes, 128 frames or
+64 KiB by default), so a client that reads takes a pass's write
+without nearing that bound, whatever the messages' size; a busy publisher's one read
 (16 KiB, ~100 chat messages) fits in one pass, so a room's members get
 its messages in one write each (64 made ~63 frames a write, 128 ~104:
 docs/performance.md, "Third round").
@@ -159,7 +160,8 @@ class Router:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         receive, receive_nowait = self._recv.receive, self._recv.receive_nowait
-        dispatch, flush = self._dispatch, self.flusher.flush
+        flusher = self.flusher
+        dispatch, flush = self._dispatch, flusher.flush
         try:
             async with self._recv:
                 while True:
@@ -169,6 +171,8 @@ class Router:
                         break
                     dispatch(command)
                     for _ in range(self.pass_size - 1):
+                        if flusher.full:  # the pass's share of the slow-consumer bound
+                            break
                         try:
                             command = receive_nowait()
                         except (trio.WouldBlock, trio.EndOfChannel):

@@ -95,7 +95,7 @@ class Server:
         self.config = config
         self.store: Store | None = None
         self.metrics = Metrics()
-        self.flusher = Flusher(self.metrics.deliveries)
+        self.flusher = Flusher(self.metrics.deliveries, config.outbox_size)
         self.router = Router(self.flusher)
         self.metrics.queue_depth = lambda: self.router.queued
         #: Cross-node traffic (``chatd.broker``): in-process until ``run``
