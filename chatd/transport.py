@@ -192,7 +192,9 @@ class Transport:
         kernel does not take waits, counted in ``waiting_frames`` and
         ``waiting_bytes`` unless ``counted`` is False."""
         if self._backlog is None and self._tls is None and not self.broken:
-            # The common case, inline: nothing waits, plain TCP.
+            # The common case, inline: nothing waits, plain TCP. The same
+            # steps as ``_send``'s, without its call: this runs once per
+            # recipient per pass (docs/performance.md, "Third round").
             try:
                 sent = os.write(self._fd, data)
             except BlockingIOError:

@@ -321,6 +321,17 @@ async def more_attempts(attempts: list[int], count: int) -> None:
             await trio.sleep(0.05)  # waiting for answers counted by the challengers
 
 
+async def still_holds(sam, watcher, nodes: list[Node]) -> None:
+    """``sam`` still speaks under its name (``watcher``, on another node,
+    hears it), and no node lost a name to the outage."""
+    await sam.send({"command": "broadcast", "message": "still sam"})
+    got = await until(watcher, lambda f: f.get("type") == "message")
+    assert (got["user_id"], got["data"]) == ("sam", "still sam")
+    for node in nodes:
+        assert "name lost" not in node.output()
+        assert "taken by other nodes" not in node.output()
+
+
 async def test_a_holders_node_back_late_after_an_empty_restart_keeps_its_names(
         cluster, redis_server):
     n1, n2, n3 = nodes = await cluster.nodes_up("n1", "n2", "n3")
@@ -357,12 +368,8 @@ async def test_a_holders_node_back_late_after_an_empty_restart_keeps_its_names(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(outage)
     assert granted == []
-    await sam.send({"command": "broadcast", "message": "still sam"})
-    got = await until(watcher, lambda f: f.get("type") == "message")
-    assert (got["user_id"], got["data"]) == ("sam", "still sam")
+    await still_holds(sam, watcher, nodes)
     for node, mark in zip(nodes, marks):
-        assert "name lost" not in node.output()
-        assert "taken by other nodes" not in node.output()
         assert "taken for dead" not in node.output()
         warnings, errors, infos = outage_lines(log_lines(node, mark))
         assert errors == [] and len(warnings) == 1 and len(infos) == 1, (warnings, errors, infos)
@@ -408,12 +415,7 @@ async def test_a_node_started_during_an_empty_restart_grants_no_held_name(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(outage)
     assert granted == []
-    await sam.send({"command": "broadcast", "message": "still sam"})
-    got = await until(wendy, lambda f: f.get("type") == "message")
-    assert (got["user_id"], got["data"]) == ("sam", "still sam")
-    for node in (n1, n2):
-        assert "name lost" not in node.output()
-        assert "taken by other nodes" not in node.output()
+    await still_holds(sam, wendy, [n1, n2])
 
 
 async def test_a_claim_waits_no_longer_than_the_cap_for_a_node_that_never_comes_back(
